@@ -1,0 +1,160 @@
+"""Processes and devices: one place for torchrun's environment and the collective helpers.
+
+Run a script on one device with ``python train.py ...`` or on N GPUs with
+``torchrun --nproc_per_node=N train.py ...`` (``python -m torch.distributed.launch`` works too).
+A plain ``python`` run is world size 1 and starts no process group; every helper here works
+before ``init_distributed``, without it, and after ``cleanup``.
+"""
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _launched():
+    """True when a launcher (torchrun, torch.distributed.launch) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def _env_int(name, default):
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value != "" else default
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} must be an integer; "
+                        f"unset it or launch with torchrun") from None
+
+
+def _initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if _initialized() else _env_int("RANK", 0)
+
+
+def get_local_rank():
+    """Rank of this process on its machine, which picks its GPU (0 when not distributed)."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def get_world_size():
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def is_main():
+    """True on the process that prints, logs and writes files (rank 0)."""
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """``print`` on rank 0 only, flushed so that launcher logs stay in order."""
+    if is_main():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def resolve_device(device=None):
+    """Return the ``torch.device`` for this process.
+
+    Args:
+        device: None or "auto" (CUDA when available, else CPU), "cpu", "cuda", or a torch.device.
+            CUDA devices are indexed by LOCAL_RANK.
+    """
+    kind = device.type if isinstance(device, torch.device) else (device or "auto")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise UserError(f"--device {device}: expected one of {', '.join(DEVICE_CHOICES)}")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    local_rank = get_local_rank()
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} CUDA devices are visible; "
+                        f"start at most that many processes per machine (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device=None):
+    """Pick this process's device and, under a launcher, join the process group.
+
+    NCCL is used on CUDA and gloo on CPU. Under plain ``python`` no process group is created.
+
+    Args:
+        device: see ``resolve_device``; scripts pass ``args.device``.
+
+    Returns:
+        The torch.device this process should use.
+    """
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if _launched() and not _initialized():
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo", init_method="env://")
+    return device
+
+
+def cleanup():
+    """Leave the process group, if any."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    """Wait for every process; a no-op when not distributed."""
+    if _initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Return the sum of ``tensor`` over processes (a new tensor; NCCL needs it on the CUDA device)."""
+    total = tensor.detach().clone()
+    if _initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_reduce_mean(tensor):
+    """Return the mean of ``tensor`` over processes, as a floating-point tensor."""
+    total = all_reduce_sum(tensor if tensor.is_floating_point() else tensor.double())
+    if _initialized():
+        total /= dist.get_world_size()
+    return total
+
+
+def all_gather_object(obj):
+    """Return a list with every process's picklable ``obj``, ordered by rank."""
+    if not _initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class _LocalRankAction(argparse.Action):
+    """Store ``--local-rank`` and make it visible as LOCAL_RANK, as older launchers set only the flag."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        os.environ.setdefault("LOCAL_RANK", str(value))
+
+
+def add_launcher_args(parser):
+    """Add ``--local_rank`` / ``--local-rank`` (from launchers) and ``--device {auto,cpu,cuda}``."""
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, action=_LocalRankAction,
+                        default=_env_int("LOCAL_RANK", 0), help="set by the launcher; do not pass by hand")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="auto: CUDA when available, else CPU")
+    return parser
