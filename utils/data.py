@@ -1,0 +1,419 @@
+"""Datasets, transforms and loaders shared by every script.
+
+Every dataset yields ``(image, label)``: a float image tensor in [0, 1] of shape (C, H, W) once
+the transform has run, and an int label. Each dataset carries ``num_classes``.
+
+Names accepted by ``build_dataset``: ``cifar`` / ``cifar10``, ``cifar100``, ``tinyimagenet``,
+``folder`` (a class-per-folder image tree) and ``synthetic`` (coloured shapes made in memory,
+for the demo and the tests).
+"""
+import math
+import os
+import shutil
+import tarfile
+import tempfile
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import utils as download_utils
+from torchvision.transforms import v2
+
+from utils.errors import UserError
+
+DATASET_NAMES = ("cifar", "cifar10", "cifar100", "tinyimagenet", "folder", "synthetic")
+NUM_CLASSES = {"cifar": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "synthetic": 10}
+NATIVE_IMAGE_SIZE = {"cifar": 32, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+
+# Without train/ and val/ (or test/) subfolders, a `folder` dataset keeps every 10th image of each
+# class for the test split, so that test accuracy is never measured on training images.
+FOLDER_TEST_EVERY = 10
+
+
+def add_data_args(parser):
+    """Add ``--data_root`` (default ./data), the folder that holds or receives the datasets."""
+    parser.add_argument("--data_root", default="./data",
+                        help="folder with the datasets (CIFAR is downloaded there when missing)")
+    return parser
+
+
+def _to_float_image():
+    # ToImage accepts PIL images and tensors alike; ToDtype scales uint8 to [0, 1] and leaves
+    # float tensors as they are; ToPureTensor drops the tv_tensors wrapper.
+    return [v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+
+
+def train_transform(flip=True):
+    """Diffusion training: [0, 1] float tensor, with a random horizontal flip when ``flip``."""
+    steps = [v2.ToImage()]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_float_image())
+
+
+def probe_train_transform(image_size=32):
+    """Probe / classifier training: RandomCrop(image_size, padding=4) and a horizontal flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomCrop(image_size, padding=4),
+                       v2.RandomHorizontalFlip()] + _to_float_image())
+
+
+def test_transform():
+    """Evaluation: only the conversion to a [0, 1] float tensor."""
+    return v2.Compose([v2.ToImage()] + _to_float_image())
+
+
+def build_dataset(name, root, train, transform=None, image_size=None):
+    """Build the train or test split of a dataset.
+
+    Args:
+        name: one of ``DATASET_NAMES``.
+        root: folder with the data (``--data_root``); for ``folder`` the image tree itself.
+        train: the training split when True, the test split otherwise.
+        transform: applied to each image; defaults to ``test_transform()``.
+        image_size: side of the images: the generated size for ``synthetic`` (default 32), a resize
+            plus centre crop for ``folder``; for the fixed-size datasets it must equal their size.
+
+    Returns:
+        A Dataset of ``(image, label)`` with a ``num_classes`` attribute.
+    """
+    if transform is None:
+        transform = test_transform()
+    if name not in DATASET_NAMES:
+        raise UserError(f"unknown dataset '{name}'; use one of {', '.join(DATASET_NAMES)}")
+    native = NATIVE_IMAGE_SIZE.get(name)
+    if native is not None and image_size is not None and image_size != native:
+        raise UserError(f"dataset '{name}' has {native}x{native} images but {image_size}x{image_size} "
+                        f"were asked for; set the image size (network.image_shape) to {native}")
+
+    if name in ("cifar", "cifar10"):
+        dataset = _load_cifar(torchvision.datasets.CIFAR10, "CIFAR-10", root, train, transform)
+    elif name == "cifar100":
+        dataset = _load_cifar(torchvision.datasets.CIFAR100, "CIFAR-100", root, train, transform)
+    elif name == "tinyimagenet":
+        dataset = TinyImageNet(root, train, transform)
+    elif name == "folder":
+        dataset = _load_folder(root, train, transform, image_size)
+    else:
+        dataset = SyntheticImages(image_size=image_size or 32, train=train, transform=transform)
+    if not hasattr(dataset, "num_classes"):
+        dataset.num_classes = NUM_CLASSES[name]
+    return dataset
+
+
+def _one_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _load_cifar(dataset_class, label, root, train, transform):
+    """Load CIFAR from ``root``, unpacking or downloading the archive first when needed."""
+    try:
+        return dataset_class(root, train=train, transform=transform, download=False)
+    except RuntimeError:
+        pass  # not unpacked yet, or damaged: unpack (and if needed download) the archive below
+    archive = os.path.join(root, dataset_class.filename)
+    if not os.path.isfile(archive):
+        _download_archive(dataset_class, label, root)
+    if not download_utils.check_integrity(archive, dataset_class.tgz_md5):
+        raise UserError(f"{archive} is damaged (checksum mismatch): delete it and run again to "
+                        f"download it, or replace it with a good copy")
+    try:
+        download_utils.extract_archive(archive, root)
+        return dataset_class(root, train=train, transform=transform, download=False)
+    except (OSError, tarfile.TarError, RuntimeError) as err:
+        raise UserError(f"could not unpack {archive} into {root} ({_one_line(err)}); check free "
+                        f"space and write permission there") from None
+
+
+def _download_archive(dataset_class, label, root):
+    """Download the archive into a staging folder and move it into ``root`` only once complete.
+
+    A failed or interrupted download therefore never leaves a partial archive behind.
+    """
+    missing = (f"{label} not found under {root} and could not be downloaded ({{reason}}): place "
+               f"{dataset_class.filename} in {os.path.join(root, '')} or pass --data_root DIR")
+    try:
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".download-", dir=root)
+    except OSError as err:
+        raise UserError(missing.format(reason=f"cannot write there: {_one_line(err)}")) from None
+    try:
+        download_utils.download_url(dataset_class.url, staging, dataset_class.filename,
+                                    dataset_class.tgz_md5)
+        os.replace(os.path.join(staging, dataset_class.filename),
+                   os.path.join(root, dataset_class.filename))
+    except Exception as err:  # no network, a proxy, a truncated transfer: the remedy is the same
+        raise UserError(missing.format(reason=_one_line(err))) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_folder(root, train, transform, image_size):
+    """A class-per-folder image tree: ``root/<class>/*.png``, or with train/ and val/ or test/."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} not found; pass --data_root pointing at a folder with "
+                        f"one subfolder of images per class")
+    if image_size is not None:
+        transform = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), transform])
+    test_dirs = [os.path.join(root, sub) for sub in ("val", "test")
+                 if os.path.isdir(os.path.join(root, sub))]
+    split_dirs = os.path.isdir(os.path.join(root, "train")) and test_dirs
+    folder = (os.path.join(root, "train") if train else test_dirs[0]) if split_dirs else root
+    try:
+        dataset = torchvision.datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"image folder {folder}: {_one_line(err)}; it needs one subfolder of "
+                        f"images per class") from None
+    dataset.num_classes = len(dataset.classes)
+    if not split_dirs:
+        kept = []
+        for label in range(dataset.num_classes):
+            indices = [i for i, target in enumerate(dataset.targets) if target == label]
+            kept += [i for rank, i in enumerate(indices)
+                     if (rank % FOLDER_TEST_EVERY == FOLDER_TEST_EVERY - 1) != train]
+        dataset.samples = [dataset.samples[i] for i in kept]
+        dataset.imgs = dataset.samples
+        dataset.targets = [target for _, target in dataset.samples]
+    return dataset
+
+
+class TinyImageNet(Dataset):
+    """Tiny ImageNet (200 classes, 64x64) in the layout of the official tiny-imagenet-200.zip.
+
+    ``root`` is the unpacked ``tiny-imagenet-200`` folder or a folder that contains it. Training
+    images are ``train/<wnid>/images/*.JPEG``; the test split is the official validation set,
+    ``val/images/*.JPEG`` labelled by ``val/val_annotations.txt``. Labels follow the sorted wnids.
+    """
+
+    def __init__(self, root, train=True, transform=None):
+        if os.path.isdir(os.path.join(root, "tiny-imagenet-200")):
+            root = os.path.join(root, "tiny-imagenet-200")
+        self.root = root
+        self.transform = transform if transform is not None else test_transform()
+        train_dir = os.path.join(root, "train")
+        annotations = os.path.join(root, "val", "val_annotations.txt")
+        needed = train_dir if train else annotations
+        if not os.path.exists(needed):
+            raise UserError(f"Tiny ImageNet not found: {needed} is missing; unzip "
+                            f"tiny-imagenet-200.zip into {root} or pass --data_root DIR")
+        self.classes = sorted(entry for entry in os.listdir(train_dir)
+                              if os.path.isdir(os.path.join(train_dir, entry)))
+        self.num_classes = len(self.classes)
+        class_index = {wnid: i for i, wnid in enumerate(self.classes)}
+        if train:
+            self.samples = [
+                (os.path.join(train_dir, wnid, "images", file), class_index[wnid])
+                for wnid in self.classes
+                for file in sorted(os.listdir(os.path.join(train_dir, wnid, "images")))
+                if file.lower().endswith((".jpeg", ".jpg", ".png"))
+            ]
+        else:
+            self.samples = []
+            with open(annotations) as lines:
+                for line_number, line in enumerate(lines, 1):
+                    fields = line.split("\t")
+                    if len(fields) < 2 or fields[1] not in class_index:
+                        raise UserError(f"{annotations} line {line_number}: expected "
+                                        f"'<file>\\t<wnid>\\t...' with a wnid from train/")
+                    self.samples.append((os.path.join(root, "val", "images", fields[0]),
+                                         class_index[fields[1]]))
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        # Some Tiny ImageNet images are greyscale: convert so every image has 3 channels.
+        image = torchvision.datasets.folder.default_loader(path)
+        return self.transform(image), label
+
+
+def _hsv_to_rgb(hue, saturation, value):
+    """Vectorised HSV -> RGB for tensors of shape (N,) with entries in [0, 1]; returns (N, 3)."""
+    channel_offsets = torch.tensor([5.0, 3.0, 1.0])
+    k = (channel_offsets + hue[:, None] * 6) % 6  # (N, 3)
+    ramp = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return value[:, None] - value[:, None] * saturation[:, None] * ramp
+
+
+def _box(u, v, centre_u, centre_v, half_u, half_v):
+    return torch.maximum((u - centre_u).abs() - half_u, (v - centre_v).abs() - half_v)
+
+
+def _plus(u, v):
+    return torch.minimum(_box(u, v, 0, 0, 0.85, 0.22), _box(u, v, 0, 0, 0.22, 0.85))
+
+
+def _bars(across, along):
+    centres = torch.tensor([-0.6, 0.0, 0.6]).view(3, 1, 1, 1)
+    stripes = (across.unsqueeze(0) - centres).abs().amin(dim=0) - 0.16
+    return torch.maximum(stripes, along.abs() - 0.85)
+
+
+# Signed distance (negative inside) of each class's shape in a unit frame; u points right, v down.
+SHAPES = {
+    "disc": lambda u, v: torch.sqrt(u**2 + v**2) - 0.8,
+    "square": lambda u, v: _box(u, v, 0, 0, 0.7, 0.7),
+    "ring": lambda u, v: (torch.sqrt(u**2 + v**2) - 0.65).abs() - 0.18,
+    "triangle": lambda u, v: torch.maximum(v - 0.55, 0.866 * u.abs() - 0.5 * v - 0.4),
+    "plus": _plus,
+    "x_cross": lambda u, v: _plus((u + v) / math.sqrt(2), (v - u) / math.sqrt(2)),
+    "horizontal_bars": lambda u, v: _bars(v, u),
+    "vertical_bars": lambda u, v: _bars(u, v),
+    "two_dots": lambda u, v: torch.sqrt((u.abs() - 0.45) ** 2 + v**2) - 0.32,
+    "l_shape": lambda u, v: torch.minimum(_box(u, v, -0.5, 0, 0.25, 0.75),
+                                          _box(u, v, 0, 0.5, 0.75, 0.25)),
+}
+
+
+class SyntheticImages(Dataset):
+    """Coloured shapes on noisy backgrounds, generated in memory and reproducible from ``seed``.
+
+    The class is the shape (disc, square, ring, ...); hue, saturation and brightness of shape and
+    background are drawn independently of the class, so mean colour says little about the label,
+    and position, size and a small rotation are jittered per image. Labels are balanced.
+
+    Args:
+        n: number of images; 5,000 for the train split and 1,000 for the test split by default.
+        image_size: side of the square RGB images.
+        num_classes: number of shapes used, at most ``len(SHAPES)``.
+        seed: the same seed gives the same images; the two splits never share images.
+        train: which split to generate.
+        transform: applied to each (3, H, W) uint8 image; defaults to ``test_transform()``.
+    """
+
+    def __init__(self, n=None, image_size=32, num_classes=10, seed=0, train=True, transform=None):
+        if not 1 <= num_classes <= len(SHAPES):
+            raise UserError(f"synthetic dataset: classes={num_classes}, but there are "
+                            f"{len(SHAPES)} shapes; use a value from 1 to {len(SHAPES)}")
+        self.n = n if n is not None else (5000 if train else 1000)
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.classes = list(SHAPES)[:num_classes]
+        self.transform = transform if transform is not None else test_transform()
+        generator = torch.Generator().manual_seed(2 * seed + (0 if train else 1))
+        self.images, self.targets = self._generate(generator)
+
+    def _generate(self, generator):
+        n, size = self.n, self.image_size
+
+        def uniform(low, high, *shape):
+            return low + (high - low) * torch.rand(*(shape or (n,)), generator=generator)
+
+        # Images are drawn grouped by class (contiguous slices, balanced) and shuffled at the end.
+        labels = torch.arange(n) % self.num_classes
+        labels = labels.sort().values
+        scale = uniform(0.45, 0.7).view(n, 1, 1)  # shape radius, as a fraction of half the side
+        centre_x, centre_y = uniform(-0.25, 0.25).view(n, 1, 1), uniform(-0.25, 0.25).view(n, 1, 1)
+        angle = uniform(-math.pi / 18, math.pi / 18).view(n, 1, 1)
+        foreground = _hsv_to_rgb(uniform(0, 1), uniform(0.5, 1), uniform(0.7, 1))  # (N, 3)
+        background = _hsv_to_rgb(uniform(0, 1), uniform(0, 0.6), uniform(0.05, 0.4))
+        gradient = uniform(-0.25, 0.25, n, 2, 1, 1)
+
+        axis = (torch.arange(size) + 0.5) / size * 2 - 1
+        grid_y, grid_x = torch.meshgrid(axis, axis, indexing="ij")  # (H, W)
+        distance = torch.empty(n, size, size)
+        bounds = torch.searchsorted(labels, torch.arange(self.num_classes + 1)).tolist()
+        for shape, start, end in zip(SHAPES.values(), bounds[:-1], bounds[1:]):
+            members = slice(start, end)
+            dx = grid_x - centre_x[members]  # (n_class, H, W)
+            dy = grid_y - centre_y[members]
+            cos, sin = angle[members].cos(), angle[members].sin()
+            u = (cos * dx + sin * dy) / scale[members]
+            v = (cos * dy - sin * dx) / scale[members]
+            distance[members] = shape(u, v)
+        # Antialiased coverage: the signed distance in pixels, clipped to a one-pixel ramp.
+        coverage = (0.5 - distance * (scale * size / 2)).clamp_(0, 1).unsqueeze(1)  # (N, 1, H, W)
+
+        shading = 1 + gradient[:, 0] * grid_x + gradient[:, 1] * grid_y  # (N, H, W)
+        backdrop = background.view(n, 3, 1, 1) * shading.unsqueeze(1)  # (N, 3, H, W)
+        images = torch.lerp(backdrop, foreground.view(n, 3, 1, 1).expand_as(backdrop), coverage)
+        images.add_(torch.randn(n, 3, size, size, generator=generator), alpha=0.06)
+        images = images.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        order = torch.randperm(n, generator=generator)
+        return images[order], labels[order].tolist()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), self.targets[index]
+
+
+def _rank_and_world_size(rank, world_size):
+    if rank is None or world_size is None:
+        from utils.distributed import get_rank, get_world_size  # after init_distributed()
+        rank = get_rank() if rank is None else rank
+        world_size = get_world_size() if world_size is None else world_size
+    return rank, world_size
+
+
+def shard_indices(num_samples, rank, world_size):
+    """The contiguous slice of ``range(num_samples)`` that ``rank`` evaluates; no index repeats.
+
+    Shard sizes differ by at most one; concatenating the shards of ranks 0..world_size-1 gives
+    ``range(num_samples)`` in order.
+    """
+    return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+
+
+class EvalShardSampler(Sampler):
+    """Visit this rank's ``shard_indices`` in order, without the padding DistributedSampler adds.
+
+    Summing correct counts and sample counts over ranks gives the exact accuracy on the whole
+    test set. Ranks may get one sample more than others, or none at all when the test set is
+    smaller than the world size, so do not run one collective per batch.
+    """
+
+    def __init__(self, dataset, rank=None, world_size=None):
+        rank, world_size = _rank_and_world_size(rank, world_size)
+        self.indices = shard_indices(len(dataset), rank, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
+                 device=None):
+    """A DataLoader over this rank's part of ``dataset``.
+
+    Training shuffles with a DistributedSampler (one rank is the world-size-1 case) that drops the
+    last incomplete batch; call ``set_loader_epoch(loader, epoch)`` before each epoch, so that the
+    order depends only on (seed, epoch) and a resumed run sees the same order. Evaluation visits
+    each index exactly once over all ranks (``EvalShardSampler``).
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: images per batch on this rank.
+        train: shuffle and drop the last incomplete batch.
+        num_workers: loader processes; workers persist across epochs when > 0.
+        seed: shuffling seed; must be the same on every rank.
+        rank, world_size: default to ``utils.distributed.get_rank() / get_world_size()``.
+        device: where batches go; memory is pinned for CUDA (default: when CUDA is available).
+    """
+    rank, world_size = _rank_and_world_size(rank, world_size)
+    if train:
+        if len(dataset) < batch_size * world_size:
+            raise UserError(f"the training set has {len(dataset)} images, fewer than one batch on "
+                            f"every process ({batch_size} x {world_size}); lower batch_size")
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+    else:
+        sampler = EvalShardSampler(dataset, rank, world_size)
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=on_cuda, drop_last=train, persistent_workers=num_workers > 0,
+        # Worker seeds (and so the random crops and flips) come from this generator.
+        generator=torch.Generator().manual_seed(seed + rank),
+    )
+
+
+def set_loader_epoch(loader, epoch):
+    """Tell the loader's sampler which epoch starts, so each epoch has its own shuffle."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
