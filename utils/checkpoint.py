@@ -1,0 +1,200 @@
+"""Checkpoint files: atomic writes, safe loads, RNG state, and finding ``save_dir/ckpts/model_{epoch}.pth``.
+
+Everything stored is a tensor or a plain Python value, so every file loads with
+``torch.load(..., weights_only=True)``; that includes the RNG states (see ``capture_rng_state``).
+"""
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
+
+
+def _reason(err, limit=100):
+    """A short one-line account of ``err`` for a UserError message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def save_checkpoint(obj, path):
+    """Write ``obj`` to ``path`` with ``torch.save`` so that a crash never leaves a partial file.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, and then replaces
+    ``path`` in one step: ``path`` holds either the previous checkpoint or the complete new one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the checkpoint folder {folder} ({_reason(err)}); "
+                        f"choose a writable save_dir") from None
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as err:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write checkpoint {path} ({_reason(err)}); free disk space or "
+                            f"choose a writable save_dir") from None
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    # Makes the rename itself durable; not every platform lets a folder be opened for this.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict written by ``save_checkpoint`` or by the original code.
+
+    Raises:
+        UserError: the file is missing, truncated, not a PyTorch file, holds arbitrary Python
+            objects, or is not a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; check save_dir and --epoch, or train first")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load signals a damaged file with many exception types
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsupported:
+            raise UserError(f"checkpoint {path} holds a Python object ({unsupported.group(1)}) "
+                            f"besides tensors and plain values; re-save it with tensors and plain "
+                            f"values only") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_reason(err)}); it may "
+                        f"be truncated or damaged: delete it and use another epoch") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+                        f"pass a model_{{epoch}}.pth file written by training")
+    return checkpoint
+
+
+def capture_rng_state():
+    """The state of every random generator in use, as tensors and plain values.
+
+    Covers torch on the CPU, every CUDA device (when CUDA is available), numpy's global
+    generator and Python's ``random``. numpy and ``random`` keep their state in a str, an
+    ndarray and a tuple, which ``weights_only`` loading rejects, so they are stored as int64
+    tensors and numbers.
+    """
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_words, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
+                  "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_gauss)},
+        "python": {"version": python_version, "state": torch.tensor(python_words, dtype=torch.int64),
+                   "gauss_next": python_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    """Put back the generators saved by ``capture_rng_state``.
+
+    CUDA states are restored for the devices present in both the state and this machine.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), device)
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()),
+                     python_state["gauss_next"]))
+
+
+def checkpoint_path(save_dir, epoch):
+    """``save_dir/ckpts/model_{epoch}.pth``, the original's naming."""
+    return os.path.join(save_dir, "ckpts", f"model_{epoch}.pth")
+
+
+def list_checkpoints(save_dir):
+    """``{epoch: path}`` of the checkpoints in ``save_dir/ckpts``, by increasing epoch."""
+    folder = os.path.join(save_dir, "ckpts")
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for name in os.listdir(folder):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found[int(match.group(1))] = os.path.join(folder, name)
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(save_dir):
+    """Path of the highest-epoch checkpoint in ``save_dir``, or None when there is none."""
+    checkpoints = list_checkpoints(save_dir)
+    return checkpoints[max(checkpoints)] if checkpoints else None
+
+
+def resolve_checkpoint(save_dir, epoch, n_epoch=None):
+    """Path of the checkpoint of ``epoch``, which must exist.
+
+    Args:
+        save_dir: the run folder.
+        epoch: an epoch number, or -1 for the final epoch ``n_epoch - 1`` (the original's
+            ``load_epoch: -1``); with ``n_epoch`` None, -1 means the latest saved checkpoint.
+        n_epoch: the number of training epochs of the run.
+
+    Raises:
+        UserError: naming the epochs that do exist.
+    """
+    checkpoints = list_checkpoints(save_dir)
+    folder = os.path.join(save_dir, "ckpts")
+    if epoch < -1:
+        raise UserError(f"epoch {epoch} is not valid; pass an epoch number or -1 for the last one")
+    if not checkpoints:
+        raise UserError(f"no checkpoints in {folder}; train first or point save_dir at a run folder")
+    saved = ", ".join(str(e) for e in checkpoints)
+    if epoch == -1:
+        if n_epoch is None:
+            return checkpoints[max(checkpoints)]
+        epoch = n_epoch - 1
+        if epoch not in checkpoints:
+            raise UserError(f"epoch -1 means the final epoch {epoch} (n_epoch {n_epoch}), which has "
+                            f"no checkpoint in {folder}; saved epochs: {saved}; pass --epoch with "
+                            f"one of them")
+    if epoch not in checkpoints:
+        raise UserError(f"no checkpoint for epoch {epoch} in {folder}; saved epochs: {saved}; "
+                        f"pass --epoch with one of them")
+    return checkpoints[epoch]
+
+
+# docs/DESIGN.md names the lookup find_checkpoint(save_dir, epoch).
+find_checkpoint = resolve_checkpoint
+
+
+def strip_module_prefix(state_dict):
+    """A copy of ``state_dict`` with the leading ``module.`` of DistributedDataParallel keys removed."""
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
