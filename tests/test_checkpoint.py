@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import (capture_rng_state, checkpoint_path, find_checkpoint,
+from utils.checkpoint import (capture_rng_state, checkpoint_path,
                               latest_checkpoint, list_checkpoints, load_checkpoint,
                               resolve_checkpoint, restore_rng_state, save_checkpoint,
                               strip_module_prefix)
@@ -142,7 +142,7 @@ def test_resolve_checkpoint_and_its_messages(tmp_path):
 
     assert resolve_checkpoint(tmp_path, 99, 2000) == checkpoint_path(tmp_path, 99)
     assert resolve_checkpoint(tmp_path, -1, 200) == checkpoint_path(tmp_path, 199)
-    assert find_checkpoint(tmp_path, -1) == checkpoint_path(tmp_path, 199)
+    assert resolve_checkpoint(tmp_path, -1) == checkpoint_path(tmp_path, 199)
     with pytest.raises(UserError) as error:
         resolve_checkpoint(tmp_path, 150, 2000)
     assert str(error.value) == (f"no checkpoint for epoch 150 in {folder}; saved epochs: 99, 199; "

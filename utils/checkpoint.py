@@ -191,9 +191,6 @@ def resolve_checkpoint(save_dir, epoch, n_epoch=None):
     return checkpoints[epoch]
 
 
-# docs/DESIGN.md names the lookup find_checkpoint(save_dir, epoch).
-find_checkpoint = resolve_checkpoint
-
 
 def strip_module_prefix(state_dict):
     """A copy of ``state_dict`` with the leading ``module.`` of DistributedDataParallel keys removed."""

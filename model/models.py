@@ -1,0 +1,99 @@
+"""The one registry from config names to classes, and the one loader every script uses."""
+import torch
+
+from model.ddpm import DDPM
+from model.edm import EDM
+from model.unet import UNet
+from utils.checkpoint import load_checkpoint, resolve_checkpoint, strip_module_prefix
+from utils.errors import UserError
+
+MODEL_TYPES = {"DDPM": DDPM, "EDM": EDM}
+NET_TYPES = {"UNet": UNet}
+
+
+def build_network(cfg):
+    """The denoising network of ``cfg`` (``net_type`` with the ``network`` section as keywords)."""
+    return NET_TYPES[cfg.net_type](**cfg.network_kwargs())
+
+
+def build_diffusion(cfg):
+    """The diffusion wrapper of ``cfg`` (``model_type``) around a freshly initialised network."""
+    return MODEL_TYPES[cfg.model_type](build_network(cfg), **cfg.diffusion_kwargs())
+
+
+def diffusion_state_dict(checkpoint, weights="ema"):
+    """Pick the diffusion module's state dict (keys ``nn_model.*``) out of a checkpoint.
+
+    Reads our checkpoints and the original code's ({'MODEL': DDP keys 'module.nn_model.*',
+    'EMA': ema-pytorch state}). ``weights`` is "ema" or "online".
+    """
+    if weights not in ("ema", "online"):
+        raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
+    if weights == "ema" and "EMA" in checkpoint:
+        prefix = "ema_model."
+        return {k[len(prefix):]: v for k, v in checkpoint["EMA"].items() if k.startswith(prefix)}
+    if "MODEL" in checkpoint:
+        return strip_module_prefix(checkpoint["MODEL"])
+    if any(k.startswith(("nn_model.", "module.nn_model.")) for k in checkpoint):
+        return strip_module_prefix(checkpoint)  # a bare diffusion state dict
+    raise KeyError("EMA" if weights == "ema" else "MODEL")
+
+
+def load_weights(diffusion, path, weights="ema", checkpoint=None):
+    """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
+    naming the file and the first key that does not fit."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    try:
+        state = diffusion_state_dict(checkpoint, weights)
+    except KeyError as missing:
+        raise UserError(f"{path}: no {missing} entry; expected a checkpoint written by train.py "
+                        f"(top-level keys MODEL / EMA / opt), found keys {sorted(checkpoint)[:6]}") from None
+    expected = diffusion.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise UserError(f"{path}: key {key!r} is missing; the checkpoint was made for another "
+                            "network than the config describes (check --config)")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{path}: key {key!r} has shape {tuple(state[key].shape)} in the checkpoint "
+                            f"but {tuple(value.shape)} in the config's network (check --config)")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
+                        "network than the config describes (check --config)")
+    diffusion.load_state_dict(state, strict=True)
+    return diffusion
+
+
+def load_diffusion(cfg, path, weights="ema", device="cpu"):
+    """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode."""
+    diffusion = load_weights(build_diffusion(cfg), path, weights)
+    return diffusion.to(device).eval().requires_grad_(False)
+
+
+def add_checkpoint_args(parser):
+    """``--epoch`` (the original's flag) and ``--ckpt`` (any checkpoint file) for evaluation scripts."""
+    parser.add_argument("--epoch", type=int, default=-1,
+                        help="use save_dir/ckpts/model_{epoch}.pth; -1 means n_epoch - 1")
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoint file to evaluate instead of --epoch (ours or the original code's)")
+
+
+def checkpoint_from_args(cfg, args):
+    """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch``."""
+    if args.ckpt:
+        return args.ckpt
+    return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def feature_dims(diffusion, image_shape):
+    """Channel count of every ``out_k`` block, found with one tiny forward pass."""
+    net = diffusion.nn_model
+    device = next(net.parameters()).device
+    x = torch.zeros(1, *image_shape, device=device)
+    feats = net.forward_features(x, torch.zeros(1, device=device), net.block_names)
+    return {name: f.shape[1] for name, f in feats.items()}

@@ -1,0 +1,101 @@
+"""The registry and the one model loader: original-layout checkpoints, ours, and clear errors."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.ddpm import DDPM
+from model.edm import EDM
+from model.ema import make_ema
+from model.models import build_diffusion, count_parameters, load_diffusion, load_weights
+from model.unet import UNet
+from utils.checkpoint import save_checkpoint
+from utils.config import load_config
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+ORIGINAL_CKPT = GOLDEN / "original_ckpt_tiny_DDPM.pth"
+
+
+def original_expectations():
+    return torch.load(GOLDEN / "original_ckpt_tiny_DDPM.expect.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("weights, key", [("ema", "ema_out"), ("online", "model_out")])
+def test_checkpoint_of_the_original_code_gives_recorded_outputs(weights, key):
+    expect = original_expectations()
+    diffusion = DDPM(UNet(**expect["config"]), **expect["diffusion"]).eval()
+    load_weights(diffusion, ORIGINAL_CKPT, weights)
+    with torch.no_grad():
+        out = diffusion.nn_model(expect["x"], expect["t"])
+    torch.testing.assert_close(out, expect[key], rtol=1e-5, atol=5e-6)  # atol: see tests/test_unet.py
+
+
+def test_ema_and_online_weights_differ_in_the_original_checkpoint():
+    expect = original_expectations()
+    assert (expect["ema_out"] - expect["model_out"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name, model_cls, n_params", [
+    ("DDPM_ddpm", DDPM, 35_746_307), ("EDM_ddpm", EDM, 35_746_307), ("DDPM_ddpmpp", DDPM, 56_524_291),
+    ("EDM_ddpmpp", EDM, 56_524_291), ("EDM_ddpmpp_aug", EDM, 56_525_443),
+])
+def test_registry_builds_every_shipped_config(name, model_cls, n_params):
+    cfg = load_config(ROOT / "config" / f"{name}.yaml")
+    diffusion = build_diffusion(cfg)
+    assert type(diffusion) is model_cls
+    assert count_parameters(diffusion) == n_params
+
+
+def tiny_config(tmp_path, **network):
+    text = (ROOT / "config" / "demo.yaml").read_text()
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    overrides = [f"network.{k}={v}" for k, v in network.items()] + [f"save_dir={tmp_path / 'run'}"]
+    return load_config(path, overrides)
+
+
+def test_our_checkpoint_round_trips_ema_and_online(tmp_path):
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    diffusion = build_diffusion(cfg)
+    ema = make_ema(diffusion, 0.5)
+    ema.update()
+    with torch.no_grad():
+        for p in diffusion.parameters():
+            p.add_(0.01)
+    ema.update()
+    path = tmp_path / "model_0.pth"
+    save_checkpoint({"MODEL": diffusion.state_dict(), "EMA": ema.state_dict(), "epoch": 0}, path)
+    online = load_diffusion(cfg, path, "online")
+    averaged = load_diffusion(cfg, path, "ema")
+    for (name, p), q, r in zip(diffusion.named_parameters(), online.parameters(), averaged.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(ema.ema_model.state_dict()[name], r), name
+    assert not online.training and not any(p.requires_grad for p in online.parameters())
+
+
+def test_checkpoint_of_another_architecture_names_the_first_mismatching_key(tmp_path):
+    cfg = tiny_config(tmp_path)
+    expect = original_expectations()
+    with pytest.raises(UserError, match=r"original_ckpt_tiny_DDPM\.pth: key 'nn_model\.[^']+' .*--config"):
+        load_diffusion(cfg, ORIGINAL_CKPT)
+    assert expect  # the golden file itself is untouched
+
+
+def test_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path):
+    cfg = tiny_config(tmp_path)
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="notes.pth") as err:
+        load_diffusion(cfg, bad)
+    assert "\n" not in str(err.value)
+
+
+def test_dict_without_model_or_ema_is_rejected(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / "other.pth"
+    save_checkpoint({"weights": torch.zeros(1)}, path)
+    with pytest.raises(UserError, match="other.pth: no 'EMA' entry"):
+        load_diffusion(cfg, path)
