@@ -1,0 +1,238 @@
+"""DDPM (variance preserving, epsilon prediction): training loss, features, DDIM and ancestral sampling.
+
+    diffusion = DDPM(UNet(**cfg.network), **cfg.diffusion)
+    loss = diffusion(x0)                          # x0 in [0, 1]
+    feats = diffusion.get_feature(x0, t=11)       # {"out_1": (B, C), ...}
+    images = diffusion.sample(16, (3, 32, 32))    # DDIM, 100 steps, in [0, 1]
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.noise import global_noise, noise_like
+
+SCHEDULE_KEYS = ("alpha_t", "oneover_sqrta", "sqrt_beta_t", "alphabar_t", "sqrtab", "sqrtmab", "ma_over_sqrtmab")
+
+
+def make_schedule(beta1, beta2, T, leading_zero):
+    """The noise schedule of betas linear from ``beta1`` to ``beta2``, as (T + 1,) float32 tensors.
+
+    Args:
+        beta1, beta2: first and last beta.
+        T: number of diffusion steps.
+        leading_zero: True for the "DDPM" schedule (beta_0 = 0, then T betas, so alphabar_0 = 1);
+            False for the "DDIM" schedule (T + 1 betas from beta1 to beta2).
+
+    Returns:
+        dict of the entries in SCHEDULE_KEYS. ``ma_over_sqrtmab`` is (1 - alpha) / sqrt(1 - alphabar),
+        NaN at t = 0 of the DDPM schedule, which no sampler reads.
+    """
+    # float32 throughout, alphabar as exp(cumsum(log alpha)): this reproduces the original's values
+    # (a float64 computation differs from them by up to 1e-4 relative in sqrtmab at small t).
+    if leading_zero:
+        beta = torch.cat([torch.zeros(1), torch.linspace(beta1, beta2, T)])
+    else:
+        beta = torch.linspace(beta1, beta2, T + 1)
+    alpha = 1 - beta
+    alphabar = torch.exp(torch.cumsum(torch.log(alpha), dim=0))
+    sqrtmab = torch.sqrt(1 - alphabar)
+    return {
+        "alpha_t": alpha,
+        "oneover_sqrta": 1 / torch.sqrt(alpha),
+        "sqrt_beta_t": torch.sqrt(beta),
+        "alphabar_t": alphabar,
+        "sqrtab": torch.sqrt(alphabar),
+        "sqrtmab": sqrtmab,
+        "ma_over_sqrtmab": (1 - alpha) / sqrtmab,
+    }
+
+
+def requested_blocks(nn_model, name):
+    """The block names a ``get_feature(name=...)`` call needs: all for None, else ``name`` as a list."""
+    if name is None:
+        return list(nn_model.block_names)
+    return [name] if isinstance(name, str) else list(name)
+
+
+def pool_features(activations, name, norm):
+    """Average (B, C, H, W) activations over H and W into float32 (B, C) features, optionally
+    L2-normalised; return the one feature when ``name`` is a string, else the dict."""
+    features = {}
+    for key, activation in activations.items():
+        feature = activation.float().mean(dim=(2, 3))  # (B, C)
+        features[key] = F.normalize(feature, dim=1) if norm else feature
+    return features[name] if isinstance(name, str) else features
+
+
+def _per_sample(values, t):
+    """``values[t]`` shaped (B, 1, 1, 1) for a (B,) tensor t, or a 0-dim tensor for an int t."""
+    picked = values[t]
+    return picked.view(-1, 1, 1, 1) if picked.dim() else picked
+
+
+def _clipped_prediction(x, eps, sqrtab, sqrtmab):
+    """Predict x0 from (x, eps), clip it to [-1, 1], and return (x0, the eps consistent with it)."""
+    x0 = ((x - sqrtmab * eps) / sqrtab).clamp(-1, 1)
+    return x0, (x - sqrtab * x0) / sqrtmab
+
+
+class DDPM(nn.Module):
+    """Denoising diffusion (Ho et al. 2020) around an epsilon-predicting network.
+
+    Args:
+        nn_model: network called as ``nn_model(x, t)`` with t = timestep / n_T; for features it
+            also needs ``forward_features(x, t, names)`` and ``block_names`` (see model/unet.py).
+        betas: (first, last) beta of the linear schedule.
+        n_T: number of diffusion steps.
+
+    Images are in [0, 1] outside this class and in [-1, 1] inside. The two schedules ("DDPM" for
+    training, features and ancestral sampling; "DDIM" for the DDIM sampler) are non-persistent
+    buffers, so the state dict holds only ``nn_model.*``.
+    """
+
+    def __init__(self, nn_model, betas=(1e-4, 0.02), n_T=1000):
+        super().__init__()
+        self.nn_model = nn_model
+        self.n_T = int(n_T)
+        self.betas = tuple(float(b) for b in betas)
+        for prefix, leading_zero in (("ddpm", True), ("ddim", False)):
+            for key, value in make_schedule(*self.betas, self.n_T, leading_zero).items():
+                self.register_buffer(f"{prefix}_{key}", value, persistent=False)
+
+    @property
+    def ddpm_schedule(self):
+        """The "DDPM" schedule (beta_0 = 0) as a dict of (n_T + 1,) tensors."""
+        return {key: getattr(self, f"ddpm_{key}") for key in SCHEDULE_KEYS}
+
+    @property
+    def ddim_schedule(self):
+        """The "DDIM" schedule (no leading zero) as a dict of (n_T + 1,) tensors."""
+        return {key: getattr(self, f"ddim_{key}") for key in SCHEDULE_KEYS}
+
+    def _timesteps(self, t, batch_size, device):
+        """``t`` as a (B,) long tensor on ``device``."""
+        if isinstance(t, int):
+            if not 0 <= t <= self.n_T:
+                raise ValueError(f"timestep {t} is outside 0..{self.n_T}")
+            return torch.full((batch_size,), t, dtype=torch.long, device=device)
+        return t.to(device=device, dtype=torch.long).expand(batch_size)
+
+    def perturb(self, x, t, noise=None):
+        """Diffuse clean images to timestep t: sqrt(alphabar_t) x + sqrt(1 - alphabar_t) noise.
+
+        Args:
+            x: (B, C, H, W) clean images in [-1, 1].
+            t: int or (B,) integer tensor of timesteps in 0..n_T (the "DDPM" schedule).
+            noise: (B, C, H, W) tensor, a noise source (see model/noise.py), or None for fresh noise.
+
+        Returns:
+            (B, C, H, W) noisy images.
+        """
+        noise = noise_like(noise, x)
+        return _per_sample(self.ddpm_sqrtab, t) * x + _per_sample(self.ddpm_sqrtmab, t) * noise
+
+    def forward(self, x0, t=None, noise=None):
+        """Training loss: mean squared error between the noise and the network's prediction of it.
+
+        Args:
+            x0: (B, C, H, W) clean images in [0, 1].
+            t: (B,) integer timesteps in 1..n_T; uniform when None.
+            noise: (B, C, H, W) standard-normal noise; fresh when None.
+
+        Returns:
+            scalar float32 loss (computed in float32 also under autocast).
+        """
+        x = 2 * x0 - 1
+        if t is None:
+            t = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
+        t = self._timesteps(t, x.shape[0], x.device)
+        noise = noise_like(noise, x)
+        eps = self.nn_model(self.perturb(x, t, noise), t / self.n_T)
+        return F.mse_loss(eps.float(), noise.float())
+
+    def get_feature(self, x0, t, name=None, norm=False, noise=None):
+        """Average-pooled activations of the network's decoder blocks on noised images.
+
+        Args:
+            x0: (B, C, H, W) clean images in [0, 1].
+            t: int or (B,) integer tensor: the timestep(s) to noise to, in 0..n_T.
+            name: one block name ("out_6") to get only its feature, a list of names to get a dict of
+                those, or None for every block. The network stops after the deepest one needed.
+            norm: L2-normalise each feature vector.
+            noise: (B, C, H, W) tensor, a noise source, or None for fresh noise.
+
+        Returns:
+            (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
+        """
+        x = 2 * x0 - 1
+        t = self._timesteps(t, x.shape[0], x.device)
+        names = requested_blocks(self.nn_model, name)
+        activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
+        return pool_features(activations, name, norm)
+
+    def _eps(self, x, t):
+        """The network's noise prediction at integer timestep ``t`` for the whole batch, in x's dtype."""
+        t_input = torch.full((x.shape[0],), t / self.n_T, device=x.device, dtype=x.dtype)
+        return self.nn_model(x, t_input).to(x.dtype)
+
+    @torch.no_grad()
+    def sample(self, n_sample=None, size=None, x_T=None, steps=100, eta=0.0, mode="DDIM", noise=None):
+        """Generate images with the DDIM sampler or the ancestral DDPM sampler.
+
+        Args:
+            n_sample: number of images (ignored when ``x_T`` is given).
+            size: (C, H, W) of one image (ignored when ``x_T`` is given).
+            x_T: (B, C, H, W) starting noise; drawn from ``noise`` when None.
+            steps: DDIM steps (mode "DDIM"); the ancestral sampler always takes n_T steps.
+            eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
+            mode: "DDIM" or "DDPM" (ancestral).
+            noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
+                per-step noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
+
+        Returns:
+            (B, C, H, W) float32 images, nominally in [0, 1] (not clipped).
+        """
+        if mode not in ("DDIM", "DDPM"):
+            raise ValueError(f"mode must be 'DDIM' or 'DDPM', got {mode!r}")
+        device = self.ddpm_sqrtab.device
+        if x_T is None:
+            if n_sample is None or size is None:
+                raise ValueError("give either x_T or both n_sample and size")
+            if noise is None:
+                noise = global_noise(n_sample, device)
+            x_T = noise(tuple(size))
+        x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
+        if noise is None:
+            noise = global_noise(x.shape[0], device)
+        x = self._ddim_loop(x, steps, eta, noise) if mode == "DDIM" else self._ancestral_loop(x, noise)
+        return (x + 1) / 2
+
+    def _ddim_loop(self, x, steps, eta, noise):
+        """DDIM (Song et al. 2021) over timesteps 1, 1 + k, ... <= n_T (k = n_T // steps), reversed,
+        then 0: exactly ``steps`` network calls when steps divides n_T, as in the original."""
+        if not 1 <= steps <= self.n_T:
+            raise ValueError(f"DDIM steps must be in 1..{self.n_T}, got {steps}")
+        stride = self.n_T // steps
+        times = list(range(1, self.n_T + 1, stride))[::-1] + [0]
+        schedule = self.ddim_schedule
+        alphabar = schedule["alphabar_t"]
+        for index, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            last = index == len(times) - 2
+            x0, eps = _clipped_prediction(x, self._eps(x, t), schedule["sqrtab"][t], schedule["sqrtmab"][t])
+            a, a_next = alphabar[t], alphabar[t_next]
+            c1 = eta * torch.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
+            c2 = torch.sqrt(1 - a_next - c1 ** 2)
+            x = torch.sqrt(a_next) * x0 + c2 * eps
+            if eta > 0 and not last:
+                x = x + c1 * noise(x.shape[1:])
+        return x
+
+    def _ancestral_loop(self, x, noise):
+        """Ancestral sampling over i = n_T .. 1 with the "DDPM" schedule; no noise at i = 1."""
+        schedule = self.ddpm_schedule
+        for i in range(self.n_T, 0, -1):
+            _, eps = _clipped_prediction(x, self._eps(x, i), schedule["sqrtab"][i], schedule["sqrtmab"][i])
+            x = schedule["oneover_sqrta"][i] * (x - schedule["ma_over_sqrtmab"][i] * eps)
+            if i > 1:
+                x = x + schedule["sqrt_beta_t"][i] * noise(x.shape[1:])
+        return x

@@ -1,0 +1,195 @@
+"""EDM (Karras et al. 2022): preconditioned denoiser, training loss, features and the Heun sampler.
+
+    diffusion = EDM(UNet(**cfg.network), **cfg.diffusion)
+    loss = diffusion(x0)                              # x0 in [0, 1]
+    feats = diffusion.get_feature(x0, t=4)            # noise level: index 4 of 18, counted from 0 = clean
+    images = diffusion.sample(16, (3, 32, 32))        # Heun, 18 steps (35 network calls), in [0, 1]
+"""
+import math
+
+import torch
+from torch import nn
+
+from model.ddpm import pool_features, requested_blocks
+from model.noise import global_noise, noise_like
+
+
+class EDM(nn.Module):
+    """Denoising diffusion in the EDM formulation around a network F(c_in x, c_noise, aug).
+
+    Args:
+        nn_model: network called as ``nn_model(x, c_noise, aug)``; for features it also needs
+            ``forward_features(x, c_noise, names)`` and ``block_names`` (see model/unet.py).
+        sigma_data: standard deviation of the data.
+        p_mean, p_std: ln(sigma) ~ N(p_mean, p_std^2) during training.
+        sigma_min, sigma_max, rho: the sampling schedule.
+        S_min, S_max, S_noise: noise levels where the sampler adds churn, and its noise inflation.
+        augment_prob: probability of each geometric augmentation in training (0 turns it off); the
+            augmentation labels condition the network, which then needs ``augment_dim = 9``.
+
+    Images are in [0, 1] outside this class and in [-1, 1] inside. The state dict holds only
+    ``nn_model.*``.
+    """
+
+    def __init__(self, nn_model, sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80,
+                 rho=7, S_min=0.01, S_max=1, S_noise=1.007, augment_prob=0.0):
+        super().__init__()
+        self.nn_model = nn_model
+        self.sigma_data = float(sigma_data)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.S_min, self.S_max, self.S_noise = float(S_min), float(S_max), float(S_noise)
+        self.augment_prob = float(augment_prob)
+        if self.augment_prob > 0:
+            from model.augment import AugmentPipe  # only the augmented config needs it
+            self.augment_pipe = AugmentPipe(self.augment_prob)
+        else:
+            self.augment_pipe = None
+
+    def denoise(self, x, sigma, aug=None):
+        """The preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4, aug).
+
+        Args:
+            x: (B, C, H, W) noisy images in the [-1, 1] scale.
+            sigma: noise level(s): a number, a 0-dim tensor or a tensor of B values (any shape).
+            aug: (B, augment_dim) augmentation labels, or None.
+
+        Returns:
+            (B, C, H, W) float32 denoised images (computed in float32 whatever the input dtype).
+        """
+        x = x.to(torch.float32)
+        if torch.is_tensor(sigma):
+            sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        else:  # a fill, not a host-to-device copy, so the sampling loop never waits for the GPU
+            sigma = torch.full((x.shape[0], 1, 1, 1), float(sigma), device=x.device)
+        c_skip, c_out, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
+        F_x = self.nn_model(c_in * x, c_noise, aug)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def _preconditioning(self, sigma, batch_size):
+        """c_skip, c_out, c_in (shaped like ``sigma``, (B, 1, 1, 1)) and c_noise (B,) at noise level sigma."""
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+        c_noise = (sigma.log() / 4).flatten().expand(batch_size)
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x0, rnd_normal=None, noise=None):
+        """Training loss: the sigma-weighted squared error of the denoiser at ln(sigma) ~ N(p_mean, p_std^2).
+
+        Args:
+            x0: (B, C, H, W) clean images in [0, 1].
+            rnd_normal: (B, 1, 1, 1) standard-normal draw behind ln(sigma); fresh when None.
+            noise: (B, C, H, W) standard-normal noise; fresh when None.
+
+        Returns:
+            scalar float32 loss (computed in float32 also under autocast).
+        """
+        x = 2 * x0 - 1
+        if rnd_normal is None:
+            rnd_normal = torch.randn((x.shape[0], 1, 1, 1), device=x.device)
+        sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        aug = None
+        if self.augment_pipe is not None:
+            x, aug = self.augment_pipe(x)
+        noise = noise_like(noise, x)
+        denoised = self.denoise(x + sigma * noise, sigma, aug)
+        return (weight * (denoised - x) ** 2).mean()
+
+    def schedule(self, steps):
+        """The sampler's noise levels: ``steps`` values from sigma_max down to sigma_min, then 0.
+
+        Returns:
+            (steps + 1,) float64 CPU tensor.
+        """
+        if steps < 2:
+            raise ValueError(f"EDM needs at least 2 sampling steps, got {steps}")
+        # The endpoints' rho-th roots are taken in float32 and the interpolation in float64: this
+        # gives the original's values bit for bit (sigma_0 = 80.000018, not 80).
+        inv_rho = torch.tensor(1 / self.rho, dtype=torch.float32)
+        root_max = torch.tensor(self.sigma_max, dtype=torch.float32).pow(inv_rho).double()
+        root_min = torch.tensor(self.sigma_min, dtype=torch.float32).pow(inv_rho).double()
+        fraction = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+        sigmas = (root_max + fraction * (root_min - root_max)) ** self.rho
+        return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None):
+        """Average-pooled activations of the network's decoder blocks on noised images.
+
+        Args:
+            x0: (B, C, H, W) clean images in [0, 1].
+            t: int or (B,) integer tensor indexing the reversed schedule of ``steps``: 1 is
+                sigma_min, ``steps`` is sigma_max (0, no noise, has no network conditioning ln 0,
+                so it is rejected for an int and gives NaN features in a tensor).
+            steps: length of the schedule that ``t`` indexes.
+            name: one block name ("out_7") to get only its feature, a list of names to get a dict
+                of those, or None for every block. The network stops after the deepest one needed.
+            norm: L2-normalise each feature vector.
+            noise: (B, C, H, W) tensor, a noise source (see model/noise.py), or None for fresh noise.
+
+        Returns:
+            (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
+        """
+        if isinstance(t, int) and not 1 <= t <= steps:
+            raise ValueError(f"EDM feature timestep {t} is outside 1..{steps} (the schedule of {steps} steps)")
+        x = 2 * x0 - 1
+        sigmas = self.schedule(steps).flip(0).to(torch.float32)  # (steps + 1,) from 0 up to sigma_max
+        if isinstance(t, int):
+            sigma = torch.full((x.shape[0], 1, 1, 1), sigmas[t].item(), device=x.device)
+        else:
+            sigma = sigmas.to(t.device)[t].to(x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        x_noisy = x + sigma * noise_like(noise, x)
+        _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
+        names = requested_blocks(self.nn_model, name)
+        activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
+        return pool_features(activations, name, norm)
+
+    @torch.no_grad()
+    def sample(self, n_sample=None, size=None, x_T=None, steps=18, eta=0.0, noise=None):
+        """Generate images with the second-order Heun sampler (2 * steps - 1 network calls).
+
+        Args:
+            n_sample: number of images (ignored when ``x_T`` is given).
+            size: (C, H, W) of one image (ignored when ``x_T`` is given).
+            x_T: (B, C, H, W) standard-normal starting draw (scaled by sigma_max here); drawn from
+                ``noise`` when None.
+            steps: number of noise levels.
+            eta: churn, 0 (deterministic) to 1 (gamma = sqrt(2) - 1 where S_min <= sigma <= S_max).
+            noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
+                churn noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
+
+        Returns:
+            (B, C, H, W) float64 images, nominally in [0, 1] (not clipped).
+        """
+        device = next(self.nn_model.parameters()).device
+        if x_T is None:
+            if n_sample is None or size is None:
+                raise ValueError("give either x_T or both n_sample and size")
+            if noise is None:
+                noise = global_noise(n_sample, device)
+            x_T = noise(tuple(size))
+        if noise is None:
+            noise = global_noise(x_T.shape[0], device)
+        # Python floats: deciding the churn and the step sizes needs no device synchronisation.
+        sigmas = self.schedule(steps).tolist()
+        x = x_T.to(device=device, dtype=torch.float64) * sigmas[0]
+        for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            gamma = (math.sqrt(2) - 1) * eta if self.S_min <= sigma <= self.S_max else 0.0
+            sigma_hat = sigma * (1 + gamma)
+            if gamma > 0:
+                churn = math.sqrt(sigma_hat ** 2 - sigma ** 2) * self.S_noise
+                x = x + churn * noise(x.shape[1:]).to(torch.float64)
+            slope = self._slope(x, sigma_hat)
+            x_next = x + (sigma_next - sigma_hat) * slope
+            if i < steps - 1:
+                slope_next = self._slope(x_next, sigma_next)
+                x_next = x + (sigma_next - sigma_hat) * (0.5 * slope + 0.5 * slope_next)
+            x = x_next
+        return (x + 1) / 2
+
+    def _slope(self, x, sigma):
+        """dx/dsigma of the probability-flow ODE, with the denoised image clipped to [-1, 1]."""
+        denoised = self.denoise(x, sigma).to(torch.float64).clamp(-1, 1)
+        return (x - denoised) / sigma
