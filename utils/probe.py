@@ -1,0 +1,288 @@
+"""Shared pieces of every evaluation on frozen DDAE features: feature passes, the probe grid,
+linear heads, and test accuracy that counts each test image exactly once over all processes.
+
+    timesteps, blocks = probe_cells(cfg, grid=True)
+    features = extract_grid_features(diffusion, x0, timesteps, blocks, precision="bf16")
+    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes)
+    logits = heads([features[cell] for cell in heads.cells])   # (n_cells, B, classes)
+
+Used by linear.py and contrastive.py, and meant for the noise-conditional classifier, k-NN and
+fine-tuning scripts too.
+"""
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.amp import autocast
+from utils.distributed import all_reduce_sum
+from utils.errors import UserError
+
+# The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule.
+GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
+EDM_FEATURE_STEPS = 18
+
+
+def probe_cells(cfg, grid=False):
+    """The timesteps and blocks to probe: the grid (every block) or cfg.linear.timestep / blockname.
+
+    Returns:
+        (timesteps, blocks): a list of ints and a list of ``out_k`` names; the probed cells are
+        every (timestep, block) pair.
+
+    Raises:
+        UserError: a timestep that the diffusion model of ``cfg`` cannot noise to.
+    """
+    blocks = cfg.network.block_names if grid else [cfg.linear.blockname]
+    timesteps = list(GRID_TIMESTEPS[cfg.model_type]) if grid else [cfg.linear.timestep]
+    if cfg.model_type == "DDPM":
+        top, what = cfg.diffusion.n_T, "diffusion.n_T"
+        low = 0
+    else:
+        top, what = EDM_FEATURE_STEPS, f"the EDM feature schedule of {EDM_FEATURE_STEPS} steps"
+        low = 1
+    for t in timesteps:
+        if not low <= t <= top:
+            source = "--grid" if grid else "linear.timestep"
+            raise UserError(f"{source}: timestep {t} is outside {low}..{top} ({what}); "
+                            f"{'raise diffusion.n_T' if grid else f'set linear.timestep in {low}..{top}'}")
+    return timesteps, blocks
+
+
+def cell_label(t, block):
+    """The printed name of a probed cell, e.g. ``11/out_6``."""
+    return f"{t}/{block}"
+
+
+def use_channels_last(device):
+    """Channels-last speeds up convolutions on GPUs; on CPUs it slows this network's GroupNorms down."""
+    return device.type == "cuda"
+
+
+def prepare_frozen(diffusion, device, compile=False):
+    """Move a frozen diffusion model to ``device`` in eval mode, without gradients, in the memory
+    layout that is fastest there (``use_channels_last``).
+
+    Args:
+        compile: wrap the network's ``forward_features`` (what ``get_feature`` calls) in
+            ``torch.compile``; the first batches then take a while longer (minutes on a CPU).
+    """
+    diffusion = diffusion.to(device).eval().requires_grad_(False)
+    if use_channels_last(device):
+        diffusion = diffusion.to(memory_format=torch.channels_last)
+    if compile:
+        net = diffusion.nn_model
+        net.forward_features = torch.compile(net.forward_features)
+    return diffusion
+
+
+@torch.no_grad()
+def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None):
+    """Average-pooled features of the requested blocks from one forward pass at timestep ``t``.
+
+    The network stops after the deepest requested block.
+
+    Args:
+        diffusion: a DDPM or EDM model (EDM's ``t`` indexes its 18-step schedule).
+        x0: (B, C, H, W) clean images in [0, 1].
+        t: int, or (B,) integer tensor of per-image timesteps.
+        names: block names (``out_k``); one string is allowed.
+        norm: L2-normalise each feature vector.
+        precision: "fp32", "bf16" or "fp16" autocast for the network.
+        noise: (B, C, H, W) noise to use, or None for a fresh draw.
+
+    Returns:
+        ``{name: (B, C)}`` float32 tensors.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    with autocast(x0.device, precision):
+        features = diffusion.get_feature(x0, t, name=names, norm=norm, noise=noise)
+    return {name: feature.float() for name, feature in features.items()}
+
+
+@torch.no_grad()
+def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision="fp32", noise=None):
+    """Features of every (timestep, block) cell, all timesteps in one batched forward pass.
+
+    The images are repeated once per timestep and each copy is noised to its own timestep, so a
+    batch of B images becomes one network call of ``len(timesteps) * B`` (larger batches use a GPU
+    better than several small ones); the network stops after the deepest requested block.
+
+    Args:
+        diffusion, x0, names, norm, precision: as for ``extract_features``.
+        timesteps: ints.
+        noise: (B, C, H, W) noise used at every timestep, or None for fresh draws everywhere.
+
+    Returns:
+        ``{(t, name): (B, C)}`` float32 tensors.
+    """
+    timesteps = list(timesteps)
+    names = [names] if isinstance(names, str) else list(names)
+    batch = x0.shape[0]
+    if len(timesteps) == 1:
+        features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise)
+        return {(timesteps[0], name): feature for name, feature in features.items()}
+    memory_format = torch.channels_last if _is_channels_last(x0) else torch.contiguous_format
+    repeated = x0.repeat(len(timesteps), 1, 1, 1).contiguous(memory_format=memory_format)  # (T*B, C, H, W)
+    # Filled on the device: building it from a Python list would be a host-to-device copy, which
+    # waits for the GPU to finish its queued work.
+    per_image_t = torch.cat([torch.full((batch,), t, device=x0.device) for t in timesteps])  # (T*B,)
+    if noise is not None:
+        noise = noise.repeat(len(timesteps), 1, 1, 1)
+    features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise)
+    return {(t, name): features[name][i * batch:(i + 1) * batch]
+            for i, t in enumerate(timesteps) for name in names}
+
+
+def _is_channels_last(x):
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class ProbeHeads(nn.Module):
+    """One linear classifier per probed (timestep, block) cell, trained together.
+
+    Args:
+        dims: ``{block: channels}`` (see ``model.models.feature_dims``).
+        timesteps, blocks: the probed cells are every (timestep, block) pair, in that order.
+        num_classes: outputs of each head.
+
+    ``cells`` lists the (t, block) pairs in the order of the heads; ``forward`` takes one (B, C)
+    feature per cell in that order and returns (n_cells, B, num_classes) logits.
+    """
+
+    def __init__(self, dims, timesteps, blocks, num_classes):
+        super().__init__()
+        self.timesteps = [int(t) for t in timesteps]
+        self.blocks = list(blocks)
+        self.cells = [(t, block) for t in self.timesteps for block in self.blocks]
+        self.num_classes = num_classes
+        self.heads = nn.ModuleList(nn.Linear(dims[block], num_classes) for _, block in self.cells)
+
+    @property
+    def labels(self):
+        return [cell_label(t, block) for t, block in self.cells]
+
+    def forward(self, features):
+        return torch.stack([head(feature) for head, feature in zip(self.heads, features)])
+
+    def losses(self, logits, labels):
+        """Cross-entropy of every head: (n_cells, B, classes) logits and (B,) labels -> (n_cells,)."""
+        n_cells, batch = logits.shape[:2]
+        per_image = F.cross_entropy(logits.flatten(0, 1), labels.repeat(n_cells), reduction="none")
+        return per_image.view(n_cells, batch).mean(dim=1)
+
+
+def count_correct(logits, labels):
+    """Correct predictions of every head, (n_cells,) int64, left on the device (no sync)."""
+    return (logits.argmax(dim=2) == labels).sum(dim=1)
+
+
+class AccuracyCounter:
+    """Correct / total counts kept on the device; ``reduce`` sums them over processes once.
+
+    With a sampler that gives each process a disjoint shard (``utils.data.EvalShardSampler``), the
+    reduced total is exactly the test-set size and every image counts once.
+    """
+
+    def __init__(self, n_cells, device):
+        self.correct = torch.zeros(n_cells, dtype=torch.int64, device=device)
+        self.total = 0
+
+    def update(self, logits, labels):
+        self.correct += count_correct(logits, labels)
+        self.total += labels.shape[0]
+
+    def reduce(self):
+        """Sum over processes; returns (per-cell accuracy in percent as a list, total images)."""
+        counts = torch.cat([self.correct, torch.tensor([self.total], device=self.correct.device)])
+        counts = all_reduce_sum(counts).cpu()
+        total = int(counts[-1])
+        accuracy = (counts[:-1].double() * 100 / max(total, 1)).tolist()
+        return accuracy, total
+
+
+@torch.no_grad()
+def evaluate_heads(diffusion, heads, loader, device, precision="fp32"):
+    """Test accuracy of every head, over all processes, each test image counted once.
+
+    Args:
+        diffusion: the frozen model the features come from (fresh noise per batch).
+        heads: a ``ProbeHeads`` (not the DDP wrapper).
+        loader: this process's shard of the test set (``utils.data.build_loader(train=False)``).
+
+    Returns:
+        (accuracy list in percent, one per cell; number of test images counted over all processes).
+    """
+    was_training = heads.training
+    heads.eval()
+    counter = AccuracyCounter(len(heads.cells), device)
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision)
+        counter.update(heads([features[cell] for cell in heads.cells]), labels)
+    heads.train(was_training)
+    return counter.reduce()
+
+
+def to_device(images, labels, device):
+    """Move a batch to ``device`` without waiting (from pinned host memory), images in the layout
+    of ``prepare_frozen``."""
+    images = images.to(device, non_blocking=True)
+    if use_channels_last(device):
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def synchronize(device):
+    """Wait for the queued work on ``device`` (for timing); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def feature_pass_throughput(diffusion, timesteps, names, image_shape, batch_size=128, precision="bf16",
+                            n_batches=20, warmup=3):
+    """Images per second of the probe's feature pass (all ``timesteps``, blocks up to the deepest
+    of ``names``) on random images, on the device the model is on.
+
+    Args:
+        diffusion: a frozen model, e.g. from ``prepare_frozen``.
+        timesteps, names: the cells, as for ``extract_grid_features``.
+        image_shape: (C, H, W) of one image.
+        batch_size: images per batch (each goes through the network once per timestep).
+        precision: autocast precision.
+        n_batches, warmup: timed and untimed batches.
+
+    Returns:
+        images per second (each image counted once, whatever the number of timesteps).
+    """
+    device = next(diffusion.parameters()).device
+    images, _ = to_device(torch.rand(batch_size, *image_shape), torch.zeros(0), device)
+    for _ in range(warmup):
+        extract_grid_features(diffusion, images, timesteps, names, precision=precision)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        extract_grid_features(diffusion, images, timesteps, names, precision=precision)
+    synchronize(device)
+    return batch_size * n_batches / (time.perf_counter() - start)
+
+
+def save_json(obj, path):
+    """Write ``obj`` as indented JSON through a temporary file, so readers never see half a file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(obj, file, indent=1)
+            file.write("\n")
+        os.replace(temporary, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}); choose a writable save_dir") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
