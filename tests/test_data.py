@@ -1,6 +1,5 @@
 """Datasets, transforms and loaders: the synthetic set, folder trees, offline CIFAR, eval sharding."""
 import os
-import time
 import urllib.error
 
 import pytest
@@ -32,14 +31,10 @@ def test_synthetic_is_deterministic_balanced_and_in_range():
     assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
 
 
-def test_synthetic_default_sizes_and_speed():
-    # CPU time of this process, so that other jobs on a shared machine do not count.
-    start = time.process_time()
+def test_synthetic_default_sizes():
     train, test = SyntheticImages(), SyntheticImages(train=False)
-    elapsed = time.process_time() - start
     assert (len(train), len(test)) == (5000, 1000)
     assert train.images.shape[1:] == (3, 32, 32) and train.num_classes == 10
-    assert elapsed < 2.0, f"generating 6,000 images took {elapsed:.2f} s of CPU time"
 
 
 def test_synthetic_class_is_not_given_by_mean_colour():
