@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.amp import autocast
+from model.models import feature_dims
+from model.noise import PerImageNoise
 from utils.distributed import all_reduce_sum
 from utils.errors import UserError
 
@@ -225,6 +227,46 @@ def evaluate_heads(diffusion, heads, loader, device, precision="fp32"):
         counter.update(heads([features[cell] for cell in heads.cells]), labels)
     heads.train(was_training)
     return counter.reduce()
+
+
+@torch.no_grad()
+def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=False, precision="fp32",
+                             seed=None):
+    """Features of every image a loader visits, for every (timestep, block) cell, in the loader's order.
+
+    Args:
+        diffusion: a frozen model (see ``prepare_frozen``).
+        loader: a loader that does not shuffle, e.g. this process's shard from
+            ``utils.data.build_loader(train=False)``.
+        timesteps, names, norm, precision: as for ``extract_grid_features``.
+        device: where the images go and the features stay.
+        seed: None for fresh noise from the global generator; else the image of dataset index i is
+            noised with its own generator seeded ``seed + i`` (the same draw at every timestep), so
+            the features depend neither on the batch size nor on the number of processes.
+
+    Returns:
+        (``{(t, name): (N, C)}`` float32 features, (N,) int64 labels), on ``device``; N is the
+        number of images the loader visits, possibly 0.
+    """
+    indices = list(loader.sampler) if seed is not None else None
+    chunks, labels = {}, []
+    done = 0
+    for images, batch_labels in loader:
+        images, batch_labels = to_device(images, batch_labels, device)
+        noise = None
+        if seed is not None:
+            seeds = [seed + index for index in indices[done:done + len(batch_labels)]]
+            noise = PerImageNoise(seeds, device)(tuple(images.shape[1:]))  # (B, C, H, W)
+        features = extract_grid_features(diffusion, images, timesteps, names, norm, precision, noise)
+        for cell, feature in features.items():
+            chunks.setdefault(cell, []).append(feature)
+        labels.append(batch_labels)
+        done += len(batch_labels)
+    if not labels:  # a process whose shard is empty still returns every cell, with 0 rows
+        dims = feature_dims(diffusion, tuple(loader.dataset[0][0].shape))
+        empty = {(t, name): torch.zeros(0, dims[name], device=device) for t in timesteps for name in names}
+        return empty, torch.zeros(0, dtype=torch.long, device=device)
+    return {cell: torch.cat(parts) for cell, parts in chunks.items()}, torch.cat(labels)
 
 
 def to_device(images, labels, device):
