@@ -1,0 +1,288 @@
+"""Shared parts of the noise-conditional classifiers (noisy_classifier_WRN.py, noisy_classifier_DDAE.py).
+
+Both scripts report test accuracy at the same noise levels (SPEC §9): the 20 DDPM timesteps
+1, 51, ..., 951, or the indices 1..18 of the 18-step EDM schedule (1: sigma_min, 18: sigma_max).
+Each writes its accuracies to a ``noisy_accuracy.json`` and, when it finds the other method's
+results of the same mode, draws the figure that compares them (see ``draw_comparison``). The
+figure can also be drawn by hand from any result files of one mode:
+
+    python -m utils.noisy plot output_WRN_DDPM/noisy_accuracy.json \\
+        output_DDPM_ddpm/noisy_DDAE_ep1999/noisy_accuracy.json --out compare.png
+"""
+import argparse
+import glob
+import json
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from model.ddpm import make_schedule
+from model.edm import EDM
+from utils.errors import UserError, cli_entry
+from utils.logging import plot_lines
+from utils.probe import EDM_FEATURE_STEPS, AccuracyCounter, save_json, to_device
+
+MODES = ("DDPM", "EDM")
+METHODS = ("WRN", "DDAE")
+DDPM_LEVEL_COUNT = 20
+EDM_STEPS = EDM_FEATURE_STEPS
+RESULT_FILE = "noisy_accuracy.json"
+LEVEL_AXIS = {
+    "DDPM": "DDPM timestep t",
+    "EDM": f"EDM noise index (of {EDM_STEPS}; 1: sigma_min, {EDM_STEPS}: sigma_max)",
+}
+
+
+def eval_levels(mode, n_T=1000, steps=EDM_STEPS):
+    """The noise levels accuracy is reported at.
+
+    Args:
+        mode: "DDPM" (integer timesteps 1, 1 + n_T/20, ...: 1, 51, ..., 951 for n_T = 1000) or
+            "EDM" (indices 1..steps of the reversed ``steps``-step schedule).
+        n_T: DDPM diffusion steps.
+        steps: length of the EDM schedule.
+    """
+    if mode == "DDPM":
+        stride = n_T // DDPM_LEVEL_COUNT
+        if stride < 1:
+            raise ValueError(f"n_T = {n_T} has fewer than {DDPM_LEVEL_COUNT} timesteps to report")
+        return [1 + k * stride for k in range(DDPM_LEVEL_COUNT)]
+    if mode == "EDM":
+        return list(range(1, steps + 1))
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def edm_sigmas(steps=EDM_STEPS):
+    """(steps + 1,) float32 noise levels of EDM's default schedule reversed: index 0 is 0 (no
+    noise), 1 is sigma_min and ``steps`` is sigma_max, as EDM.get_feature indexes them."""
+    return EDM(nn.Identity()).schedule(steps).flip(0).to(torch.float32)
+
+
+class ImageNoiser:
+    """Noise [-1, 1] images for the WRN baseline and give the network's conditioning value.
+
+    DDPM: x_t = sqrt(alphabar_t) x + sqrt(1 - alphabar_t) eps with the "DDPM" schedule of
+    model/ddpm.py (betas linear in [1e-4, 0.02], n_T = 1000); conditioning t / n_T. Training draws
+    t ~ U{1..n_T} per image.
+    EDM: x + sigma eps; conditioning ln(sigma). Training draws ln(sigma) ~ N(p_mean, p_std^2) with
+    EDM's defaults (-1.2, 1.2); testing uses the reversed 18-step schedule (``edm_sigmas``).
+
+    Args:
+        mode: "DDPM" or "EDM".
+        device: where the schedule lives (that of the images).
+    """
+
+    def __init__(self, mode, device="cpu"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.levels = eval_levels(mode)
+        if mode == "DDPM":
+            self.n_T = 1000
+            schedule = make_schedule(1e-4, 0.02, self.n_T, leading_zero=True)
+            self.sqrtab = schedule["sqrtab"].to(device)  # (n_T + 1,)
+            self.sqrtmab = schedule["sqrtmab"].to(device)
+        else:
+            edm = EDM(nn.Identity())
+            self.p_mean, self.p_std = edm.p_mean, edm.p_std
+            self.sigmas = edm_sigmas().to(device)  # (19,)
+
+    def noise_ddpm(self, x, t, noise):
+        """(x_t, t / n_T) for (B,) integer timesteps ``t``."""
+        x_t = self.sqrtab[t].view(-1, 1, 1, 1) * x + self.sqrtmab[t].view(-1, 1, 1, 1) * noise
+        return x_t, t.float() / self.n_T
+
+    @staticmethod
+    def noise_edm(x, sigma, noise):
+        """(x + sigma noise, ln sigma) for (B,) noise levels ``sigma``."""
+        return x + sigma.view(-1, 1, 1, 1) * noise, sigma.log()
+
+    def training_batch(self, x, noise=None, rnd=None):
+        """Noise every image at its own random level.
+
+        Args:
+            x: (B, C, H, W) images in [-1, 1].
+            noise: (B, C, H, W) standard-normal noise; fresh when None.
+            rnd: the per-image draw behind the level, (B,): DDPM integer timesteps, EDM standard
+                normals behind ln(sigma); fresh when None.
+
+        Returns:
+            (noisy images (B, C, H, W), conditioning (B,)).
+        """
+        noise = torch.randn_like(x) if noise is None else noise
+        batch_size = x.shape[0]
+        if self.mode == "DDPM":
+            t = torch.randint(1, self.n_T + 1, (batch_size,), device=x.device) if rnd is None else rnd
+            return self.noise_ddpm(x, t, noise)
+        rnd = torch.randn(batch_size, device=x.device) if rnd is None else rnd
+        return self.noise_edm(x, (rnd * self.p_std + self.p_mean).exp(), noise)
+
+    def test_batch(self, x, level, noise=None):
+        """Noise every image at the reported level ``level`` (a DDPM timestep or an EDM index).
+
+        Returns:
+            (noisy images (B, C, H, W), conditioning (B,)).
+        """
+        noise = torch.randn_like(x) if noise is None else noise
+        index = torch.full((x.shape[0],), level, dtype=torch.long, device=x.device)
+        if self.mode == "DDPM":
+            return self.noise_ddpm(x, index, noise)
+        return self.noise_edm(x, self.sigmas[index], noise)
+
+
+def add_max_images_arg(parser):
+    parser.add_argument("--max_images", type=int, default=0,
+                        help="use only the first N images of each split (quick checks); 0: all")
+    return parser
+
+
+def limit_images(dataset, max_images):
+    """The first ``max_images`` items of ``dataset`` (all when 0), keeping ``num_classes``."""
+    if max_images < 0:
+        raise UserError(f"--max_images {max_images}: must be 0 (all images) or a positive count")
+    if max_images == 0 or max_images >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(max_images))
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+@torch.no_grad()
+def accuracy_per_level(classify, loader, levels, device):
+    """Test accuracy at each noise level, every test image counted exactly once over all processes.
+
+    The loader is read once; each batch is classified at every level, with fresh noise each time.
+
+    Args:
+        classify: ``classify(images, level) -> logits (B, classes)`` for images (B, C, H, W) in
+            [0, 1] on ``device`` and one reported level (int).
+        loader: this process's shard of the test set (``build_loader(..., train=False)``).
+        levels: the reported levels.
+        device: where the images and counts go.
+
+    Returns:
+        (accuracies in percent, one per level; the number of test images counted).
+    """
+    counter = AccuracyCounter(len(levels), device)
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        counter.update(torch.stack([classify(images, level) for level in levels]), labels)  # (L, B, classes)
+    return counter.reduce()
+
+
+def format_table(levels, accuracies, mode, title):
+    """The accuracies as a two-column text table under ``title``."""
+    level_header = "t" if mode == "DDPM" else "index"
+    lines = [title, f"{level_header:>6}  {'acc (%)':>8}"]
+    lines += [f"{level:>6}  {accuracy:>8.2f}" for level, accuracy in zip(levels, accuracies)]
+    return "\n".join(lines)
+
+
+def write_results(path, method, mode, levels, accuracies, label, n_test_images, **extra):
+    """Write a result file (atomically): the per-level accuracies of one method.
+
+    Keys: method ("WRN" or "DDAE"), mode ("DDPM" or "EDM"), label (the legend entry), levels
+    (DDPM timesteps or EDM indices), accuracies (percent, one per level), n_test_images, and the
+    ``extra`` keys (for EDM, "sigmas": the noise level of each index).
+    """
+    record = {"method": method, "mode": mode, "label": label, "levels": list(levels),
+              "accuracies": [round(float(a), 4) for a in accuracies], "n_test_images": n_test_images,
+              **extra}
+    save_json(record, path)
+    return path
+
+
+def read_results(path):
+    """Read and check a result file written by ``write_results``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; pass a {RESULT_FILE} written by noisy_classifier_WRN.py "
+                        f"or noisy_classifier_DDAE.py")
+    try:
+        with open(path, encoding="utf-8") as file:
+            record = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a JSON file ({err}); pass a {RESULT_FILE}") from None
+    required = ("method", "mode", "levels", "accuracies")
+    missing = [key for key in required if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise UserError(f"{path}: key '{missing[0]}' is missing; pass a {RESULT_FILE} written by "
+                        f"noisy_classifier_WRN.py or noisy_classifier_DDAE.py")
+    if record["mode"] not in MODES:
+        raise UserError(f"{path}: key 'mode' must be one of {', '.join(MODES)}, got {record['mode']!r}")
+    if len(record["levels"]) != len(record["accuracies"]):
+        raise UserError(f"{path}: 'levels' has {len(record['levels'])} entries but 'accuracies' has "
+                        f"{len(record['accuracies'])}; rerun the script that wrote it")
+    record.setdefault("label", f"{record['method']} ({os.path.basename(os.path.dirname(path))})")
+    return record
+
+
+def plot_comparison(records, path, title=None):
+    """Overlay the accuracy-per-noise-level curves of ``records`` (one mode) in a PNG."""
+    modes = {record["mode"] for record in records}
+    if len(modes) != 1:
+        raise UserError(f"the result files mix modes ({', '.join(sorted(modes))}); compare files "
+                        f"of one mode (DDPM timesteps and EDM indices are different axes)")
+    (mode,) = modes
+    series = {}
+    for record in records:
+        label = record["label"]
+        while label in series:
+            label += "'"
+        series[label] = (record["levels"], record["accuracies"])
+    plot_lines(series, path, xlabel=LEVEL_AXIS[mode], ylabel="test accuracy (%)",
+               title=title or f"noise-conditional classifiers, {mode}")
+    return path
+
+
+def find_results(root, mode):
+    """Result files of ``mode`` in the run folders under ``root``: ``root/*/noisy_accuracy.json``
+    (the WRN script's save_dir) and ``root/*/*/noisy_accuracy.json`` (the DDAE script's
+    save_dir/noisy_DDAE_<checkpoint>), sorted by path. Unreadable files are skipped."""
+    paths = sorted(glob.glob(os.path.join(root, "*", RESULT_FILE)) +
+                   glob.glob(os.path.join(root, "*", "*", RESULT_FILE)))
+    found = []
+    for path in paths:
+        try:
+            record = read_results(path)
+        except UserError:
+            continue
+        if record["mode"] == mode:
+            found.append((path, record))
+    return found
+
+
+def comparison_path(root, mode):
+    """Where the scripts draw the comparison figure: ``root/noisy_compare_{mode}.png``."""
+    return os.path.join(root, f"noisy_compare_{mode}.png")
+
+
+def draw_comparison(root, mode):
+    """Draw ``comparison_path(root, mode)`` from every result of ``mode`` under ``root`` when
+    both methods are among them; return the figure's path, or None when a method is missing."""
+    found = find_results(root, mode)
+    if len({record["method"] for _, record in found}) < 2:
+        return None
+    return plot_comparison([record for _, record in found], comparison_path(root, mode))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m utils.noisy", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    plot = commands.add_parser("plot", help="overlay the accuracy curves of result files of one mode")
+    plot.add_argument("results", nargs="+", help=f"{RESULT_FILE} files")
+    plot.add_argument("--out", default="noisy_compare.png", help="the PNG to write")
+    plot.add_argument("--title", default=None, help="figure title")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(args):
+    records = [read_results(path) for path in args.results]
+    print(f"wrote {plot_comparison(records, args.out, args.title)}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
