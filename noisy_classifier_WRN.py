@@ -1,0 +1,280 @@
+"""Noise-conditional WideResNet trained from scratch on noised images: the baseline that DDAE's
+time-conditioned heads are compared with, noise level by noise level (SPEC §9).
+
+    python noisy_classifier_WRN.py --mode DDPM                     # WRN-28-10, CIFAR-10, 200 epochs
+    torchrun --nproc_per_node=4 noisy_classifier_WRN.py --mode EDM --use_amp
+    python noisy_classifier_WRN.py --mode DDPM --resume            # continue an interrupted run
+
+Writes to --save_dir (default ./output_WRN_{mode}): ckpts/model_{epoch}.pth after every epoch
+(only the latest is kept), log.jsonl (one line per epoch), and after training the test accuracy
+at each noise level: noisy_accuracy.json and noisy_accuracy.png. When noisy_classifier_DDAE.py
+results of the same mode are found next to the save_dir, the comparison figure
+noisy_compare_{mode}.png is drawn there too (see utils/noisy.py).
+
+The learning rate warms up linearly and then follows a cosine, updated every optimizer step.
+--lr and --batch_size are per process and are not scaled by the number of processes.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.wrn import WideResNet
+from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                              save_checkpoint)
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
+                        probe_train_transform, set_loader_epoch, test_transform)
+from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
+                               get_world_size, init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.logging import JsonlLogger
+from utils.noisy import (MODES, RESULT_FILE, ImageNoiser, accuracy_per_level, add_max_images_arg,
+                         draw_comparison, format_table, limit_images, plot_comparison, write_results)
+
+# Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
+RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train and test a noise-conditional WideResNet.")
+    parser.add_argument("--mode", choices=MODES, required=True,
+                        help="DDPM: t ~ U{1..1000}, conditioning t/1000; EDM: ln sigma ~ N(-1.2, 1.2), "
+                             "conditioning ln sigma")
+    parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar")
+    add_data_args(parser)
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="image side; the dataset's own size by default (32 for synthetic)")
+    parser.add_argument("--save_dir", default=None, help="output folder; default ./output_WRN_{mode}")
+    parser.add_argument("--batch_size", type=int, default=128, help="images per step and process")
+    parser.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight_decay", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--warm_epochs", type=int, default=5, help="epochs of linear warm-up")
+    parser.add_argument("--blocks_per_group", type=int, default=4, help="4 gives WRN-28 (6 * 4 + 4 layers)")
+    parser.add_argument("--width", type=int, default=10, help="channel multiplier k of WRN-28-k")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in save_dir/ckpts (start fresh if none)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--num_workers", type=int, default=4, help="data-loader processes per process")
+    add_max_images_arg(parser)
+    add_amp_args(parser)
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    if args.save_dir is None:
+        args.save_dir = f"./output_WRN_{args.mode}"
+    if args.image_size is None:
+        args.image_size = NATIVE_IMAGE_SIZE.get(args.dataset, 32)
+    return args
+
+
+def check_args(args):
+    for name in ("batch_size", "epochs", "blocks_per_group", "width", "image_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if not 0 <= args.warm_epochs <= args.epochs:
+        raise UserError(f"--warm_epochs {args.warm_epochs}: must be in 0..--epochs ({args.epochs})")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+
+
+def lr_factor(step, total_steps, warm_steps):
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
+    ``warm_steps`` steps, then a cosine from 1 to 0 at ``total_steps``."""
+    if step < warm_steps:
+        return (step + 1) / warm_steps
+    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def epoch_seed(seed, epoch, rank):
+    """Seed of the noise, crops and flips of one epoch on one process, so a resumed run draws
+    what the uninterrupted run would have drawn."""
+    return seed + 10_000 * (epoch + 1) + rank
+
+
+def wrn_label(args):
+    return f"WRN-{6 * args.blocks_per_group + 4}-{args.width}"
+
+
+def run_settings(args):
+    """The flags that describe the run, stored in every checkpoint."""
+    keys = RESUME_KEYS + ("batch_size", "lr", "momentum", "weight_decay", "epochs", "warm_epochs", "seed")
+    return {key: getattr(args, key) for key in keys}
+
+
+def prepare_resume(args):
+    """The checkpoint to continue from, or None; refuses to overwrite a run without --resume."""
+    latest = latest_checkpoint(args.save_dir)
+    if latest is None:
+        if args.resume:
+            print0(f"--resume: no checkpoint in {os.path.join(args.save_dir, 'ckpts')}; starting fresh")
+        return None
+    if not args.resume:
+        raise UserError(f"{latest} exists: pass --resume to continue that run, or choose another --save_dir")
+    return latest
+
+
+def load_resume_state(path, args, model, optimizer, scaler):
+    """Load a checkpoint into the model, optimizer and scaler; return (next epoch, step)."""
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.get("settings", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(args, key):
+            raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(args, key)}; "
+                            f"pass --{key} {saved[key]} or choose another --save_dir")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["opt"])
+    if checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["epoch"] + 1, checkpoint["step"]
+
+
+def save_epoch_checkpoint(args, epoch, step, model, optimizer, scaler):
+    """Write save_dir/ckpts/model_{epoch}.pth atomically, then remove the older ones (main process)."""
+    path = checkpoint_path(args.save_dir, epoch)
+    save_checkpoint({"model": model.state_dict(), "opt": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "epoch": epoch, "step": step, "settings": run_settings(args)}, path)
+    for older_epoch, older in list_checkpoints(args.save_dir).items():
+        if older_epoch < epoch:
+            os.remove(older)
+    return path
+
+
+def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, device, precision):
+    """One pass over the training shard; returns (next step, summed loss, correct, images) of this process."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(step)
+        x_noisy, conditioning = noiser.training_batch(2 * images - 1)  # (B, C, H, W), (B,)
+        with autocast(device, precision):
+            logits = model(x_noisy, conditioning)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.numel()
+        step += 1
+    return step, loss_sum, correct, seen
+
+
+def evaluate(model, loader, noiser, device, precision):
+    """Test accuracy (%) at each of ``noiser.levels``, and the number of test images."""
+    model.eval()
+
+    def classify(images, level):
+        x_noisy, conditioning = noiser.test_batch(2 * images - 1, level)
+        with autocast(device, precision):
+            return model(x_noisy, conditioning).float()
+
+    return accuracy_per_level(classify, loader, noiser.levels, device)
+
+
+def report(args, levels, accuracies, n_test_images, noiser):
+    """Print the table, write the result file and its plot, and the comparison figure if possible."""
+    label = wrn_label(args)
+    print0(format_table(levels, accuracies, args.mode,
+                        f"{label} trained on noised images ({args.mode}): test accuracy"))
+    if not is_main():
+        return
+    extra = {"sigmas": [noiser.sigmas[level].item() for level in levels]} if args.mode == "EDM" else {}
+    path = write_results(os.path.join(args.save_dir, RESULT_FILE), "WRN", args.mode, levels, accuracies,
+                         label, n_test_images, **extra)
+    plot_comparison([{"mode": args.mode, "label": label, "levels": levels, "accuracies": accuracies}],
+                    os.path.join(args.save_dir, "noisy_accuracy.png"))
+    print0(f"wrote {path}")
+    compare = draw_comparison(os.path.dirname(os.path.abspath(args.save_dir)), args.mode)
+    if compare:
+        print0(f"wrote {compare}")
+
+
+@cli_entry
+def main(args):
+    check_args(args)
+    device = init_distributed(args.device)
+    try:
+        run(args, device)
+    finally:
+        cleanup()
+
+
+def run(args, device):
+    rank, world_size = get_rank(), get_world_size()
+    precision = resolve_precision(args, device)
+    resume_from = prepare_resume(args)
+
+    train_set = limit_images(build_dataset(args.dataset, args.data_root, True, probe_train_transform(args.image_size),
+                                           image_size=args.image_size), args.max_images)
+    test_set = limit_images(build_dataset(args.dataset, args.data_root, False, test_transform(),
+                                          image_size=args.image_size), args.max_images)
+    train_loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
+                                seed=args.seed, device=device)
+    test_loader = build_loader(test_set, args.batch_size, train=False, num_workers=args.num_workers,
+                               seed=args.seed, device=device)
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(blocks_per_group=args.blocks_per_group, channel_multiplier=args.width,
+                       num_classes=train_set.num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scaler = make_grad_scaler(device, precision)
+    start_epoch, step = 0, 0
+    if resume_from is not None:
+        start_epoch, step = load_resume_state(resume_from, args, model, optimizer, scaler)
+        print0(f"resuming from {resume_from}: epoch {start_epoch} of {args.epochs}")
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+
+    noiser = ImageNoiser(args.mode, device)
+    steps_per_epoch = len(train_loader)
+    total_steps, warm_steps = args.epochs * steps_per_epoch, args.warm_epochs * steps_per_epoch
+
+    def lr_at_step(index):
+        return args.lr * lr_factor(index, total_steps, warm_steps)
+
+    logger = JsonlLogger(os.path.join(args.save_dir, "log.jsonl")) if is_main() else None
+    print0(f"{wrn_label(args)} ({sum(p.numel() for p in model.parameters()):,} parameters), {args.mode}, "
+           f"{len(train_set)} training images, {world_size} process(es), {precision}")
+    for epoch in range(start_epoch, args.epochs):
+        started = time.time()
+        torch.manual_seed(epoch_seed(args.seed, epoch, rank))
+        set_loader_epoch(train_loader, epoch)
+        step, loss_sum, correct, seen = train_one_epoch(trained, train_loader, noiser, optimizer, scaler,
+                                                        lr_at_step, step, device, precision)
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                             torch.tensor(seen, dtype=torch.float64, device=device)]))
+        loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+        if is_main():
+            save_epoch_checkpoint(args, epoch, step, model, optimizer, scaler)
+            logger.log(epoch=epoch, step=step, loss=loss, train_acc=train_acc, lr=lr_at_step(step - 1),
+                       seconds=round(time.time() - started, 2))
+        barrier()
+        print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (noised), "
+               f"{time.time() - started:.1f} s")
+    if logger is not None:
+        logger.close()
+
+    torch.manual_seed(args.seed + rank)
+    accuracies, n_test_images = evaluate(model, test_loader, noiser, device, precision)
+    report(args, noiser.levels, accuracies, n_test_images, noiser)
+
+
+if __name__ == "__main__":
+    main(parse_args())
