@@ -1,0 +1,205 @@
+"""Noise-conditional classifier on frozen DDAE features: an MLP head that is told the noise level,
+compared with the WideResNet trained on noised images, noise level by noise level (SPEC §9).
+
+    python noisy_classifier_DDAE.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
+    torchrun --nproc_per_node=4 noisy_classifier_DDAE.py --config config/EDM_ddpm.yaml --use_amp
+
+The EMA network of the checkpoint is frozen; its feature at ``linear.blockname`` (the network
+stops after that block) of images noised to a random level per image, plus a time embedding of
+that level, feeds a two-layer MLP trained with Adam (lr ``linear.lrate`` times the number of
+processes, cosine over ``linear.n_epoch`` epochs, stepped per epoch) on cropped and flipped images.
+
+Writes to save_dir/noisy_DDAE_ep{epoch} (or noisy_DDAE_{checkpoint file name} for --ckpt):
+noisy_accuracy.json and noisy_accuracy.png with the test accuracy at the 20 DDPM timesteps or
+the 18 EDM indices, log.jsonl and head.pth. When noisy_classifier_WRN.py results of the same mode
+are found in a folder next to save_dir (./output_WRN_{mode} by default), the comparison figure
+noisy_compare_{mode}.png is drawn next to save_dir too (see utils/noisy.py).
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.amp import add_amp_args, resolve_precision
+from model.blocks import TimeEmbedding
+from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
+from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from utils.config import add_config_args, config_name, load_config
+from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch
+from utils.data import test_transform as eval_transform
+from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_rank, get_world_size,
+                               init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.logging import JsonlLogger
+from utils.noisy import (EDM_STEPS, RESULT_FILE, accuracy_per_level, add_max_images_arg, draw_comparison,
+                         edm_sigmas, eval_levels, format_table, limit_images, plot_comparison, write_results)
+from utils.probe import extract_features, prepare_frozen, to_device
+
+
+class NoiseConditionalHead(nn.Module):
+    """Classify a frozen feature (B, d) given the integer noise level of its input image.
+
+    The level (DDPM timestep or EDM index) is embedded like the UNet embeds its time: d/4
+    sinusoidal features, Linear(d/4 -> d), SiLU, Linear(d -> d). The embedding is added to the
+    feature, then Linear(d -> 2d), SiLU, Linear(2d -> num_classes).
+
+    Args:
+        feature_dim: d, the channels of the probed block (a multiple of 8).
+        num_classes: number of output logits.
+    """
+
+    def __init__(self, feature_dim, num_classes):
+        super().__init__()
+        if feature_dim % 8 or feature_dim < 16:
+            raise ValueError(f"feature_dim must be a multiple of 8 and at least 16, got {feature_dim}")
+        self.time_emb = TimeEmbedding(feature_dim // 4)
+        self.classifier = nn.Sequential(nn.Linear(feature_dim, 2 * feature_dim), nn.SiLU(),
+                                        nn.Linear(2 * feature_dim, num_classes))
+
+    def forward(self, features, levels):
+        """Logits (B, num_classes) for features (B, d) at integer levels (B,)."""
+        return self.classifier(features + self.time_emb(levels))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train and test a noise-conditional head on frozen DDAE features.")
+    add_config_args(parser)
+    add_checkpoint_args(parser)
+    add_data_args(parser)
+    add_max_images_arg(parser)
+    add_amp_args(parser)
+    add_launcher_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_tag(checkpoint):
+    """``ep{E}`` for save_dir/ckpts/model_{E}.pth, else the checkpoint file's name without suffix."""
+    name = os.path.basename(checkpoint)
+    match = CHECKPOINT_NAME.match(name)
+    return f"ep{match.group(1)}" if match else os.path.splitext(name)[0]
+
+
+def max_level(cfg):
+    """Training draws levels uniformly in 1..max_level: DDPM timesteps, or EDM schedule indices."""
+    return cfg.diffusion.n_T if cfg.model_type == "DDPM" else EDM_STEPS
+
+
+def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, device, precision):
+    """One pass over the training shard; returns (summed loss, correct, images) of this process."""
+    head.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        levels = torch.randint(1, top_level + 1, (labels.shape[0],), device=device)  # (B,)
+        features = extract_features(diffusion, images, levels, blockname, precision=precision)[blockname]
+        logits = head(features, levels)  # (B, classes)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.numel()
+    return loss_sum, correct, seen
+
+
+def evaluate(diffusion, head, loader, levels, blockname, device, precision):
+    """Test accuracy (%) at each level, and the number of test images."""
+    head.eval()
+
+    def classify(images, level):
+        level_per_image = torch.full((images.shape[0],), level, dtype=torch.long, device=device)
+        features = extract_features(diffusion, images, level, blockname, precision=precision)[blockname]
+        return head(features, level_per_image)
+
+    return accuracy_per_level(classify, loader, levels, device)
+
+
+@cli_entry
+def main(args):
+    cfg = load_config(args.config, args.set)
+    checkpoint = checkpoint_from_args(cfg, args)
+    device = init_distributed(args.device)
+    try:
+        run(cfg, args, checkpoint, device)
+    finally:
+        cleanup()
+
+
+def run(cfg, args, checkpoint, device):
+    rank, world_size = get_rank(), get_world_size()
+    precision = resolve_precision(args, device)
+    linear, blockname = cfg.linear, cfg.linear.blockname
+    out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
+    if cfg.model_type == "DDPM" and cfg.diffusion.n_T < 20:
+        raise UserError(f"{args.config}: key 'diffusion.n_T' is {cfg.diffusion.n_T}; the noisy classifier "
+                        f"reports 20 timesteps and needs n_T >= 20")
+    levels = eval_levels(cfg.model_type, n_T=getattr(cfg.diffusion, "n_T", 1000))
+
+    image_size = cfg.network.image_shape[1]
+    train_set = limit_images(build_dataset(cfg.dataset, args.data_root, True, probe_train_transform(image_size),
+                                           image_size=image_size), args.max_images)
+    test_set = limit_images(build_dataset(cfg.dataset, args.data_root, False, eval_transform(),
+                                          image_size=image_size), args.max_images)
+    if train_set.num_classes != cfg.classes:
+        raise UserError(f"{args.config}: key 'classes' is {cfg.classes} but dataset '{cfg.dataset}' has "
+                        f"{train_set.num_classes} classes; set classes: {train_set.num_classes}")
+    train_loader = build_loader(train_set, linear.batch_size, train=True, num_workers=cfg.num_workers,
+                                seed=cfg.seed, device=device)
+    test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=cfg.num_workers,
+                               seed=cfg.seed, device=device)
+
+    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device)
+    feature_dim = feature_dims(diffusion, cfg.network.image_shape)[blockname]
+    torch.manual_seed(cfg.seed)  # the same head on every process
+    head = NoiseConditionalHead(feature_dim, cfg.classes).to(device)
+    trained = DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else head
+    optimizer = torch.optim.Adam(head.parameters(), lr=linear.lrate * world_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=linear.n_epoch)
+
+    print0(f"DDAE {config_name(args.config)} ({checkpoint}), feature {blockname} (d = {feature_dim}), "
+           f"{cfg.model_type}, {len(train_set)} training images, {world_size} process(es), {precision}")
+    logger = JsonlLogger(os.path.join(out_dir, "log.jsonl")) if is_main() else None
+    torch.manual_seed(cfg.seed + rank)
+    for epoch in range(linear.n_epoch):
+        started = time.time()
+        set_loader_epoch(train_loader, epoch)
+        loss_sum, correct, seen = train_one_epoch(diffusion, trained, train_loader, optimizer, blockname,
+                                                  max_level(cfg), device, precision)
+        scheduler.step()
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                             torch.tensor(seen, dtype=torch.float64, device=device)]))
+        loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+        if logger is not None:
+            logger.log(epoch=epoch, loss=loss, train_acc=train_acc, seconds=round(time.time() - started, 2))
+        print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (random levels), "
+               f"{time.time() - started:.1f} s")
+    if logger is not None:
+        logger.close()
+
+    accuracies, n_test_images = evaluate(diffusion, head, test_loader, levels, blockname, device, precision)
+    label = f"DDAE {config_name(args.config)} {run_tag(checkpoint)} {blockname}"
+    print0(format_table(levels, accuracies, cfg.model_type, f"{label} + noise-conditional MLP: test accuracy"))
+    if is_main():
+        save_checkpoint({"head": head.state_dict(), "feature_dim": feature_dim, "blockname": blockname,
+                         "checkpoint": os.path.abspath(checkpoint)}, os.path.join(out_dir, "head.pth"))
+        extra = {"sigmas": edm_sigmas()[levels].tolist()} if cfg.model_type == "EDM" else {}
+        path = write_results(os.path.join(out_dir, RESULT_FILE), "DDAE", cfg.model_type, levels, accuracies,
+                             label, n_test_images, **extra)
+        plot_comparison([{"mode": cfg.model_type, "label": label, "levels": levels, "accuracies": accuracies}],
+                        os.path.join(out_dir, "noisy_accuracy.png"))
+        print0(f"wrote {path}")
+        compare = draw_comparison(os.path.dirname(os.path.abspath(cfg.save_dir)), cfg.model_type)
+        if compare:
+            print0(f"wrote {compare}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
