@@ -13,6 +13,9 @@ noisy_compare_{mode}.png is drawn there too (see utils/noisy.py).
 
 The learning rate warms up linearly and then follows a cosine, updated every optimizer step.
 --lr and --batch_size are per process and are not scaled by the number of processes.
+--resume on a finished run only evaluates it again. The noise of every epoch is seeded from
+(--seed, epoch, rank), so with --num_workers 0 a resumed run is bitwise the uninterrupted one on
+the same device; with loader workers, the crops and flips after a resume differ.
 """
 import argparse
 import math
