@@ -1,11 +1,13 @@
-"""k-NN evaluation (knn.py) and the dataset feature pass it shares with export_features.py."""
+"""k-NN evaluation (knn.py), the dataset feature pass it shares with export_features.py, and the
+CIFAR-100 / Tiny ImageNet configs."""
+import pytest
 import torch
 from torch.utils.data import Subset
 
 from model.models import build_diffusion, count_parameters
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
-from utils.probe import extract_dataset_features, extract_grid_features
+from utils.probe import extract_dataset_features, extract_grid_features, probe_cells
 
 TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "linear.batch_size=8",
                   "num_workers=0"]
@@ -61,3 +63,31 @@ def test_empty_shard_gives_every_cell_with_no_rows(tmp_path):
                                                 torch.device("cpu"), seed=0)
     assert labels.shape == (0,)
     assert features[(11, "out_1")].shape == (0, 64) and features[(11, "out_3")].shape == (0, 32)
+
+
+@pytest.mark.parametrize("name, dataset, classes, parameters, n_blocks, cell", [
+    ("CIFAR100_DDPM_ddpm", "cifar100", 100, 35_746_307, 12, (11, "out_6")),
+    ("CIFAR100_EDM_ddpm", "cifar100", 100, 35_746_307, 12, (4, "out_7")),
+    ("TinyImageNet_DDPM_ddpm", "tinyimagenet", 200, 45_654_019, 15, (11, "out_9")),
+    ("TinyImageNet_EDM_ddpm", "tinyimagenet", 200, 45_654_019, 15, (4, "out_10")),
+])
+def test_dataset_configs_load_and_build(name, dataset, classes, parameters, n_blocks, cell):
+    cfg = load_config(f"config/{name}.yaml")
+    assert (cfg.dataset, cfg.classes, cfg.save_dir) == (dataset, classes, f"./output_{name}")
+    with torch.device("meta"):  # sizes only: no memory, no initialisation
+        diffusion = build_diffusion(cfg)
+    print(f"{name}: {count_parameters(diffusion):,} parameters")
+    assert count_parameters(diffusion) == parameters
+    assert diffusion.nn_model.block_names == cfg.network.block_names == [f"out_{k}" for k in range(1, n_blocks + 1)]
+    timesteps, blocks = probe_cells(cfg, grid=True)
+    assert len(timesteps) * len(blocks) == 3 * n_blocks
+    assert probe_cells(cfg) == ([cell[0]], [cell[1]])
+
+
+def test_tiny_imagenet_feature_resolutions():
+    cfg = load_config("config/TinyImageNet_DDPM_ddpm.yaml", ["network.n_channels=32"])  # same layout, narrower
+    net = build_diffusion(cfg).nn_model
+    with torch.no_grad():
+        activations = net.forward_features(torch.zeros(1, 3, 64, 64), torch.zeros(1), net.block_names)
+    sides = [activations[f"out_{k}"].shape[-1] for k in range(1, 16)]
+    assert sides == [4] * 3 + [8] * 3 + [16] * 3 + [32] * 3 + [64] * 3
