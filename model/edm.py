@@ -14,6 +14,20 @@ from model.ddpm import pool_features, requested_blocks
 from model.noise import global_noise, noise_like
 
 
+def karras_schedule(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's noise levels for ``steps`` steps, sigma_max down to sigma_min, then 0: (steps + 1,) float64."""
+    if steps < 2:
+        raise ValueError(f"EDM needs at least 2 sampling steps, got {steps}")
+    # The endpoints' rho-th roots are taken in float32 and the interpolation in float64: this
+    # gives the original's values bit for bit (sigma_0 = 80.000018, not 80).
+    inv_rho = torch.tensor(1 / rho, dtype=torch.float32)
+    root_max = torch.tensor(sigma_max, dtype=torch.float32).pow(inv_rho).double()
+    root_min = torch.tensor(sigma_min, dtype=torch.float32).pow(inv_rho).double()
+    fraction = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    sigmas = (root_max + fraction * (root_min - root_max)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
 class EDM(nn.Module):
     """Denoising diffusion in the EDM formulation around a network F(c_in x, c_noise, aug).
 
@@ -104,16 +118,7 @@ class EDM(nn.Module):
         Returns:
             (steps + 1,) float64 CPU tensor.
         """
-        if steps < 2:
-            raise ValueError(f"EDM needs at least 2 sampling steps, got {steps}")
-        # The endpoints' rho-th roots are taken in float32 and the interpolation in float64: this
-        # gives the original's values bit for bit (sigma_0 = 80.000018, not 80).
-        inv_rho = torch.tensor(1 / self.rho, dtype=torch.float32)
-        root_max = torch.tensor(self.sigma_max, dtype=torch.float32).pow(inv_rho).double()
-        root_min = torch.tensor(self.sigma_min, dtype=torch.float32).pow(inv_rho).double()
-        fraction = torch.arange(steps, dtype=torch.float64) / (steps - 1)
-        sigmas = (root_max + fraction * (root_min - root_max)) ** self.rho
-        return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+        return karras_schedule(steps, self.sigma_min, self.sigma_max, self.rho)
 
     def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None):
         """Average-pooled activations of the network's decoder blocks on noised images.

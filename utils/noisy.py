@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from model.ddpm import make_schedule
-from model.edm import EDM
+from model.edm import EDM, karras_schedule
 from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines
 from utils.probe import EDM_FEATURE_STEPS, AccuracyCounter, save_json, to_device
@@ -57,7 +57,7 @@ def eval_levels(mode, n_T=1000, steps=EDM_STEPS):
 def edm_sigmas(steps=EDM_STEPS):
     """(steps + 1,) float32 noise levels of EDM's default schedule reversed: index 0 is 0 (no
     noise), 1 is sigma_min and ``steps`` is sigma_max, as EDM.get_feature indexes them."""
-    return EDM(nn.Identity()).schedule(steps).flip(0).to(torch.float32)
+    return karras_schedule(steps).flip(0).to(torch.float32)
 
 
 class ImageNoiser:
