@@ -1,0 +1,234 @@
+"""Linear probing of a frozen DDAE: one linear classifier per (timestep, block) on pooled features.
+
+    python linear.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
+    torchrun --nproc_per_node=4 linear.py --config config/EDM_ddpm.yaml --use_amp --epoch 1999 --grid
+
+Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
+trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18) at once, from one
+forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid). A
+probe that is stopped resumes from its last finished epoch when run again with the same arguments.
+"""
+import argparse
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model.amp import add_amp_args, resolve_precision
+from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
+from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.config import add_config_args, load_config
+from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch
+from utils.data import test_transform as eval_transform
+from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
+                               get_rank, get_world_size, init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.logging import plot_heatmap
+from utils.probe import (ProbeHeads, evaluate_heads, extract_grid_features, prepare_frozen, probe_cells,
+                         save_json, to_device)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    add_amp_args(parser)
+    add_checkpoint_args(parser)
+    parser.add_argument("--grid", action="store_true",
+                        help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
+    add_data_args(parser)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader workers per process (default: the config's num_workers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_launcher_args(parser)
+    return parser
+
+
+def probe_tag(checkpoint, timesteps, blocks, grid):
+    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid``."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
+
+
+def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precision="fp32"):
+    """One pass over this process's training shard, fresh noise for every batch.
+
+    Args:
+        heads: the ``ProbeHeads``; ``model`` is the module to call, the heads themselves or their
+            DistributedDataParallel wrapper.
+
+    Returns:
+        (per-cell sum of the batch losses times batch sizes, (n_cells,) on the device; images seen).
+        Nothing is read back to the host, so the GPU never waits.
+    """
+    heads.train()
+    loss_sum = torch.zeros(len(heads.cells), device=device)
+    images_seen = 0
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision)
+        losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_cells,)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # the heads are independent: each gets the gradient of its own loss
+        optimizer.step()
+        loss_sum += losses.detach() * labels.shape[0]
+        images_seen += labels.shape[0]
+    return loss_sum, images_seen
+
+
+def _settings(cfg, heads, world_size):
+    """What a saved probe state must match to be resumed."""
+    return {"cells": heads.labels, "n_epoch": cfg.linear.n_epoch, "batch_size": cfg.linear.batch_size,
+            "lrate": cfg.linear.lrate, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": world_size}
+
+
+def _load_state(path, settings):
+    state = load_checkpoint(path)
+    saved = state.get("settings", {})
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise UserError(f"{path} holds a probe with {key}={saved.get(key)!r}, not {settings[key]!r}; "
+                        f"run with the same settings to resume it, or delete it to start over")
+    return state
+
+
+def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
+              num_workers=0, heatmap=False, source=None):
+    """Train and test the linear heads of every (timestep, block) cell; resumable per epoch.
+
+    Args:
+        cfg: the config (``linear``, ``classes``, ``seed``, ``network.image_shape`` are read).
+        diffusion: the frozen model (see ``utils.probe.prepare_frozen``).
+        train_set, test_set: datasets with the probe's training and test transforms.
+        timesteps, blocks: the probed cells are every pair (see ``utils.probe.probe_cells``).
+        device: this process's device.
+        out_dir: folder of ``{tag}.json``, ``{tag}.png`` and the resume state ``{tag}.state.pth``.
+        tag: name of this probe's files.
+        precision: autocast precision of the feature pass.
+        num_workers: data-loader workers per process.
+        heatmap: also draw the accuracy table as a heatmap.
+        source: the checkpoint the features come from, recorded in the JSON.
+
+    Returns:
+        the result dict written to ``{tag}.json``.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    n_epoch = cfg.linear.n_epoch
+    torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
+    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes).to(device)
+    optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate * world_size,
+                                 fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
+    torch.manual_seed(cfg.seed + rank)  # noise and augmentation differ between processes
+
+    settings = _settings(cfg, heads, world_size)
+    state_path = os.path.join(out_dir, f"{tag}.state.pth")
+    history, start_epoch, test_images = [], 0, None
+    if os.path.isfile(state_path):
+        state = _load_state(state_path, settings)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"][rank])
+        history, start_epoch, test_images = state["history"], state["epoch"], state["test_images"]
+        print0(f"resuming {state_path}: {start_epoch} of {n_epoch} epochs done")
+
+    model = heads
+    if world_size > 1:
+        model = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
+    train_loader = build_loader(train_set, cfg.linear.batch_size, train=True, num_workers=num_workers,
+                                seed=cfg.seed, device=device)
+    test_loader = build_loader(test_set, cfg.linear.batch_size, train=False, num_workers=num_workers,
+                               seed=cfg.seed, device=device)
+    labels = heads.labels
+    for epoch in range(start_epoch, n_epoch):
+        started = time.perf_counter()
+        set_loader_epoch(train_loader, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum, images_seen = train_one_epoch(diffusion, heads, model, optimizer, train_loader, device, precision)
+        scheduler.step()
+        totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(images_seen)], device=device)])).cpu()
+        train_loss = (totals[:-1] / totals[-1]).tolist()
+        accuracy, test_images = evaluate_heads(diffusion, heads, test_loader, device, precision)
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch, "lr": lr, "seconds": seconds,
+                        "train_loss": dict(zip(labels, train_loss)), "test_accuracy": dict(zip(labels, accuracy))})
+        best = max(range(len(labels)), key=accuracy.__getitem__)
+        print0(f"epoch {epoch + 1}/{n_epoch}  lr {lr:.2e}  loss {sum(train_loss) / len(labels):.4f}  "
+               f"best {labels[best]} {accuracy[best]:.2f}%  ({int(totals[-1]) / seconds:.0f} train img/s)")
+        rng = all_gather_object(capture_rng_state())
+        if is_main():
+            save_checkpoint({"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": rng, "history": history, "test_images": test_images}, state_path)
+    barrier()
+
+    result = _summary(cfg, heads, history, test_images, world_size, source)
+    if is_main():
+        save_json(result, os.path.join(out_dir, f"{tag}.json"))
+        print0(format_table(result["accuracy"], timesteps, blocks))
+        best = result["best"]
+        print0(f"best: t={best['timestep']} {best['block']} {best['accuracy']:.2f}% "
+               f"({test_images} test images)")
+        if heatmap:
+            matrix = [[result["accuracy"][str(t)][block] for block in blocks] for t in timesteps]
+            plot_heatmap(matrix, [f"t={t}" for t in timesteps], blocks, os.path.join(out_dir, f"{tag}.png"),
+                         title=f"linear probe test accuracy (%), {tag}", xlabel="block", ylabel="timestep")
+    return result
+
+
+def _summary(cfg, heads, history, test_images, world_size, source):
+    """The result record: settings, per-epoch history, final accuracy table and best cell."""
+    final = history[-1]["test_accuracy"]
+    table = {str(t): {} for t in heads.timesteps}
+    for (t, block), label in zip(heads.cells, heads.labels):
+        table[str(t)][block] = final[label]
+    best = max(range(len(heads.cells)), key=lambda i: final[heads.labels[i]])
+    best_t, best_block = heads.cells[best]
+    return {"checkpoint": source, "model_type": cfg.model_type, "timesteps": heads.timesteps,
+            "blocks": heads.blocks, "n_epoch": cfg.linear.n_epoch, "world_size": world_size,
+            "test_images": test_images, "epochs": history, "accuracy": table,
+            "best": {"timestep": best_t, "block": best_block, "accuracy": final[heads.labels[best]]}}
+
+
+def format_table(accuracy, timesteps, blocks):
+    """The accuracy table as text: one row per timestep, one column per block."""
+    width = max(6, *(len(block) for block in blocks))
+    lines = ["t \\ block " + " ".join(f"{block:>{width}}" for block in blocks)]
+    for t in timesteps:
+        lines.append(f"{t:<10}" + " ".join(f"{accuracy[str(t)][block]:>{width}.2f}" for block in blocks))
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(args):
+    cfg = load_config(args.config, args.set)
+    timesteps, blocks = probe_cells(cfg, args.grid)
+    checkpoint = checkpoint_from_args(cfg, args)
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    num_workers = cfg.num_workers if args.num_workers is None else args.num_workers
+    if num_workers < 0:
+        raise UserError(f"--num_workers {num_workers}: must be 0 or positive")
+
+    device = init_distributed(args.device)
+    try:
+        precision = resolve_precision(args, device)
+        diffusion = prepare_frozen(diffusion, device, compile=args.compile)
+        image_size = cfg.network.image_shape[-1]
+        train_set = build_dataset(cfg.dataset, args.data_root, train=True,
+                                  transform=probe_train_transform(image_size), image_size=image_size)
+        test_set = build_dataset(cfg.dataset, args.data_root, train=False, transform=eval_transform(),
+                                 image_size=image_size)
+        print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+               f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
+        run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
+                  out_dir=os.path.join(cfg.save_dir, "linear"), tag=probe_tag(checkpoint, timesteps, blocks, args.grid),
+                  precision=precision, num_workers=num_workers, heatmap=args.grid, source=checkpoint)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
