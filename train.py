@@ -1,0 +1,586 @@
+"""Train a DDAE diffusion model (DDPM or EDM) on one device, several GPUs or several machines.
+
+    python train.py --config config/DDPM_ddpm.yaml --use_amp                        # one GPU (or the CPU)
+    torchrun --nproc_per_node=4 train.py --config config/DDPM_ddpm.yaml --use_amp   # the paper's 4 GPUs
+    python train.py --config config/DDPM_ddpm.yaml --use_amp --accum 4              # their batch and lr on 1 GPU
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --config config/EDM_ddpmpp.yaml --use_amp                          # run on every machine
+    python train.py --config config/DDPM_ddpm.yaml --use_amp --resume               # continue the latest checkpoint
+
+The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png,
+visual/image_ep{ep}_ema.png and ckpts/model_{ep}.pth every ckpt_interval epochs and at the last one.
+"""
+import argparse
+import os
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.ema import SyncFreeEMA, make_ema
+from model.models import build_diffusion, load_weights
+from model.noise import PerImageNoise
+from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
+                              list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
+from utils.config import add_config_args, load_config, save_config
+from utils.data import add_data_args, build_dataset, build_loader, set_loader_epoch, train_transform
+from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
+                               get_world_size, init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.logging import JsonlLogger, plot_curves, read_jsonl
+
+CLIP_NORM = 1.0
+SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # DDIM steps / Heun steps of the sample grids
+GRID_ROW = 10
+PROGRESS_EVERY = 50  # steps between progress-bar refreshes, the only host syncs inside an epoch
+OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+# Optimizer-group entries that choose an implementation, not the maths: this run's choice wins on resume.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a DDAE diffusion model.", epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    add_amp_args(parser)
+    add_data_args(parser)
+    add_launcher_args(parser)
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                        help="continue a run exactly: alone, from the latest checkpoint in save_dir; "
+                             "with PATH, from that checkpoint file")
+    parser.add_argument("--accum", type=int, default=1, metavar="K",
+                        help="accumulate gradients over K micro-batches of batch_size per optimizer step. "
+                             "K micro-batches emulate K times more GPUs, so the learning rate becomes "
+                             "lrate * world_size * K: one GPU with --accum 4 trains like the paper's 4 GPUs")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader processes per process (default: the config's num_workers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (speed; first steps are slow while it compiles)")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="channels-last memory format for the network and batches (speed on GPUs)")
+    parser.add_argument("--gpu_data", action="store_true",
+                        help="keep the whole training set on the device as uint8 and flip there "
+                             "(speed; the same images, order and flips as the loader)")
+    parser.add_argument("--max_steps", type=int, default=None, metavar="N",
+                        help="stop after N optimizer steps (benchmarks, tests); an epoch cut short is "
+                             "logged but not checkpointed")
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args):
+    """Range checks argparse cannot express."""
+    if args.accum < 1:
+        raise UserError(f"--accum {args.accum}: must be at least 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise UserError(f"--max_steps {args.max_steps}: must be 0 or positive")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(seed, epoch, rank):
+    """Seed of the flips of one epoch on one rank, well mixed by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
+def uint8_images(dataset):
+    """The whole dataset as one (N, C, H, W) uint8 tensor."""
+    stored = getattr(dataset, "images", None)  # the synthetic dataset keeps its images
+    if torch.is_tensor(stored) and stored.dtype == torch.uint8 and stored.dim() == 4:
+        return stored
+    stored = getattr(dataset, "data", None)  # torchvision's CIFAR: (N, H, W, C) uint8 array
+    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.ndim == 4:
+        return torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous()
+    # Any other dataset: decode each image once; its [0, 1] floats come from 8-bit pixels.
+    return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
+
+
+class TrainData:
+    """This process's training batches; their order and flips are a pure function of (seed, epoch, rank).
+
+    The order is DistributedSampler's (seed, epoch) permutation split over ranks; the flips are drawn
+    on the device from a generator seeded by (seed, epoch, rank). An epoch therefore sees the same
+    images whether it runs straight or after a resume, with any number of loader workers, and from
+    host memory or from the device copy (``on_device``).
+
+    Args:
+        dataset: training split yielding (float image in [0, 1], label), without random flips.
+        batch_size: images per optimizer step on this process.
+        device: where batches are delivered.
+        seed: shuffling and flipping seed, the same on every rank.
+        flip: random horizontal flips with probability 1/2.
+        num_workers: loader processes (unused with ``on_device``).
+        on_device: keep the whole set on the device as uint8 and gather batches there.
+        channels_last: deliver batches in channels-last memory format.
+    """
+
+    def __init__(self, dataset, batch_size, device, seed, flip=True, num_workers=0, on_device=False,
+                 channels_last=False):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.flip = flip
+        self.channels_last = channels_last
+        self.rank = get_rank()
+        # With on_device the loader is never iterated: its sampler only supplies the order.
+        self.loader = build_loader(dataset, batch_size, train=True, num_workers=0 if on_device else num_workers,
+                                   seed=seed, device=device)
+        self.images = uint8_images(dataset).to(device) if on_device else None  # (N, C, H, W)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def batches(self, epoch):
+        """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device."""
+        set_loader_epoch(self.loader, epoch)
+        flips = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        if self.images is None:
+            source = (images.to(self.device, non_blocking=True) for images, _ in self.loader)
+        else:
+            order = torch.tensor(list(self.loader.sampler), device=self.device)
+            source = (TF.to_dtype(self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],
+                                  torch.float32, scale=True) for i in range(len(self)))
+        for images in source:
+            yield self._finish(images, flips)
+
+    def _finish(self, images, flips):
+        if self.flip:
+            flipped = torch.rand(images.shape[0], generator=flips, device=self.device) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def first_images(self, n):
+        """The first ``n`` training images, unflipped, on the CPU: the real half of the sample grids."""
+        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])
+
+
+@dataclass
+class TrainState:
+    """Everything a training step touches, plus the counters a checkpoint records."""
+
+    cfg: object                     # utils.config.Config
+    device: torch.device
+    precision: str                  # fp32, fp16 or bf16
+    diffusion: nn.Module            # the bare model: state dicts, EMA and sampling use it
+    model: nn.Module                # what computes the loss: DDP(diffusion), or diffusion itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module                  # ema_pytorch.EMA of diffusion
+    ema_updater: SyncFreeEMA
+    data: TrainData
+    base_lr: float                  # lrate * world_size * accum, before warm-up
+    accum: int = 1                  # micro-batches per optimizer step
+    epoch: int = 0                  # the next epoch to run
+    step: int = 0                   # optimizer steps taken
+
+
+def make_optimizer(cfg, parameters, lr, device):
+    """Adam, or AdamW with the config's optim_args; fused on CUDA (the same update in one kernel)."""
+    kwargs = dict(cfg.optim_args)
+    if device.type == "cuda":
+        kwargs.setdefault("fused", True)
+    try:
+        return OPTIMIZERS[cfg.optim](parameters, lr=lr, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"key 'optim_args' {cfg.optim_args}: torch.optim.{cfg.optim} refuses them "
+                        f"({str(err).splitlines()[0]}); use its keyword arguments") from None
+
+
+def build_training(cfg, args, device):
+    """Build the data, model, DDP wrapper, optimizer, scaler and EMA of a fresh run.
+
+    The model is initialised from seed ``cfg.seed + rank``; under DDP every rank then holds rank 0's
+    weights. Call after ``init_distributed`` when running under a launcher.
+
+    Args:
+        cfg: a checked Config.
+        args: parsed train.py arguments (precision, accum, data and speed switches).
+        device: this process's device.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    precision = resolve_precision(args, device)
+    batch_size = cfg.batch_size * args.accum
+    dataset = build_dataset(cfg.dataset, args.data_root, train=True,
+                            transform=train_transform(flip=False),  # TrainData flips on the device
+                            image_size=cfg.network.image_shape[1])
+    num_workers = cfg.num_workers if args.num_workers is None else args.num_workers
+    data = TrainData(dataset, batch_size, device, seed=cfg.seed, flip=cfg.flip, num_workers=num_workers,
+                     on_device=args.gpu_data, channels_last=args.channels_last)
+
+    seed_everything(cfg.seed + rank)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    diffusion = build_diffusion(cfg).to(device, memory_format=memory_format)
+    model = diffusion
+    if dist.is_initialized() and world_size > 1:
+        # The diffusion buffers are constant schedules: no need to broadcast them every step.
+        model = DistributedDataParallel(diffusion, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    ema = make_ema(diffusion, cfg.ema)  # after DDP, so that it starts from rank 0's weights
+    ema.ema_model.eval()
+    if args.compile:
+        diffusion.nn_model.compile()  # in place: parameter names and the EMA copy stay as they are
+    base_lr = cfg.lrate * world_size * args.accum
+    return TrainState(cfg=cfg, device=device, precision=precision, diffusion=diffusion, model=model,
+                      optimizer=make_optimizer(cfg, diffusion.parameters(), base_lr, device),
+                      scaler=make_grad_scaler(device, precision), ema=ema, ema_updater=SyncFreeEMA(ema),
+                      data=data, base_lr=base_lr, accum=args.accum)
+
+
+def train_step(state, images):
+    """One optimizer step on ``images`` (accum * batch_size, C, H, W) in [0, 1]; no host sync.
+
+    The micro-batches' gradients are averaged (each loss is divided by accum), unscaled under fp16,
+    clipped to norm 1 and applied; the EMA follows.
+
+    Returns:
+        the mean loss over the micro-batches, a detached 0-dim tensor on the device.
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    micro_batches = images.chunk(state.accum)
+    total = torch.zeros((), device=state.device)
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # DDP all-reduces the gradients only with the last micro-batch.
+        skip_sync = state.model.no_sync() if not last and isinstance(state.model, DistributedDataParallel) else nullcontext()
+        with skip_sync:
+            with autocast(state.device, state.precision):
+                loss = state.model(micro_batch)
+            state.scaler.scale(loss / state.accum if state.accum > 1 else loss).backward()
+        total += loss.detach()
+    state.scaler.unscale_(state.optimizer)
+    nn.utils.clip_grad_norm_(state.diffusion.parameters(), CLIP_NORM)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.ema_updater.update()
+    state.step += 1
+    return total / state.accum
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process: CUDA memory allocated on ``device``, else the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_one_epoch(state, epoch, max_steps=None):
+    """Run one epoch (or until ``state.step`` reaches ``max_steps``) with the warmed-up learning rate.
+
+    Returns:
+        the epoch's log record: epoch, step, steps, loss (mean over steps and ranks), lr,
+        img_per_s (all ranks), peak_mem_gib, seconds.
+    """
+    cfg = state.cfg
+    lr = state.base_lr * min((epoch + 1) / cfg.warm_epoch, 1.0)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    images_per_step = state.data.batch_size * get_world_size()
+    if state.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(state.device)
+    progress = tqdm(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
+                    disable=not is_main(), dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=state.device)
+    recent_loss = torch.zeros((), device=state.device)
+    steps = 0
+    start = time.perf_counter()
+    for images in state.data.batches(epoch):
+        if max_steps is not None and state.step >= max_steps:
+            break
+        loss = train_step(state, images)
+        loss_sum += loss
+        recent_loss += loss
+        steps += 1
+        progress.update()
+        if steps % PROGRESS_EVERY == 0 and not progress.disable:
+            rate = steps * images_per_step / (time.perf_counter() - start)
+            progress.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
+            recent_loss.zero_()
+    # The epoch's one collective: loss sums and step counts of every rank.
+    loss_total, step_total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(steps))])).tolist()
+    seconds = time.perf_counter() - start
+    record = {
+        "epoch": epoch,
+        "step": state.step,
+        "steps": steps,
+        "loss": loss_total / step_total if step_total else None,
+        "lr": lr,
+        "img_per_s": round(steps * images_per_step / seconds, 1),
+        "peak_mem_gib": round(peak_memory_gib(state.device), 3),
+        "seconds": round(seconds, 2),
+    }
+    if steps:
+        progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+    progress.close()
+    return record
+
+
+def save_training_checkpoint(state, epoch):
+    """Write save_dir/ckpts/model_{epoch}.pth atomically (the DESIGN.md layout).
+
+    Collective: every rank must call it, as each contributes its RNG state; rank 0 writes.
+
+    Returns:
+        the path on rank 0, None elsewhere.
+    """
+    rng_states = all_gather_object(capture_rng_state())
+    if not is_main():
+        return None
+    checkpoint = {
+        "MODEL": state.diffusion.state_dict(),
+        "EMA": state.ema.state_dict(),
+        "opt": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+        "epoch": epoch,
+        "step": state.step,
+        "rng": {"world_size": len(rng_states), "ranks": rng_states},
+        "config": state.cfg.to_dict(),
+    }
+    path = checkpoint_path(state.cfg.save_dir, epoch)
+    save_checkpoint(checkpoint, path)
+    return path
+
+
+def write_png(images, path, nrow):
+    """Save a grid of (N, C, H, W) images in [0, 1] as a PNG, atomically."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_image(images, temporary, nrow=nrow, format="png")
+        os.replace(temporary, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}); choose a writable save_dir") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@torch.no_grad()
+def save_sample_grid(state, epoch):
+    """Sample cfg.n_sample images with the EMA model and save them above as many real training images.
+
+    The starting noise comes from fixed per-image seeds, so grids of different epochs are comparable
+    and the global random state (and so training) is untouched.
+    """
+    cfg = state.cfg
+    steps = SAMPLER_STEPS[cfg.model_type]
+    if cfg.model_type == "DDPM":
+        steps = min(steps, cfg.diffusion.n_T)
+    noise = PerImageNoise(range(cfg.n_sample), state.device)
+    with autocast(state.device, state.precision):
+        samples = state.ema.ema_model.sample(cfg.n_sample, cfg.network.image_shape, steps=steps, noise=noise)
+    grid = torch.cat([samples.float().clamp(0, 1).cpu(), state.data.first_images(cfg.n_sample)])
+    path = os.path.join(cfg.save_dir, "visual", f"image_ep{epoch}_ema.png")
+    write_png(grid, path, GRID_ROW)
+    return path
+
+
+def find_resume_checkpoint(cfg, args):
+    """The checkpoint this run continues from, or None for a fresh run.
+
+    Raises:
+        UserError: --resume with nothing to resume, a load_epoch without its checkpoint, or a
+            fresh run into a save_dir that already holds checkpoints.
+    """
+    folder = os.path.join(cfg.save_dir, "ckpts")
+    if args.resume is True:
+        path = latest_checkpoint(cfg.save_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint to resume in {folder}; start without --resume, "
+                            f"or pass --resume PATH to a checkpoint file")
+        return path
+    if args.resume:
+        return args.resume
+    saved = list_checkpoints(cfg.save_dir)
+    if cfg.load_epoch != -1:
+        if cfg.load_epoch not in saved:
+            found = ", ".join(map(str, saved)) or "none"
+            raise UserError(f"{args.config}: key 'load_epoch' is {cfg.load_epoch}, but {folder} has no "
+                            f"model_{cfg.load_epoch}.pth (saved epochs: {found}); set load_epoch to one "
+                            f"of them or -1")
+        return saved[cfg.load_epoch]
+    if saved:
+        raise UserError(f"save_dir {cfg.save_dir} already holds checkpoints (up to model_{max(saved)}.pth); "
+                        f"pass --resume to continue that run, or choose another folder with "
+                        f"--set save_dir=DIR")
+    return None
+
+
+def checkpoint_epoch(checkpoint, path):
+    """The epoch a checkpoint ends: its ``epoch`` entry, else the N of its name model_N.pth."""
+    if "epoch" in checkpoint:
+        return int(checkpoint["epoch"])
+    match = CHECKPOINT_NAME.match(os.path.basename(path))
+    if match is None:
+        raise UserError(f"{path}: no 'epoch' entry and the name is not model_{{epoch}}.pth; rename it "
+                        f"to model_{{epoch}}.pth after the epoch it ends")
+    return int(match.group(1))
+
+
+def load_optimizer_state(optimizer, saved, path):
+    # Keep this run's implementation switches (fused, foreach) whatever wrote the checkpoint.
+    switches = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
+    saved = {"state": saved["state"],
+             "param_groups": [{**group, **switch} for group, switch in zip(saved["param_groups"], switches)]}
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{path}: its optimizer state does not fit this model ({str(err).splitlines()[0]}); "
+                        f"check --config") from None
+
+
+def restore_training(state, checkpoint, path):
+    """Load a checkpoint (ours or the original code's) into ``state`` so that training continues exactly.
+
+    Restores the weights, EMA, optimizer, scaler, counters and this rank's RNG state, as far as the
+    checkpoint holds them.
+
+    Raises:
+        UserError: the checkpoint belongs to another network or is not a training checkpoint.
+    """
+    load_weights(state.diffusion, path, weights="online", checkpoint=checkpoint)
+    if "EMA" in checkpoint:
+        try:
+            state.ema.load_state_dict(checkpoint["EMA"])
+        except (RuntimeError, KeyError) as err:
+            raise UserError(f"{path}: its EMA entry does not fit the config's network "
+                            f"({str(err).strip().splitlines()[0]}); check --config") from None
+    else:
+        state.ema.ema_model.load_state_dict(state.diffusion.state_dict())
+    state.ema_updater = SyncFreeEMA(state.ema)
+    if "opt" in checkpoint:
+        load_optimizer_state(state.optimizer, checkpoint["opt"], path)
+    if checkpoint.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    state.epoch = checkpoint_epoch(checkpoint, path) + 1
+    state.step = int(checkpoint.get("step", state.ema_updater.step))  # the original counted EMA updates only
+    rng = checkpoint.get("rng")
+    if rng is not None:
+        rank = get_rank()
+        if rank < len(rng["ranks"]):
+            restore_rng_state(rng["ranks"][rank])
+        else:
+            print(f"note: rank {rank} has no saved random state in {path} (saved by {len(rng['ranks'])} "
+                  f"processes); it continues from seed {state.cfg.seed + rank}", flush=True)
+
+
+def check_writable(folder):
+    """Fail early, before any work, when ``folder`` cannot be created or written."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"save_dir {folder}: {existing} is a file, not a folder; choose another "
+                        f"folder with --set save_dir=DIR")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"save_dir {folder}: {existing} is not writable; choose another folder with "
+                        f"--set save_dir=DIR")
+
+
+def start_run_folder(state):
+    """Create save_dir, write config.yaml, and open log.jsonl keeping only the epochs before ``state.epoch``."""
+    cfg = state.cfg
+    log_path = os.path.join(cfg.save_dir, "log.jsonl")
+    try:
+        os.makedirs(cfg.save_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.save_dir, "config.yaml"))
+        # Epochs after the checkpoint are trained again: drop their old lines.
+        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) < state.epoch] \
+            if state.epoch and os.path.isfile(log_path) else []
+        temporary = f"{log_path}.{os.getpid()}.tmp"
+        with JsonlLogger(temporary) as rewritten:
+            for record in kept:
+                rewritten.log(record)
+        os.replace(temporary, log_path)
+    except OSError as err:
+        raise UserError(f"cannot write into save_dir {cfg.save_dir} ({err.strerror}); choose a writable "
+                        f"folder with --set save_dir=DIR") from None
+    return JsonlLogger(log_path)
+
+
+def end_of_interval(state, epoch, logger):
+    """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve."""
+    cfg = state.cfg
+    if cfg.save_model:
+        save_training_checkpoint(state, epoch)
+    if is_main():
+        save_sample_grid(state, epoch)
+        plot_curves(read_jsonl(logger.path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
+                    title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
+
+
+def train(cfg, args):
+    """Train ``cfg``'s model as ``args`` ask, from scratch or from a checkpoint.
+
+    Returns:
+        the final TrainState.
+    """
+    check_args(args)
+    device = init_distributed(args.device)
+    resume_path = find_resume_checkpoint(cfg, args)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    check_writable(cfg.save_dir)
+    state = build_training(cfg, args, device)
+    if checkpoint is not None:
+        restore_training(state, checkpoint, resume_path)
+        del checkpoint
+        if state.epoch >= cfg.n_epoch:
+            raise UserError(f"{resume_path} ends epoch {state.epoch - 1}, the last of n_epoch {cfg.n_epoch}: "
+                            f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
+        print0(f"resuming from {resume_path}: epoch {state.epoch}, step {state.step}")
+    logger = start_run_folder(state) if is_main() else None
+    print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
+           f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch, "
+           f"lr {state.base_lr:g}, {state.precision}")
+    try:
+        for epoch in range(state.epoch, cfg.n_epoch):
+            if args.max_steps is not None and state.step >= args.max_steps:
+                break
+            record = train_one_epoch(state, epoch, args.max_steps)
+            if logger is not None:
+                logger.log(record)
+            if record["steps"] < len(state.data):
+                break  # cut short by --max_steps
+            state.epoch = epoch + 1
+            if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
+                end_of_interval(state, epoch, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    return state
+
+
+@cli_entry
+def main(args):
+    cfg = load_config(args.config, args.set)
+    try:
+        train(cfg, args)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(parse_args())
