@@ -1,0 +1,123 @@
+"""train.py under torchrun with two CPU processes (gloo): DDP keeps the ranks identical, the learning
+rate scales with the world size, and the run starts from the weights a single process would build."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
+from utils.data import SyntheticImages
+from utils.logging import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = 128  # 4 steps of 16 images per rank and epoch
+CONFIG = {
+    "model_type": "EDM",  # 18 Heun steps per sample grid
+    "network": {"image_shape": [3, 16, 16], "n_channels": 32, "ch_mults": [1, 2], "is_attn": [False, True],
+                "dropout": 0.1, "n_blocks": 1},
+    "dataset": "synthetic", "batch_size": 16, "n_epoch": 2, "lrate": 1.0e-3, "warm_epoch": 1, "ema": 0.99,
+    "num_workers": 0, "n_sample": 10, "ckpt_interval": 100,
+    "linear": {"timestep": 4, "blockname": "out_2"},
+}
+
+# Runs train.py's main under torchrun with two test hooks: the data shrunk to IMAGES images, and
+# every rank's weights saved right after build_training and at the end of train.
+PROBE = textwrap.dedent(f"""
+    import os, sys
+    sys.path.insert(0, {str(REPO)!r})
+    import torch
+    import train
+    from utils.data import SyntheticImages
+    from utils.distributed import get_rank
+
+    out = os.environ["PROBE_OUT"]
+    build_training, run = train.build_training, train.train
+
+    def small_dataset(name, root, train, transform=None, image_size=None):
+        return SyntheticImages(n={IMAGES}, image_size=image_size, train=train, transform=transform)
+
+    def recording_build(cfg, args, device):
+        state = build_training(cfg, args, device)
+        torch.save(state.diffusion.state_dict(), f"{{out}}/init_rank{{get_rank()}}.pt")
+        return state
+
+    def recording_train(cfg, args):
+        state = run(cfg, args)
+        torch.save({{"MODEL": state.diffusion.state_dict(), "EMA": state.ema.state_dict()}},
+                   f"{{out}}/final_rank{{get_rank()}}.pt")
+        return state
+
+    train.build_dataset, train.build_training, train.train = small_dataset, recording_build, recording_train
+    train.main(train.parse_args())
+""")
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    config = folder / "tiny_edm.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(folder / "run")}))
+    probe = folder / "probe.py"
+    probe.write_text(PROBE)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PROBE_OUT=str(folder), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+         "--config", str(config), "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder, config
+
+
+def test_ranks_stay_identical(two_process_run):
+    folder, _ = two_process_run
+    final = [torch.load(folder / f"final_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_tensors(final[0]["MODEL"], final[1]["MODEL"])
+    assert_same_tensors(final[0]["EMA"], final[1]["EMA"])
+    checkpoint = load_checkpoint(folder / "run" / "ckpts" / "model_1.pth")
+    assert_same_tensors(checkpoint["MODEL"], final[1]["MODEL"])
+    assert_same_tensors(checkpoint["EMA"], final[1]["EMA"])
+
+
+def test_checkpoint_of_two_processes(two_process_run):
+    folder, config = two_process_run
+    checkpoint = load_checkpoint(folder / "run" / "ckpts" / "model_1.pth")
+    assert set(checkpoint) == {"MODEL", "EMA", "opt", "scaler", "epoch", "step", "rng", "config"}
+    assert all(key.startswith("nn_model.") for key in checkpoint["MODEL"])
+    assert checkpoint["epoch"] == 1
+    assert checkpoint["step"] == int(checkpoint["EMA"]["step"]) == 2 * IMAGES // (2 * 16)
+    assert [group["lr"] for group in checkpoint["opt"]["param_groups"]] == [CONFIG["lrate"] * 2]
+    rng = checkpoint["rng"]
+    assert rng["world_size"] == 2
+    assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])  # seeds 1337 and 1338
+    records = read_jsonl(folder / "run" / "log.jsonl")
+    assert [(r["epoch"], r["step"], r["lr"]) for r in records] == [(0, 4, 2e-3), (1, 8, 2e-3)]
+    assert (folder / "run" / "visual" / "image_ep1_ema.png").is_file()
+    assert (folder / "run" / "ckpts" / "model_0.pth").is_file()
+
+
+def test_initial_weights_match_a_single_process(two_process_run, monkeypatch):
+    folder, config = two_process_run
+    initial = [torch.load(folder / f"init_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_tensors(initial[0], initial[1])  # rank 1 (seed 1338) was overwritten by rank 0's weights
+    monkeypatch.setattr(train, "build_dataset", lambda name, root, train, transform=None, image_size=None:
+                        SyntheticImages(n=IMAGES, image_size=image_size, train=train, transform=transform))
+    args = train.parse_args(["--config", str(config), "--device", "cpu"])
+    single = train.build_training(load_config(args.config), args, torch.device("cpu"))
+    assert_same_tensors(single.diffusion.state_dict(), initial[0])
+    final = torch.load(folder / "final_rank0.pt", weights_only=True)["MODEL"]
+    assert not torch.equal(final["nn_model.image_proj.weight"], initial[0]["nn_model.image_proj.weight"])
