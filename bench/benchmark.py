@@ -1,0 +1,696 @@
+"""Speed of training, sampling and the probe's feature pass on this machine: a markdown table and JSON.
+
+    python bench/benchmark.py --config config/DDPM_ddpm.yaml --out bench/results.md
+    python bench/benchmark.py --config config/EDM_ddpm.yaml --only sample --sample_batch 1000
+    python bench/benchmark.py --config config/DDPM_ddpm.yaml --only parity --loss_parity_steps 2000
+    python bench/benchmark.py --config config/demo.yaml --quick     # every part in seconds on a CPU
+
+Every number comes from the code users run: train.py's ``build_training`` and ``train_step`` on its
+data path, sample.py's network preparation and ``draw_images`` with per-image noise, and
+utils.probe's grid feature pass. The weights are freshly initialised and the training images are
+the built-in synthetic set (pass --real_data for the config's dataset): the time a 32x32 step takes
+does not depend on what the pixels show. Each variant runs its warm-up (torch.compile and cuDNN
+tuning happen there), then its timed steps, with a device synchronisation at the two ends only.
+A variant that fails is reported with its error and the others still run.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from any folder: the packages live one level up
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import sample  # noqa: E402
+import train  # noqa: E402
+from model.amp import autocast, resolve_precision  # noqa: E402
+from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
+from model.noise import PerImageNoise  # noqa: E402
+from utils.config import add_config_args, config_name, load_config  # noqa: E402
+from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
+from utils.errors import UserError, cli_entry  # noqa: E402
+from utils.images import to_uint8  # noqa: E402
+from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, save_json, synchronize  # noqa: E402
+
+PARTS = ("train", "sample", "probe", "parity")
+
+# GFLOP per 32x32 image of the paper's two networks (SPEC §11): (forward, training step).
+PAPER_GFLOP = {
+    (128, (1, 2, 2, 2), (False, True, False, False), 2, False): (12.4, 37.3),  # 35.7M UNet
+    (128, (2, 2, 2), (False, True, False), 4, True): (43.0, 129.0),            # 56M DDPM++
+}
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched in this order against the device name.
+PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+# The original code on one H200 with --use_amp (SPEC §11), by (model_type, paper network index).
+ORIGINAL_TRAIN_IMG_S = {("DDPM", 0): 1678.0, ("EDM", 0): 1682.0, ("DDPM", 1): 576.0}
+ORIGINAL_SAMPLE_50K_S = {("DDPM", 0, 100): 643.0, ("EDM", 0, 18): 194.0}
+ORIGINAL_PROBE_IMG_S = {("DDPM", 0): 2079.0}
+N_SAMPLES_FID = 50_000
+FULL_SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # the FID setting: DDIM 100, Heun 18
+
+QUICK_NETWORK = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]",
+                 "network.n_blocks=1", "network.image_shape=[3,8,8]", "linear.blockname=out_2"]
+
+
+@dataclass(frozen=True)
+class TrainVariant:
+    about: str
+    flags: tuple                    # train.py flags
+    fused_adam: bool = True         # train.py's choice on CUDA; False: torch's default (foreach) Adam
+    sync_free_ema: bool = True      # False: ema-pytorch's own update(), which syncs with the host twice a step
+
+    @property
+    def compiles(self):
+        return "--compile" in self.flags
+
+
+@dataclass(frozen=True)
+class EvalVariant:
+    about: str
+    precision: str
+    large_batch: bool = True        # the part's large batch, else its original batch
+    channels_last: bool = True      # sampling only: probe passes take prepare_frozen's layout
+    compiles: bool = False
+
+
+TRAIN_VARIANTS = {
+    "faithful": TrainVariant("the original's recipe: fp16 autocast + GradScaler, fp32 weights, NCHW, DataLoader, "
+                             "foreach Adam, ema-pytorch's update (host syncs)", ("--use_amp",),
+                             fused_adam=False, sync_free_ema=False),
+    "use_amp": TrainVariant("train.py --use_amp: faithful + fused Adam + sync-free EMA", ("--use_amp",)),
+    "bf16": TrainVariant("bf16 autocast, channels_last, data on the device, fused Adam, sync-free EMA; eager",
+                         ("--precision", "bf16", "--channels_last", "--gpu_data")),
+    "fast": TrainVariant("bf16 + channels_last + data on the device + fused Adam + sync-free EMA + torch.compile",
+                         ("--precision", "bf16", "--channels_last", "--gpu_data", "--compile")),
+}
+SAMPLE_VARIANTS = {
+    "faithful": EvalVariant("sample.py --use_amp at the original's batch of 400: fp16, NCHW", "fp16",
+                            large_batch=False, channels_last=False),
+    "fp16": EvalVariant("fp16, channels_last, large batch", "fp16"),
+    "bf16": EvalVariant("bf16, channels_last, large batch", "bf16"),
+    "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compiles=True),
+}
+PROBE_VARIANTS = {
+    "use_amp": EvalVariant("linear.py --grid --use_amp: fp16 at the probe's batch", "fp16", large_batch=False),
+    "bf16": EvalVariant("bf16 at the probe's batch", "bf16", large_batch=False),
+    "bf16_large": EvalVariant("bf16, large batch", "bf16"),
+    "bf16_large_compile": EvalVariant("bf16, large batch, torch.compile", "bf16", compiles=True),
+}
+VARIANTS = {"train": TRAIN_VARIANTS, "sample": SAMPLE_VARIANTS, "probe": PROBE_VARIANTS}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="variants:\n" + "\n".join(
+                                         f"  {part} {name}: {variant.about}"
+                                         for part, variants in VARIANTS.items() for name, variant in variants.items()))
+    add_config_args(parser)
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: CUDA when available")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny network, tiny batches and a few steps: every part in seconds on a CPU")
+    parser.add_argument("--out", default="bench/results.md",
+                        help="markdown table written here (rewritten after every variant); JSON beside it")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts out of {','.join(PARTS)}")
+    parser.add_argument("--time_budget_s", type=float, default=None,
+                        help="start no further variant once this many seconds have passed; the table is "
+                             "still written, with the rest marked skipped")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile in the variants that use it; auto: on CUDA only (compiling "
+                             "takes minutes on a small CPU)")
+    train_group = parser.add_argument_group("training")
+    train_group.add_argument("--train_variants", default=",".join(TRAIN_VARIANTS))
+    train_group.add_argument("--batch_size", type=int, default=None, help="per-GPU batch (default: the config's)")
+    train_group.add_argument("--warmup_steps", type=int, default=None, help="untimed steps (default 10; quick 1)")
+    train_group.add_argument("--steps", type=int, default=None, help="timed steps (default 50; quick 2)")
+    train_group.add_argument("--num_workers", type=int, default=None,
+                             help="DataLoader workers (default: the config's; quick 0)")
+    train_group.add_argument("--real_data", action="store_true",
+                             help="train on the config's dataset from --data_root instead of the synthetic set")
+    train_group.add_argument("--data_root", default="./data")
+    sample_group = parser.add_argument_group("sampling")
+    sample_group.add_argument("--sample_variants", default=",".join(SAMPLE_VARIANTS))
+    sample_group.add_argument("--sample_batch", type=int, default=None, help="large batch (default 1000; quick 4)")
+    sample_group.add_argument("--sample_batches", type=int, default=None,
+                              help="timed batches per variant (default 2; quick 1)")
+    sample_group.add_argument("--sample_steps", type=int, default=None,
+                              help="DDIM / Heun steps (default 100 / 18, the FID setting; quick 10 / 4)")
+    probe_group = parser.add_argument_group("probe feature pass")
+    probe_group.add_argument("--probe_variants", default=",".join(PROBE_VARIANTS))
+    probe_group.add_argument("--probe_batch", type=int, default=None,
+                             help="the probe's batch (default: the config's linear.batch_size; quick 8)")
+    probe_group.add_argument("--probe_large_batch", type=int, default=None, help="default 1024; quick 16")
+    probe_group.add_argument("--probe_batches", type=int, default=None, help="timed batches (default 20; quick 2)")
+    parity_group = parser.add_argument_group("loss parity")
+    parity_group.add_argument("--loss_parity_steps", type=int, default=None,
+                              help="steps of the fp32 reference and of the fast variant, same seed (default: "
+                                   "0, off; quick 4). 2,000 steps of the 35.7M UNet take minutes on a GPU")
+    parity_group.add_argument("--parity_window", type=int, default=None,
+                              help="last steps whose losses are compared (default: a quarter of the steps, at least 2)")
+    return parser
+
+
+def settings_from_args(args, device):
+    """Resolve the defaults that depend on --quick, the device and the config; check the ranges."""
+    quick = args.quick
+
+    def pick(value, normal, tiny):
+        return value if value is not None else (tiny if quick else normal)
+
+    parts = _split_names(args.only, PARTS, "--only")
+    overrides = list(args.set)
+    if quick:
+        overrides = QUICK_NETWORK + overrides
+    if args.batch_size is not None:
+        overrides.append(f"batch_size={args.batch_size}")
+    elif quick:
+        overrides.append("batch_size=8")
+    if not args.real_data:
+        overrides.append("dataset=synthetic")
+    cfg = load_config(args.config, overrides)
+    settings = argparse.Namespace(
+        parts=parts,
+        cfg=cfg,
+        overrides=overrides,
+        variants={part: _split_names(getattr(args, f"{part}_variants"), VARIANTS[part], f"--{part}_variants")
+                  for part in VARIANTS},
+        compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
+        warmup_steps=pick(args.warmup_steps, 10, 1),
+        steps=pick(args.steps, 50, 2),
+        num_workers=pick(args.num_workers, cfg.num_workers, 0),
+        sample_batch=pick(args.sample_batch, 1000, 4),
+        sample_batches=pick(args.sample_batches, 2, 1),
+        sample_steps=pick(args.sample_steps, FULL_SAMPLER_STEPS[cfg.model_type],
+                          10 if cfg.model_type == "DDPM" else 4),
+        probe_batch=pick(args.probe_batch, cfg.linear.batch_size, 8),
+        probe_large_batch=pick(args.probe_large_batch, 1024, 16),
+        probe_batches=pick(args.probe_batches, 20, 2),
+        parity_steps=pick(args.loss_parity_steps, 0, 4),
+    )
+    settings.parity_window = args.parity_window or min(settings.parity_steps, max(2, settings.parity_steps // 4))
+    for name in ("warmup_steps", "num_workers"):
+        if getattr(settings, name) < 0:
+            raise UserError(f"--{name} {getattr(settings, name)}: must be 0 or positive")
+    for name in ("steps", "sample_batch", "sample_batches", "sample_steps", "probe_batch", "probe_large_batch",
+                 "probe_batches"):
+        if getattr(settings, name) < 1:
+            raise UserError(f"--{name} {getattr(settings, name)}: must be at least 1")
+    if settings.parity_steps < 0 or settings.parity_window > max(settings.parity_steps, 1):
+        raise UserError(f"--loss_parity_steps {settings.parity_steps} / --parity_window {settings.parity_window}: "
+                        f"need 0 <= window <= steps")
+    sample.sampler_settings(cfg, "DDIM", settings.sample_steps, 0.0)  # a UserError for impossible steps
+    return settings
+
+
+def _split_names(text, known, flag):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise UserError(f"{flag} {text!r}: use a comma-separated list out of {', '.join(known)}")
+    return names
+
+
+def paper_network(cfg):
+    """Index into PAPER_GFLOP of the paper network that ``cfg`` describes, or None."""
+    net = cfg.network
+    key = (net.n_channels, tuple(net.ch_mults), tuple(net.is_attn), net.n_blocks, net.use_res_for_updown)
+    keys = list(PAPER_GFLOP)
+    return keys.index(key) if key in PAPER_GFLOP and tuple(net.image_shape) == (3, 32, 32) else None
+
+
+def forward_flops(cfg):
+    """(FLOPs of one image's forward pass, where the number comes from).
+
+    The paper's networks use SPEC §11's figures; any other network is counted with
+    torch's FlopCounterMode on one image (matrix multiplications and convolutions only).
+    """
+    index = paper_network(cfg)
+    if index is not None:
+        return list(PAPER_GFLOP.values())[index][0] * 1e9, "SPEC §11"
+    net = build_network(cfg).eval()
+    x = torch.zeros(1, *cfg.network.image_shape)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.zeros(1))
+    return float(counter.get_total_flops()), "FlopCounterMode"
+
+
+def training_flops(cfg):
+    """FLOPs of one training image: SPEC §11 for the paper networks, else three forward passes."""
+    index = paper_network(cfg)
+    if index is not None:
+        return list(PAPER_GFLOP.values())[index][1] * 1e9
+    return 3 * forward_flops(cfg)[0]
+
+
+def peak_flops(device_name):
+    """Dense bf16 peak FLOP/s of a known GPU, else None (no MFU is reported)."""
+    for marker, tflops in PEAK_TFLOPS:
+        if marker in device_name:
+            return tflops * 1e12
+    return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _mfu(img_s, flops_per_image, peak):
+    if img_s is None or peak is None:
+        return None
+    return 100 * img_s * flops_per_image / peak
+
+
+def _steady_excess(warmup_seconds, n_warmup, seconds_per_unit):
+    """Seconds the warm-up took beyond as many steady steps: compilation, autotuning, first allocations."""
+    return max(0.0, warmup_seconds - n_warmup * seconds_per_unit)
+
+
+def endless_batches(data):
+    """train.py's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from data.batches(epoch)
+        epoch += 1
+
+
+def train_args(settings, variant_flags, compile_allowed):
+    flags = [flag for flag in variant_flags if compile_allowed or flag != "--compile"]
+    return train.parse_args(["--config", settings.config_path, "--data_root", settings.data_root,
+                             "--num_workers", str(settings.num_workers), *flags])
+
+
+def build_state(settings, device, variant, compile_allowed):
+    """train.py's TrainState for ``variant``: its flags, plus the faithful switches."""
+    overrides = [] if variant.fused_adam else ["optim_args.fused=False"]
+    cfg = load_config(settings.config_path, settings.overrides + overrides)
+    state = train.build_training(cfg, train_args(settings, variant.flags, compile_allowed), device)
+    if not variant.sync_free_ema:
+        state.ema_updater = state.ema  # ema-pytorch's update(): reads its counters with .item() every step
+    return state
+
+
+def run_training_steps(state, n_warmup, n_timed):
+    """Warm up, then time ``n_timed`` steps of train.py's ``train_step``.
+
+    Returns:
+        (warm-up seconds, timed seconds, (n_timed,) float32 CPU tensor of the timed steps' losses).
+    """
+    batches = endless_batches(state.data)
+    start = time.perf_counter()
+    for _ in range(n_warmup):
+        train.train_step(state, next(batches))
+    synchronize(state.device)
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    losses = [train.train_step(state, next(batches)) for _ in range(n_timed)]
+    synchronize(state.device)
+    seconds = time.perf_counter() - start
+    return warmup_seconds, seconds, torch.stack(losses).float().cpu()
+
+
+def bench_training(context, name):
+    settings, device = context.settings, context.device
+    variant = TRAIN_VARIANTS[name]
+    compiled = variant.compiles and settings.compile
+    state = build_state(settings, device, variant, settings.compile)
+    batch = state.data.batch_size
+    warmup_seconds, seconds, losses = run_training_steps(state, settings.warmup_steps, settings.steps)
+    if not torch.isfinite(losses).all():
+        raise RuntimeError(f"non-finite training loss {losses.tolist()}")
+    img_s = settings.steps * batch / seconds
+    return {
+        "precision": state.precision, "batch": batch, "img_s": img_s,
+        "peak_gib": train.peak_memory_gib(device),
+        "mfu_pct": _mfu(img_s, context.train_flops, context.peak),
+        "compile_s": _steady_excess(warmup_seconds, settings.warmup_steps, seconds / settings.steps),
+        "mean_loss": float(losses.mean()),
+        "note": _compile_note(variant.compiles, compiled, device),
+    }
+
+
+def _compile_note(wanted, compiled, device):
+    if wanted and not compiled:
+        return f"compile off ({device.type}; --compile on forces it)"
+    return ""
+
+
+def bench_sampling(context, name):
+    settings, device, cfg = context.settings, context.device, context.settings.cfg
+    variant = SAMPLE_VARIANTS[name]
+    compiled = variant.compiles and settings.compile
+    precision = resolve_precision(argparse.Namespace(precision=variant.precision, use_amp=False), device)
+    batch = settings.sample_batch if variant.large_batch else min(sample.IMAGES_PER_GRID, settings.sample_batch)
+    sampler = sample.sampler_settings(cfg, "DDIM", settings.sample_steps, 0.0)
+    diffusion = build_diffusion(cfg).to(device).eval().requires_grad_(False)
+    sample.prepare_network(diffusion, compiled, variant.channels_last)
+    image_shape = tuple(cfg.network.image_shape)
+
+    def one_batch(index, steps):
+        seeds = [sample.image_seed(0, i) for i in range(index * batch, (index + 1) * batch)]
+        with autocast(device, precision):
+            images = sample.draw_images(diffusion, dict(sampler, steps=steps), PerImageNoise(seeds, device),
+                                        batch, image_shape)
+        return to_uint8(images).cpu()  # sample.py's one copy of a batch to the host
+
+    warmup_steps = 2  # the shapes of a full run: enough for compilation and autotuning
+    start = time.perf_counter()
+    one_batch(0, warmup_steps)
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for index in range(settings.sample_batches):
+        one_batch(index, sampler["steps"])
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    img_s = settings.sample_batches * batch / seconds
+    evaluations = context.network_evaluations(sampler["steps"])
+    return {
+        "precision": precision, "batch": batch, "sampler": f"{sampler['mode']} {sampler['steps']}",
+        "img_s": img_s, "s_50k": N_SAMPLES_FID / img_s,
+        "peak_gib": train.peak_memory_gib(device),
+        "mfu_pct": _mfu(img_s, context.forward_flops * evaluations, context.peak),
+        "compile_s": _steady_excess(warmup_seconds, warmup_steps / sampler["steps"],
+                                    seconds / settings.sample_batches),
+        "note": _compile_note(variant.compiles, compiled, device),
+    }
+
+
+def bench_probe(context, name):
+    settings, device, cfg = context.settings, context.device, context.settings.cfg
+    variant = PROBE_VARIANTS[name]
+    compiled = variant.compiles and settings.compile
+    precision = resolve_precision(argparse.Namespace(precision=variant.precision, use_amp=False), device)
+    batch = settings.probe_large_batch if variant.large_batch else settings.probe_batch
+    timesteps, blocks = probe_cells(cfg, grid=True)
+    diffusion = prepare_frozen(build_diffusion(cfg), device, compile=compiled)
+    warmup = 3 if compiled or not settings.quick else 1
+    start = time.perf_counter()
+    img_s = feature_pass_throughput(diffusion, timesteps, blocks, tuple(cfg.network.image_shape), batch_size=batch,
+                                    precision=precision, n_batches=settings.probe_batches, warmup=warmup)
+    total_seconds = time.perf_counter() - start
+    return {
+        "precision": precision, "batch": batch, "cells": f"{len(timesteps)} t x {len(blocks)} blocks",
+        "img_s": img_s, "peak_gib": train.peak_memory_gib(device),
+        "mfu_pct": _mfu(img_s, context.forward_flops * len(timesteps), context.peak),
+        "compile_s": _steady_excess(total_seconds - settings.probe_batches * batch / img_s, warmup, batch / img_s),
+        "note": _compile_note(variant.compiles, compiled, device),
+    }
+
+
+def loss_parity(context):
+    """Same seed, same steps: train.py in fp32 on the DataLoader path, and the fast variant.
+
+    Returns:
+        the mean loss of both over the last ``window`` steps, their difference, the reference's
+        step-to-step standard deviation there, and the difference in units of the standard error
+        of a difference of two window means (|z| < 3: within noise).
+    """
+    settings, device = context.settings, context.device
+    n, window = settings.parity_steps, settings.parity_window
+    reference = TrainVariant("fp32", ("--precision", "fp32"))
+    curves = {}
+    for label, variant in (("fp32", reference), ("fast", TRAIN_VARIANTS["fast"])):
+        state = build_state(settings, device, variant, settings.compile)
+        _, _, curves[label] = run_training_steps(state, 0, n)
+        del state
+        free_memory(device)
+        if settings.compile:
+            torch.compiler.reset()
+    ref, fast = curves["fp32"][-window:].double(), curves["fast"][-window:].double()
+    std = float(ref.std()) if window > 1 else float("nan")
+    spread = math.sqrt((float(ref.var()) + float(fast.var())) / window) if window > 1 else float("nan")
+    difference = float(fast.mean() - ref.mean())
+    z = difference / spread if spread > 0 else float("nan")
+    return {
+        "steps": n, "window": window, "loss_fp32": float(ref.mean()), "loss_fast": float(fast.mean()),
+        "difference": difference, "step_std": std, "difference_over_std": difference / std if std > 0 else None,
+        "z": z, "within_noise": bool(abs(z) < 3) if math.isfinite(z) else None,
+        "note": _compile_note(True, settings.compile, device),
+        "curves": {label: curve.tolist() for label, curve in curves.items()},
+    }
+
+
+@dataclass
+class Context:
+    """What every part needs: settings, device, FLOP figures and the peak FLOP/s."""
+
+    settings: argparse.Namespace
+    device: torch.device
+    forward_flops: float
+    flops_source: str
+    train_flops: float
+    peak: float | None
+    header: dict = field(default_factory=dict)      # shown above the tables
+    original: dict = field(default_factory=dict)    # {part: (value, text)} from original_figures
+
+    def network_evaluations(self, steps):
+        """Network calls per image of the config's sampler: DDIM one per step, Heun 2 * steps - 1."""
+        return steps if self.settings.cfg.model_type == "DDPM" else 2 * steps - 1
+
+
+class Report:
+    """Rows of every part, written as markdown and JSON after each one."""
+
+    def __init__(self, context, out_path):
+        self.context = context
+        self.md_path = Path(out_path)
+        self.json_path = self.md_path.with_suffix(".json")
+        self.rows = {part: [] for part in PARTS}
+
+    def add(self, part, row):
+        self.rows[part].append(row)
+        self.write()
+
+    def to_dict(self):
+        return {"header": self.context.header, "original_h200": self.context.original, **self.rows}
+
+    def write(self):
+        text = self.markdown()
+        try:
+            self.md_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.md_path.with_name(f"{self.md_path.name}.{os.getpid()}.tmp")
+            temporary.write_text(text)
+            os.replace(temporary, self.md_path)
+        except OSError as err:
+            raise UserError(f"--out {self.md_path}: cannot write it ({err.strerror}); pass a writable path") from None
+        save_json(self.to_dict(), self.json_path)
+
+    def markdown(self):
+        header = self.context.header
+        lines = [f"# Benchmark: {header['config']} on {header['device']}", ""]
+        lines += [f"- {key}: {value}" for key, value in header.items() if key not in ("config", "device")]
+        for part, title, columns in (
+                ("train", "Training", TRAIN_COLUMNS), ("sample", "Sampling", SAMPLE_COLUMNS),
+                ("probe", "Probe feature pass (--grid)", PROBE_COLUMNS), ("parity", "Loss parity", PARITY_COLUMNS)):
+            if not self.rows[part]:
+                continue
+            lines += ["", f"## {title}", ""]
+            caption = self.caption(part)
+            if caption:
+                lines += [caption, ""]
+            lines += markdown_table(self.rows[part], columns)
+        return "\n".join(lines) + "\n"
+
+    def caption(self, part):
+        if part not in self.context.original:
+            return ""
+        return f"The original code on one H200 (SPEC §11): {self.context.original[part][1]}."
+
+
+def _fmt(value, digits=1):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+TRAIN_COLUMNS = (("variant", "variant", None), ("precision", "precision", None), ("batch", "batch", None),
+                 ("img/s", "img_s", 0), ("speedup vs faithful", "speedup", 2), ("x original (H200)", "x_original", 2),
+                 ("peak GiB", "peak_gib", 2), ("MFU %", "mfu_pct", 1), ("compile s", "compile_s", 1),
+                 ("status", "status", None))
+SAMPLE_COLUMNS = (("variant", "variant", None), ("precision", "precision", None), ("batch", "batch", None),
+                  ("sampler", "sampler", None), ("img/s", "img_s", 1), ("50k s", "s_50k", 0),
+                  ("x original (H200)", "x_original", 2), ("peak GiB", "peak_gib", 2), ("MFU %", "mfu_pct", 1),
+                  ("compile s", "compile_s", 1), ("status", "status", None))
+PROBE_COLUMNS = (("variant", "variant", None), ("precision", "precision", None), ("batch", "batch", None),
+                 ("cells", "cells", None), ("img/s", "img_s", 0), ("x original (H200)", "x_original", 2),
+                 ("peak GiB", "peak_gib", 2), ("MFU %", "mfu_pct", 1), ("compile s", "compile_s", 1),
+                 ("status", "status", None))
+PARITY_COLUMNS = (("steps", "steps", None), ("window", "window", None), ("fp32 loss", "loss_fp32", 5),
+                  ("fast loss", "loss_fast", 5), ("difference", "difference", 5), ("step std", "step_std", 5),
+                  ("difference / std", "difference_over_std", 3), ("z", "z", 2), ("within noise", "within_noise", None),
+                  ("status", "status", None))
+
+
+def markdown_table(rows, columns):
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key, digits in columns:
+            value = row.get(key)
+            if key == "status" and row.get("note"):
+                value = f"{value}; {row['note']}"
+            cells.append(_fmt(value, digits) if digits is not None else _fmt(value))
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return lines
+
+
+def one_line(err):
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
+
+
+def run_job(report, part, name, job, deadline):
+    """Run one variant and add its row: measured, failed (with its one-line error) or skipped."""
+    context = report.context
+    row = {"variant": name}
+    if deadline is not None and time.perf_counter() >= deadline:
+        row["status"] = "skipped: --time_budget_s spent"
+        report.add(part, row)
+        print(f"[{part}] {name}: skipped (time budget spent)", flush=True)
+        return row
+    free_memory(context.device)
+    start = time.perf_counter()
+    try:
+        row.update(job())
+        row["status"] = "ok"
+    except Exception as err:  # one broken variant (compile missing, out of memory) must not end the run
+        row["status"] = f"failed: {one_line(err)}"
+    finally:
+        if context.settings.compile:
+            torch.compiler.reset()  # each compiled variant pays, and reports, its own compilation
+        free_memory(context.device)
+    row["wall_s"] = time.perf_counter() - start
+    add_comparisons(context, part, row, report.rows[part])
+    report.add(part, row)
+    shown = {key: value for key, value in row.items() if key != "curves"}
+    print(f"[{part}] {name}: {shown}", flush=True)
+    return row
+
+
+def add_comparisons(context, part, row, earlier_rows):
+    """Speed-up over the first training variant, and over the original code when this device is an H200."""
+    if row.get("img_s") is None:
+        return
+    if part == "train":
+        first = next((r for r in earlier_rows if r.get("img_s")), None)
+        row["speedup"] = row["img_s"] / first["img_s"] if first else 1.0
+    if part not in context.original or "H200" not in context.header["device"]:
+        return
+    value = context.original[part][0]
+    if part == "sample":
+        full = sampler_label(context.settings.cfg.model_type, FULL_SAMPLER_STEPS[context.settings.cfg.model_type])
+        row["x_original"] = value / row["s_50k"] if row["sampler"] == full else None
+    else:
+        row["x_original"] = row["img_s"] / value
+
+
+def make_header(args, settings, device, forward, source, train_flops, peak):
+    """The table's header lines: what ran, where, with which command and which reference figures."""
+    cfg = settings.cfg
+    return {
+        "config": config_name(args.config),
+        "device": device_name(device),
+        "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "network": f"{count_parameters(build_network(cfg)) / 1e6:.2f}M parameters, "
+                   f"forward {forward / 1e9:.2f} GFLOP/image ({source}), training {train_flops / 1e9:.2f} "
+                   f"GFLOP/image",
+        "peak used for MFU": f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "unknown device: no MFU",
+        "data": f"{cfg.dataset} from {args.data_root}" if args.real_data
+                else "the built-in synthetic images (a step's time does not depend on the pixels)",
+        "timing": f"training {settings.warmup_steps} warm-up + {settings.steps} timed steps; sampling "
+                  f"{settings.sample_batches} timed batch(es) after a 2-step warm-up batch; probe "
+                  f"{settings.probe_batches} timed batches; compile {'on' if settings.compile else 'off'}",
+    }
+
+
+def original_figures(cfg):
+    """The original code's figures on one H200 (SPEC §11) that apply to ``cfg``: {part: (value, text)}."""
+    index = paper_network(cfg)
+    if index is None:
+        return {}
+    model_type = cfg.model_type
+    figures = {}
+    if (model_type, index) in ORIGINAL_TRAIN_IMG_S:
+        value = ORIGINAL_TRAIN_IMG_S[(model_type, index)]
+        figures["train"] = (value, f"{value:,.0f} img/s at batch {128 if index == 0 else 64}")
+    steps = FULL_SAMPLER_STEPS[model_type]
+    if (model_type, index, steps) in ORIGINAL_SAMPLE_50K_S:
+        value = ORIGINAL_SAMPLE_50K_S[(model_type, index, steps)]
+        figures["sample"] = (value, f"{value:,.0f} s for 50k samples, {sampler_label(model_type, steps)}")
+    if (model_type, index) in ORIGINAL_PROBE_IMG_S:
+        value = ORIGINAL_PROBE_IMG_S[(model_type, index)]
+        figures["probe"] = (value, f"{value:,.0f} img/s at batch 128 (3 timesteps, all blocks)")
+    return figures
+
+
+def sampler_label(model_type, steps):
+    return f"{'DDIM' if model_type == 'DDPM' else 'EDM'} {steps}"
+
+
+@cli_entry
+def main(args):
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    settings = settings_from_args(args, device)
+    settings.config_path, settings.data_root, settings.quick = args.config, args.data_root, args.quick
+    forward, source = forward_flops(settings.cfg)
+    train_flops = training_flops(settings.cfg)
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    context = Context(settings, device, forward, source, train_flops, peak)
+    context.header = make_header(args, settings, device, forward, source, train_flops, peak)
+    context.original = original_figures(settings.cfg)
+    report = Report(context, args.out)
+    report.write()
+    deadline = None if args.time_budget_s is None else time.perf_counter() + args.time_budget_s
+    print(f"benchmark of {context.header['config']} on {context.header['device']} ({context.header['torch']}); "
+          f"results go to {report.md_path} and {report.json_path}", flush=True)
+
+    jobs = []
+    benches = {"train": bench_training, "sample": bench_sampling, "probe": bench_probe}
+    for part in ("train", "sample", "probe"):
+        if part in settings.parts:
+            for name in settings.variants[part]:
+                jobs.append((part, name, lambda p=part, n=name: benches[p](context, n)))
+    # Compiled evaluation variants go last: a spent time budget then costs the cheap rows least.
+    jobs.sort(key=lambda job: job[0] != "train" and VARIANTS[job[0]][job[1]].compiles)
+    if "parity" in settings.parts:
+        if settings.parity_steps > 0:
+            jobs.append(("parity", "fp32 vs fast", lambda: loss_parity(context)))
+        else:
+            report.add("parity", {"status": "skipped: pass --loss_parity_steps N to run it"})
+    for part, name, job in jobs:
+        run_job(report, part, name, job, deadline)
+    print("\n" + report.markdown(), flush=True)
+    return report.to_dict()
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
