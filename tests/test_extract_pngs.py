@@ -76,13 +76,22 @@ def test_export_writes_exact_pixels_and_resumes(tmp_path):
     assert len(os.listdir(out)) == 12  # the temporary file is gone
 
 
-def test_cli_exports_a_training_split(tmp_path, capsys):
+@pytest.fixture
+def small_synthetic(monkeypatch):
+    """build_dataset("synthetic") with 20 images of 8x8 instead of 5,000 of 32x32."""
+    import utils.data
+    monkeypatch.setattr(utils.data, "SyntheticImages",
+                        lambda image_size, train, transform: SyntheticImages(n=20, image_size=8, transform=transform))
+    return SyntheticImages(n=20, image_size=8).images  # (20, 3, 8, 8) uint8
+
+
+def test_cli_exports_a_training_split(tmp_path, capsys, small_synthetic):
     out = tmp_path / "synthetic-pngs"
     args = images.build_parser().parse_args(["export-cifar10", "--dataset", "synthetic", "--data_root",
                                              str(tmp_path), "--out", str(out), "--limit", "6"])
     assert images.main(args) == 6
     assert "6 PNGs written" in capsys.readouterr().out
-    expected = SyntheticImages(image_size=32, train=True).images[:6]  # what build_dataset("synthetic") makes
+    expected = small_synthetic[:6]
     assert np.array_equal(np.stack([read_pixels(out / f"{i}.png") for i in range(6)]),
                           expected.permute(0, 2, 3, 1).numpy())
     with pytest.raises(SystemExit) as stop:
@@ -91,7 +100,7 @@ def test_cli_exports_a_training_split(tmp_path, capsys):
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
-def test_notebook_is_valid_and_runs_the_export(tmp_path, monkeypatch):
+def test_notebook_is_valid_and_runs_the_export(tmp_path, monkeypatch, small_synthetic):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -102,18 +111,16 @@ def test_notebook_is_valid_and_runs_the_export(tmp_path, monkeypatch):
     # Run every other cell as Jupyter would, with the synthetic dataset in place of CIFAR-10.
     out = tmp_path / "pngs"
     namespace = {"DATASET": "synthetic", "DATA_ROOT": str(tmp_path), "OUT_DIR": str(out)}
-    import utils.data
-    monkeypatch.setattr(utils.data, "SyntheticImages",
-                        lambda image_size, train, transform: SyntheticImages(n=9, image_size=8, transform=transform))
     printed = io.StringIO()
     monkeypatch.setattr("sys.stdout", printed)
     monkeypatch.setattr("sys.stderr", io.StringIO())
     for cell in code:
         if cell is not parameters[0]:
             exec(compile(cell.source, str(NOTEBOOK), "exec"), namespace)
-    assert namespace["written"] == 9 and namespace["total"] == 9
-    assert sorted(os.listdir(out)) == sorted(f"{i}.png" for i in range(9))
-    assert "9 PNGs in" in printed.getvalue()
+    assert namespace["written"] == 20 and namespace["total"] == 20
+    assert sorted(os.listdir(out)) == sorted(f"{i}.png" for i in range(20))
+    assert np.array_equal(read_pixels(out / "19.png"), small_synthetic[19].permute(1, 2, 0).numpy())
+    assert "20 PNGs in" in printed.getvalue()
 
 
 def test_bad_inputs_are_user_errors(tmp_path):

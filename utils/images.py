@@ -161,11 +161,11 @@ def export_training_split(dataset="cifar10", data_root="./data", out_dir="data/c
 
     from utils.data import build_dataset
 
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: pass a positive number of images")
     # uint8 pixels exactly as stored: no float round trip between the dataset and the PNG.
     images = build_dataset(dataset, data_root, train=True, transform=v2.Compose([v2.ToImage(), v2.ToPureTensor()]))
     if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit {limit}: pass a positive number of images")
         images = torch.utils.data.Subset(images, range(min(limit, len(images))))
     return export_dataset_pngs(images, out_dir, progress=progress), len(images)
 

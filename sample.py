@@ -1,0 +1,392 @@
+"""Sample images with the EMA weights of a checkpoint, in the original's folders, on any number of processes.
+
+    python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999               # DDIM, 100 steps
+    python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --mode DDPM   # ancestral, n_T steps
+    torchrun --standalone --nproc_per_node=8 sample.py --config config/EDM_ddpm.yaml --precision bf16 \\
+        --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
+
+The images go to save_dir/EMAgenerated_ep{E}_ddim_steps{S}_eta{H} (DDIM), ..._ep{E}_ddpm (ancestral)
+or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every image and ``grid_{b}.png`` for
+every 400 of them (20 per row), so ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
+
+Image i depends only on (--seed, i): its starting noise and every later noise come from its own
+generator (model.noise.PerImageNoise), so the files are the same on 1 or N processes (and, up to
+kernel rounding, at any --batch_size). Work is split by index; a rerun into the same folder makes
+only the missing images, and sampling.json in the folder stops a run with other settings from
+mixing its images in.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from model.amp import add_amp_args, autocast, resolve_precision
+from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
+from model.noise import PerImageNoise
+from utils.config import add_config_args, load_config
+from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
+                               init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
+
+IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
+GRID_NROW = 20
+SETTINGS_FILE = "sampling.json"
+# Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
+IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
+                 "precision", "noise_device")
+PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Sample images from a trained DDAE model (EMA weights).")
+    add_config_args(parser)
+    add_amp_args(parser)
+    add_checkpoint_args(parser)
+    add_launcher_args(parser)
+    parser.add_argument("--mode", choices=("DDIM", "DDPM"), default="DDIM",
+                        help="DDPM configs: DDIM sampler or ancestral DDPM sampler (n_T steps); EDM uses Heun")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: DDIM 100, EDM 18)")
+    parser.add_argument("--eta", type=float, default=0.0, help="stochasticity: DDIM eta or EDM churn, 0 to 1")
+    parser.add_argument("--batches", type=int, default=125, help=f"number of {IMAGES_PER_GRID}-image batches")
+    parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (default batches x 400)")
+    parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
+    parser.add_argument("--batch_size", type=int, default=IMAGES_PER_GRID,
+                        help="images per forward pass and process (larger is faster on big GPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="run the network in channels-last memory format (faster with AMP on recent GPUs)")
+    parser.add_argument("--out_dir", default=None,
+                        help="output folder (default: save_dir/EMAgenerated_ep{E}_..., the original's name)")
+    parser.add_argument("--fid", default=None, metavar="REF",
+                        help="after sampling, print the FID against REF: a PNG folder, an .npz or dataset:NAME")
+    from fid import add_fid_args  # fid.py imports pytorch-fid; keep it next to the flag it serves
+    add_fid_args(parser)
+    return parser
+
+
+def sampler_settings(cfg, mode, steps, eta):
+    """The sampler a run uses: {"mode": "DDIM" | "DDPM" | "EDM", "steps": int or None, "eta": float or None}."""
+    if cfg.model_type == "EDM":
+        if mode == "DDPM":
+            raise UserError("--mode DDPM is the ancestral sampler of DDPM configs; EDM configs sample with "
+                            "Heun (drop --mode)")
+        steps = 18 if steps is None else steps
+        if steps < 2:
+            raise UserError(f"--steps {steps}: the EDM sampler needs at least 2 steps")
+        mode = "EDM"
+    elif mode == "DDIM":
+        steps = 100 if steps is None else steps
+        if not 1 <= steps <= cfg.diffusion.n_T:
+            raise UserError(f"--steps {steps}: DDIM takes 1 to n_T = {cfg.diffusion.n_T} steps")
+    else:
+        return {"mode": "DDPM", "steps": None, "eta": None}  # ancestral: always n_T steps, full noise
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
+    return {"mode": mode, "steps": steps, "eta": float(eta)}
+
+
+def epoch_label(checkpoint_path):
+    """``ep{E}`` for a ``model_{E}.pth`` file, else the file's stem."""
+    name = os.path.basename(checkpoint_path)
+    match = re.fullmatch(r"model_(\d+)\.pth", name)
+    return f"ep{match.group(1)}" if match else os.path.splitext(name)[0]
+
+
+def folder_name(label, sampler):
+    """The original's folder name, e.g. EMAgenerated_ep400_ddim_steps100_eta0.0 (eta as Python prints it)."""
+    if sampler["mode"] == "DDPM":
+        return f"EMAgenerated_{label}_ddpm"
+    return f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
+
+
+def _splitmix64(value):
+    value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return value ^ (value >> 31)
+
+
+def image_seed(seed, index):
+    """The generator seed of image ``index`` in a run with ``seed``.
+
+    A scrambled offset of the run plus the index: distinct for every index of a run even in the low
+    32 bits, which are all that a CPU generator uses, while two runs' ranges practically never meet.
+    """
+    return (_splitmix64(seed) + index) % 2 ** 64
+
+
+def weights_digest(module):
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): which weights made the images."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def grid_range(grid, n_samples):
+    return range(grid * IMAGES_PER_GRID, min((grid + 1) * IMAGES_PER_GRID, n_samples))
+
+
+def grid_count(n_samples):
+    return -(-n_samples // IMAGES_PER_GRID)
+
+
+def _identity(settings):
+    return {key: settings[key] for key in IDENTITY_KEYS}
+
+
+def _describe(values):
+    return ", ".join(f"{key}={values[key]}" for key in values)
+
+
+def prepare_folder(out_dir, settings, n_samples):
+    """Check ``out_dir`` against ``settings``, record them, and list the images still to make.
+
+    Returns:
+        the sorted indices below ``n_samples`` whose ``pngs/{i}.png`` is missing.
+
+    Raises:
+        UserError: the folder holds images made with other settings, or images of unknown origin.
+    """
+    pngs = os.path.join(out_dir, "pngs")
+    settings_path = os.path.join(out_dir, SETTINGS_FILE)
+    try:
+        os.makedirs(pngs, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {pngs} ({err.strerror}); pass --out_dir with a writable folder") from None
+    present = {name for name in os.listdir(pngs) if name.endswith(".png")}
+    if os.path.isfile(settings_path):
+        try:
+            with open(settings_path) as file:
+                recorded = json.load(file)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{settings_path} is unreadable ({err}); pass --out_dir with a new folder, or "
+                            f"delete that one") from None
+        wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
+        differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
+        if differing:
+            before = _describe({key: recorded.get(key) for key in differing})
+            now = _describe({key: wanted[key] for key in differing})
+            raise UserError(f"{out_dir} holds images sampled with {before}, but this run has {now}; pass "
+                            f"--out_dir with another folder, or delete that one to start over")
+    elif present:
+        raise UserError(f"{pngs} holds {len(present)} images but no {SETTINGS_FILE} says how they were made; "
+                        f"pass --out_dir with a new folder, or delete that one")
+    remove_temporary_files(pngs)
+    remove_temporary_files(out_dir)
+    temporary = os.path.join(out_dir, f".{SETTINGS_FILE}.{os.getpid()}.tmp")
+    with open(temporary, "w") as file:
+        json.dump(dict(settings, n_samples=n_samples), file, indent=1)
+    os.replace(temporary, settings_path)
+    return [i for i in range(n_samples) if f"{i}.png" not in present]
+
+
+def split_batches(indices, batch_size, rank, world_size):
+    """Cut ``indices`` into batches of ``batch_size`` and give each process a contiguous run of whole
+    batches: the batches are the same whatever the number of processes."""
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    return batches[rank * len(batches) // world_size:(rank + 1) * len(batches) // world_size]
+
+
+class GridCollector:
+    """Keeps the images of the grids that this process makes entirely, and returns each grid once complete.
+
+    Grids with images made elsewhere (another process, an earlier run) are assembled from the PNG
+    files at the end instead (``write_missing_grids``).
+    """
+
+    def __init__(self, batches, n_samples):
+        here = {i for batch in batches for i in batch}
+        self.sizes = {grid: len(grid_range(grid, n_samples)) for grid in range(grid_count(n_samples))
+                      if all(i in here for i in grid_range(grid, n_samples))}
+        self.parts = {grid: {} for grid in self.sizes}
+
+    def add(self, indices, pixels):
+        """Take a batch (indices, (B, C, H, W) uint8); return [(grid, (N, C, H, W) uint8)] now complete."""
+        complete = []
+        for index, image in zip(indices, pixels):
+            grid = index // IMAGES_PER_GRID
+            if grid in self.parts:
+                self.parts[grid][index] = image
+                if len(self.parts[grid]) == self.sizes[grid]:
+                    images = self.parts.pop(grid)
+                    complete.append((grid, torch.stack([images[i] for i in sorted(images)])))
+        return complete
+
+
+def _write_pngs(folder, indices, pixels):
+    for index, image in zip(indices, pixels):
+        path = os.path.join(folder, f"{index}.png")
+        try:
+            save_png(image, path)
+        except OSError as err:
+            raise UserError(f"cannot write {path} ({err.strerror or err}); free disk space or pass --out_dir "
+                            f"with a writable folder (a rerun keeps the images already written)") from None
+
+
+def draw_images(diffusion, sampler, noise, n, image_shape):
+    """One batch from the sampler of ``sampler`` with the noise source ``noise``; (B, C, H, W) in [0, 1]."""
+    if sampler["mode"] == "EDM":
+        return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], noise=noise)
+    if sampler["mode"] == "DDPM":
+        return diffusion.sample(n, image_shape, mode="DDPM", noise=noise)
+    return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], mode="DDIM", noise=noise)
+
+
+def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
+             total=None, progress=True):
+    """Sample ``batches`` (lists of image indices) into ``out_dir/pngs`` and the grids they complete.
+
+    Args:
+        diffusion: a DDPM or EDM in eval mode on ``device``.
+        batches: this process's batches of image indices.
+        sampler: from ``sampler_settings``.
+        seed: the run's seed; image i uses ``image_seed(seed, i)``.
+        image_shape: (C, H, W).
+        precision: "fp32", "fp16" or "bf16" (autocast).
+        n_samples: images in the whole run (decides the grids).
+        total: images made by all processes, for the progress bar (default: this process's).
+        progress: show a tqdm bar with images/s and the time left.
+
+    Returns:
+        the number of images this process wrote.
+    """
+    pngs = os.path.join(out_dir, "pngs")
+    grids = GridCollector(batches, n_samples)
+    mine = sum(len(batch) for batch in batches)
+    total = mine if total is None else total
+    share = total / max(mine, 1)  # this process's batches stand for the others' in the bar
+    pending = []
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
+            tqdm(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
+        for batch in batches:
+            noise = PerImageNoise([image_seed(seed, i) for i in batch], device)
+            with autocast(device, precision):
+                images = draw_images(diffusion, sampler, noise, len(batch), image_shape)
+            pixels = to_uint8(images).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
+            pending.append(writer.submit(_write_pngs, pngs, batch, pixels))
+            for grid, grid_images in grids.add(batch, pixels):
+                pending.append(writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"),
+                                             GRID_NROW))
+            bar.update(min(round(len(batch) * share), total - bar.n))
+            while len(pending) > 2 * PNG_WRITERS:  # bounded memory; a failed write stops the run here
+                pending.pop(0).result()
+        for job in pending:
+            job.result()
+    return mine
+
+
+def _read_png(path):
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def write_missing_grids(out_dir, n_samples, rank=0, world_size=1):
+    """Assemble from the PNG files every grid_{b}.png that is missing (grids b = rank mod world_size)."""
+    for grid in range(rank, grid_count(n_samples), world_size):
+        path = os.path.join(out_dir, f"grid_{grid}.png")
+        if not os.path.isfile(path):
+            images = [_read_png(os.path.join(out_dir, "pngs", f"{i}.png")) for i in grid_range(grid, n_samples)]
+            save_grid(torch.stack(images), path, GRID_NROW)
+
+
+def prepare_network(diffusion, compile_network, channels_last):
+    if channels_last:
+        diffusion.nn_model.to(memory_format=torch.channels_last)
+    if compile_network:
+        diffusion.nn_model = torch.compile(diffusion.nn_model)
+    return diffusion
+
+
+@cli_entry
+def main(args):
+    """Sample into the output folder; returns {"out_dir", "generated", "seconds", "fid"}."""
+    device = init_distributed(args.device)
+    try:
+        result = run(args, device)
+    finally:
+        cleanup()
+    if args.fid and is_main():
+        result["fid"] = report_fid(args, result, device)
+    return result
+
+
+def run(args, device):
+    cfg = load_config(args.config, args.set)
+    sampler = sampler_settings(cfg, args.mode, args.steps, args.eta)
+    n_samples = args.batches * IMAGES_PER_GRID if args.n_samples is None else args.n_samples
+    if n_samples < 1:
+        raise UserError(f"--n_samples {n_samples} (or --batches {args.batches}): pass a positive number of images")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: pass a positive number of images per forward pass")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: pass a non-negative integer")
+    if args.fid and not (args.fid.startswith("dataset:") or os.path.exists(args.fid)):
+        raise UserError(f"--fid {args.fid}: no such folder or .npz; pass the reference PNG folder (see "
+                        f"extract_cifar10_pngs.ipynb), its statistics .npz, or dataset:cifar10")
+    precision = resolve_precision(args, device)
+    checkpoint = checkpoint_from_args(cfg, args)
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
+    out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
+    image_shape = tuple(cfg.network.image_shape)
+
+    plan = None
+    if is_main():
+        settings = dict(
+            weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
+            image_shape=list(image_shape), **sampler, seed=args.seed, precision=precision,
+            noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
+            checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
+            config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
+        try:
+            plan = {"missing": prepare_folder(out_dir, settings, n_samples)}
+        except UserError as err:
+            plan = {"error": str(err)}
+    plan = all_gather_object(plan)[0]  # rank 0's answer, and a barrier: the folder is ready
+    if "error" in plan:
+        raise UserError(plan["error"])
+    missing = plan["missing"]
+    rank, world_size = get_rank(), get_world_size()
+    batches = split_batches(missing, args.batch_size, rank, world_size)
+    print0(f"sampling {len(missing)} of {n_samples} images ({sampler['mode']}, steps {sampler['steps']}, "
+           f"eta {sampler['eta']}, {precision}) on {world_size} x {device.type} into {out_dir}")
+
+    prepare_network(diffusion, args.compile, args.channels_last)
+    start = time.perf_counter()
+    generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
+                         n_samples, total=len(missing), progress=is_main())
+    seconds = time.perf_counter() - start
+    barrier()
+    write_missing_grids(out_dir, n_samples, rank, world_size)
+    barrier()
+    print0(f"{len(missing)} images in {seconds:.1f} s ({len(missing) / max(seconds, 1e-9):.1f} images/s); "
+           f"{n_samples} in {os.path.join(out_dir, 'pngs')}")
+    return {"out_dir": out_dir, "n_samples": n_samples, "generated": generated, "seconds": seconds}
+
+
+def report_fid(args, result, device):
+    """FID of the run's images against --fid, printed and written to fid.json in the folder."""
+    from fid import compute_fid
+
+    folder = Path(result["out_dir"], "pngs")
+    files = sorted(folder / f"{i}.png" for i in range(result["n_samples"]))  # pytorch-fid's order
+    value = compute_fid(args.fid, files, device=device, batch_size=args.fid_batch_size, num_workers=args.fid_workers,
+                        ref_cache=args.ref_cache, data_root=args.data_root)
+    print(f"FID: {value}  ({result['n_samples']} images vs {args.fid})", flush=True)
+    with open(os.path.join(result["out_dir"], "fid.json"), "w") as file:
+        json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"]}, file)
+    return value
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -1,0 +1,307 @@
+"""sample.py: folders and files of the original, per-image seeds (any batch size, 1 or 2 processes), resume,
+settings guard, the original's checkpoint, and fp32 vs bf16 autocast."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from model.amp import autocast
+from model.ema import make_ema
+from model.models import build_diffusion, load_diffusion
+from model.noise import PerImageNoise
+from utils.checkpoint import save_checkpoint
+from utils.config import load_config
+from utils.errors import UserError
+from utils.images import to_uint8
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+TINY_NETWORK = "{image_shape: [3, 8, 8], n_channels: 32, ch_mults: [1], is_attn: [True], dropout: 0.1, n_blocks: 1}"
+TINY = """\
+model_type: {model_type}
+network: {network}
+batch_size: 4
+n_epoch: 3
+lrate: 1.0e-4
+warm_epoch: 1
+ema: 0.9
+save_dir: {save_dir}
+linear: {{timestep: 4, blockname: out_1}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is several times faster than two competing ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def plain_python(monkeypatch):
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def make_run(folder, model_type, extra=""):
+    """A tiny config and a checkpoint laid out as train.py writes it (EMA different from the online weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"tiny_{model_type}.yaml"
+    config.write_text(TINY.format(model_type=model_type, network=TINY_NETWORK, save_dir=folder / "run") + extra)
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    diffusion = build_diffusion(cfg)
+    ema = make_ema(diffusion, cfg.ema)
+    ema.update()  # the EMA copies the initial weights
+    with torch.no_grad():
+        for parameter in diffusion.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ema.update()
+    save_checkpoint({"MODEL": diffusion.state_dict(), "EMA": ema.state_dict(), "opt": {}, "epoch": 2,
+                     "config": cfg.to_dict()}, folder / "run" / "ckpts" / "model_2.pth")
+    return config
+
+
+@pytest.fixture(scope="module")
+def ddpm_config(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("ddpm"), "DDPM", "diffusion: {n_T: 20, betas: [1.0e-4, 0.02]}\n")
+
+
+@pytest.fixture(scope="module")
+def edm_config(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("edm"), "EDM")
+
+
+def run_sample(config, *flags):
+    args = sample.build_parser().parse_args(["--config", str(config), "--device", "cpu", *map(str, flags)])
+    return sample.main(args)
+
+
+def folder_bytes(folder):
+    """{relative path: bytes} of the images under ``folder``."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*.png"))}
+
+
+def read_pixels(path):
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def test_folder_names_follow_the_original():
+    assert sample.epoch_label("out/ckpts/model_400.pth") == "ep400"
+    assert sample.epoch_label("weights/best.pth") == "best"
+    assert sample.folder_name("ep400", {"mode": "DDIM", "steps": 100, "eta": 0.0}) == \
+        "EMAgenerated_ep400_ddim_steps100_eta0.0"
+    assert sample.folder_name("ep400", {"mode": "DDPM", "steps": None, "eta": None}) == "EMAgenerated_ep400_ddpm"
+    assert sample.folder_name("ep1999", {"mode": "EDM", "steps": 18, "eta": 1.0}) == \
+        "EMAgenerated_ep1999_edm_steps18_eta1.0"
+
+
+def test_defaults_are_the_original_run(ddpm_config, edm_config):
+    args = sample.build_parser().parse_args(["--config", "c.yaml"])
+    assert (args.batches, args.batch_size, args.seed, args.mode, args.eta, args.epoch) == (125, 400, 0, "DDIM", 0.0, -1)
+    ddpm, edm = load_config(ddpm_config), load_config(edm_config)
+    assert sample.sampler_settings(load_config(REPO / "config" / "DDPM_ddpm.yaml"), "DDIM", None, 0.0) == \
+        {"mode": "DDIM", "steps": 100, "eta": 0.0}
+    assert sample.sampler_settings(edm, "DDIM", None, 0.0) == {"mode": "EDM", "steps": 18, "eta": 0.0}
+    assert sample.sampler_settings(ddpm, "DDPM", 7, 0.5) == {"mode": "DDPM", "steps": None, "eta": None}
+    with pytest.raises(UserError, match="--steps 21: DDIM takes 1 to n_T = 20 steps"):
+        sample.sampler_settings(ddpm, "DDIM", 21, 0.0)
+    with pytest.raises(UserError, match="--mode DDPM is the ancestral sampler of DDPM configs"):
+        sample.sampler_settings(edm, "DDPM", None, 0.0)
+    with pytest.raises(UserError, match="--eta 1.5"):
+        sample.sampler_settings(edm, "DDIM", None, 1.5)
+
+
+def test_image_seeds_differ_in_the_bits_a_cpu_generator_uses():
+    seeds = [sample.image_seed(seed, index) for seed in (0, 1) for index in range(5000)]
+    assert len({value % 2 ** 32 for value in seeds}) == len(seeds)  # a CPU generator keeps only 32 bits
+    first = PerImageNoise([sample.image_seed(0, 3), sample.image_seed(1, 3)], "cpu")((3, 2, 2))
+    assert not torch.equal(first[0], first[1])
+
+
+def test_layout_and_pixels_are_the_ema_sampler_with_per_image_noise(ddpm_config):
+    result = run_sample(ddpm_config, "--n_samples", 403, "--steps", 2, "--batch_size", 101)
+    out = Path(result["out_dir"])
+    assert out == ddpm_config.parent / "run" / "EMAgenerated_ep2_ddim_steps2_eta0.0"
+    assert result["generated"] == 403 and len(os.listdir(out / "pngs")) == 403
+    assert sorted(name for name in os.listdir(out) if name != "pngs") == ["grid_0.png", "grid_1.png",
+                                                                          "sampling.json"]
+    grid = read_pixels(out / "grid_0.png")
+    assert grid.shape == (3, 2 + 20 * 10, 2 + 20 * 10)  # 400 images of 8x8, 20 per row, 2-pixel padding
+    for index in (0, 19, 20, 399):
+        row, column = divmod(index, 20)
+        tile = grid[:, 2 + 10 * row:10 + 10 * row, 2 + 10 * column:10 + 10 * column]
+        assert torch.equal(tile, read_pixels(out / "pngs" / f"{index}.png"))
+    assert read_pixels(out / "grid_1.png").shape == (3, 12, 32)  # the last 3 images
+    settings = json.loads((out / "sampling.json").read_text())
+    assert {k: settings[k] for k in ("mode", "steps", "eta", "seed", "precision", "n_samples")} == \
+        {"mode": "DDIM", "steps": 2, "eta": 0.0, "seed": 0, "precision": "fp32", "n_samples": 403}
+    assert settings["checkpoint"] == str(ddpm_config.parent / "run" / "ckpts" / "model_2.pth")
+    # image i is the EMA model's DDIM sample from the noise of image_seed(0, i), whatever its batch
+    cfg = load_config(ddpm_config)
+    picked = [5, 250, 402]
+    for weights in ("ema", "online"):
+        diffusion = load_diffusion(cfg, settings["checkpoint"], weights=weights)
+        noise = PerImageNoise([sample.image_seed(0, i) for i in picked], "cpu")
+        expected = to_uint8(diffusion.sample(len(picked), (3, 8, 8), steps=2, noise=noise))
+        found = torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in picked])
+        assert torch.equal(found, expected) == (weights == "ema")
+
+
+def test_batch_size_does_not_change_the_files(ddpm_config, tmp_path):
+    outputs = []
+    for batch_size in (2, 3):
+        out = tmp_path / f"batch{batch_size}"
+        run_sample(ddpm_config, "--n_samples", 7, "--steps", 4, "--eta", 1.0, "--batch_size", batch_size,
+                   "--out_dir", out)
+        outputs.append(folder_bytes(out))
+    assert len(outputs[0]) == 7 + 1 and outputs[0] == outputs[1]
+
+
+def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
+    flags = ["--n_samples", "7", "--steps", "4", "--eta", "1.0", "--batch_size", "2", "--seed", "5"]
+    run_sample(ddpm_config, *flags, "--out_dir", tmp_path / "one")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "sample.py"),
+         "--config", str(ddpm_config), "--device", "cpu", *flags, "--out_dir", str(tmp_path / "two")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stdout
+    one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
+    assert len(one) == 7 + 1 and one == two
+    assert json.loads((tmp_path / "one" / "sampling.json").read_text()) == \
+        json.loads((tmp_path / "two" / "sampling.json").read_text())
+
+
+def test_rerun_makes_only_the_missing_images(ddpm_config, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--n_samples", 9, "--steps", 3, "--batch_size", 4, "--out_dir", out]
+    assert run_sample(ddpm_config, *flags)["generated"] == 9
+    before = folder_bytes(out)
+    times = {path: (out / path).stat().st_mtime_ns for path in before}
+    for path in ("pngs/2.png", "pngs/7.png", "grid_0.png"):
+        (out / path).unlink()
+    (out / "pngs" / ".8.png.4242.tmp").write_bytes(b"truncated by a kill")
+    assert run_sample(ddpm_config, *flags)["generated"] == 2
+    assert folder_bytes(out) == before
+    assert not any(name.endswith(".tmp") for name in os.listdir(out / "pngs"))
+    untouched = [path for path in before if path not in ("pngs/2.png", "pngs/7.png", "grid_0.png")]
+    assert all((out / path).stat().st_mtime_ns == times[path] for path in untouched)
+    assert run_sample(ddpm_config, *flags)["generated"] == 0
+    # asking for more images extends the same run: image i is the same whatever n_samples is
+    assert run_sample(ddpm_config, *flags[2:], "--n_samples", 11)["generated"] == 2
+    assert all(folder_bytes(out)[path] == before[path] for path in before if path.startswith("pngs/"))
+
+
+def test_other_settings_never_mix_into_a_folder(ddpm_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_sample(ddpm_config, "--n_samples", 2, "--steps", 2, "--out_dir", out)
+    before = folder_bytes(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_sample(ddpm_config, "--n_samples", 4, "--steps", 2, "--seed", 1, "--out_dir", out)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert f"error: {out} holds images sampled with seed=0, but this run has seed=1; pass --out_dir" in error
+    with pytest.raises(UserError, match="steps=2, but this run has steps=4"):
+        sample.run(sample.build_parser().parse_args(
+            ["--config", str(ddpm_config), "--n_samples", "2", "--steps", "4", "--out_dir", str(out)]),
+            torch.device("cpu"))
+    assert folder_bytes(out) == before
+    foreign = tmp_path / "foreign"
+    (foreign / "pngs").mkdir(parents=True)
+    shutil.copy(out / "pngs" / "0.png", foreign / "pngs" / "0.png")
+    with pytest.raises(UserError, match="holds 1 images but no sampling.json says how they were made"):
+        sample.run(sample.build_parser().parse_args(
+            ["--config", str(ddpm_config), "--n_samples", "2", "--steps", "2", "--out_dir", str(foreign)]),
+            torch.device("cpu"))
+
+
+def test_ancestral_and_edm_samplers(ddpm_config, edm_config):
+    out = Path(run_sample(ddpm_config, "--mode", "DDPM", "--n_samples", 2)["out_dir"])
+    assert out.name == "EMAgenerated_ep2_ddpm"
+    diffusion = load_diffusion(load_config(ddpm_config), ddpm_config.parent / "run" / "ckpts" / "model_2.pth")
+    noise = PerImageNoise([sample.image_seed(0, i) for i in range(2)], "cpu")
+    expected = to_uint8(diffusion.sample(2, (3, 8, 8), mode="DDPM", noise=noise))
+    assert torch.equal(torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in range(2)]), expected)
+
+    out = Path(run_sample(edm_config, "--steps", 3, "--eta", 1.0, "--n_samples", 3, "--channels_last")["out_dir"])
+    assert out.name == "EMAgenerated_ep2_edm_steps3_eta1.0"
+    diffusion = load_diffusion(load_config(edm_config), edm_config.parent / "run" / "ckpts" / "model_2.pth")
+    noise = PerImageNoise([sample.image_seed(0, i) for i in range(3)], "cpu")
+    expected = to_uint8(diffusion.sample(3, (3, 8, 8), steps=3, eta=1.0, noise=noise))
+    found = torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in range(3)])
+    assert (found.int() - expected.int()).abs().max() <= 1  # channels-last convolutions round differently
+
+
+def test_checkpoint_of_the_original_code(tmp_path):
+    expect = torch.load(GOLDEN / "original_ckpt_tiny_DDPM.expect.pt", weights_only=True)
+    config = tmp_path / "original.yaml"  # JSON is YAML: the network section of the original's run
+    config.write_text(TINY.format(model_type="DDPM", network=json.dumps(expect["config"]), save_dir=tmp_path / "run"))
+    result = run_sample(config, "--ckpt", GOLDEN / "original_ckpt_tiny_DDPM.pth", "--n_samples", 2, "--steps", 5)
+    out = Path(result["out_dir"])
+    assert out.name == "EMAgenerated_original_ckpt_tiny_DDPM_ddim_steps5_eta0.0"
+    # the EMA network of that file is the one that gave the golden ema_out
+    diffusion = load_diffusion(load_config(config), GOLDEN / "original_ckpt_tiny_DDPM.pth")
+    assert torch.allclose(diffusion.nn_model(expect["x"], expect["t"]), expect["ema_out"], atol=1e-5)
+    noise = PerImageNoise([sample.image_seed(0, i) for i in range(2)], "cpu")
+    expected = to_uint8(diffusion.sample(2, (3, 16, 16), steps=5, noise=noise))
+    assert torch.equal(torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in range(2)]), expected)
+
+
+@pytest.mark.parametrize("model_type", ["DDPM", "EDM"])
+def test_bf16_autocast_stays_close_to_fp32(model_type, ddpm_config, edm_config):
+    """bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%), so each network output is off by a
+    few 0.1%. The samplers damp that error: DDIM and Heun end at low noise, where the output is
+    mostly the input, and the prediction is clipped to [-1, 1]; measured over seeds the largest
+    difference is 0.003 (DDIM) and 0.012 (EDM) in [0, 1]. The bound 0.04 (10 of 255 levels)
+    leaves 3x margin yet fails on a real error, such as a missing clip or a float16 overflow."""
+    config = ddpm_config if model_type == "DDPM" else edm_config
+    cfg = load_config(config)
+    diffusion = load_diffusion(cfg, config.parent / "run" / "ckpts" / "model_2.pth")
+    sampler = sample.sampler_settings(cfg, "DDIM", 5, 0.0)
+    images = {}
+    for precision in ("fp32", "bf16"):
+        noise = PerImageNoise([sample.image_seed(0, i) for i in range(16)], "cpu")
+        with autocast(torch.device("cpu"), precision):
+            images[precision] = sample.draw_images(diffusion, sampler, noise, 16, (3, 8, 8)).double()
+    difference = (images["fp32"] - images["bf16"]).abs()
+    assert 0 < difference.max() < 0.04  # not 0: bf16 really ran
+    assert difference.mean() < 0.004
+
+
+def test_fid_flag_scores_the_run(ddpm_config, tmp_path, monkeypatch, capsys):
+    import fid
+    from tests.test_fid import RandomFeatures
+
+    monkeypatch.setattr(fid, "load_inception", lambda device: RandomFeatures())  # no Inception weights here
+    reference = Path(run_sample(ddpm_config, "--n_samples", 6, "--steps", 2, "--seed", 1,
+                                "--out_dir", tmp_path / "reference")["out_dir"]) / "pngs"
+    result = run_sample(ddpm_config, "--n_samples", 6, "--steps", 2, "--out_dir", tmp_path / "run",
+                        "--fid", reference, "--ref_cache", tmp_path / "ref.npz", "--fid_workers", 0)
+    expected = fid.compute_fid(str(reference), str(tmp_path / "run" / "pngs"), feature_extractor=RandomFeatures(),
+                               ref_cache="", num_workers=0, progress=False)
+    assert result["fid"] == expected > 0
+    assert f"FID: {expected}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "fid.json").read_text()) == \
+        {"fid": expected, "reference": str(reference), "n_images": 6}
+    assert (tmp_path / "ref.npz").is_file()
+    with pytest.raises(UserError, match="--fid nowhere: no such folder or .npz"):  # found before sampling
+        sample.run(sample.build_parser().parse_args(
+            ["--config", str(ddpm_config), "--steps", "2", "--fid", "nowhere"]), torch.device("cpu"))
