@@ -413,6 +413,9 @@ def find_resume_checkpoint(cfg, args):
                             f"or pass --resume PATH to a checkpoint file")
         return path
     if args.resume:
+        if not os.path.isfile(args.resume):
+            raise UserError(f"--resume {args.resume}: file not found; pass a checkpoint such as "
+                            f"{checkpoint_path(cfg.save_dir, 0)}, or --resume alone for the latest in save_dir")
         return args.resume
     saved = list_checkpoints(cfg.save_dir)
     if cfg.load_epoch != -1:
