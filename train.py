@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
@@ -38,6 +37,7 @@ from utils.data import add_data_args, build_dataset, build_loader, set_loader_ep
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
 
 CLIP_NORM = 1.0
@@ -364,20 +364,6 @@ def save_training_checkpoint(state, epoch):
     return path
 
 
-def write_png(images, path, nrow):
-    """Save a grid of (N, C, H, W) images in [0, 1] as a PNG, atomically."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_image(images, temporary, nrow=nrow, format="png")
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); choose a writable save_dir") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 @torch.no_grad()
 def save_sample_grid(state, epoch):
     """Sample cfg.n_sample images with the EMA model and save them above as many real training images.
@@ -394,7 +380,11 @@ def save_sample_grid(state, epoch):
         samples = state.ema.ema_model.sample(cfg.n_sample, cfg.network.image_shape, steps=steps, noise=noise)
     grid = torch.cat([samples.float().clamp(0, 1).cpu(), state.data.first_images(cfg.n_sample)])
     path = os.path.join(cfg.save_dir, "visual", f"image_ep{epoch}_ema.png")
-    write_png(grid, path, GRID_ROW)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_grid(grid, path, nrow=GRID_ROW)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror}); choose a writable save_dir") from None
     return path
 
 
