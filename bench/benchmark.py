@@ -14,7 +14,6 @@ tuning happen there), then its timed steps, with a device synchronisation at the
 A variant that fails is reported with its error and the others still run.
 """
 import argparse
-import contextlib
 import datetime
 import gc
 import math
@@ -266,7 +265,8 @@ def peak_flops(device_name):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def free_memory(device):
@@ -659,6 +659,8 @@ def main(args):
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif args.quick:
+        torch.set_num_threads(1)  # tiny tensors gain nothing from threads, and spinning ones stall a shared CPU
     settings = settings_from_args(args, device)
     settings.config_path, settings.data_root, settings.quick = args.config, args.data_root, args.quick
     forward, source = forward_flops(settings.cfg)
