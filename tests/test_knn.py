@@ -1,21 +1,40 @@
 """k-NN evaluation (knn.py), the dataset feature pass it shares with export_features.py, and the
 CIFAR-100 / Tiny ImageNet configs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils.data import Subset
+import torch.nn.functional as F
 
+import knn
 from model.models import build_diffusion, count_parameters
+from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
 from utils.probe import extract_dataset_features, extract_grid_features, probe_cells
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "linear.batch_size=8",
                   "num_workers=0"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread; more only contend with other work on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(save_dir, extra=()):
     """config/demo.yaml shrunk to 16x16 images (4 blocks: out_1, out_2 at 8x8; out_3, out_4 at 16x16)."""
-    return load_config("config/demo.yaml", TINY_OVERRIDES + [f"save_dir={save_dir}", *extra])
+    return load_config(REPO / "config" / "demo.yaml", TINY_OVERRIDES + [f"save_dir={save_dir}", *extra])
 
 
 def tiny_diffusion(cfg, seed=0):
@@ -24,7 +43,7 @@ def tiny_diffusion(cfg, seed=0):
 
 
 def tiny_images(n, train, seed=0):
-    return Subset(SyntheticImages(n=n, image_size=16, train=train, seed=seed), range(n))
+    return SyntheticImages(n=n, image_size=16, train=train, seed=seed)
 
 
 def test_dataset_features_do_not_depend_on_batch_size_or_sharding(tmp_path):
@@ -72,7 +91,7 @@ def test_empty_shard_gives_every_cell_with_no_rows(tmp_path):
     ("TinyImageNet_EDM_ddpm", "tinyimagenet", 200, 45_654_019, 15, (4, "out_10")),
 ])
 def test_dataset_configs_load_and_build(name, dataset, classes, parameters, n_blocks, cell):
-    cfg = load_config(f"config/{name}.yaml")
+    cfg = load_config(REPO / "config" / f"{name}.yaml")
     assert (cfg.dataset, cfg.classes, cfg.save_dir) == (dataset, classes, f"./output_{name}")
     with torch.device("meta"):  # sizes only: no memory, no initialisation
         diffusion = build_diffusion(cfg)
@@ -85,9 +104,142 @@ def test_dataset_configs_load_and_build(name, dataset, classes, parameters, n_bl
 
 
 def test_tiny_imagenet_feature_resolutions():
-    cfg = load_config("config/TinyImageNet_DDPM_ddpm.yaml", ["network.n_channels=32"])  # same layout, narrower
+    cfg = load_config(REPO / "config" / "TinyImageNet_DDPM_ddpm.yaml", ["network.n_channels=32"])  # same layout, narrower
     net = build_diffusion(cfg).nn_model
     with torch.no_grad():
         activations = net.forward_features(torch.zeros(1, 3, 64, 64), torch.zeros(1), net.block_names)
     sides = [activations[f"out_{k}"].shape[-1] for k in range(1, 16)]
     assert sides == [4] * 3 + [8] * 3 + [16] * 3 + [32] * 3 + [64] * 3
+
+
+def test_knn_votes_by_hand():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1, 2])
+    votes = knn.knn_votes(bank, labels, torch.tensor([[1.0, 0.0]]), num_classes=3, k=2, temperature=0.5)
+    # Neighbours: bank[0] (similarity 1.0, class 0) and bank[3] (0.6, class 2).
+    assert torch.allclose(votes, torch.tensor([[math.exp(1.0 / 0.5), 0.0, math.exp(0.6 / 0.5)]]))
+    # k larger than the bank: every training image votes.
+    votes = knn.knn_votes(bank, labels, torch.tensor([[0.0, 1.0]]), num_classes=3, k=50, temperature=1.0)
+    expected = [math.exp(0.0), math.exp(1.0) + math.exp(0.0), math.exp(0.8)]
+    assert torch.allclose(votes, torch.tensor([expected]))
+
+
+def test_low_temperature_lets_one_close_neighbour_outvote_two():
+    def unit(similarity):  # a unit vector with the given cosine similarity to (1, 0)
+        return [similarity, math.sqrt(1 - similarity ** 2)]
+
+    bank = torch.tensor([unit(0.9), unit(0.5), unit(0.45), unit(-0.9)])
+    labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    sharp = knn.knn_votes(bank, labels, query, num_classes=2, k=3, temperature=0.07)
+    flat = knn.knn_votes(bank, labels, query, num_classes=2, k=3, temperature=1.0)
+    # exp(0.9 / 0.07) = 3.8e5 against exp(0.5 / 0.07) + exp(0.45 / 0.07) = 1.9e3; at T = 1: 2.46 against 3.22.
+    assert sharp.argmax().item() == 0 and flat.argmax().item() == 1
+    assert flat[0, 1].item() == pytest.approx(math.exp(0.5) + math.exp(0.45), rel=1e-6)
+
+
+def brute_force_knn(bank, bank_labels, queries, num_classes, k, temperature):
+    """Predictions by sorting every similarity in Python, one query at a time."""
+    predictions = []
+    for query in queries.tolist():
+        similarities = [(sum(q * b for q, b in zip(query, row)), label)
+                        for row, label in zip(bank.tolist(), bank_labels.tolist())]
+        scores = [0.0] * num_classes
+        for similarity, label in sorted(similarities, reverse=True)[:k]:
+            scores[label] += math.exp(similarity / temperature)
+        predictions.append(max(range(num_classes), key=scores.__getitem__))
+    return predictions
+
+
+def test_knn_matches_brute_force_across_query_chunks(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(60, 5, generator=generator), dim=1)
+    bank_labels = torch.randint(0, 4, (60,), generator=generator)
+    queries = F.normalize(torch.randn(23, 5, generator=generator), dim=1)
+    monkeypatch.setattr(knn, "QUERY_CHUNK", 7)  # chunk edges inside the queries
+    predictions = knn.knn_votes(bank, bank_labels, queries, 4, k=5, temperature=0.1).argmax(dim=1)
+    assert predictions.tolist() == brute_force_knn(bank, bank_labels, queries, 4, k=5, temperature=0.1)
+    test_labels = torch.tensor(brute_force_knn(bank, bank_labels, queries, 4, k=5, temperature=0.1))
+    test_labels[:4] = (test_labels[:4] + 1) % 4  # exactly 4 of 23 wrong
+    cells = [(1, "a"), (2, "b")]
+    accuracy, total = knn.knn_accuracy({cell: bank for cell in cells}, bank_labels,
+                                       {cells[0]: queries, cells[1]: queries}, test_labels, cells, 4, 5, 0.1)
+    assert total == 23 and accuracy == pytest.approx([100 * 19 / 23] * 2)
+
+
+def test_run_knn_writes_the_table_that_its_features_give(tmp_path):
+    cfg = tiny_config(tmp_path)
+    diffusion = tiny_diffusion(cfg)
+    train_set, test_set = tiny_images(30, train=True), tiny_images(10, train=False)
+    timesteps, blocks = probe_cells(cfg, grid=True)
+    result = knn.run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, torch.device("cpu"), tmp_path,
+                         "grid", batch_size=16, k=3, temperature=0.07, seed=11, heatmap=True)
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert (saved["train_images"], saved["test_images"], saved["k"]) == (30, 10, 3)
+    assert list(saved["accuracy"]) == ["1", "11", "21"] and list(saved["accuracy"]["11"]) == blocks
+
+    loader = lambda dataset: build_loader(dataset, 16, train=False, rank=0, world_size=1)  # noqa: E731
+    train, train_labels = extract_dataset_features(diffusion, loader(train_set), timesteps, blocks,
+                                                   torch.device("cpu"), norm=True, seed=11)
+    test, test_labels = extract_dataset_features(diffusion, loader(test_set), timesteps, blocks,
+                                                 torch.device("cpu"), norm=True, seed=11 + 30)
+    for t in timesteps:
+        for block in blocks:
+            predictions = brute_force_knn(train[(t, block)], train_labels, test[(t, block)], 10, 3, 0.07)
+            correct = sum(p == label for p, label in zip(predictions, test_labels.tolist()))
+            assert saved["accuracy"][str(t)][block] == pytest.approx(100 * correct / 10)
+    best = saved["best"]
+    assert best["accuracy"] == max(max(row.values()) for row in saved["accuracy"].values())
+
+
+def test_self_retrieval_is_perfect(tmp_path):
+    """Test images that are also training images find themselves: k = 1 gives 100%."""
+    cfg = tiny_config(tmp_path)
+    images = tiny_images(20, train=True)
+    result = knn.run_knn(cfg, tiny_diffusion(cfg), images, images, [1], ["out_3"], torch.device("cpu"),
+                         tmp_path, "self", batch_size=20, k=1, seed=0)
+    assert result["accuracy"] == {"1": {"out_3": 100.0}}
+
+
+def write_tiny_checkpoint(cfg, path):
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, path)
+    return path
+
+
+def knn_argv(save_dir, checkpoint, extra=()):
+    sets = [arg for override in TINY_OVERRIDES + [f"save_dir={save_dir}"] for arg in ("--set", override)]
+    return ["--config", str(REPO / "config" / "demo.yaml"), *sets, "--ckpt", str(checkpoint), "--device", "cpu",
+            "--max_images", "24", "--batch_size", "8", *extra]
+
+
+def test_cli_single_process_and_two_processes_agree(tmp_path):
+    cfg = tiny_config(tmp_path)
+    checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
+    knn.main(knn.build_parser().parse_args(knn_argv(tmp_path / "one", checkpoint, ["--grid", "--k", "5"])))
+    one = json.loads((tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
+    assert (tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.png").is_file()
+    assert (one["world_size"], one["train_images"], one["test_images"]) == (1, 24, 24)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "knn.py",
+               *knn_argv(tmp_path / "two", checkpoint, ["--grid", "--k", "5"])]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
+    assert (two["world_size"], two["train_images"], two["test_images"]) == (2, 24, 24)
+    assert two["accuracy"] == one["accuracy"]
+
+
+def test_cli_errors_name_the_flag(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
+    with pytest.raises(SystemExit) as stopped:
+        knn.main(knn.build_parser().parse_args(knn_argv(tmp_path, checkpoint, ["--k", "0"])))
+    assert stopped.value.code == 2 and "--k 0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        knn.main(knn.build_parser().parse_args(knn_argv(tmp_path, tmp_path / "missing.pth")))
+    assert "missing.pth not found" in capsys.readouterr().err

@@ -1,0 +1,251 @@
+"""Weighted k-NN classification on frozen DDAE features, for every (timestep, block) cell at once.
+
+    python knn.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --grid
+    torchrun --nproc_per_node=4 knn.py --config config/CIFAR100_DDPM_ddpm.yaml --precision bf16 --grid
+
+The protocol of DINO's k-NN evaluation: the features of every training and test image are
+extracted once (no augmentation; image i is noised with its own seed, so the result does not
+depend on batch size or process count), average-pooled and L2-normalised; a test image takes the
+k = 20 training images of highest cosine similarity s, each votes for its class with weight
+exp(s / 0.07), and the class with the largest sum wins. Nothing is trained, so the whole grid
+takes one feature pass over both splits where the linear probe takes 15 epochs.
+
+With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or EDM indices 3, 4, 5 of
+18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
+of both splits; the training features are all-gathered and each process classifies its own test
+images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid).
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.amp import add_amp_args, resolve_precision
+from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
+from utils.config import add_config_args, load_config
+from utils.data import add_data_args, build_dataset, build_loader, test_transform
+from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
+from utils.errors import UserError, cli_entry
+from utils.logging import plot_heatmap
+from utils.noisy import add_max_images_arg, limit_images
+from utils.probe import (AccuracyCounter, cell_label, extract_dataset_features, prepare_frozen, probe_cells,
+                         save_json, synchronize)
+
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+QUERY_CHUNK = 1024  # test images compared with the whole training set at once: (chunk, N) similarities
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    add_amp_args(parser)
+    add_checkpoint_args(parser)
+    parser.add_argument("--grid", action="store_true",
+                        help="every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18), as linear.py --grid")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="a neighbour of cosine similarity s votes with weight exp(s / temperature)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per feature pass and process (default: linear.batch_size)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="noise seed: image i of a split is noised with seed + i (default: the config's seed)")
+    add_data_args(parser)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader workers per process (default: the config's num_workers)")
+    add_max_images_arg(parser)
+    add_launcher_args(parser)
+    return parser
+
+
+def check_args(args):
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be at least 1")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature {args.temperature}: must be positive")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+
+
+def knn_votes(bank, bank_labels, queries, num_classes, k=DEFAULT_K, temperature=DEFAULT_TEMPERATURE):
+    """Summed neighbour weights per class: the weighted k-NN's class scores.
+
+    Args:
+        bank: (N, C) L2-normalised training features.
+        bank_labels: (N,) their classes.
+        queries: (Q, C) L2-normalised test features.
+        num_classes: number of classes.
+        k: neighbours per query (all N when N < k).
+        temperature: a neighbour of cosine similarity s has weight exp(s / temperature).
+
+    Returns:
+        (Q, num_classes) float32 scores; the prediction is their argmax.
+    """
+    votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+    k = min(k, bank.shape[0])
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        similarity = queries[start:start + QUERY_CHUNK] @ bank.T  # (chunk, N)
+        top_similarity, top_index = similarity.topk(k, dim=1)  # (chunk, k)
+        weights = (top_similarity / temperature).exp()
+        votes[start:start + QUERY_CHUNK].scatter_add_(1, bank_labels[top_index], weights)
+    return votes
+
+
+def all_gather_rows(tensor):
+    """Concatenate every process's (n_rank, ...) tensor in rank order; shards may differ in length.
+
+    The shards of ``EvalShardSampler`` are contiguous and in rank order, so gathering per-shard
+    features gives the features of the whole dataset in dataset order.
+    """
+    if get_world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    sizes = [int(size) for size in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:size] for rows, size in zip(gathered, sizes)])
+
+
+def gather_bank(features, labels, cells):
+    """All processes' training features and labels, one collective for every cell together."""
+    widths = [features[cell].shape[1] for cell in cells]
+    stacked = torch.cat([labels[:, None].to(features[cells[0]].dtype)] + [features[cell] for cell in cells], dim=1)
+    stacked = all_gather_rows(stacked)  # (N, 1 + sum of widths)
+    columns = stacked[:, 1:].split(widths, dim=1)
+    return dict(zip(cells, columns)), stacked[:, 0].round().long()
+
+
+def knn_accuracy(bank, bank_labels, test_features, test_labels, cells, num_classes, k, temperature):
+    """Accuracy (%) of every cell over all processes, each test image counted once.
+
+    Args:
+        bank: ``{cell: (N, C)}`` training features of the whole training set (every process).
+        test_features: ``{cell: (n, C)}`` this process's test features; ``test_labels`` (n,).
+
+    Returns:
+        (accuracy list in the order of ``cells``, number of test images over all processes).
+    """
+    counter = AccuracyCounter(len(cells), test_labels.device)
+    for start in range(0, test_labels.shape[0], QUERY_CHUNK):
+        chunk = slice(start, start + QUERY_CHUNK)
+        votes = torch.stack([knn_votes(bank[cell], bank_labels, test_features[cell][chunk], num_classes, k,
+                                       temperature) for cell in cells])  # (n_cells, chunk, classes)
+        counter.update(votes, test_labels[chunk])
+    return counter.reduce()
+
+
+def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
+            batch_size=128, num_workers=0, k=DEFAULT_K, temperature=DEFAULT_TEMPERATURE, seed=0,
+            heatmap=False, source=None):
+    """Extract the features of both splits once and classify the test set with k-NN in every cell.
+
+    Args:
+        cfg: the config (``model_type`` and ``classes`` are read).
+        diffusion: the frozen model (see ``utils.probe.prepare_frozen``).
+        train_set, test_set: datasets without augmentation.
+        timesteps, blocks: the cells are every pair (see ``utils.probe.probe_cells``).
+        device: this process's device.
+        out_dir, tag: the results go to ``out_dir/{tag}.json`` (and ``{tag}.png``).
+        precision: autocast precision of the feature pass.
+        batch_size, num_workers: of the feature pass, per process.
+        k, temperature: the k-NN's neighbours and vote temperature.
+        seed: training image i is noised with seed ``seed + i``, test image i with
+            ``seed + len(train_set) + i``.
+        heatmap: also draw the accuracy table as a heatmap.
+        source: the checkpoint the features come from, recorded in the JSON.
+
+    Returns:
+        the result dict written to ``{tag}.json``.
+    """
+    cells = [(t, block) for t in timesteps for block in blocks]
+    started = time.perf_counter()
+    splits = {}
+    for name, dataset, split_seed in (("train", train_set, seed), ("test", test_set, seed + len(train_set))):
+        loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, device=device)
+        splits[name] = extract_dataset_features(diffusion, loader, timesteps, blocks, device, norm=True,
+                                                precision=precision, seed=split_seed)
+    bank, bank_labels = gather_bank(*splits["train"], cells)
+    synchronize(device)
+    extracted = time.perf_counter()
+    accuracy, test_images = knn_accuracy(bank, bank_labels, *splits["test"], cells, cfg.classes, k, temperature)
+    finished = time.perf_counter()
+
+    table = {str(t): {} for t in timesteps}
+    for (t, block), value in zip(cells, accuracy):
+        table[str(t)][block] = value
+    best = max(range(len(cells)), key=accuracy.__getitem__)
+    result = {"checkpoint": source, "model_type": cfg.model_type, "dataset": cfg.dataset, "k": k,
+              "temperature": temperature, "seed": seed, "timesteps": list(timesteps), "blocks": list(blocks),
+              "world_size": get_world_size(), "train_images": len(bank_labels), "test_images": test_images,
+              "seconds": {"features": round(extracted - started, 2), "knn": round(finished - extracted, 2)},
+              "accuracy": table,
+              "best": {"timestep": cells[best][0], "block": cells[best][1], "accuracy": accuracy[best]}}
+    if is_main():
+        save_json(result, os.path.join(out_dir, f"{tag}.json"))
+        print0(format_table(table, timesteps, blocks))
+        print0(f"best: {cell_label(*cells[best])} {accuracy[best]:.2f}% ({test_images} test images, "
+               f"{len(bank_labels)} training images; features {extracted - started:.1f} s, "
+               f"k-NN {finished - extracted:.1f} s)")
+        if heatmap:
+            matrix = [[table[str(t)][block] for block in blocks] for t in timesteps]
+            plot_heatmap(matrix, [f"t={t}" for t in timesteps], blocks, os.path.join(out_dir, f"{tag}.png"),
+                         title=f"{k}-NN test accuracy (%), {tag}", xlabel="block", ylabel="timestep")
+    return result
+
+
+def format_table(accuracy, timesteps, blocks):
+    """The accuracy table as text: one row per timestep, one column per block."""
+    width = max(6, *(len(block) for block in blocks))
+    lines = ["t \\ block " + " ".join(f"{block:>{width}}" for block in blocks)]
+    for t in timesteps:
+        lines.append(f"{t:<10}" + " ".join(f"{accuracy[str(t)][block]:>{width}.2f}" for block in blocks))
+    return "\n".join(lines)
+
+
+def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
+    """Name of the outputs: checkpoint stem, cells and k-NN settings, e.g. ``model_1999_grid_k20_T0.07``."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    cells = "grid" if grid else f"t{timesteps[0]}_{blocks[0]}"
+    return f"{stem}_{cells}_k{k}_T{temperature:g}"
+
+
+@cli_entry
+def main(args):
+    check_args(args)
+    cfg = load_config(args.config, args.set)
+    timesteps, blocks = probe_cells(cfg, args.grid)
+    checkpoint = checkpoint_from_args(cfg, args)
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    image_size = cfg.network.image_shape[-1]
+    train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
+                                                      transform=test_transform(), image_size=image_size),
+                                        args.max_images) for train in (True, False))
+
+    device = init_distributed(args.device)
+    try:
+        precision = resolve_precision(args, device)
+        diffusion = prepare_frozen(diffusion, device)
+        print0(f"{args.k}-NN on {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+               f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
+               f"{precision}")
+        run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
+                out_dir=os.path.join(cfg.save_dir, "knn"),
+                tag=knn_tag(checkpoint, timesteps, blocks, args.grid, args.k, args.temperature),
+                precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
+                num_workers=cfg.num_workers if args.num_workers is None else args.num_workers,
+                k=args.k, temperature=args.temperature, seed=cfg.seed if args.seed is None else args.seed,
+                heatmap=args.grid, source=checkpoint)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
