@@ -210,7 +210,10 @@ def settings_from_args(args, device):
     if settings.parity_steps < 0 or settings.parity_window > max(settings.parity_steps, 1):
         raise UserError(f"--loss_parity_steps {settings.parity_steps} / --parity_window {settings.parity_window}: "
                         f"need 0 <= window <= steps")
-    sample.sampler_settings(cfg, "DDIM", settings.sample_steps, 0.0)  # a UserError for impossible steps
+    low, high = (1, cfg.diffusion.n_T) if cfg.model_type == "DDPM" else (2, None)
+    if settings.sample_steps < low or (high is not None and settings.sample_steps > high):
+        raise UserError(f"--sample_steps {settings.sample_steps}: the {cfg.model_type} sampler takes "
+                        f"{low} to {high or 'any number of'} steps")
     return settings
 
 

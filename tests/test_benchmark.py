@@ -1,0 +1,180 @@
+"""bench/benchmark.py: the --quick run on the CPU writes every part, and its bookkeeping is right."""
+import argparse
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.config import load_config
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "benchmark.py"
+DEMO = ROOT / "config" / "demo.yaml"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.md"
+    result = subprocess.run([sys.executable, str(BENCH), "--config", str(DEMO), "--quick", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out.read_text(), json.loads(out.with_suffix(".json").read_text()), result.stdout
+
+
+def test_quick_run_measures_every_variant_of_every_part(quick_run):
+    _, results, _ = quick_run
+    for part, variants in benchmark.VARIANTS.items():
+        rows = results[part]
+        assert [row["variant"] for row in rows] == list(variants)
+        for row in rows:
+            assert row["status"] == "ok", row
+            assert math.isfinite(row["img_s"]) and row["img_s"] > 0
+            assert row["peak_gib"] > 0
+            assert row["compile_s"] >= 0
+            assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
+
+
+def test_quick_run_numbers_fit_together(quick_run):
+    _, results, _ = quick_run
+    train = {row["variant"]: row for row in results["train"]}
+    assert train["faithful"]["speedup"] == 1.0
+    for row in train.values():
+        assert row["batch"] == 8
+        assert row["speedup"] == pytest.approx(row["img_s"] / train["faithful"]["img_s"], rel=1e-12)
+    assert train["faithful"]["precision"] == "fp32"  # fp16 needs CUDA: the CPU run falls back
+    assert train["fast"]["precision"] == "bf16"
+    assert train["fast"]["note"].startswith("compile off")
+    for row in results["sample"]:
+        assert row["sampler"] == "DDIM 10" and row["batch"] == 4
+        assert row["s_50k"] == pytest.approx(50_000 / row["img_s"], rel=1e-12)
+    probe = {row["variant"]: row for row in results["probe"]}
+    assert [probe[name]["batch"] for name in benchmark.PROBE_VARIANTS] == [8, 8, 16, 16]
+    assert {row["cells"] for row in probe.values()} == {"3 t x 4 blocks"}  # DDPM grid 1/11/21, out_1..out_4
+
+
+def test_quick_run_loss_parity(quick_run):
+    _, results, _ = quick_run
+    (parity,) = results["parity"]
+    assert parity["status"] == "ok" and parity["steps"] == 4 and parity["window"] == 2
+    curves = parity["curves"]
+    assert len(curves["fp32"]) == len(curves["fast"]) == 4
+    assert parity["loss_fp32"] == pytest.approx(sum(curves["fp32"][-2:]) / 2, rel=1e-6)
+    assert parity["loss_fast"] == pytest.approx(sum(curves["fast"][-2:]) / 2, rel=1e-6)
+    assert parity["difference"] == pytest.approx(parity["loss_fast"] - parity["loss_fp32"], abs=1e-9)
+    assert isinstance(parity["within_noise"], bool)
+    # The two runs start from the same weights and the same first batch: fp32 and bf16 losses agree closely.
+    assert curves["fast"][0] == pytest.approx(curves["fp32"][0], rel=0.05)
+
+
+def test_quick_run_table_and_header(quick_run):
+    markdown, results, stdout = quick_run
+    assert markdown.startswith("# Benchmark: demo on CPU")
+    for line in ("- torch: " + torch.__version__, "- command: python ", "- peak used for MFU: unknown device"):
+        assert line in markdown
+    assert "--quick" in results["header"]["command"]
+    for title in ("## Training", "## Sampling", "## Probe feature pass (--grid)", "## Loss parity"):
+        assert title in markdown
+    assert "| variant | precision | batch | img/s | speedup vs faithful |" in markdown
+    faithful = next(line for line in markdown.splitlines() if line.startswith("| faithful | fp32 | 8 |"))
+    assert faithful.endswith("| ok |")
+    assert markdown.strip() in stdout  # printed as well as written
+
+
+def context_for(cfg, device_label="CPU test"):
+    settings = argparse.Namespace(cfg=cfg, compile=False, quick=True)
+    context = benchmark.Context(settings, torch.device("cpu"), forward_flops=1e9, flops_source="test",
+                                train_flops=3e9, peak=None)
+    context.header = {"config": "test", "device": device_label}
+    context.original = benchmark.original_figures(cfg)
+    return context
+
+
+def test_a_failing_variant_is_reported_and_the_next_one_runs(tmp_path):
+    report = benchmark.Report(context_for(load_config(DEMO)), tmp_path / "r.md")
+
+    def broken():
+        raise RuntimeError("torch.compile is not available\nlong details")
+
+    failed = benchmark.run_job(report, "train", "fast", broken, deadline=None)
+    assert failed["status"] == "failed: RuntimeError: torch.compile is not available"
+    done = benchmark.run_job(report, "train", "faithful", lambda: {"img_s": 10.0}, deadline=None)
+    assert done["status"] == "ok" and done["speedup"] == 1.0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [row["status"] for row in saved["train"]] == [failed["status"], "ok"]
+    assert "| fast | - | - | - | - | - | - | - | - | failed: RuntimeError: torch.compile is not available |" \
+        in (tmp_path / "r.md").read_text()
+
+
+def test_a_spent_time_budget_skips_the_variant_without_running_it(tmp_path):
+    report = benchmark.Report(context_for(load_config(DEMO)), tmp_path / "r.md")
+    calls = []
+    row = benchmark.run_job(report, "sample", "bf16", lambda: calls.append(1) or {}, deadline=time.perf_counter())
+    assert calls == [] and row["status"] == "skipped: --time_budget_s spent"
+
+
+def test_comparison_with_the_original_only_on_an_h200():
+    cfg = load_config(ROOT / "config" / "DDPM_ddpm.yaml")
+    h200 = context_for(cfg, "NVIDIA H200")
+    train_row = {"img_s": 2 * 1678.0}
+    benchmark.add_comparisons(h200, "train", train_row, [])
+    assert train_row["x_original"] == 2.0 and train_row["speedup"] == 1.0
+    full, short = {"img_s": 1.0, "sampler": "DDIM 100", "s_50k": 643.0 / 4}, {"img_s": 1.0, "sampler": "DDIM 10",
+                                                                              "s_50k": 1.0}
+    benchmark.add_comparisons(h200, "sample", full, [])
+    benchmark.add_comparisons(h200, "sample", short, [])
+    assert full["x_original"] == 4.0 and short["x_original"] is None
+    h100_row = {"img_s": 1678.0}
+    benchmark.add_comparisons(context_for(cfg, "NVIDIA H100 80GB HBM3"), "train", h100_row, [])
+    assert "x_original" not in h100_row
+    assert benchmark.Report(h200, "unused.md").caption("probe") == \
+        "The original code on one H200 (SPEC §11): 2,079 img/s at batch 128 (3 timesteps, all blocks)."
+
+
+def test_flops_come_from_the_spec_for_the_paper_networks_and_are_counted_otherwise():
+    ddpm = load_config(ROOT / "config" / "DDPM_ddpm.yaml")
+    ddpmpp = load_config(ROOT / "config" / "EDM_ddpmpp_aug.yaml")
+    assert benchmark.forward_flops(ddpm) == (12.4e9, "SPEC §11")
+    assert benchmark.training_flops(ddpm) == 37.3e9
+    assert benchmark.training_flops(ddpmpp) == 129e9
+    demo = load_config(DEMO)
+    flops, source = benchmark.forward_flops(demo)
+    assert source == "FlopCounterMode" and 0.4e9 < flops < 0.6e9
+    assert benchmark.training_flops(demo) == 3 * flops
+    assert benchmark._mfu(1000.0, 37.3e9, 989e12) == pytest.approx(100 * 37.3e12 / 989e12)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_by_device_name(name, peak):
+    assert benchmark.peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_variants", "faithful,fastest"], "--train_variants 'faithful,fastest'"),
+    (["--only", "train,speed"], "--only 'train,speed'"),
+    (["--steps", "0"], "--steps 0"),
+    (["--sample_steps", "2000"], "--sample_steps 2000: the DDPM sampler takes 1 to 1000 steps"),
+])
+def test_bad_arguments_are_one_line_user_errors(flags, message):
+    args = benchmark.build_parser().parse_args(["--config", str(DEMO), *flags])
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        benchmark.settings_from_args(args, torch.device("cpu"))
