@@ -183,7 +183,10 @@ def settings_from_args(args, device):
     settings = argparse.Namespace(
         parts=parts,
         cfg=cfg,
+        config_path=args.config,
         overrides=overrides,
+        data_root=args.data_root,
+        quick=quick,
         variants={part: _split_names(getattr(args, f"{part}_variants"), VARIANTS[part], f"--{part}_variants")
                   for part in VARIANTS},
         compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
@@ -207,9 +210,11 @@ def settings_from_args(args, device):
                  "probe_batches"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name} {getattr(settings, name)}: must be at least 1")
-    if settings.parity_steps < 0 or settings.parity_window > max(settings.parity_steps, 1):
-        raise UserError(f"--loss_parity_steps {settings.parity_steps} / --parity_window {settings.parity_window}: "
-                        f"need 0 <= window <= steps")
+    if settings.parity_steps < 0:
+        raise UserError(f"--loss_parity_steps {settings.parity_steps}: must be 0 (off) or positive")
+    if settings.parity_steps and not 2 <= settings.parity_window <= settings.parity_steps:
+        raise UserError(f"--parity_window {settings.parity_window} with --loss_parity_steps {settings.parity_steps}: "
+                        f"need 2 <= window <= steps (a standard deviation needs two steps)")
     low, high = (1, cfg.diffusion.n_T) if cfg.model_type == "DDPM" else (2, None)
     if settings.sample_steps < low or (high is not None and settings.sample_steps > high):
         raise UserError(f"--sample_steps {settings.sample_steps}: the {cfg.model_type} sampler takes "
@@ -442,8 +447,8 @@ def loss_parity(context):
         if settings.compile:
             torch.compiler.reset()
     ref, fast = curves["fp32"][-window:].double(), curves["fast"][-window:].double()
-    std = float(ref.std()) if window > 1 else float("nan")
-    spread = math.sqrt((float(ref.var()) + float(fast.var())) / window) if window > 1 else float("nan")
+    std = float(ref.std())
+    spread = math.sqrt((float(ref.var()) + float(fast.var())) / window)  # standard error of the difference
     difference = float(fast.mean() - ref.mean())
     z = difference / spread if spread > 0 else float("nan")
     return {
@@ -665,7 +670,6 @@ def main(args):
     elif args.quick:
         torch.set_num_threads(1)  # tiny tensors gain nothing from threads, and spinning ones stall a shared CPU
     settings = settings_from_args(args, device)
-    settings.config_path, settings.data_root, settings.quick = args.config, args.data_root, args.quick
     forward, source = forward_flops(settings.cfg)
     train_flops = training_flops(settings.cfg)
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None

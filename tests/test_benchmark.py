@@ -173,6 +173,7 @@ def test_peak_flops_by_device_name(name, peak):
     (["--only", "train,speed"], "--only 'train,speed'"),
     (["--steps", "0"], "--steps 0"),
     (["--sample_steps", "2000"], "--sample_steps 2000: the DDPM sampler takes 1 to 1000 steps"),
+    (["--loss_parity_steps", "10", "--parity_window", "11"], "--parity_window 11 with --loss_parity_steps 10"),
 ])
 def test_bad_arguments_are_one_line_user_errors(flags, message):
     args = benchmark.build_parser().parse_args(["--config", str(DEMO), *flags])
