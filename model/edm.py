@@ -54,6 +54,7 @@ class EDM(nn.Module):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.S_min, self.S_max, self.S_noise = float(S_min), float(S_max), float(S_noise)
         self.augment_prob = float(augment_prob)
+        self._sigma_cache = {}  # (steps, device) -> feature noise levels, see _feature_sigmas
         if self.augment_prob > 0:
             from model.augment import AugmentPipe  # only the augmented config needs it
             self.augment_pipe = AugmentPipe(self.augment_prob)
@@ -140,16 +141,24 @@ class EDM(nn.Module):
         if isinstance(t, int) and not 1 <= t <= steps:
             raise ValueError(f"EDM feature timestep {t} is outside 1..{steps} (the schedule of {steps} steps)")
         x = 2 * x0 - 1
-        sigmas = self.schedule(steps).flip(0).to(torch.float32)  # (steps + 1,) from 0 up to sigma_max
         if isinstance(t, int):
-            sigma = torch.full((x.shape[0], 1, 1, 1), sigmas[t].item(), device=x.device)
+            sigma_t = self.schedule(steps)[steps - t].item()
+            sigma = torch.full((x.shape[0], 1, 1, 1), sigma_t, dtype=torch.float32, device=x.device)
         else:
-            sigma = sigmas.to(t.device)[t].to(x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+            sigma = self._feature_sigmas(steps, t.device)[t].to(x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
         x_noisy = x + sigma * noise_like(noise, x)
         _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
         return pool_features(activations, name, norm)
+
+    def _feature_sigmas(self, steps, device):
+        """(steps + 1,) float32 noise levels from 0 up to sigma_max on ``device``, copied there once:
+        a host-to-device copy per batch would make the CPU wait for the GPU."""
+        key = (steps, str(device))
+        if key not in self._sigma_cache:
+            self._sigma_cache[key] = self.schedule(steps).flip(0).to(torch.float32).to(device)
+        return self._sigma_cache[key]
 
     @torch.no_grad()
     def sample(self, n_sample=None, size=None, x_T=None, steps=18, eta=0.0, noise=None):
