@@ -1,0 +1,395 @@
+"""End-to-end fine-tuning of a pre-trained DDAE for classification at one noise level.
+
+    python finetune.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
+    torchrun --nproc_per_node=4 finetune.py --config config/CIFAR100_DDPM_ddpm.yaml --precision bf16 --layer_decay 0.9
+    python finetune.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --resume   # continue a stopped run
+
+The network starts from the checkpoint's EMA weights and runs up to --block (default
+linear.blockname) on images noised to --timestep (default linear.timestep), with fresh noise for
+every batch as in the linear probe; later blocks are not run. The block's output is averaged over
+H and W and goes through a LayerNorm and a zero-initialised Linear layer (the head). The
+LayerNorm puts every block and noise level on the same scale, so one learning rate suits the head
+wherever it sits; a BatchNorm would instead depend on the per-process batch.
+
+Recipe: AdamW (betas 0.9, 0.999; weight decay on convolution and linear weights only), linear
+warm-up then cosine decay to zero, updated every step; cross-entropy with label smoothing; random
+crops (4-pixel padding) and horizontal flips; the config's dropout. With --layer_decay d < 1 the
+learning rate of a stage is multiplied by d ** (its distance from the head), counting stages in
+the order the network runs them: the input convolution with the time embedding, each down-path
+module, the middle block, then each up-path module up to --block; the head gets the full rate.
+--lr is the peak rate of the run and --batch_size is per process; neither is scaled by the number
+of processes.
+
+Writes save_dir/finetune/{tag}.json after every epoch (settings, per-epoch history, final test
+accuracy) and {tag}.state.pth, the latest epoch's complete state (written atomically), which
+--resume continues from. With --num_workers 0 a resumed run is bitwise the run that was never
+stopped (on the same device type): every epoch seeds its own noise, dropout, crops and flips.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.blocks import Upsample
+from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import add_config_args, load_config
+from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch, test_transform
+from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
+                               init_distributed, is_main, print0)
+from utils.errors import UserError, cli_entry
+from utils.noisy import add_max_images_arg, limit_images
+from utils.probe import AccuracyCounter, probe_cells, save_json, to_device, use_channels_last
+
+# Settings a saved state must share with the run that resumes it.
+RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
+               "layer_decay", "label_smoothing", "seed", "world_size", "dataset", "max_images")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    add_amp_args(parser)
+    add_checkpoint_args(parser)
+    parser.add_argument("--timestep", type=int, default=None,
+                        help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
+    parser.add_argument("--block", default=None, help="the block the head reads, out_k (default: linear.blockname)")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (after warm-up)")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of conv and linear weights")
+    parser.add_argument("--warmup_epochs", type=int, default=5, help="epochs of linear learning-rate warm-up")
+    parser.add_argument("--batch_size", type=int, default=None, help="images per step and process (default: linear.batch_size)")
+    parser.add_argument("--layer_decay", type=float, default=1.0,
+                        help="layer-wise learning-rate decay per stage from the head (1: off; e.g. 0.9)")
+    parser.add_argument("--label_smoothing", type=float, default=0.1)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the saved state of this run (start fresh if there is none)")
+    parser.add_argument("--out", default=None, help="output folder (default: save_dir/finetune)")
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
+    add_data_args(parser)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader workers per process (default: the config's num_workers)")
+    add_max_images_arg(parser)
+    add_launcher_args(parser)
+    return parser
+
+
+def check_args(args):
+    for name in ("epochs", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: must be at least 1")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight_decay {args.weight_decay}: must be 0 or positive")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise UserError(f"--warmup_epochs {args.warmup_epochs}: must be in 0..--epochs ({args.epochs})")
+    if not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer_decay {args.layer_decay}: must be in (0, 1]; 1 turns it off")
+    if not 0 <= args.label_smoothing < 1:
+        raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 1)")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+
+
+class DDAEClassifier(nn.Module):
+    """A diffusion model's network up to ``block`` at noise level ``timestep``, pooled, then a head.
+
+    Args:
+        diffusion: a DDPM or EDM model; its ``get_feature`` noises the images (fresh noise) and
+            stops the network after ``block``.
+        timestep: DDPM timestep or EDM index of the 18-step schedule.
+        block: ``out_k``.
+        feature_dim: channels of ``block``.
+        num_classes: outputs of the head.
+    """
+
+    def __init__(self, diffusion, timestep, block, feature_dim, num_classes):
+        super().__init__()
+        self.diffusion = diffusion
+        self.timestep, self.block = timestep, block
+        self.norm = nn.LayerNorm(feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+        # A zero head starts at the uniform prediction and sends no gradient into the pre-trained
+        # network until it has learnt something, so the first steps cannot scramble the features.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x0):
+        """Logits (B, num_classes) of clean images x0 (B, C, H, W) in [0, 1]."""
+        feature = self.diffusion.get_feature(x0, self.timestep, name=self.block)  # (B, C) float32
+        return self.head(self.norm(feature))
+
+
+def network_stages(net, block):
+    """The modules that compute ``block``, grouped in the order the network runs them.
+
+    Returns:
+        ``[(name, [modules])]``: "embedding" (input convolution and time embedding), "down.i" for
+        every down-path module, "middle", and "up.i" for the up-path modules up to ``block``
+        (upsamplers included).
+    """
+    stages = [("embedding", [net.image_proj, net.time_emb])]
+    stages += [(f"down.{i}", [module]) for i, module in enumerate(net.down)]
+    stages.append(("middle", [net.middle]))
+    blocks_left = net.block_names.index(block) + 1
+    for i, module in enumerate(net.up):
+        stages.append((f"up.{i}", [module]))
+        if not isinstance(module, Upsample):
+            blocks_left -= 1
+            if blocks_left == 0:
+                break
+    return stages
+
+
+def parameter_groups(classifier, weight_decay, layer_decay):
+    """AdamW parameter groups: per stage (see ``network_stages``) and head, weights with
+    ``weight_decay`` and biases / norm parameters without; each group's ``lr_scale`` is
+    ``layer_decay ** (stages between it and the head)``.
+
+    Also sets ``requires_grad`` on exactly the parameters that the groups hold.
+    """
+    stages = network_stages(classifier.diffusion.nn_model, classifier.block)
+    stages.append(("head", [classifier.norm, classifier.head]))
+    classifier.requires_grad_(False)
+    groups = []
+    for index, (name, modules) in enumerate(stages):
+        scale = layer_decay ** (len(stages) - 1 - index)
+        decayed, not_decayed = [], []
+        for module in modules:
+            for param_name, param in module.named_parameters():
+                if param_name.startswith("aug_emb."):
+                    continue  # fed augmentation labels only in diffusion training: unused here
+                param.requires_grad_(True)
+                (decayed if param.dim() > 1 else not_decayed).append(param)
+        for params, decay in ((decayed, weight_decay), (not_decayed, 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": decay, "lr_scale": scale, "stage": name})
+    return groups
+
+
+def lr_factor(step, total_steps, warm_steps):
+    """Learning-rate multiplier at step ``step`` (0-based): linear warm-up to 1 over ``warm_steps``,
+    then a cosine from 1 to 0 at ``total_steps``."""
+    if step < warm_steps:
+        return (step + 1) / warm_steps
+    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def epoch_seed(seed, epoch, rank):
+    """Seed of one epoch's noise, dropout, crops and flips on one process."""
+    return seed + 10_000 * (epoch + 1) + rank
+
+
+def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, precision, label_smoothing):
+    """One pass over this process's training shard.
+
+    Returns:
+        (next step, summed loss, correct predictions, images seen) of this process; the sums stay
+        on the device, so the GPU never waits for the host.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(step) * group["lr_scale"]
+        with autocast(device, precision):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += labels.shape[0]
+        step += 1
+    return step, loss_sum, correct, seen
+
+
+@torch.no_grad()
+def evaluate(classifier, loader, device, precision):
+    """Test accuracy (%) over all processes, each test image counted once, and the image count."""
+    classifier.eval()
+    counter = AccuracyCounter(1, device)
+    for images, labels in loader:
+        images, labels = to_device(images, labels, device)
+        with autocast(device, precision):
+            logits = classifier(images)
+        counter.update(logits.float()[None], labels)  # (1, B, classes)
+    (accuracy,), total = counter.reduce()
+    return accuracy, total
+
+
+def load_state(path, settings):
+    """A saved state, checked against this run's settings."""
+    state = load_checkpoint(path)
+    saved = state.get("settings", {})
+    for key in RESUME_KEYS:
+        if saved.get(key) != settings[key]:
+            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, not {settings[key]!r}; "
+                            f"rerun with the same settings to resume it, or pass --out for a new run")
+    return state
+
+
+def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir, tag, precision="fp32",
+                 num_workers=0, resume=False):
+    """Fine-tune and test; resumable per epoch.
+
+    Args:
+        cfg: the config (``classes`` and ``network.image_shape`` are read).
+        diffusion: the pre-trained model, on any device (it is moved and trained in place).
+        train_set, test_set: datasets with the training and test transforms.
+        settings: the run's settings (every key of ``RESUME_KEYS``), recorded in every output.
+        device: this process's device.
+        out_dir, tag: the outputs are ``out_dir/{tag}.json`` and ``out_dir/{tag}.state.pth``.
+        precision: autocast precision.
+        num_workers: data-loader workers per process.
+        resume: continue from ``{tag}.state.pth``; without it an existing state is an error.
+
+    Returns:
+        the result dict written to ``{tag}.json``.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    state_path = os.path.join(out_dir, f"{tag}.state.pth")
+    if os.path.isfile(state_path) and not resume:
+        raise UserError(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
+
+    diffusion = diffusion.to(device)
+    if use_channels_last(device):
+        diffusion = diffusion.to(memory_format=torch.channels_last)
+    dims = feature_dims(diffusion, cfg.network.image_shape)
+    classifier = DDAEClassifier(diffusion, settings["timestep"], settings["block"], dims[settings["block"]],
+                                cfg.classes).to(device)
+    groups = parameter_groups(classifier, settings["weight_decay"], settings["layer_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = make_grad_scaler(device, precision)
+
+    history, start_epoch, step, test_images = [], 0, 0, None
+    if resume and os.path.isfile(state_path):
+        state = load_state(state_path, settings)
+        classifier.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["opt"])
+        if state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        history, start_epoch, step, test_images = state["history"], state["epoch"], state["step"], state["test_images"]
+        print0(f"resuming {state_path}: {start_epoch} of {settings['epochs']} epochs done")
+    elif resume:
+        print0(f"--resume: no saved state at {state_path}; starting fresh")
+
+    model = classifier
+    if world_size > 1:
+        # The only buffers are the noise schedules, equal everywhere: no need to broadcast them every step.
+        model = DistributedDataParallel(classifier, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    batch_size = settings["batch_size"]
+    train_loader = build_loader(train_set, batch_size, train=True, num_workers=num_workers, seed=settings["seed"],
+                                device=device)
+    test_loader = build_loader(test_set, batch_size, train=False, num_workers=num_workers, device=device)
+    total_steps = settings["epochs"] * len(train_loader)
+    warm_steps = settings["warmup_epochs"] * len(train_loader)
+
+    def lr_at_step(index):
+        return settings["lr"] * lr_factor(index, total_steps, warm_steps)
+
+    trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+    print0(f"fine-tuning {trainable:,} of {count_parameters(classifier):,} parameters at t={settings['timestep']}, "
+           f"{settings['block']}: {len(train_set)} training images, {world_size} process(es), {precision}")
+    result = None
+    for epoch in range(start_epoch, settings["epochs"]):
+        started = time.perf_counter()
+        torch.manual_seed(epoch_seed(settings["seed"], epoch, rank))
+        set_loader_epoch(train_loader, epoch)
+        step, loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, lr_at_step, step,
+                                                        device, precision, settings["label_smoothing"])
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                             torch.tensor(float(seen), dtype=torch.float64, device=device)])).cpu()
+        torch.manual_seed(settings["seed"] + rank)  # the same test noise after every epoch
+        test_accuracy, test_images = evaluate(classifier, test_loader, device, precision)
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch, "lr": lr_at_step(step - 1), "train_loss": (totals[0] / totals[2]).item(),
+                        "train_accuracy": (100 * totals[1] / totals[2]).item(), "test_accuracy": test_accuracy,
+                        "seconds": round(seconds, 2)})
+        print0(f"epoch {epoch + 1}/{settings['epochs']}  loss {history[-1]['train_loss']:.4f}  "
+               f"train {history[-1]['train_accuracy']:.2f}%  test {test_accuracy:.2f}%  "
+               f"({int(totals[2]) / seconds:.0f} img/s)")
+        result = summary(cfg, settings, history, test_images, trainable)
+        if is_main():
+            save_checkpoint({"settings": settings, "epoch": epoch + 1, "step": step, "model": classifier.state_dict(),
+                             "opt": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "history": history, "test_images": test_images}, state_path)
+            save_json(result, os.path.join(out_dir, f"{tag}.json"))
+        barrier()
+    if result is None:  # resumed a finished run: nothing left to train
+        result = summary(cfg, settings, history, test_images, trainable)
+        if is_main():
+            save_json(result, os.path.join(out_dir, f"{tag}.json"))
+    print0(f"test accuracy after {len(history)} epochs: {result['test_accuracy']:.2f}%")
+    return result
+
+
+def summary(cfg, settings, history, test_images, trainable):
+    """The result record: settings, per-epoch history and the final test accuracy."""
+    return {"model_type": cfg.model_type, "classes": cfg.classes, "settings": settings,
+            "trainable_parameters": trainable, "epochs_done": len(history),
+            "finished": len(history) == settings["epochs"], "test_images": test_images,
+            "test_accuracy": history[-1]["test_accuracy"] if history else None, "history": history}
+
+
+def finetune_tag(checkpoint, timestep, block):
+    """Name of the outputs: checkpoint stem and cell, e.g. ``model_1999_t11_out_6``."""
+    return f"{os.path.splitext(os.path.basename(checkpoint))[0]}_t{timestep}_{block}"
+
+
+@cli_entry
+def main(args):
+    check_args(args)
+    # --timestep and --block are linear.timestep and linear.blockname for this run, so the
+    # config's own checks cover them.
+    overrides = list(args.set)
+    if args.timestep is not None:
+        overrides.append(f"linear.timestep={args.timestep}")
+    if args.block is not None:
+        overrides.append(f"linear.blockname={args.block}")
+    cfg = load_config(args.config, overrides)
+    (timestep,), (block,) = probe_cells(cfg)
+    checkpoint = checkpoint_from_args(cfg, args)
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    image_size = cfg.network.image_shape[-1]
+    train_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=True,
+                                           transform=probe_train_transform(image_size), image_size=image_size),
+                             args.max_images)
+    test_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=False, transform=test_transform(),
+                                          image_size=image_size), args.max_images)
+
+    device = init_distributed(args.device)
+    try:
+        settings = {"checkpoint": os.path.abspath(checkpoint), "timestep": timestep, "block": block,
+                    "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+                    "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size or cfg.linear.batch_size,
+                    "layer_decay": args.layer_decay, "label_smoothing": args.label_smoothing,
+                    "seed": cfg.seed if args.seed is None else args.seed, "world_size": get_world_size(),
+                    "dataset": cfg.dataset, "max_images": args.max_images}
+        run_finetune(cfg, diffusion, train_set, test_set, settings, device,
+                     out_dir=args.out or os.path.join(cfg.save_dir, "finetune"),
+                     tag=finetune_tag(checkpoint, timestep, block), precision=resolve_precision(args, device),
+                     num_workers=cfg.num_workers if args.num_workers is None else args.num_workers,
+                     resume=args.resume)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

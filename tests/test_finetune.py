@@ -1,0 +1,196 @@
+"""finetune.py: the classifier, its stages and learning rates, the schedule, and resumed runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune
+from model.blocks import Upsample
+from model.models import load_diffusion
+from tests.test_knn import REPO, TINY_OVERRIDES, one_thread, tiny_config, tiny_diffusion  # noqa: F401 (autouse fixture)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import load_config
+from utils.data import SyntheticImages, probe_train_transform
+from utils.errors import UserError
+
+TINY_STAGES = ["embedding", "down.0", "down.1", "down.2", "middle", "up.0", "up.1"]  # up to out_2
+
+
+def test_stages_follow_the_module_order_up_to_the_block(tmp_path):
+    net = tiny_diffusion(tiny_config(tmp_path)).nn_model
+    assert [name for name, _ in finetune.network_stages(net, "out_2")] == TINY_STAGES
+    stages = finetune.network_stages(net, "out_3")
+    assert [name for name, _ in stages] == TINY_STAGES + ["up.2", "up.3"]
+    assert isinstance(stages[-2][1][0], Upsample) and stages[-1][1][0] is net.up[3]
+    assert stages[0][1] == [net.image_proj, net.time_emb] and stages[4][1] == [net.middle]
+
+
+def test_layer_decay_scales_weight_decay_and_trainable_parameters(tmp_path):
+    classifier = finetune.DDAEClassifier(tiny_diffusion(tiny_config(tmp_path)), 11, "out_2", 64, 10)
+    groups = finetune.parameter_groups(classifier, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+    decay = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    net = classifier.diffusion.nn_model
+    # Eight stages: the head gets 0.5 ** 0, up.1 0.5 ** 1, ..., the embedding 0.5 ** 7.
+    assert scale[id(net.image_proj.weight)] == scale[id(net.time_emb.lin2.bias)] == 0.5 ** 7
+    assert scale[id(net.down[1].conv.weight)] == 0.5 ** 5
+    assert scale[id(net.up[1].res.conv1.weight)] == 0.5
+    assert scale[id(classifier.head.weight)] == scale[id(classifier.norm.weight)] == 1.0
+    assert decay[id(classifier.head.weight)] == decay[id(net.up[0].res.conv1.weight)] == 0.05
+    assert decay[id(classifier.head.bias)] == decay[id(classifier.norm.weight)] == 0.0
+    assert decay[id(net.up[0].res.norm1.weight)] == decay[id(net.image_proj.bias)] == 0.0
+
+    trainable = {name for name, p in classifier.named_parameters() if p.requires_grad}
+    assert {id(p) for p in classifier.parameters() if p.requires_grad} == set(scale)
+    later = ("diffusion.nn_model.up.2.", "diffusion.nn_model.up.3.", "diffusion.nn_model.up.4.",
+             "diffusion.nn_model.norm.", "diffusion.nn_model.final.")
+    assert not [name for name in trainable if name.startswith(later)]
+    expected = {name for name, _ in classifier.named_parameters() if not name.startswith(later)}
+    assert trainable == expected
+
+
+def test_augmentation_label_embedding_stays_frozen():
+    cfg = load_config(REPO / "config" / "EDM_ddpmpp_aug.yaml", [
+        "network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
+        "network.image_shape=[3,16,16]", "linear.blockname=out_2"])
+    classifier = finetune.DDAEClassifier(tiny_diffusion(cfg), 4, "out_2", 64, 10)
+    groups = finetune.parameter_groups(classifier, 0.05, 1.0)
+    aug_weight = classifier.diffusion.nn_model.time_emb.aug_emb.weight
+    assert not aug_weight.requires_grad and all(p is not aug_weight for g in groups for p in g["params"])
+    F.cross_entropy(classifier(torch.rand(2, 3, 16, 16)), torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None for g in groups for p in g["params"])  # no unused parameter to upset DDP
+
+
+def test_warmup_then_cosine():
+    factors = [finetune.lr_factor(step, total_steps=6, warm_steps=2) for step in range(7)]
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                     0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
+
+
+def test_zero_head_starts_uniform_and_the_gradient_reaches_the_first_layer(tmp_path):
+    classifier = finetune.DDAEClassifier(tiny_diffusion(tiny_config(tmp_path)), 11, "out_2", 64, 10)
+    optimizer = torch.optim.AdamW(finetune.parameter_groups(classifier, 0.05, 1.0), lr=1e-2)
+    images, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 3, 5, 9])
+    classifier.train()
+    for step in range(2):
+        logits = classifier(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
+        if step == 0:
+            assert torch.equal(logits, torch.zeros(4, 10)) and loss.item() == pytest.approx(math.log(10))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net = classifier.diffusion.nn_model
+    assert net.image_proj.weight.grad.abs().sum() > 0
+    assert net.up[3].res.conv1.weight.grad is None  # out_3 is not run
+
+
+def tiny_run(tmp_path, **changes):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    if not checkpoint.exists():
+        save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    settings = {"checkpoint": str(checkpoint), "timestep": 11, "block": "out_2", "epochs": 2, "lr": 1e-3,
+                "weight_decay": 0.05, "warmup_epochs": 1, "batch_size": 8, "layer_decay": 0.8,
+                "label_smoothing": 0.1, "seed": 3, "world_size": 1, "dataset": "synthetic", "max_images": 0}
+    settings.update(changes)
+    train_set = SyntheticImages(n=24, image_size=16, train=True, transform=probe_train_transform(16))
+    test_set = SyntheticImages(n=12, image_size=16, train=False)
+    return cfg, load_diffusion(cfg, checkpoint), train_set, test_set, settings
+
+
+def without_timings(result):
+    return {**result, "history": [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in result["history"]]}
+
+
+def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    whole = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "whole", "tag")
+    assert whole["finished"] and whole["epochs_done"] == 2 and whole["test_images"] == 12
+
+    real_epoch = finetune.train_one_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
+    monkeypatch.undo()
+    partial = json.loads((tmp_path / "parts" / "tag.json").read_text())
+    assert (partial["epochs_done"], partial["finished"]) == (1, False)
+
+    with pytest.raises(UserError, match="tag.state.pth exists: pass --resume"):
+        finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
+    with pytest.raises(UserError, match="was trained with lr=0.001, not 0.002"):
+        finetune.run_finetune(*tiny_run(tmp_path, lr=2e-3), cpu, tmp_path / "parts", "tag", resume=True)
+    resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag", resume=True)
+    assert without_timings(resumed) == without_timings(whole)
+    assert without_timings(json.loads((tmp_path / "parts" / "tag.json").read_text())) == \
+        without_timings(json.loads((tmp_path / "whole" / "tag.json").read_text()))
+    whole_state = load_checkpoint(tmp_path / "whole" / "tag.state.pth")
+    resumed_state = load_checkpoint(tmp_path / "parts" / "tag.state.pth")
+    assert whole_state["model"].keys() == resumed_state["model"].keys()
+    for key, value in whole_state["model"].items():
+        assert torch.equal(value, resumed_state["model"][key]), key
+    # Every stage ran at its own rate: the last step's rate times 0.8 ** (stages to the head).
+    groups = whole_state["opt"]["param_groups"]
+    assert {round(group["lr_scale"], 12) for group in groups} == {round(0.8 ** k, 12) for k in range(8)}
+    assert all(group["lr"] == pytest.approx(whole["history"][-1]["lr"] * group["lr_scale"]) for group in groups)
+    # The fine-tuned weights moved away from the checkpoint's.
+    start = load_checkpoint(tmp_path / "model_3.pth")["MODEL"]
+    assert not torch.equal(whole_state["model"]["diffusion.nn_model.image_proj.weight"], start["nn_model.image_proj.weight"])
+    assert torch.equal(whole_state["model"]["diffusion.nn_model.final.weight"], start["nn_model.final.weight"])
+
+
+def cli_argv(tmp_path, checkpoint, *extra):
+    sets = [arg for override in TINY_OVERRIDES + [f"save_dir={tmp_path / 'run'}"] for arg in ("--set", override)]
+    return ["--config", str(REPO / "config" / "demo.yaml"), *sets, "--ckpt", str(checkpoint), "--device", "cpu",
+            "--epochs", "1", "--warmup_epochs", "0", "--max_images", "16", "--batch_size", "8", *extra]
+
+
+def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint, "--timestep", "21",
+                                                              "--block", "out_3")))
+    result = json.loads((tmp_path / "run" / "finetune" / "model_3_t21_out_3.json").read_text())
+    assert (result["settings"]["timestep"], result["settings"]["block"], result["test_images"]) == (21, "out_3", 16)
+    assert result["finished"] and len(result["history"]) == 1 and result["classes"] == 10
+    assert (tmp_path / "run" / "finetune" / "model_3_t21_out_3.state.pth").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer_decay", "0"], "--layer_decay 0.0: must be in (0, 1]"),
+    (["--warmup_epochs", "3"], "--warmup_epochs 3: must be in 0..--epochs (1)"),
+    (["--block", "out_9"], "linear.blockname' must name an up-path block of this network, out_1 .. out_4"),
+])
+def test_cli_errors_name_the_setting(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, tmp_path / "none.pth", *extra)))
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_two_process_run(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
+               *cli_argv(tmp_path, checkpoint, "--layer_decay", "0.9", "--batch_size", "4")]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "finetune" / "model_3_t11_out_2.json").read_text())
+    assert (result["settings"]["world_size"], result["test_images"], result["finished"]) == (2, 16, True)
