@@ -166,10 +166,36 @@ def test_flips_and_order_depend_on_epoch_and_rank_only(tiny_setup, tmp_path, mon
     mirrored = [bool((originals == image.flip(-1)).flatten(1).all(1).any()) and
                 not bool((originals == image).flatten(1).all(1).any()) for image in epoch0]
     assert 0.3 < sum(mirrored) / len(mirrored) < 0.7
+    unpacked = torch.utils.data.Subset(dataset, range(len(dataset)))  # no .images: decoded one by one
+    assert torch.equal(train.uint8_images(unpacked), dataset.images)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     other_rank = train.TrainData(dataset, 16, torch.device("cpu"), seed=cfg.seed, num_workers=0)
     assert len(other_rank) == len(data) // 2
+
+
+def test_loss_scaler_state_survives_a_checkpoint(tiny_setup, tmp_path):
+    """The loss-scaling path of --use_amp (CUDA fp16) keeps its scale across a resume. CPU fp16 kernels
+    are slow, so the scaler runs here under bf16 autocast: the scaler's steps are the same."""
+    cfg, args = parse(write_config(tmp_path), tmp_path / "run")
+
+    def fp16_state():
+        state = train.build_training(cfg, args, torch.device("cpu"))
+        state.precision = "bf16"
+        state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+        return state
+
+    state = fp16_state()
+    images = next(state.data.batches(0))
+    for _ in range(3):
+        assert torch.isfinite(train.train_step(state, images))
+    path = train.save_training_checkpoint(state, 0)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["scaler"]["scale"] == 2.0 ** 11 and checkpoint["scaler"]["_growth_tracker"] == 1
+    resumed = fp16_state()
+    train.restore_training(resumed, checkpoint, path)
+    assert resumed.scaler.state_dict() == state.scaler.state_dict()
+    assert (resumed.epoch, resumed.step) == (1, 3)
 
 
 def gradients(state):
