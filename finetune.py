@@ -40,7 +40,8 @@ from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch, test_transform
+from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch,
+                        test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -62,9 +63,11 @@ def build_parser():
     parser.add_argument("--block", default=None, help="the block the head reads, out_k (default: linear.blockname)")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (after warm-up)")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of conv and linear weights")
+    parser.add_argument("--weight_decay", type=float, default=0.05,
+                        help="AdamW weight decay of conv and linear weights")
     parser.add_argument("--warmup_epochs", type=int, default=5, help="epochs of linear learning-rate warm-up")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per step and process (default: linear.batch_size)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per step and process (default: linear.batch_size)")
     parser.add_argument("--layer_decay", type=float, default=1.0,
                         help="layer-wise learning-rate decay per stage from the head (1: off; e.g. 0.9)")
     parser.add_argument("--label_smoothing", type=float, default=0.1)

@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion

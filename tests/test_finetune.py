@@ -148,8 +148,9 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
     assert all(group["lr"] == pytest.approx(whole["history"][-1]["lr"] * group["lr_scale"]) for group in groups)
     # The fine-tuned weights moved away from the checkpoint's.
     start = load_checkpoint(tmp_path / "model_3.pth")["MODEL"]
-    assert not torch.equal(whole_state["model"]["diffusion.nn_model.image_proj.weight"], start["nn_model.image_proj.weight"])
-    assert torch.equal(whole_state["model"]["diffusion.nn_model.final.weight"], start["nn_model.final.weight"])
+    tuned = whole_state["model"]
+    assert not torch.equal(tuned["diffusion.nn_model.image_proj.weight"], start["nn_model.image_proj.weight"])
+    assert torch.equal(tuned["diffusion.nn_model.final.weight"], start["nn_model.final.weight"])
 
 
 def cli_argv(tmp_path, checkpoint, *extra):

@@ -104,7 +104,8 @@ def test_dataset_configs_load_and_build(name, dataset, classes, parameters, n_bl
 
 
 def test_tiny_imagenet_feature_resolutions():
-    cfg = load_config(REPO / "config" / "TinyImageNet_DDPM_ddpm.yaml", ["network.n_channels=32"])  # same layout, narrower
+    # The same level layout, narrower.
+    cfg = load_config(REPO / "config" / "TinyImageNet_DDPM_ddpm.yaml", ["network.n_channels=32"])
     net = build_diffusion(cfg).nn_model
     with torch.no_grad():
         activations = net.forward_features(torch.zeros(1, 3, 64, 64), torch.zeros(1), net.block_names)
