@@ -1,14 +1,15 @@
 """Train a DDAE diffusion model (DDPM or EDM) on one device, several GPUs or several machines.
 
-    python train.py --config config/DDPM_ddpm.yaml --use_amp                        # one GPU (or the CPU)
-    torchrun --nproc_per_node=4 train.py --config config/DDPM_ddpm.yaml --use_amp   # the paper's 4 GPUs
-    python train.py --config config/DDPM_ddpm.yaml --use_amp --accum 4              # their batch and lr on 1 GPU
+    python train.py --config config/DDPM_ddpm.yaml --use_amp                       # one GPU (or the CPU)
+    torchrun --nproc_per_node=4 train.py --config config/DDPM_ddpm.yaml --use_amp  # the paper's 4 GPUs
+    python train.py --config config/DDPM_ddpm.yaml --use_amp --accum 4             # their batch and lr, 1 GPU
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        train.py --config config/EDM_ddpmpp.yaml --use_amp                          # run on every machine
-    python train.py --config config/DDPM_ddpm.yaml --use_amp --resume               # continue the latest checkpoint
+        train.py --config config/EDM_ddpmpp.yaml --use_amp                         # on every machine
+    python train.py --config config/DDPM_ddpm.yaml --use_amp --resume              # continue the latest checkpoint
 
-The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png,
-visual/image_ep{ep}_ema.png and ckpts/model_{ep}.pth every ckpt_interval epochs and at the last one.
+The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png, and at
+every epoch ep divisible by ckpt_interval (0, 100, ...) and at the last epoch visual/image_ep{ep}_ema.png
+(samples above real images) and ckpts/model_{ep}.pth.
 """
 import argparse
 import os
@@ -59,7 +60,8 @@ def build_parser():
     add_launcher_args(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                         help="continue a run exactly: alone, from the latest checkpoint in save_dir; "
-                             "with PATH, from that checkpoint file")
+                             "with PATH, from that checkpoint file (the config's load_epoch does the same "
+                             "for model_{load_epoch}.pth)")
     parser.add_argument("--accum", type=int, default=1, metavar="K",
                         help="accumulate gradients over K micro-batches of batch_size per optimizer step. "
                              "K micro-batches emulate K times more GPUs, so the learning rate becomes "
@@ -67,12 +69,14 @@ def build_parser():
     parser.add_argument("--num_workers", type=int, default=None,
                         help="data-loader processes per process (default: the config's num_workers)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network (speed; first steps are slow while it compiles)")
+                        help="torch.compile the network (speed; the first steps compile it; dropout "
+                             "draws differ from the eager network's)")
     parser.add_argument("--channels_last", action="store_true",
-                        help="channels-last memory format for the network and batches (speed on GPUs)")
+                        help="channels-last memory format for the network and batches (speed on GPUs; "
+                             "the training noise is drawn in that layout, so the draws differ)")
     parser.add_argument("--gpu_data", action="store_true",
                         help="keep the whole training set on the device as uint8 and flip there "
-                             "(speed; the same images, order and flips as the loader)")
+                             "(speed; the same batches as the data loader gives, bit for bit)")
     parser.add_argument("--max_steps", type=int, default=None, metavar="N",
                         help="stop after N optimizer steps (benchmarks, tests); an epoch cut short is "
                              "logged but not checkpointed")
@@ -265,11 +269,11 @@ def train_step(state, images):
     for index, micro_batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         # DDP all-reduces the gradients only with the last micro-batch.
-        skip_sync = state.model.no_sync() if not last and isinstance(state.model, DistributedDataParallel) else nullcontext()
-        with skip_sync:
+        ddp = isinstance(state.model, DistributedDataParallel)
+        with state.model.no_sync() if ddp and not last else nullcontext():
             with autocast(state.device, state.precision):
                 loss = state.model(micro_batch)
-            state.scaler.scale(loss / state.accum if state.accum > 1 else loss).backward()
+            state.scaler.scale(loss / state.accum).backward()
         total += loss.detach()
     state.scaler.unscale_(state.optimizer)
     nn.utils.clip_grad_norm_(state.diffusion.parameters(), CLIP_NORM)
@@ -435,7 +439,8 @@ def checkpoint_epoch(checkpoint, path):
 
 def load_optimizer_state(optimizer, saved, path):
     # Keep this run's implementation switches (fused, foreach) whatever wrote the checkpoint.
-    switches = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
+    switches = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group}
+                for group in optimizer.param_groups]
     saved = {"state": saved["state"],
              "param_groups": [{**group, **switch} for group, switch in zip(saved["param_groups"], switches)]}
     try:
