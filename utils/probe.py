@@ -22,6 +22,7 @@ from model.models import feature_dims
 from model.noise import PerImageNoise
 from utils.distributed import all_reduce_sum
 from utils.errors import UserError
+from utils.logging import plot_heatmap
 
 # The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule.
 GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
@@ -267,6 +268,38 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
         empty = {(t, name): torch.zeros(0, dims[name], device=device) for t in timesteps for name in names}
         return empty, torch.zeros(0, dtype=torch.long, device=device)
     return {cell: torch.cat(parts) for cell, parts in chunks.items()}, torch.cat(labels)
+
+
+def accuracy_table(cells, accuracy):
+    """Per-cell accuracies as a table and the best cell.
+
+    Args:
+        cells: (t, block) pairs.
+        accuracy: one value per cell, in the order of ``cells``.
+
+    Returns:
+        (``{str(t): {block: accuracy}}``, ``{"timestep", "block", "accuracy"}`` of the best cell).
+    """
+    table = {}
+    for (t, block), value in zip(cells, accuracy):
+        table.setdefault(str(t), {})[block] = value
+    best = max(range(len(cells)), key=lambda i: accuracy[i])
+    return table, {"timestep": cells[best][0], "block": cells[best][1], "accuracy": accuracy[best]}
+
+
+def format_accuracy_table(table, timesteps, blocks):
+    """An ``accuracy_table`` as text: one row per timestep, one column per block."""
+    width = max(6, *(len(block) for block in blocks))
+    lines = ["t \\ block " + " ".join(f"{block:>{width}}" for block in blocks)]
+    for t in timesteps:
+        lines.append(f"{t:<10}" + " ".join(f"{table[str(t)][block]:>{width}.2f}" for block in blocks))
+    return "\n".join(lines)
+
+
+def plot_accuracy_heatmap(table, timesteps, blocks, path, title):
+    """An ``accuracy_table`` as a timestep x block heatmap PNG, the best cell outlined."""
+    matrix = [[table[str(t)][block] for block in blocks] for t in timesteps]
+    plot_heatmap(matrix, [f"t={t}" for t in timesteps], blocks, path, title=title, xlabel="block", ylabel="timestep")
 
 
 def to_device(images, labels, device):
