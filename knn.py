@@ -28,10 +28,9 @@ from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
-from utils.logging import plot_heatmap
 from utils.noisy import add_max_images_arg, limit_images
-from utils.probe import (AccuracyCounter, cell_label, extract_dataset_features, prepare_frozen, probe_cells,
-                         save_json, synchronize)
+from utils.probe import (AccuracyCounter, accuracy_table, cell_label, extract_dataset_features, format_accuracy_table,
+                         plot_accuracy_heatmap, prepare_frozen, probe_cells, save_json, synchronize)
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -177,36 +176,22 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
     accuracy, test_images = knn_accuracy(bank, bank_labels, *splits["test"], cells, cfg.classes, k, temperature)
     finished = time.perf_counter()
 
-    table = {str(t): {} for t in timesteps}
-    for (t, block), value in zip(cells, accuracy):
-        table[str(t)][block] = value
-    best = max(range(len(cells)), key=accuracy.__getitem__)
+    table, best = accuracy_table(cells, accuracy)
     result = {"checkpoint": source, "model_type": cfg.model_type, "dataset": cfg.dataset, "k": k,
               "temperature": temperature, "seed": seed, "timesteps": list(timesteps), "blocks": list(blocks),
               "world_size": get_world_size(), "train_images": len(bank_labels), "test_images": test_images,
               "seconds": {"features": round(extracted - started, 2), "knn": round(finished - extracted, 2)},
-              "accuracy": table,
-              "best": {"timestep": cells[best][0], "block": cells[best][1], "accuracy": accuracy[best]}}
+              "accuracy": table, "best": best}
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
-        print0(format_table(table, timesteps, blocks))
-        print0(f"best: {cell_label(*cells[best])} {accuracy[best]:.2f}% ({test_images} test images, "
-               f"{len(bank_labels)} training images; features {extracted - started:.1f} s, "
+        print0(format_accuracy_table(table, timesteps, blocks))
+        print0(f"best: {cell_label(best['timestep'], best['block'])} {best['accuracy']:.2f}% ({test_images} test "
+               f"images, {len(bank_labels)} training images; features {extracted - started:.1f} s, "
                f"k-NN {finished - extracted:.1f} s)")
         if heatmap:
-            matrix = [[table[str(t)][block] for block in blocks] for t in timesteps]
-            plot_heatmap(matrix, [f"t={t}" for t in timesteps], blocks, os.path.join(out_dir, f"{tag}.png"),
-                         title=f"{k}-NN test accuracy (%), {tag}", xlabel="block", ylabel="timestep")
+            plot_accuracy_heatmap(table, timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
+                                  title=f"{k}-NN test accuracy (%), {tag}")
     return result
-
-
-def format_table(accuracy, timesteps, blocks):
-    """The accuracy table as text: one row per timestep, one column per block."""
-    width = max(6, *(len(block) for block in blocks))
-    lines = ["t \\ block " + " ".join(f"{block:>{width}}" for block in blocks)]
-    for t in timesteps:
-        lines.append(f"{t:<10}" + " ".join(f"{accuracy[str(t)][block]:>{width}.2f}" for block in blocks))
-    return "\n".join(lines)
 
 
 def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):

@@ -16,7 +16,8 @@ from model.models import build_diffusion, count_parameters
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
-from utils.probe import extract_dataset_features, extract_grid_features, probe_cells
+from utils.probe import (accuracy_table, extract_dataset_features, extract_grid_features, format_accuracy_table,
+                         plot_accuracy_heatmap, probe_cells)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "linear.batch_size=8",
@@ -83,6 +84,19 @@ def test_empty_shard_gives_every_cell_with_no_rows(tmp_path):
     assert labels.shape == (0,)
     assert features[(11, "out_1")].shape == (0, 64) and features[(11, "out_3")].shape == (0, 32)
 
+
+
+def test_accuracy_table_text_and_heatmap(tmp_path):
+    cells = [(1, "out_1"), (1, "out_12"), (11, "out_1"), (11, "out_12")]
+    table, best = accuracy_table(cells, [10.0, 55.5, 42.0, 7.25])
+    assert table == {"1": {"out_1": 10.0, "out_12": 55.5}, "11": {"out_1": 42.0, "out_12": 7.25}}
+    assert best == {"timestep": 1, "block": "out_12", "accuracy": 55.5}
+    assert format_accuracy_table(table, [1, 11], ["out_1", "out_12"]).splitlines() == [
+        "t \\ block  out_1 out_12",
+        "1          10.00  55.50",
+        "11         42.00   7.25"]
+    plot_accuracy_heatmap(table, [1, 11], ["out_1", "out_12"], tmp_path / "map.png", title="t")
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
 
 @pytest.mark.parametrize("name, dataset, classes, parameters, n_blocks, cell", [
     ("CIFAR100_DDPM_ddpm", "cifar100", 100, 35_746_307, 12, (11, "out_6")),
