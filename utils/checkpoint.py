@@ -111,20 +111,21 @@ def capture_rng_state():
         "python": {"version": python_version, "state": torch.tensor(python_words, dtype=torch.int64),
                    "gauss_next": python_gauss},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: touching every GPU would open a CUDA context on each of them
+        # from every rank. Each rank saves and restores its own state.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state):
     """Put back the generators saved by ``capture_rng_state``.
 
-    CUDA states are restored for the devices present in both the state and this machine.
+    The CUDA state goes to this process's current device.
     """
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        for device, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state.cpu(), device)
+        torch.cuda.set_rng_state(state["cuda"].cpu())
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
                          numpy_state["pos"], numpy_state["has_gauss"],
