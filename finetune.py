@@ -40,7 +40,7 @@ from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch,
+from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform, set_loader_epoch,
                         test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
@@ -185,11 +185,6 @@ def lr_factor(step, total_steps, warm_steps):
         return (step + 1) / warm_steps
     progress = (step - warm_steps) / max(1, total_steps - warm_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def epoch_seed(seed, epoch, rank):
-    """Seed of one epoch's noise, dropout, crops and flips on one process."""
-    return seed + 10_000 * (epoch + 1) + rank
 
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, precision, label_smoothing):

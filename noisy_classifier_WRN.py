@@ -30,7 +30,7 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader, epoch_seed,
                         probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
@@ -95,12 +95,6 @@ def lr_factor(step, total_steps, warm_steps):
         return (step + 1) / warm_steps
     progress = (step - warm_steps) / max(1, total_steps - warm_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def epoch_seed(seed, epoch, rank):
-    """Seed of the noise, crops and flips of one epoch on one process, so a resumed run draws
-    what the uninterrupted run would have drawn."""
-    return seed + 10_000 * (epoch + 1) + rank
 
 
 def wrn_label(args):

@@ -34,7 +34,7 @@ from model.noise import PerImageNoise
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
 from utils.config import add_config_args, load_config, save_config
-from utils.data import add_data_args, build_dataset, build_loader, set_loader_epoch, train_transform
+from utils.data import add_data_args, build_dataset, build_loader, epoch_seed, set_loader_epoch, train_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -101,11 +101,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def epoch_seed(seed, epoch, rank):
-    """Seed of the flips of one epoch on one rank, well mixed by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
 
 
 def uint8_images(dataset):

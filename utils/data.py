@@ -13,6 +13,7 @@ import shutil
 import tarfile
 import tempfile
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -375,6 +376,12 @@ class EvalShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+def epoch_seed(seed, epoch, rank):
+    """Seed of one epoch's random draws on one process (well mixed by numpy's SeedSequence), so a
+    resumed run draws exactly what the uninterrupted run would have drawn."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
 
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
