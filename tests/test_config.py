@@ -122,7 +122,50 @@ def test_config_args_parse():
     assert parser.parse_args(["--config", "c.yaml"]).set == []
 
 
-DEMO_TEXT = (CONFIG_DIR / "demo.yaml").read_text()
+# A complete config as text, fixed here (not read from config/) so that the line numbers below hold.
+DEMO_TEXT = """\
+# A tiny DDPM on synthetic 32x32 images: the whole pipeline in minutes on a CPU.
+model_type: DDPM
+net_type: UNet
+diffusion:
+  n_T: 1000
+  betas: [1.0e-4, 0.02]
+
+network:
+  image_shape: [3, 32, 32]
+  n_channels: 32
+  ch_mults: [1, 2]
+  is_attn: [False, True]
+  dropout: 0.1
+  n_blocks: 1
+  use_res_for_updown: False
+
+# training
+dataset: synthetic
+classes: 10
+batch_size: 64
+n_epoch: 4
+lrate: 5.0e-4
+warm_epoch: 1
+load_epoch: -1
+flip: True
+ema: 0.999
+ckpt_interval: 2         # epochs between checkpoints and sample grids
+num_workers: 0           # the synthetic images are already in memory
+
+# testing
+n_sample: 30
+save_dir: './output_demo'
+save_model: True
+
+# linear probing
+linear:
+  n_epoch: 2
+  batch_size: 128
+  lrate: 1.0e-3
+  timestep: 11           # DDPM timestep
+  blockname: out_2       # out_1, out_2 at 16x16; out_3, out_4 at 32x32
+"""
 
 
 def _edit(text, old, new):

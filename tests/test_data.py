@@ -33,7 +33,7 @@ def test_synthetic_is_deterministic_balanced_and_in_range():
 
 def test_synthetic_default_sizes():
     train, test = SyntheticImages(), SyntheticImages(train=False)
-    assert (len(train), len(test)) == (5000, 1000)
+    assert (len(train), len(test)) == (2000, 1000)
     assert train.images.shape[1:] == (3, 32, 32) and train.num_classes == 10
 
 
@@ -56,7 +56,7 @@ def test_synthetic_classes_and_bad_class_count():
 
 def test_build_dataset_synthetic_and_unknown_name():
     train = build_dataset("synthetic", "unused", train=True, image_size=8)
-    assert len(train) == 5000 and train[0][0].shape == (3, 8, 8) and train.num_classes == 10
+    assert len(train) == 2000 and train[0][0].shape == (3, 8, 8) and train.num_classes == 10
     with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
         build_dataset("imagenet", "unused", train=True)
     with pytest.raises(UserError, match="'cifar' has 32x32 images"):

@@ -78,7 +78,7 @@ def test_export_writes_exact_pixels_and_resumes(tmp_path):
 
 @pytest.fixture
 def small_synthetic(monkeypatch):
-    """build_dataset("synthetic") with 20 images of 8x8 instead of 5,000 of 32x32."""
+    """build_dataset("synthetic") with 20 images of 8x8 instead of 2,000 of 32x32."""
     import utils.data
     monkeypatch.setattr(utils.data, "SyntheticImages",
                         lambda image_size, train, transform: SyntheticImages(n=20, image_size=8, transform=transform))
