@@ -13,10 +13,11 @@ wherever it sits; a BatchNorm would instead depend on the per-process batch.
 
 Recipe: AdamW (betas 0.9, 0.999; weight decay on convolution and linear weights only), linear
 warm-up then cosine decay to zero, updated every step; cross-entropy with label smoothing; random
-crops (4-pixel padding) and horizontal flips; the config's dropout. With --layer_decay d < 1 the
-learning rate of a stage is multiplied by d ** (its distance from the head), counting stages in
-the order the network runs them: the input convolution with the time embedding, each down-path
-module, the middle block, then each up-path module up to --block; the head gets the full rate.
+crops (padded by 1/8 of the side: 4 pixels at 32x32) and horizontal flips; the config's dropout.
+With --layer_decay d < 1 the learning rate of a stage is multiplied by d ** (its distance from the
+head), counting stages in the order the network runs them: the input convolution with the time
+embedding, each down-path module, the middle block, then each up-path module up to --block; the
+head gets the full rate.
 --lr is the peak rate of the run and --batch_size is per process; neither is scaled by the number
 of processes.
 

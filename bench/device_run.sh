@@ -28,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
-TOTAL_S=${TOTAL_S:-330}          # wall seconds for the four steps together
+TOTAL_S=${TOTAL_S:-360}          # wall seconds for the four steps together
 STEPS=${STEPS:-60}               # timed training steps per variant
 SAMPLE_BATCH=${SAMPLE_BATCH:-1000}
 EXTRA=${EXTRA:-}                 # flags added to every benchmark, e.g. EXTRA=--quick to rehearse on a CPU
@@ -66,7 +66,7 @@ step() {
     (cd "$RESULTS" && tar -czf "$OUT/results_json.tgz" -- *.json) 2>/dev/null
 }
 
-step ddpm_train 140 170 20 config/DDPM_ddpm.yaml --only train --train_variants faithful,fast \
+step ddpm_train 160 170 20 config/DDPM_ddpm.yaml --only train --train_variants faithful,bf16,fast \
     --warmup_steps 10 --steps "$STEPS"
 step ddpmpp_train 150 60 20 config/DDPM_ddpmpp.yaml --only train --train_variants faithful,fast \
     --warmup_steps 10 --steps "$STEPS"
