@@ -1,7 +1,6 @@
 """Bad input to train.py: each case prints one line on stderr, exits non-zero without a traceback and
 leaves every existing file as it was. The cases run as subprocesses, launched together."""
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor

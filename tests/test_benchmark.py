@@ -154,7 +154,7 @@ def test_flops_come_from_the_spec_for_the_paper_networks_and_are_counted_otherwi
     assert benchmark.forward_flops(ddpm) == (12.4e9, "SPEC §11")
     assert benchmark.training_flops(ddpm) == 37.3e9
     assert benchmark.training_flops(ddpmpp) == 129e9
-    demo = load_config(DEMO)
+    demo = load_config(DEMO, ["network.image_shape=[3,32,32]"])  # the tiny UNet at 32x32
     flops, source = benchmark.forward_flops(demo)
     assert source == "FlopCounterMode" and 0.4e9 < flops < 0.6e9
     assert benchmark.training_flops(demo) == 3 * flops

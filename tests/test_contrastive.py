@@ -17,14 +17,6 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "contrastive.pt"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_golden_alignment_and_uniformity():
     golden = torch.load(GOLDEN, weights_only=True)
     assert alignment(golden["x"], golden["y"]).item() == pytest.approx(golden["alignment"], rel=1e-5)

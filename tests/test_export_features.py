@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import export_features
-from tests.test_knn import REPO, TINY_OVERRIDES, one_thread, tiny_config, tiny_diffusion  # noqa: F401 (autouse fixture)
+from tests.test_knn import REPO, TINY_OVERRIDES, tiny_config, tiny_diffusion
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages
 from utils.errors import UserError

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import finetune
 from model.blocks import Upsample
 from model.models import load_diffusion
-from tests.test_knn import REPO, TINY_OVERRIDES, one_thread, tiny_config, tiny_diffusion  # noqa: F401 (autouse fixture)
+from tests.test_knn import REPO, TINY_OVERRIDES, tiny_config, tiny_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform

@@ -24,15 +24,6 @@ TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "li
                   "num_workers=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; more only contend with other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(save_dir, extra=()):
     """config/demo.yaml shrunk to 16x16 images (4 blocks: out_1, out_2 at 8x8; out_3, out_4 at 16x16)."""
     return load_config(REPO / "config" / "demo.yaml", TINY_OVERRIDES + [f"save_dir={save_dir}", *extra])

@@ -50,15 +50,6 @@ linear:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(folder, model_type="DDPM", timestep=None, overrides=()):
     """A tiny config (8x8 images, 4 probe blocks) whose save_dir is ``folder/run``."""
     timestep = timestep if timestep is not None else (11 if model_type == "DDPM" else 4)

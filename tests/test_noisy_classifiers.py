@@ -32,14 +32,10 @@ TINY_WRN = ["--dataset", "synthetic", "--image_size", "16", "--blocks_per_group"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_process_one_thread():
-    """Plain ``python`` (no launcher variables) on one thread: the CPUs here are shared, and
-    several threads per process slow these tiny networks down a lot."""
+def single_process():
+    """Plain ``python``: no launcher variables."""
     saved = {name: os.environ.pop(name) for name in LAUNCHER_VARS if name in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     os.environ.update(saved)
 
 

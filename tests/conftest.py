@@ -1,0 +1,13 @@
+"""Shared test settings."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """The test networks are tiny: one thread runs them fastest, and several threads per process
+    only contend on the 2-core CI machine (many times slower when other tests run beside them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
