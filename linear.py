@@ -24,9 +24,8 @@ from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
-from utils.logging import plot_heatmap
-from utils.probe import (ProbeHeads, evaluate_heads, extract_grid_features, prepare_frozen, probe_cells,
-                         save_json, to_device)
+from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
+                         plot_accuracy_heatmap, prepare_frozen, probe_cells, save_json, to_device)
 
 
 def build_parser():
@@ -168,38 +167,23 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     result = _summary(cfg, heads, history, test_images, world_size, source)
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
-        print0(format_table(result["accuracy"], timesteps, blocks))
+        print0(format_accuracy_table(result["accuracy"], timesteps, blocks))
         best = result["best"]
         print0(f"best: t={best['timestep']} {best['block']} {best['accuracy']:.2f}% "
                f"({test_images} test images)")
         if heatmap:
-            matrix = [[result["accuracy"][str(t)][block] for block in blocks] for t in timesteps]
-            plot_heatmap(matrix, [f"t={t}" for t in timesteps], blocks, os.path.join(out_dir, f"{tag}.png"),
-                         title=f"linear probe test accuracy (%), {tag}", xlabel="block", ylabel="timestep")
+            plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
+                                  title=f"linear probe test accuracy (%), {tag}")
     return result
 
 
 def _summary(cfg, heads, history, test_images, world_size, source):
     """The result record: settings, per-epoch history, final accuracy table and best cell."""
     final = history[-1]["test_accuracy"]
-    table = {str(t): {} for t in heads.timesteps}
-    for (t, block), label in zip(heads.cells, heads.labels):
-        table[str(t)][block] = final[label]
-    best = max(range(len(heads.cells)), key=lambda i: final[heads.labels[i]])
-    best_t, best_block = heads.cells[best]
+    table, best = accuracy_table(heads.cells, [final[label] for label in heads.labels])
     return {"checkpoint": source, "model_type": cfg.model_type, "timesteps": heads.timesteps,
             "blocks": heads.blocks, "n_epoch": cfg.linear.n_epoch, "world_size": world_size,
-            "test_images": test_images, "epochs": history, "accuracy": table,
-            "best": {"timestep": best_t, "block": best_block, "accuracy": final[heads.labels[best]]}}
-
-
-def format_table(accuracy, timesteps, blocks):
-    """The accuracy table as text: one row per timestep, one column per block."""
-    width = max(6, *(len(block) for block in blocks))
-    lines = ["t \\ block " + " ".join(f"{block:>{width}}" for block in blocks)]
-    for t in timesteps:
-        lines.append(f"{t:<10}" + " ".join(f"{accuracy[str(t)][block]:>{width}.2f}" for block in blocks))
-    return "\n".join(lines)
+            "test_images": test_images, "epochs": history, "accuracy": table, "best": best}
 
 
 @cli_entry
