@@ -17,7 +17,7 @@ from model.amp import add_amp_args, resolve_precision
 from model.models import load_diffusion
 from utils.checkpoint import list_checkpoints
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader
+from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers
 from utils.data import test_transform as eval_transform
 from utils.distributed import add_launcher_args, all_reduce_sum, cleanup, get_rank, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
@@ -98,7 +98,7 @@ def measure(diffusion, loader, timestep, blocks, device, precision="fp32"):
             for i, block in enumerate(blocks)}
 
 
-def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir=None):
+def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir=None, num_workers=0):
     """Measure every checkpoint, then print, save and plot the histories (on rank 0).
 
     Args:
@@ -106,6 +106,7 @@ def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir
         checkpoints: ``{epoch: path}``, e.g. from ``find_checkpoints``.
         dataset: the images, without augmentation.
         out_dir: where contrastive.json and contrastive/ go; default cfg.save_dir.
+        num_workers: data-loader processes.
 
     Returns:
         ``{"epochs": [...], "timestep": t, "blocks": {block: {"alignment": [...], "uniformity": [...]}}}``.
@@ -113,7 +114,7 @@ def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir
     out_dir = cfg.save_dir if out_dir is None else out_dir
     (timestep,), _ = probe_cells(cfg)
     blocks = cfg.network.block_names
-    loader = build_loader(dataset, cfg.linear.batch_size, train=False, num_workers=cfg.num_workers, device=device)
+    loader = build_loader(dataset, cfg.linear.batch_size, train=False, num_workers=num_workers, device=device)
     epochs = sorted(checkpoints)
     history = {block: {"alignment": [], "uniformity": []} for block in blocks}
     for epoch in epochs:
@@ -158,7 +159,7 @@ def main(args):
         image_size = cfg.network.image_shape[-1]
         dataset = build_dataset(cfg.dataset, args.data_root, train=True, transform=eval_transform(),
                                 image_size=image_size)
-        run_contrastive(cfg, checkpoints, dataset, device, precision)
+        run_contrastive(cfg, checkpoints, dataset, device, precision, num_workers=resolve_num_workers(args, cfg))
     finally:
         cleanup()
 

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, test_transform
+from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
 from utils.noisy import add_max_images_arg, limit_images
@@ -61,8 +61,6 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=None,
                         help="image i is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader workers (default: the config's num_workers)")
     add_max_images_arg(parser)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: CUDA when available, else CPU")
@@ -195,8 +193,6 @@ def default_out_dir(cfg, checkpoint, timestep, args):
 def check_args(args):
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
     if args.max_images < 0:
         raise UserError(f"--max_images {args.max_images}: must be 0 (all images) or a positive count")
 
@@ -225,7 +221,7 @@ def main(args):
     record = export_features(
         diffusion, dataset, timestep, blocks, device, out_dir, precision=precision, norm=args.norm,
         batch_size=args.batch_size or cfg.linear.batch_size,
-        num_workers=cfg.num_workers if args.num_workers is None else args.num_workers,
+        num_workers=resolve_num_workers(args, cfg),
         seed=cfg.seed if args.seed is None else args.seed,
         meta={"checkpoint": checkpoint, "model_type": cfg.model_type,
               "source": os.path.abspath(args.images) if args.images else f"{cfg.dataset}/{args.split}"})

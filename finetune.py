@@ -41,8 +41,8 @@ from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform, set_loader_epoch,
-                        test_transform)
+from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
+                        resolve_num_workers, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -77,8 +77,6 @@ def build_parser():
     parser.add_argument("--out", default=None, help="output folder (default: save_dir/finetune)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     add_data_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader workers per process (default: the config's num_workers)")
     add_max_images_arg(parser)
     add_launcher_args(parser)
     return parser
@@ -99,8 +97,6 @@ def check_args(args):
         raise UserError(f"--layer_decay {args.layer_decay}: must be in (0, 1]; 1 turns it off")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label_smoothing {args.label_smoothing}: must be in [0, 1)")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
 
 
 class DDAEClassifier(nn.Module):
@@ -384,7 +380,7 @@ def main(args):
         run_finetune(cfg, diffusion, train_set, test_set, settings, device,
                      out_dir=args.out or os.path.join(cfg.save_dir, "finetune"),
                      tag=finetune_tag(checkpoint, timestep, block), precision=resolve_precision(args, device),
-                     num_workers=cfg.num_workers if args.num_workers is None else args.num_workers,
+                     num_workers=resolve_num_workers(args, cfg),
                      resume=args.resume)
     finally:
         cleanup()

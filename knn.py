@@ -25,7 +25,7 @@ import torch.distributed as dist
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, test_transform
+from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
 from utils.noisy import add_max_images_arg, limit_images
@@ -52,8 +52,6 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=None,
                         help="noise seed: image i of a split is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader workers per process (default: the config's num_workers)")
     add_max_images_arg(parser)
     add_launcher_args(parser)
     return parser
@@ -66,8 +64,6 @@ def check_args(args):
         raise UserError(f"--temperature {args.temperature}: must be positive")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
 
 
 def knn_votes(bank, bank_labels, queries, num_classes, k=DEFAULT_K, temperature=DEFAULT_TEMPERATURE):
@@ -224,7 +220,7 @@ def main(args):
                 out_dir=os.path.join(cfg.save_dir, "knn"),
                 tag=knn_tag(checkpoint, timesteps, blocks, args.grid, args.k, args.temperature),
                 precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
-                num_workers=cfg.num_workers if args.num_workers is None else args.num_workers,
+                num_workers=resolve_num_workers(args, cfg),
                 k=args.k, temperature=args.temperature, seed=cfg.seed if args.seed is None else args.seed,
                 heatmap=args.grid, source=checkpoint)
     finally:

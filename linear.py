@@ -19,7 +19,8 @@ from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch
+from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
+                        set_loader_epoch)
 from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
@@ -36,8 +37,6 @@ def build_parser():
     parser.add_argument("--grid", action="store_true",
                         help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
     add_data_args(parser)
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader workers per process (default: the config's num_workers)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the feature pass (faster on GPUs after a slow first batch)")
     add_launcher_args(parser)
@@ -192,9 +191,7 @@ def main(args):
     timesteps, blocks = probe_cells(cfg, args.grid)
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
-    num_workers = cfg.num_workers if args.num_workers is None else args.num_workers
-    if num_workers < 0:
-        raise UserError(f"--num_workers {num_workers}: must be 0 or positive")
+    num_workers = resolve_num_workers(args, cfg)
 
     device = init_distributed(args.device)
     try:

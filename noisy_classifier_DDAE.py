@@ -29,7 +29,8 @@ from model.blocks import TimeEmbedding
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from utils.config import add_config_args, config_name, load_config
-from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, set_loader_epoch
+from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
+                        set_loader_epoch)
 from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
@@ -150,9 +151,10 @@ def run(cfg, args, checkpoint, device):
     if train_set.num_classes != cfg.classes:
         raise UserError(f"{args.config}: key 'classes' is {cfg.classes} but dataset '{cfg.dataset}' has "
                         f"{train_set.num_classes} classes; set classes: {train_set.num_classes}")
-    train_loader = build_loader(train_set, linear.batch_size, train=True, num_workers=cfg.num_workers,
+    num_workers = resolve_num_workers(args, cfg)
+    train_loader = build_loader(train_set, linear.batch_size, train=True, num_workers=num_workers,
                                 seed=cfg.seed, device=device)
-    test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=cfg.num_workers,
+    test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
 
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device)

@@ -49,7 +49,7 @@ def parse_args(argv=None):
                         help="DDPM: t ~ U{1..1000}, conditioning t/1000; EDM: ln sigma ~ N(-1.2, 1.2), "
                              "conditioning ln sigma")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar")
-    add_data_args(parser)
+    add_data_args(parser, num_workers=False)
     parser.add_argument("--image_size", type=int, default=None,
                         help="image side; the dataset's own size by default (32 for synthetic)")
     parser.add_argument("--save_dir", default=None, help="output folder; default ./output_WRN_{mode}")

@@ -34,7 +34,8 @@ from model.noise import PerImageNoise
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
 from utils.config import add_config_args, load_config, save_config
-from utils.data import add_data_args, build_dataset, build_loader, epoch_seed, set_loader_epoch, train_transform
+from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
+                        train_transform)
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -66,8 +67,6 @@ def build_parser():
                         help="accumulate gradients over K micro-batches of batch_size per optimizer step. "
                              "K micro-batches emulate K times more GPUs, so the learning rate becomes "
                              "lrate * world_size * K: one GPU with --accum 4 trains like the paper's 4 GPUs")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader processes per process (default: the config's num_workers)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (speed; the first steps compile it; dropout "
                              "draws differ from the eager network's)")
@@ -91,8 +90,6 @@ def check_args(args):
     """Range checks argparse cannot express."""
     if args.accum < 1:
         raise UserError(f"--accum {args.accum}: must be at least 1")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
     if args.max_steps is not None and args.max_steps < 0:
         raise UserError(f"--max_steps {args.max_steps}: must be 0 or positive")
 
@@ -226,7 +223,7 @@ def build_training(cfg, args, device):
     dataset = build_dataset(cfg.dataset, args.data_root, train=True,
                             transform=train_transform(flip=False),  # TrainData flips on the device
                             image_size=cfg.network.image_shape[1])
-    num_workers = cfg.num_workers if args.num_workers is None else args.num_workers
+    num_workers = resolve_num_workers(args, cfg)
     data = TrainData(dataset, batch_size, device, seed=cfg.seed, flip=cfg.flip, num_workers=num_workers,
                      on_device=args.gpu_data, channels_last=args.channels_last)
 

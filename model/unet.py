@@ -109,5 +109,6 @@ class UNet(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.block_names]
         if unknown:
-            raise ValueError(f"unknown block {unknown[0]!r}; this network has {self.block_names[0]}..{self.block_names[-1]}")
+            raise ValueError(f"unknown block {unknown[0]!r}; this network has "
+                             f"{self.block_names[0]}..{self.block_names[-1]}")
         return self._run(x, t, aug, set(names))[1]

@@ -14,6 +14,10 @@ RTOL, ATOL = 1e-5, 1e-6
 # ~1.8e-5 (measured on this net), and the golden output itself is 1.3e-5 away from a float64
 # evaluation (see test_golden_ddim_is_float32_roundoff_away_from_exact), so it gets atol 5e-5.
 DDIM_ATOL = 5e-5
+# The stochastic samplers add fresh noise at every step, which damps the amplification above, but the
+# network's own float32 round-off (tests/test_unet.py: up to ~2.5e-6, depending on kernels and thread
+# count) still reaches the output, so they use the network tolerance.
+SAMPLER_ATOL = 5e-6
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +142,7 @@ def test_golden_ddim_is_float32_roundoff_away_from_exact(golden, golden_net):
 def test_ddim_eta1_replays_recorded_noise(golden, ddpm):
     case = golden["ddim_eta1"]
     out = ddpm.sample(x_T=case["x_T"], steps=case["steps"], eta=case["eta"], noise=replay(case["noises"]))
-    torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=SAMPLER_ATOL)
 
 
 def test_ancestral_with_nT20_replays_recorded_noise(golden, net):

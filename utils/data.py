@@ -31,11 +31,24 @@ NATIVE_IMAGE_SIZE = {"cifar": 32, "cifar10": 32, "cifar100": 32, "tinyimagenet":
 FOLDER_TEST_EVERY = 10
 
 
-def add_data_args(parser):
-    """Add ``--data_root`` (default ./data), the folder that holds or receives the datasets."""
+def add_data_args(parser, num_workers=True):
+    """Add ``--data_root`` (default ./data), the folder that holds or receives the datasets, and
+    ``--num_workers`` (default: the config's ``num_workers``; see ``resolve_num_workers``)."""
     parser.add_argument("--data_root", default="./data",
                         help="folder with the datasets (CIFAR is downloaded there when missing)")
+    if num_workers:
+        parser.add_argument("--num_workers", type=int, default=None,
+                            help="data-loader processes per process (default: the config's num_workers)")
     return parser
+
+
+def resolve_num_workers(args, cfg):
+    """``--num_workers`` when given, else the config's ``num_workers``."""
+    if args.num_workers is None:
+        return cfg.num_workers
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+    return args.num_workers
 
 
 def _to_float_image():
