@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
+from utils.atomic import atomic_path
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import DEVICE_CHOICES, resolve_device
@@ -144,30 +145,15 @@ def export_features(diffusion, dataset, timestep, blocks, device, out_dir, preci
 
 def save_array(array, path):
     """``np.save`` through a temporary file, so ``path`` is either absent, old or complete."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, fix="pass --out with a writable folder") as temporary:
         with open(temporary, "wb") as file:
             np.save(file, array)
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); pass --out with a writable folder") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_text_atomically(path, text):
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(path, fix="pass --out with a writable folder") as temporary:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); pass --out with a writable folder") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def resolve_blocks(cfg, requested):

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
 
@@ -165,19 +166,10 @@ def _statistics_metadata(path):
 
 def save_statistics(path, mu, sigma, source, n_images, features):
     """Write (mu, sigma) with what they were computed from; pytorch-fid reads the file too."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, what="FID statistics ", fix="pass --ref_cache with a writable path") as temporary:
         with open(temporary, "wb") as file:
             np.savez(file, mu=mu, sigma=sigma, source=np.array(source), n_images=np.array(n_images),
                      features=np.array(features))
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def default_cache(ref, data_root):

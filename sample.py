@@ -32,6 +32,7 @@ from tqdm import tqdm
 from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from model.noise import PerImageNoise
+from utils.atomic import atomic_path
 from utils.config import add_config_args, load_config
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
@@ -185,10 +186,9 @@ def prepare_folder(out_dir, settings, n_samples):
                         f"pass --out_dir with a new folder, or delete that one")
     remove_temporary_files(pngs)
     remove_temporary_files(out_dir)
-    temporary = os.path.join(out_dir, f".{SETTINGS_FILE}.{os.getpid()}.tmp")
-    with open(temporary, "w") as file:
-        json.dump(dict(settings, n_samples=n_samples), file, indent=1)
-    os.replace(temporary, settings_path)
+    with atomic_path(settings_path, fix="pass --out_dir with a writable folder") as temporary:
+        with open(temporary, "w") as file:
+            json.dump(dict(settings, n_samples=n_samples), file, indent=1)
     return [i for i in range(n_samples) if f"{i}.png" not in present]
 
 

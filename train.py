@@ -31,6 +31,7 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
+from utils.atomic import atomic_path
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
 from utils.config import add_config_args, load_config, save_config
@@ -500,11 +501,9 @@ def start_run_folder(state):
         # Epochs after the checkpoint are trained again: drop their old lines.
         kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) < state.epoch] \
             if state.epoch and os.path.isfile(log_path) else []
-        temporary = f"{log_path}.{os.getpid()}.tmp"
-        with JsonlLogger(temporary) as rewritten:
+        with atomic_path(log_path) as temporary, JsonlLogger(temporary) as rewritten:
             for record in kept:
                 rewritten.log(record)
-        os.replace(temporary, log_path)
     except OSError as err:
         raise UserError(f"cannot write into save_dir {cfg.save_dir} ({err.strerror}); choose a writable "
                         f"folder with --set save_dir=DIR") from None

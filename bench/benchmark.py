@@ -17,7 +17,6 @@ import argparse
 import datetime
 import gc
 import math
-import os
 import platform
 import shlex
 import sys
@@ -37,6 +36,7 @@ import train  # noqa: E402
 from model.amp import autocast, resolve_precision  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
+from utils.atomic import atomic_path
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
@@ -496,13 +496,9 @@ class Report:
 
     def write(self):
         text = self.markdown()
-        try:
-            self.md_path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.md_path.with_name(f"{self.md_path.name}.{os.getpid()}.tmp")
-            temporary.write_text(text)
-            os.replace(temporary, self.md_path)
-        except OSError as err:
-            raise UserError(f"--out {self.md_path}: cannot write it ({err.strerror}); pass a writable path") from None
+        with atomic_path(self.md_path, fix="pass --out with a writable path") as temporary:
+            with open(temporary, "w") as file:
+                file.write(text)
         save_json(self.to_dict(), self.json_path)
 
     def markdown(self):

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import torch
 
+from utils.atomic import atomic_path
 from utils.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
@@ -37,35 +38,10 @@ def save_checkpoint(obj, path):
     except OSError as err:
         raise UserError(f"cannot create the checkpoint folder {folder} ({_reason(err)}); "
                         f"choose a writable save_dir") from None
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(path, what="checkpoint ", fix="free disk space or choose a writable save_dir",
+                     durable=True) as temporary:
         with open(temporary, "wb") as file:
             torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as err:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        if isinstance(err, OSError):
-            raise UserError(f"cannot write checkpoint {path} ({_reason(err)}); free disk space or "
-                            f"choose a writable save_dir") from None
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder):
-    # Makes the rename itself durable; not every platform lets a folder be opened for this.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from utils.atomic import atomic_path
 from utils.errors import UserError, cli_entry
 
 GRID_PADDING = 2  # torchvision's save_image default, used by the original's grids
@@ -60,19 +61,11 @@ def save_png(image, path):
     Args:
         image: (C, H, W) float tensor in [0, 1], (C, H, W) uint8 tensor, (H, W, C) uint8 array or a
             PIL image; 1-channel tensors are written as RGB, as torchvision's ``save_image`` does.
-        path: destination; its folder must exist. The bytes go to a hidden temporary file in the
-            same folder (ending in .tmp, so image globs skip it) that then replaces ``path``.
+        path: destination. The bytes go to a hidden temporary file in the same folder (ending in
+            .tmp, so image globs skip it) that then replaces ``path`` (utils.atomic).
     """
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         Image.fromarray(_as_pixel_array(image)).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def save_grid(images, path, nrow):

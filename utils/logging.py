@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from utils.atomic import atomic_path
 from utils.errors import UserError
 
 
@@ -85,19 +86,8 @@ def _new_figure(size=(6.4, 4.2)):
 
 
 def _save_figure(figure, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(folder, exist_ok=True)
+    with atomic_path(path, what="the plot ") as temporary:
         figure.savefig(temporary, format="png", bbox_inches="tight")
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"cannot write the plot {path} ({err.strerror}); choose a writable "
-                        f"folder") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def plot_curves(records, x_key, y_keys, path, title=None, logy=False):

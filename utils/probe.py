@@ -10,7 +10,6 @@ Used by linear.py and contrastive.py, and meant for the noise-conditional classi
 fine-tuning scripts too.
 """
 import json
-import os
 import time
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from model.amp import autocast
 from model.models import feature_dims
 from model.noise import PerImageNoise
+from utils.atomic import atomic_path
 from utils.distributed import all_reduce_sum
 from utils.errors import UserError
 from utils.logging import plot_heatmap
@@ -348,16 +348,7 @@ def feature_pass_throughput(diffusion, timesteps, names, image_shape, batch_size
 
 def save_json(obj, path):
     """Write ``obj`` as indented JSON through a temporary file, so readers never see half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(path, fix="choose a writable save_dir") as temporary:
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(obj, file, indent=1)
             file.write("\n")
-        os.replace(temporary, path)
-    except OSError as err:
-        raise UserError(f"cannot write {path} ({err.strerror}); choose a writable save_dir") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

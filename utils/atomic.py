@@ -1,0 +1,50 @@
+"""Files written so that neither a reader nor a crash ever meets half of one."""
+import contextlib
+import os
+
+from utils.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path, what="", fix="choose a writable folder", durable=False):
+    """Yield a temporary path beside ``path``; once the block has written it, it replaces ``path``.
+
+    ``path`` thus holds its previous content or the complete new one, never a partial file, whatever
+    happens meanwhile. The temporary name is hidden (``.name.PID.tmp``), so globs for the real files
+    skip it, and it is removed if the block fails. The folder is created when missing.
+
+    Args:
+        path: the file to write.
+        what: how error messages name the file ("checkpoint ", "the plot ").
+        fix: what the user can do about a failed write, for the error message.
+        durable: flush the data and the rename to disk before returning (checkpoints).
+
+    Raises:
+        UserError: an OSError (a folder that cannot be written, a full disk), naming ``path``.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        yield temporary
+        if durable:
+            _fsync(temporary, os.O_RDWR)
+        os.replace(temporary, path)
+        if durable:
+            with contextlib.suppress(OSError):  # not every platform lets a folder be opened for this
+                _fsync(folder, os.O_RDONLY)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"cannot write {what}{path} ({reason}); {fix}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _fsync(path, flags):
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
