@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.noise import global_noise, noise_like
+from model.noise import noise_like, starting_noise
 
 SCHEDULE_KEYS = ("alpha_t", "oneover_sqrta", "sqrt_beta_t", "alphabar_t", "sqrtab", "sqrtmab", "ma_over_sqrtmab")
 
@@ -195,15 +195,8 @@ class DDPM(nn.Module):
         if mode not in ("DDIM", "DDPM"):
             raise ValueError(f"mode must be 'DDIM' or 'DDPM', got {mode!r}")
         device = self.ddpm_sqrtab.device
-        if x_T is None:
-            if n_sample is None or size is None:
-                raise ValueError("give either x_T or both n_sample and size")
-            if noise is None:
-                noise = global_noise(n_sample, device)
-            x_T = noise(tuple(size))
+        x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
-        if noise is None:
-            noise = global_noise(x.shape[0], device)
         x = self._ddim_loop(x, steps, eta, noise) if mode == "DDIM" else self._ancestral_loop(x, noise)
         return (x + 1) / 2
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model.ddpm import pool_features, requested_blocks
-from model.noise import global_noise, noise_like
+from model.noise import noise_like, starting_noise
 
 
 def karras_schedule(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -178,14 +178,7 @@ class EDM(nn.Module):
             (B, C, H, W) float64 images, nominally in [0, 1] (not clipped).
         """
         device = next(self.nn_model.parameters()).device
-        if x_T is None:
-            if n_sample is None or size is None:
-                raise ValueError("give either x_T or both n_sample and size")
-            if noise is None:
-                noise = global_noise(n_sample, device)
-            x_T = noise(tuple(size))
-        if noise is None:
-            noise = global_noise(x_T.shape[0], device)
+        x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         # Python floats: deciding the churn and the step sizes needs no device synchronisation.
         sigmas = self.schedule(steps).tolist()
         x = x_T.to(device=device, dtype=torch.float64) * sigmas[0]

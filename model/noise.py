@@ -47,6 +47,24 @@ def global_noise(batch_size, device, dtype=torch.float32):
     return draw
 
 
+def starting_noise(x_T, n_sample, size, noise, device):
+    """Resolve a sampler's start: ``x_T`` as given, or drawn from ``noise`` for ``n_sample`` images of
+    per-image ``size``; ``noise`` defaults to ``global_noise``.
+
+    Returns:
+        (x_T, the noise source for the sampler's later draws).
+    """
+    if x_T is None:
+        if n_sample is None or size is None:
+            raise ValueError("give either x_T or both n_sample and size")
+        if noise is None:
+            noise = global_noise(n_sample, device)
+        x_T = noise(tuple(size))
+    if noise is None:
+        noise = global_noise(x_T.shape[0], device)
+    return x_T, noise
+
+
 def noise_like(noise, x):
     """Resolve a ``noise`` argument against images ``x``: a tensor is used as given, a callable
     source is asked for one draw of x's per-image shape, None draws ``torch.randn_like(x)``."""
