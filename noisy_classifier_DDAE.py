@@ -1,5 +1,5 @@
 """Noise-conditional classifier on frozen DDAE features: an MLP head that is told the noise level,
-compared with the WideResNet trained on noised images, noise level by noise level (SPEC §9).
+compared with the WideResNet trained on noised images, noise level by noise level, as in the DDAE paper.
 
     python noisy_classifier_DDAE.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
     torchrun --nproc_per_node=4 noisy_classifier_DDAE.py --config config/EDM_ddpm.yaml --use_amp

@@ -1,5 +1,5 @@
 """Noise-conditional WideResNet trained from scratch on noised images: the baseline that DDAE's
-time-conditioned heads are compared with, noise level by noise level (SPEC §9).
+time-conditioned heads are compared with, noise level by noise level, as in the DDAE paper.
 
     python noisy_classifier_WRN.py --mode DDPM                     # WRN-28-10, CIFAR-10, 200 epochs
     torchrun --nproc_per_node=4 noisy_classifier_WRN.py --mode EDM --use_amp

@@ -45,7 +45,7 @@ from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, sa
 
 PARTS = ("train", "sample", "probe", "parity")
 
-# GFLOP per 32x32 image of the paper's two networks (SPEC §11): (forward, training step).
+# GFLOP per 32x32 image of the paper's two networks (counted for the reference): (forward, training step).
 PAPER_GFLOP = {
     (128, (1, 2, 2, 2), (False, True, False, False), 2, False): (12.4, 37.3),  # 35.7M UNet
     (128, (2, 2, 2), (False, True, False), 4, True): (43.0, 129.0),            # 56M DDPM++
@@ -53,7 +53,7 @@ PAPER_GFLOP = {
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched in this order against the device name.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
 
-# The original code on one H200 with --use_amp (SPEC §11), by (model_type, paper network index).
+# The original code on one H200, measured with torch 2.11 and --use_amp, by (model_type, paper network index).
 ORIGINAL_TRAIN_IMG_S = {("DDPM", 0): 1678.0, ("EDM", 0): 1682.0, ("DDPM", 1): 576.0}
 ORIGINAL_SAMPLE_50K_S = {("DDPM", 0, 100): 643.0, ("EDM", 0, 18): 194.0}
 ORIGINAL_PROBE_IMG_S = {("DDPM", 0): 2079.0}
@@ -241,12 +241,12 @@ def paper_network(cfg):
 def forward_flops(cfg):
     """(FLOPs of one image's forward pass, where the number comes from).
 
-    The paper's networks use SPEC §11's figures; any other network is counted with
+    The paper's networks use the reference figures; any other network is counted with
     torch's FlopCounterMode on one image (matrix multiplications and convolutions only).
     """
     index = paper_network(cfg)
     if index is not None:
-        return list(PAPER_GFLOP.values())[index][0] * 1e9, "SPEC §11"
+        return list(PAPER_GFLOP.values())[index][0] * 1e9, "reference table"
     net = build_network(cfg).eval()
     x = torch.zeros(1, *cfg.network.image_shape)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -255,7 +255,7 @@ def forward_flops(cfg):
 
 
 def training_flops(cfg):
-    """FLOPs of one training image: SPEC §11 for the paper networks, else three forward passes."""
+    """FLOPs of one training image: the reference table for the paper networks, else three forward passes."""
     index = paper_network(cfg)
     if index is not None:
         return list(PAPER_GFLOP.values())[index][1] * 1e9
@@ -520,7 +520,7 @@ class Report:
     def caption(self, part):
         if part not in self.context.original:
             return ""
-        return f"The original code on one H200 (SPEC §11): {self.context.original[part][1]}."
+        return f"The original code on one H200 (measured with torch 2.11 and --use_amp): {self.context.original[part][1]}."
 
 
 def _fmt(value, digits=1):
@@ -636,7 +636,7 @@ def make_header(args, settings, device, forward, source, train_flops, peak):
 
 
 def original_figures(cfg):
-    """The original code's figures on one H200 (SPEC §11) that apply to ``cfg``: {part: (value, text)}."""
+    """The original code's figures on one H200 (torch 2.11, --use_amp) that apply to ``cfg``: {part: (value, text)}."""
     index = paper_network(cfg)
     if index is None:
         return {}

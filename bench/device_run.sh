@@ -13,7 +13,7 @@
 # Rehearsal on a CPU (minutes): OUT=/tmp/rehearsal STEPS=2 SAMPLE_BATCH=4 EXTRA=--quick bash bench/device_run.sh
 #
 # Time plan (seconds; compile times are the uncertain part). The 50k-sample and img/s rates are
-# SPEC §11's for the original on an H200, ours are expected 2-3x faster; each step also pays ~10-15 s
+# the original's measured rates on an H200, ours are expected 2-3x faster; each step also pays ~10-15 s
 # of imports and CUDA start-up and ~3 s per variant to build the model and the 5,000 synthetic images.
 #   ddpm_train     DDPM_ddpm, faithful + fast, 10 warm-up + 60 timed steps of 128:
 #                  faithful 70x128 / 1,678 img/s = 5 s (+ DataLoader start); fast ~60-80 s of compile + 2 s  ~ 100

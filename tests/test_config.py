@@ -12,7 +12,7 @@ from utils.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 F, T = False, True
 
-# SPEC section 1, one row per config.
+# The original's configs, one row per file.
 SPEC_TABLE = {
     "DDPM_ddpm": dict(model_type="DDPM", ch_mults=[1, 2, 2, 2], is_attn=[F, T, F, F], n_blocks=2, res=False,
                       dropout=0.1, augment_dim=0, batch_size=128, warm_epoch=13, ema=0.9999, n_epoch=2000,

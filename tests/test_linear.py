@@ -92,7 +92,7 @@ def test_probe_cells_reject_timesteps_outside_the_schedule(tmp_path):
 
 
 def _noisy_input(diffusion, model_type, x0, t, noise):
-    """The network input and conditioning at timestep t, computed here from the SPEC's formulas."""
+    """The network input and conditioning at timestep t, computed here from the published formulas."""
     x = 2 * x0 - 1
     if model_type == "DDPM":
         alphabar = diffusion.ddpm_alphabar_t[t]

@@ -1,6 +1,6 @@
 """Shared parts of the noise-conditional classifiers (noisy_classifier_WRN.py, noisy_classifier_DDAE.py).
 
-Both scripts report test accuracy at the same noise levels (SPEC §9): the 20 DDPM timesteps
+Both scripts report test accuracy at the same noise levels: the 20 DDPM timesteps
 1, 51, ..., 951, or the indices 1..18 of the 18-step EDM schedule (1: sigma_min, 18: sigma_max).
 Each writes its accuracies to a ``noisy_accuracy.json`` and, when it finds the other method's
 results of the same mode, draws the figure that compares them (see ``draw_comparison``). The
