@@ -520,7 +520,7 @@ class Report:
     def caption(self, part):
         if part not in self.context.original:
             return ""
-        return f"The original code on one H200 (measured with torch 2.11 and --use_amp): {self.context.original[part][1]}."
+        return f"The original code on one H200 (torch 2.11, --use_amp): {self.context.original[part][1]}."
 
 
 def _fmt(value, digits=1):

@@ -145,7 +145,7 @@ def test_comparison_with_the_original_only_on_an_h200():
     benchmark.add_comparisons(context_for(cfg, "NVIDIA H100 80GB HBM3"), "train", h100_row, [])
     assert "x_original" not in h100_row
     assert benchmark.Report(h200, "unused.md").caption("probe") == \
-        "The original code on one H200 (measured with torch 2.11 and --use_amp): 2,079 img/s at batch 128 (3 timesteps, all blocks)."
+        "The original code on one H200 (torch 2.11, --use_amp): 2,079 img/s at batch 128 (3 timesteps, all blocks)."
 
 
 def test_flops_come_from_the_spec_for_the_paper_networks_and_are_counted_otherwise():
