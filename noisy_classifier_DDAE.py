@@ -37,7 +37,7 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_r
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import (EDM_STEPS, RESULT_FILE, accuracy_per_level, add_max_images_arg, draw_comparison,
-                         edm_sigmas, eval_levels, format_table, limit_images, plot_comparison, write_results)
+                         eval_levels, format_table, limit_images, plot_comparison, write_results)
 from utils.probe import extract_features, prepare_frozen, to_device
 
 
@@ -192,7 +192,10 @@ def run(cfg, args, checkpoint, device):
     if is_main():
         save_checkpoint({"head": head.state_dict(), "feature_dim": feature_dim, "blockname": blockname,
                          "checkpoint": os.path.abspath(checkpoint)}, os.path.join(out_dir, "head.pth"))
-        extra = {"sigmas": edm_sigmas()[levels].tolist()} if cfg.model_type == "EDM" else {}
+        # The noise level of each index under this config's schedule (get_feature's levels).
+        extra = {}
+        if cfg.model_type == "EDM":
+            extra["sigmas"] = diffusion.schedule(EDM_STEPS).flip(0)[levels].tolist()
         path = write_results(os.path.join(out_dir, RESULT_FILE), "DDAE", cfg.model_type, levels, accuracies,
                              label, n_test_images, **extra)
         plot_comparison([{"mode": cfg.model_type, "label": label, "levels": levels, "accuracies": accuracies}],

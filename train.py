@@ -198,7 +198,7 @@ class TrainState:
 def make_optimizer(cfg, parameters, lr, device):
     """Adam, or AdamW with the config's optim_args; fused on CUDA (the same update in one kernel)."""
     kwargs = dict(cfg.optim_args)
-    if device.type == "cuda":
+    if device.type == "cuda" and "foreach" not in kwargs:  # torch refuses fused together with foreach
         kwargs.setdefault("fused", True)
     try:
         return OPTIMIZERS[cfg.optim](parameters, lr=lr, **kwargs)
