@@ -27,7 +27,6 @@ accuracy) and {tag}.state.pth, the latest epoch's complete state (written atomic
 stopped (on the same device type): every epoch seeds its own noise, dropout, crops and flips.
 """
 import argparse
-import math
 import os
 import time
 
@@ -46,7 +45,7 @@ from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, 
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
-from utils.noisy import add_max_images_arg, limit_images
+from utils.noisy import add_max_images_arg, limit_images, lr_factor
 from utils.probe import AccuracyCounter, probe_cells, save_json, to_device, use_channels_last
 
 # Settings a saved state must share with the run that resumes it.
@@ -173,15 +172,6 @@ def parameter_groups(classifier, weight_decay, layer_decay):
             if params:
                 groups.append({"params": params, "weight_decay": decay, "lr_scale": scale, "stage": name})
     return groups
-
-
-def lr_factor(step, total_steps, warm_steps):
-    """Learning-rate multiplier at step ``step`` (0-based): linear warm-up to 1 over ``warm_steps``,
-    then a cosine from 1 to 0 at ``total_steps``."""
-    if step < warm_steps:
-        return (step + 1) / warm_steps
-    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, precision, label_smoothing):

@@ -18,7 +18,6 @@ The learning rate warms up linearly and then follows a cosine, updated every opt
 the same device; with loader workers, the crops and flips after a resume differ.
 """
 import argparse
-import math
 import os
 import time
 
@@ -37,7 +36,7 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, clean
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import (MODES, RESULT_FILE, ImageNoiser, accuracy_per_level, add_max_images_arg,
-                         draw_comparison, format_table, limit_images, plot_comparison, write_results)
+                         draw_comparison, format_table, limit_images, lr_factor, plot_comparison, write_results)
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
 RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
@@ -86,15 +85,6 @@ def check_args(args):
         raise UserError(f"--lr {args.lr}: must be positive")
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
-
-
-def lr_factor(step, total_steps, warm_steps):
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
-    ``warm_steps`` steps, then a cosine from 1 to 0 at ``total_steps``."""
-    if step < warm_steps:
-        return (step + 1) / warm_steps
-    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def wrn_label(args):

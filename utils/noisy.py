@@ -12,6 +12,7 @@ figure can also be drawn by hand from any result files of one mode:
 import argparse
 import glob
 import json
+import math
 import os
 
 import torch
@@ -130,6 +131,16 @@ class ImageNoiser:
         if self.mode == "DDPM":
             return self.noise_ddpm(x, index, noise)
         return self.noise_edm(x, self.sigmas[index], noise)
+
+
+def lr_factor(step, total_steps, warm_steps):
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
+    ``warm_steps`` steps, then a cosine from 1 to 0 at ``total_steps`` (the WRN baseline and
+    finetune.py)."""
+    if step < warm_steps:
+        return (step + 1) / warm_steps
+    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def add_max_images_arg(parser):
