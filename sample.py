@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +32,7 @@ from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from model.noise import PerImageNoise
 from utils.atomic import atomic_path
+from utils.checkpoint import CHECKPOINT_NAME
 from utils.config import add_config_args, load_config
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
@@ -99,7 +99,7 @@ def sampler_settings(cfg, mode, steps, eta):
 def epoch_label(checkpoint_path):
     """``ep{E}`` for a ``model_{E}.pth`` file, else the file's stem."""
     name = os.path.basename(checkpoint_path)
-    match = re.fullmatch(r"model_(\d+)\.pth", name)
+    match = CHECKPOINT_NAME.match(name)
     return f"ep{match.group(1)}" if match else os.path.splitext(name)[0]
 
 
