@@ -383,7 +383,8 @@ def report_fid(args, result, device):
     value = compute_fid(args.fid, files, device=device, batch_size=args.fid_batch_size, num_workers=args.fid_workers,
                         ref_cache=args.ref_cache, data_root=args.data_root)
     print(f"FID: {value}  ({result['n_samples']} images vs {args.fid})", flush=True)
-    with open(os.path.join(result["out_dir"], "fid.json"), "w") as file:
+    with atomic_path(os.path.join(result["out_dir"], "fid.json"), fix="pass --out_dir with a writable folder") \
+            as temporary, open(temporary, "w") as file:
         json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"]}, file)
     return value
 
