@@ -285,8 +285,7 @@ def compute_fid(ref, gen, feature_extractor=None, device="cpu", batch_size=50, n
     features = FeatureSource(feature_extractor, torch.device(device))
     options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
     cache = default_cache(ref, data_root) if ref_cache is None else ref_cache
-    mu_ref, sigma_ref = reference_statistics(ref, features, cache if not ref.endswith(".npz") else "", data_root,
-                                             options)
+    mu_ref, sigma_ref = reference_statistics(ref, features, cache, data_root, options)
     mu_gen, sigma_gen = generated_statistics(gen, features, options)
     if mu_ref.shape != mu_gen.shape:
         raise UserError(f"the reference statistics have {mu_ref.shape[0]} dimensions but the generated ones "
