@@ -36,7 +36,7 @@ import train  # noqa: E402
 from model.amp import autocast, resolve_precision  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path  # noqa: E402
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
@@ -395,7 +395,7 @@ def bench_sampling(context, name):
     img_s = settings.sample_batches * batch / seconds
     evaluations = context.network_evaluations(sampler["steps"])
     return {
-        "precision": precision, "batch": batch, "sampler": f"{sampler['mode']} {sampler['steps']}",
+        "precision": precision, "batch": batch, "sampler": sampler_label(cfg.model_type, sampler["steps"]),
         "img_s": img_s, "s_50k": N_SAMPLES_FID / img_s,
         "peak_gib": train.peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * evaluations, context.peak),
