@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.atomic import atomic_path
 from utils.errors import UserError
 
 MODEL_TYPES = ("DDPM", "EDM")
@@ -209,10 +210,11 @@ def load_config(path, overrides=()):
 
 
 def save_config(cfg, path):
-    """Write the resolved config as YAML; ``load_config`` of the file gives back an equal Config."""
+    """Write the resolved config as YAML, never leaving a partial file (see utils.atomic);
+    ``load_config`` of the file gives back an equal Config."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
+    with atomic_path(path, what="the config ") as temporary:
+        Path(temporary).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
     return path
 
 
