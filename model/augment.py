@@ -189,10 +189,11 @@ class AugmentPipe(nn.Module):
         geometric = params.is_geometric()
         if not geometric.any():
             return images
-        selected = geometric.nonzero()[:, 0]
+        selected = geometric.nonzero()[:, 0]  # on the parameters' device
         inverse = params.inverse_affine(images.shape[2], images.shape[3])[selected].float()
-        resampled = self._resample(images[selected.to(device)].float(), inverse)
-        return images.index_copy(0, selected.to(device), resampled.to(images.dtype))
+        selected = selected.to(device)
+        resampled = self._resample(images[selected].float(), inverse)
+        return images.index_copy(0, selected, resampled.to(images.dtype))
 
     def _resample(self, images, inverse):
         """Resample (N, C, H, W) float32 images through ``inverse`` (N, 2, 3): reflect-pad, upsample
