@@ -168,7 +168,6 @@ def resolve_checkpoint(save_dir, epoch, n_epoch=None):
     return checkpoints[epoch]
 
 
-
 def strip_module_prefix(state_dict):
     """A copy of ``state_dict`` with the leading ``module.`` of DistributedDataParallel keys removed."""
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
