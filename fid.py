@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, cli_entry, describe_error
 
 # pytorch-fid and torchvision are imported where they are used: they take seconds to import, and
 # sample.py reads this module's flags on every run.
@@ -60,7 +60,7 @@ def load_inception(device):
     try:
         network = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     except Exception as err:  # urllib, ssl, OSError and torch.load failures all end here
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = describe_error(err)
         if had_weights:
             raise UserError(f"the Inception weights {weights} could not be read ({reason}); delete the file "
                             f"so that it is downloaded again, or replace it with a good copy") from None

@@ -39,7 +39,7 @@ from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, 
                         train_transform)
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
 
@@ -204,7 +204,7 @@ def make_optimizer(cfg, parameters, lr, device):
         return OPTIMIZERS[cfg.optim](parameters, lr=lr, **kwargs)
     except (TypeError, ValueError) as err:
         raise UserError(f"key 'optim_args' {cfg.optim_args}: torch.optim.{cfg.optim} refuses them "
-                        f"({str(err).splitlines()[0]}); use its keyword arguments") from None
+                        f"({describe_error(err)}); use its keyword arguments") from None
 
 
 def build_training(cfg, args, device):
@@ -439,7 +439,7 @@ def load_optimizer_state(optimizer, saved, path):
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise UserError(f"{path}: its optimizer state does not fit this model ({str(err).splitlines()[0]}); "
+        raise UserError(f"{path}: its optimizer state does not fit this model ({describe_error(err)}); "
                         f"check --config") from None
 
 
@@ -458,7 +458,7 @@ def restore_training(state, checkpoint, path):
             state.ema.load_state_dict(checkpoint["EMA"])
         except (RuntimeError, KeyError) as err:
             raise UserError(f"{path}: its EMA entry does not fit the config's network "
-                            f"({str(err).strip().splitlines()[0]}); check --config") from None
+                            f"({describe_error(err)}); check --config") from None
     else:
         state.ema.ema_model.load_state_dict(state.diffusion.state_dict())
     state.ema_updater = SyncFreeEMA(state.ema)

@@ -11,18 +11,9 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
-from utils.errors import UserError
+from utils.errors import UserError, describe_error
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
-
-
-def _reason(err, limit=100):
-    """A short one-line account of ``err`` for a UserError message."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def save_checkpoint(obj, path):
@@ -36,7 +27,7 @@ def save_checkpoint(obj, path):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the checkpoint folder {folder} ({_reason(err)}); "
+        raise UserError(f"cannot create the checkpoint folder {folder} ({describe_error(err)}); "
                         f"choose a writable save_dir") from None
     with atomic_path(path, what="checkpoint ", fix="free disk space or choose a writable save_dir",
                      durable=True) as temporary:
@@ -62,7 +53,7 @@ def load_checkpoint(path, map_location="cpu"):
             raise UserError(f"checkpoint {path} holds a Python object ({unsupported.group(1)}) "
                             f"besides tensors and plain values; re-save it with tensors and plain "
                             f"values only") from None
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_reason(err)}); it may "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it may "
                         f"be truncated or damaged: delete it and use another epoch") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
-from utils.errors import UserError
+from utils.errors import UserError, describe_error
 
 DATASET_NAMES = ("cifar", "cifar10", "cifar100", "tinyimagenet", "folder", "synthetic")
 NUM_CLASSES = {"cifar": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "synthetic": 10}
@@ -117,11 +117,6 @@ def build_dataset(name, root, train, transform=None, image_size=None):
     return dataset
 
 
-def _one_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _load_cifar(dataset_class, label, root, train, transform):
     """Load CIFAR from ``root``, unpacking or downloading the archive first when needed."""
     try:
@@ -138,7 +133,7 @@ def _load_cifar(dataset_class, label, root, train, transform):
         download_utils.extract_archive(archive, root)
         return dataset_class(root, train=train, transform=transform, download=False)
     except (OSError, tarfile.TarError, RuntimeError) as err:
-        raise UserError(f"could not unpack {archive} into {root} ({_one_line(err)}); check free "
+        raise UserError(f"could not unpack {archive} into {root} ({describe_error(err)}); check free "
                         f"space and write permission there") from None
 
 
@@ -153,14 +148,14 @@ def _download_archive(dataset_class, label, root):
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".download-", dir=root)
     except OSError as err:
-        raise UserError(missing.format(reason=f"cannot write there: {_one_line(err)}")) from None
+        raise UserError(missing.format(reason=f"cannot write there: {describe_error(err)}")) from None
     try:
         download_utils.download_url(dataset_class.url, staging, dataset_class.filename,
                                     dataset_class.tgz_md5)
         os.replace(os.path.join(staging, dataset_class.filename),
                    os.path.join(root, dataset_class.filename))
     except Exception as err:  # no network, a proxy, a truncated transfer: the remedy is the same
-        raise UserError(missing.format(reason=_one_line(err))) from None
+        raise UserError(missing.format(reason=describe_error(err))) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -179,7 +174,7 @@ def _load_folder(root, train, transform, image_size):
     try:
         dataset = torchvision.datasets.ImageFolder(folder, transform=transform)
     except (FileNotFoundError, OSError) as err:
-        raise UserError(f"image folder {folder}: {_one_line(err)}; it needs one subfolder of "
+        raise UserError(f"image folder {folder}: {describe_error(err)}; it needs one subfolder of "
                         f"images per class") from None
     dataset.num_classes = len(dataset.classes)
     if not split_dirs:

@@ -13,6 +13,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+def describe_error(err, limit=100):
+    """A short account of ``err`` to quote inside a one-line UserError: an OSError's reason, else the
+    first line of its message, else its type name."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def cli_entry(main):
     """Decorate a script's ``main`` so that a UserError prints one line and exits with code 2."""
 
