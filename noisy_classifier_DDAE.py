@@ -36,8 +36,8 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_r
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
-from utils.noisy import (EDM_STEPS, RESULT_FILE, accuracy_per_level, add_max_images_arg, draw_comparison,
-                         eval_levels, format_table, limit_images, plot_comparison, write_results)
+from utils.noisy import (EDM_STEPS, accuracy_per_level, add_max_images_arg, eval_levels, format_table,
+                         limit_images, publish_results)
 from utils.probe import extract_features, prepare_frozen, to_device
 
 
@@ -196,14 +196,8 @@ def run(cfg, args, checkpoint, device):
         extra = {}
         if cfg.model_type == "EDM":
             extra["sigmas"] = diffusion.schedule(EDM_STEPS).flip(0)[levels].tolist()
-        path = write_results(os.path.join(out_dir, RESULT_FILE), "DDAE", cfg.model_type, levels, accuracies,
-                             label, n_test_images, **extra)
-        plot_comparison([{"mode": cfg.model_type, "label": label, "levels": levels, "accuracies": accuracies}],
-                        os.path.join(out_dir, "noisy_accuracy.png"))
-        print0(f"wrote {path}")
-        compare = draw_comparison(os.path.dirname(os.path.abspath(cfg.save_dir)), cfg.model_type)
-        if compare:
-            print0(f"wrote {compare}")
+        publish_results(out_dir, os.path.dirname(os.path.abspath(cfg.save_dir)), "DDAE", cfg.model_type, levels,
+                        accuracies, label, n_test_images, **extra)
 
 
 if __name__ == "__main__":

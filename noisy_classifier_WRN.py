@@ -35,8 +35,8 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, clean
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
-from utils.noisy import (MODES, RESULT_FILE, ImageNoiser, accuracy_per_level, add_max_images_arg,
-                         draw_comparison, format_table, limit_images, lr_factor, plot_comparison, write_results)
+from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
+                         lr_factor, publish_results)
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
 RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
@@ -182,14 +182,8 @@ def report(args, levels, accuracies, n_test_images, noiser):
     if not is_main():
         return
     extra = {"sigmas": [noiser.sigmas[level].item() for level in levels]} if args.mode == "EDM" else {}
-    path = write_results(os.path.join(args.save_dir, RESULT_FILE), "WRN", args.mode, levels, accuracies,
-                         label, n_test_images, **extra)
-    plot_comparison([{"mode": args.mode, "label": label, "levels": levels, "accuracies": accuracies}],
-                    os.path.join(args.save_dir, "noisy_accuracy.png"))
-    print0(f"wrote {path}")
-    compare = draw_comparison(os.path.dirname(os.path.abspath(args.save_dir)), args.mode)
-    if compare:
-        print0(f"wrote {compare}")
+    publish_results(args.save_dir, os.path.dirname(os.path.abspath(args.save_dir)), "WRN", args.mode, levels,
+                    accuracies, label, n_test_images, **extra)
 
 
 @cli_entry

@@ -205,6 +205,19 @@ def write_results(path, method, mode, levels, accuracies, label, n_test_images, 
     return path
 
 
+def publish_results(out_dir, compare_root, method, mode, levels, accuracies, label, n_test_images, **extra):
+    """Write ``out_dir``'s result file (``write_results``) and its plot noisy_accuracy.png, and the
+    comparison figure of ``compare_root`` when both methods' results are there (main process only)."""
+    path = write_results(os.path.join(out_dir, RESULT_FILE), method, mode, levels, accuracies, label,
+                         n_test_images, **extra)
+    plot_comparison([{"mode": mode, "label": label, "levels": levels, "accuracies": accuracies}],
+                    os.path.join(out_dir, "noisy_accuracy.png"))
+    print(f"wrote {path}")
+    compare = draw_comparison(compare_root, mode)
+    if compare:
+        print(f"wrote {compare}")
+
+
 def read_results(path):
     """Read and check a result file written by ``write_results``."""
     path = os.fspath(path)
