@@ -46,7 +46,7 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, clean
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.noisy import add_max_images_arg, limit_images, lr_factor
-from utils.probe import AccuracyCounter, probe_cells, save_json, to_device, use_channels_last
+from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
 # Settings a saved state must share with the run that resumes it.
 RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
@@ -335,7 +335,7 @@ def summary(cfg, settings, history, test_images, trainable):
 
 def finetune_tag(checkpoint, timestep, block):
     """Name of the outputs: checkpoint stem and cell, e.g. ``model_1999_t11_out_6``."""
-    return f"{os.path.splitext(os.path.basename(checkpoint))[0]}_t{timestep}_{block}"
+    return probe_tag(checkpoint, [timestep], [block], grid=False)
 
 
 @cli_entry

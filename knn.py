@@ -30,7 +30,7 @@ from utils.distributed import add_launcher_args, cleanup, get_world_size, init_d
 from utils.errors import UserError, cli_entry
 from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import (AccuracyCounter, accuracy_table, cell_label, extract_dataset_features, format_accuracy_table,
-                         plot_accuracy_heatmap, prepare_frozen, probe_cells, save_json, synchronize)
+                         plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, synchronize)
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -192,9 +192,7 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
 
 def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
     """Name of the outputs: checkpoint stem, cells and k-NN settings, e.g. ``model_1999_grid_k20_T0.07``."""
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    cells = "grid" if grid else f"t{timesteps[0]}_{blocks[0]}"
-    return f"{stem}_{cells}_k{k}_T{temperature:g}"
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_k{k}_T{temperature:g}"
 
 
 @cli_entry

@@ -26,7 +26,7 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
-                         plot_accuracy_heatmap, prepare_frozen, probe_cells, save_json, to_device)
+                         plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, to_device)
 
 
 def build_parser():
@@ -41,12 +41,6 @@ def build_parser():
                         help="torch.compile the feature pass (faster on GPUs after a slow first batch)")
     add_launcher_args(parser)
     return parser
-
-
-def probe_tag(checkpoint, timesteps, blocks, grid):
-    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid``."""
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
 
 
 def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precision="fp32"):

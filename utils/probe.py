@@ -6,10 +6,11 @@ linear heads, and test accuracy that counts each test image exactly once over al
     heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes)
     logits = heads([features[cell] for cell in heads.cells])   # (n_cells, B, classes)
 
-Used by linear.py and contrastive.py, and meant for the noise-conditional classifier, k-NN and
-fine-tuning scripts too.
+Used by linear.py, contrastive.py, knn.py, finetune.py, export_features.py and the noise-conditional
+DDAE classifier.
 """
 import json
+import os
 import time
 
 import torch
@@ -268,6 +269,12 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
         empty = {(t, name): torch.zeros(0, dims[name], device=device) for t in timesteps for name in names}
         return empty, torch.zeros(0, dtype=torch.long, device=device)
     return {cell: torch.cat(parts) for cell, parts in chunks.items()}, torch.cat(labels)
+
+
+def probe_tag(checkpoint, timesteps, blocks, grid):
+    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid``."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
 
 
 def accuracy_table(cells, accuracy):
