@@ -18,7 +18,7 @@ import time
 import torch
 
 from model.models import build_diffusion
-from utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoint import list_checkpoints, save_checkpoint
 from utils.config import load_config
 from utils.errors import UserError, cli_entry
 from utils.probe import probe_tag
@@ -48,12 +48,13 @@ def run(step, command):
     return time.perf_counter() - started
 
 
-def finished_run(cfg):
-    """The last checkpoint of a run that trained all of cfg.n_epoch epochs, or None."""
-    path = latest_checkpoint(cfg.save_dir)
-    if path is None:
-        return None
-    return path if load_checkpoint(path).get("epoch", -1) >= cfg.n_epoch - 1 else None
+def last_checkpoint(cfg):
+    """(epoch, path) of the run's last checkpoint (its file name gives the epoch), or (None, None)."""
+    checkpoints = list_checkpoints(cfg.save_dir)
+    if not checkpoints:
+        return None, None
+    epoch = max(checkpoints)
+    return epoch, checkpoints[epoch]
 
 
 def write_random_init(cfg, path):
@@ -78,14 +79,13 @@ def main(args):
     common = ["--config", args.config, *[a for o in overrides for a in ("--set", o)]]
     started = time.perf_counter()
 
-    checkpoint = finished_run(cfg)
-    if checkpoint is None:
-        resume = ["--resume"] if latest_checkpoint(cfg.save_dir) else []
-        run("1/4 train a tiny DDPM on synthetic images", ["train.py", *common, *resume])
-        checkpoint = latest_checkpoint(cfg.save_dir)
-    else:
+    epoch, checkpoint = last_checkpoint(cfg)
+    if epoch is not None and epoch >= cfg.n_epoch - 1:
         print(f"\n== 1/4 reusing the finished run {checkpoint} (pass --fresh to train again)")
-    epoch = load_checkpoint(checkpoint)["epoch"]
+    else:
+        resume = ["--resume"] if checkpoint else []
+        run("1/4 train a tiny DDPM on synthetic images", ["train.py", *common, *resume])
+        epoch, checkpoint = last_checkpoint(cfg)
 
     sample_dir = os.path.join(cfg.save_dir, f"demo_samples_ep{epoch}")
     run("2/4 sample a grid with DDIM", ["sample.py", *common, "--epoch", str(epoch), "--steps", str(args.steps),
