@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
+from model.speed import add_speed_args, configure_backends
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
@@ -37,8 +38,7 @@ def build_parser():
     parser.add_argument("--grid", action="store_true",
                         help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
     add_data_args(parser)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
     add_launcher_args(parser)
     return parser
 
@@ -190,6 +190,7 @@ def main(args):
     device = init_distributed(args.device)
     try:
         precision = resolve_precision(args, device)
+        configure_backends(args, device)
         diffusion = prepare_frozen(diffusion, device, compile=args.compile)
         image_size = cfg.network.image_shape[-1]
         train_set = build_dataset(cfg.dataset, args.data_root, train=True,

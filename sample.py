@@ -31,6 +31,7 @@ from tqdm import tqdm
 from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from model.noise import PerImageNoise
+from model.speed import add_speed_args, compile_module, configure_backends
 from utils.atomic import atomic_path
 from utils.checkpoint import CHECKPOINT_NAME
 from utils.config import add_config_args, load_config
@@ -63,7 +64,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
     parser.add_argument("--batch_size", type=int, default=IMAGES_PER_GRID,
                         help="images per forward pass and process (larger is faster on big GPUs)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_speed_args(parser, "torch.compile the network (the first batch compiles it, about a minute on a GPU)")
     parser.add_argument("--channels_last", action="store_true",
                         help="run the network in channels-last memory format (faster with AMP on recent GPUs)")
     parser.add_argument("--out_dir", default=None,
@@ -300,11 +301,13 @@ def write_missing_grids(out_dir, n_samples, rank=0, world_size=1):
             save_grid(torch.stack(images), path, GRID_NROW)
 
 
-def prepare_network(diffusion, compile_network, channels_last):
+def prepare_network(diffusion, compile_mode, channels_last):
+    """Put the network in the layout and (``compile_mode``: a model.speed mode, or None) compiled form
+    that sampling runs it in."""
     if channels_last:
         diffusion.nn_model.to(memory_format=torch.channels_last)
-    if compile_network:
-        diffusion.nn_model = torch.compile(diffusion.nn_model)
+    if compile_mode:
+        compile_module(diffusion.nn_model, compile_mode)
     return diffusion
 
 
@@ -335,6 +338,7 @@ def run(args, device):
         raise UserError(f"--fid {args.fid}: no such folder or .npz; pass the reference PNG folder (see "
                         f"extract_cifar10_pngs.ipynb), its statistics .npz, or dataset:cifar10")
     precision = resolve_precision(args, device)
+    configure_backends(args, device)
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))

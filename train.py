@@ -31,6 +31,7 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
+from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
 from utils.atomic import atomic_path
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
@@ -68,9 +69,8 @@ def build_parser():
                         help="accumulate gradients over K micro-batches of batch_size per optimizer step. "
                              "K micro-batches emulate K times more GPUs, so the learning rate becomes "
                              "lrate * world_size * K: one GPU with --accum 4 trains like the paper's 4 GPUs")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network (speed; the first steps compile it; dropout "
-                             "draws differ from the eager network's)")
+    add_speed_args(parser, "torch.compile the network (speed; the first steps compile it; dropout draws "
+                           "differ from the eager network's)")
     parser.add_argument("--channels_last", action="store_true",
                         help="channels-last memory format for the network and batches (speed on GPUs; "
                              "the training noise is drawn in that layout, so the draws differ)")
@@ -191,6 +191,7 @@ class TrainState:
     data: TrainData
     base_lr: float                  # lrate * world_size * accum, before warm-up
     accum: int = 1                  # micro-batches per optimizer step
+    compile_mode: str = None        # --compile's mode, None when the network runs eagerly
     epoch: int = 0                  # the next epoch to run
     step: int = 0                   # optimizer steps taken
 
@@ -220,6 +221,7 @@ def build_training(cfg, args, device):
     """
     rank, world_size = get_rank(), get_world_size()
     precision = resolve_precision(args, device)
+    configure_backends(args, device)
     batch_size = cfg.batch_size * args.accum
     dataset = build_dataset(cfg.dataset, args.data_root, train=True,
                             transform=train_transform(flip=False),  # TrainData flips on the device
@@ -239,12 +241,12 @@ def build_training(cfg, args, device):
     ema = make_ema(diffusion, cfg.ema)  # after DDP, so that it starts from rank 0's weights
     ema.ema_model.eval()
     if args.compile:
-        diffusion.nn_model.compile()  # in place: parameter names and the EMA copy stay as they are
+        compile_module(diffusion.nn_model, args.compile)  # in place: names and the EMA copy stay as they are
     base_lr = cfg.lrate * world_size * args.accum
     return TrainState(cfg=cfg, device=device, precision=precision, diffusion=diffusion, model=model,
                       optimizer=make_optimizer(cfg, diffusion.parameters(), base_lr, device),
                       scaler=make_grad_scaler(device, precision), ema=ema, ema_updater=SyncFreeEMA(ema),
-                      data=data, base_lr=base_lr, accum=args.accum)
+                      data=data, base_lr=base_lr, accum=args.accum, compile_mode=args.compile)
 
 
 def train_step(state, images):
@@ -257,6 +259,7 @@ def train_step(state, images):
         the mean loss over the micro-batches, a detached 0-dim tensor on the device.
     """
     state.optimizer.zero_grad(set_to_none=True)
+    mark_step_begin(state.compile_mode, state.device)
     micro_batches = images.chunk(state.accum)
     total = torch.zeros((), device=state.device)
     for index, micro_batch in enumerate(micro_batches):

@@ -20,6 +20,7 @@ from torch import nn
 from model.amp import autocast
 from model.models import feature_dims
 from model.noise import PerImageNoise
+from model.speed import compile_function
 from utils.atomic import atomic_path
 from utils.distributed import all_reduce_sum
 from utils.errors import UserError
@@ -66,20 +67,21 @@ def use_channels_last(device):
     return device.type == "cuda"
 
 
-def prepare_frozen(diffusion, device, compile=False):
+def prepare_frozen(diffusion, device, compile=None):
     """Move a frozen diffusion model to ``device`` in eval mode, without gradients, in the memory
     layout that is fastest there (``use_channels_last``).
 
     Args:
-        compile: wrap the network's ``forward_features`` (what ``get_feature`` calls) in
-            ``torch.compile``; the first batches then take a while longer (minutes on a CPU).
+        compile: None, or a ``model.speed`` compile mode (True means "default") for the network's
+            ``forward_features`` (what ``get_feature`` calls); the first batches then take a while
+            longer (minutes on a CPU).
     """
     diffusion = diffusion.to(device).eval().requires_grad_(False)
     if use_channels_last(device):
         diffusion = diffusion.to(memory_format=torch.channels_last)
     if compile:
         net = diffusion.nn_model
-        net.forward_features = torch.compile(net.forward_features)
+        net.forward_features = compile_function(net.forward_features, "default" if compile is True else compile)
     return diffusion
 
 

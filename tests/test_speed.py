@@ -1,0 +1,131 @@
+"""model/speed.py: --compile [MODE] and --cudnn_benchmark reach torch the same way from every script."""
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+import linear
+import sample
+import train
+from model import speed
+from model.models import build_diffusion
+from utils.config import load_config
+from utils.probe import prepare_frozen
+
+TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
+        "network.image_shape=[3,8,8]", "dataset=synthetic", "batch_size=4", "diffusion.n_T=20"]
+
+
+@pytest.fixture
+def recorded_compiles(monkeypatch):
+    """Replace nn.Module.compile and torch.compile by recorders: which mode reached torch."""
+    calls = []
+
+    def module_compile(self, *args, **kwargs):
+        calls.append(("module", type(self).__name__, kwargs.get("mode")))
+
+    def function_compile(function, *args, **kwargs):
+        calls.append(("function", getattr(function, "__name__", "?"), kwargs.get("mode")))
+        return function
+
+    monkeypatch.setattr(nn.Module, "compile", module_compile)
+    monkeypatch.setattr(torch, "compile", function_compile)
+    return calls
+
+
+@pytest.mark.parametrize("parse", [train.parse_args, sample.build_parser().parse_args,
+                                   linear.build_parser().parse_args], ids=["train", "sample", "linear"])
+def test_every_script_takes_compile_with_and_without_a_mode(parse):
+    base = ["--config", "config/demo.yaml"]
+    assert parse(base).compile is None
+    assert parse(base + ["--compile"]).compile == "default"
+    assert parse(base + ["--compile", "--cudnn_benchmark"]).compile == "default"
+    assert parse(base + ["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parse(base + ["--compile=max-autotune"]).cudnn_benchmark is False
+
+
+def test_an_unknown_compile_mode_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--config", "config/demo.yaml", "--compile", "fastest"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--compile" in error and "fastest" in error and "reduce-overhead" in error
+
+
+def test_modes_reach_torch_compile(recorded_compiles):
+    speed.compile_module(nn.Linear(2, 2), "default")
+    speed.compile_module(nn.Linear(2, 2), "reduce-overhead")
+    speed.compile_function(len, "max-autotune")
+    assert recorded_compiles == [("module", "Linear", None), ("module", "Linear", "reduce-overhead"),
+                                 ("function", "len", "max-autotune")]
+    with pytest.raises(ValueError, match="compile mode"):
+        speed.compile_module(nn.Linear(2, 2), True)
+
+
+def test_cuda_graphs_only_with_their_modes_on_cuda(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert speed.uses_cuda_graphs("reduce-overhead", "cuda") and speed.uses_cuda_graphs("max-autotune", "cuda:1")
+    assert not speed.uses_cuda_graphs("reduce-overhead", "cpu")
+    assert not speed.uses_cuda_graphs("max-autotune-no-cudagraphs", "cuda")
+    assert not speed.uses_cuda_graphs(None, "cuda")
+    speed.mark_step_begin("reduce-overhead", torch.device("cpu"))
+    speed.mark_step_begin("default", torch.device("cuda"))
+    assert marks == []
+    speed.mark_step_begin("reduce-overhead", torch.device("cuda"))
+    assert marks == [1]
+
+
+def test_cudnn_benchmark_follows_the_flag_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    speed.configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    speed.configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+    speed.configure_backends(argparse.Namespace(cudnn_benchmark=False), torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_train_compiles_the_network_in_place_and_marks_each_step(recorded_compiles, monkeypatch, tmp_path):
+    cfg = load_config("config/demo.yaml", TINY + [f"save_dir={tmp_path}"])
+    args = train.parse_args(["--config", "config/demo.yaml", "--compile", "reduce-overhead"])
+    state = train.build_training(cfg, args, torch.device("cpu"))
+    assert recorded_compiles == [("module", "UNet", "reduce-overhead")]
+    assert state.compile_mode == "reduce-overhead"
+    assert all(key.startswith("nn_model.") and "_orig_mod" not in key for key in state.diffusion.state_dict())
+    steps = []
+    monkeypatch.setattr(train, "mark_step_begin", lambda mode, device: steps.append((mode, device.type)))
+    images = next(state.data.batches(0))
+    train.train_step(state, images)
+    train.train_step(state, images)
+    assert steps == [("reduce-overhead", "cpu")] * 2
+
+
+def test_sample_and_probe_pass_their_mode(recorded_compiles):
+    cfg = load_config("config/demo.yaml", TINY)
+    diffusion = sample.prepare_network(build_diffusion(cfg).eval(), "max-autotune", channels_last=False)
+    frozen = prepare_frozen(build_diffusion(cfg), torch.device("cpu"), compile="reduce-overhead")
+    prepare_frozen(build_diffusion(cfg), torch.device("cpu"), compile=True)  # linear.py's older boolean
+    assert recorded_compiles == [("module", "UNet", "max-autotune"), ("function", "forward_features", "reduce-overhead"),
+                                 ("function", "forward_features", None)]
+    assert all("_orig_mod" not in key for key in diffusion.state_dict())
+    assert frozen.nn_model.forward_features is not None
+
+
+def test_a_really_compiled_sampler_matches_the_eager_one():
+    """One real torch.compile (about half a minute on a CPU): the network compiles without errors in a
+    CUDA-graph mode and the DDIM sampler gives the eager images."""
+    torch.manual_seed(0)
+    cfg = load_config("config/demo.yaml", TINY)
+    eager = build_diffusion(cfg).eval().requires_grad_(False)
+    compiled = build_diffusion(cfg).eval().requires_grad_(False)
+    compiled.load_state_dict(eager.state_dict())
+    sample.prepare_network(compiled, "reduce-overhead", channels_last=False)
+    x_T = torch.randn(3, 3, 8, 8)
+    torch.compiler.reset()
+    try:
+        got = compiled.sample(x_T=x_T, steps=4)
+    finally:
+        torch.compiler.reset()
+    assert torch.allclose(got, eager.sample(x_T=x_T, steps=4), atol=1e-5)
