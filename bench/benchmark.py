@@ -36,6 +36,7 @@ import train  # noqa: E402
 from model.amp import autocast, resolve_precision  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
+from model.speed import configure_backends  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
@@ -43,7 +44,7 @@ from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
 from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, save_json, synchronize  # noqa: E402
 
-PARTS = ("train", "sample", "probe", "parity")
+PARTS = ("train", "sample", "probe", "parity", "profile")
 
 # GFLOP per 32x32 image of the paper's two networks (counted for the reference): (forward, training step).
 PAPER_GFLOP = {
@@ -73,7 +74,7 @@ class TrainVariant:
 
     @property
     def compiles(self):
-        return "--compile" in self.flags
+        return any(flag.split("=")[0] == "--compile" for flag in self.flags)
 
 
 @dataclass(frozen=True)
@@ -82,31 +83,43 @@ class EvalVariant:
     precision: str
     large_batch: bool = True        # the part's large batch, else its original batch
     channels_last: bool = True      # sampling only: probe passes take prepare_frozen's layout
-    compiles: bool = False
+    compile_mode: str = None        # a model.speed compile mode, None for eager
+    cudnn_benchmark: bool = False
+
+    @property
+    def compiles(self):
+        return self.compile_mode is not None
 
 
+FAST_FLAGS = ("--precision", "bf16", "--channels_last", "--gpu_data")
 TRAIN_VARIANTS = {
     "faithful": TrainVariant("the original's recipe: fp16 autocast + GradScaler, fp32 weights, NCHW, DataLoader, "
                              "foreach Adam, ema-pytorch's update (host syncs)", ("--use_amp",),
                              fused_adam=False, sync_free_ema=False),
     "use_amp": TrainVariant("train.py --use_amp: faithful + fused Adam + sync-free EMA", ("--use_amp",)),
     "bf16": TrainVariant("bf16 autocast, channels_last, data on the device, fused Adam, sync-free EMA; eager",
-                         ("--precision", "bf16", "--channels_last", "--gpu_data")),
+                         FAST_FLAGS),
     "fast": TrainVariant("bf16 + channels_last + data on the device + fused Adam + sync-free EMA + torch.compile",
-                         ("--precision", "bf16", "--channels_last", "--gpu_data", "--compile")),
+                         FAST_FLAGS + ("--compile",)),
+    "graphs": TrainVariant("fast + CUDA graphs (--compile reduce-overhead) + --cudnn_benchmark",
+                           FAST_FLAGS + ("--compile=reduce-overhead", "--cudnn_benchmark")),
 }
 SAMPLE_VARIANTS = {
     "faithful": EvalVariant("sample.py --use_amp at the original's batch of 400: fp16, NCHW", "fp16",
                             large_batch=False, channels_last=False),
     "fp16": EvalVariant("fp16, channels_last, large batch", "fp16"),
     "bf16": EvalVariant("bf16, channels_last, large batch", "bf16"),
-    "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compiles=True),
+    "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compile_mode="default"),
+    "bf16_graphs": EvalVariant("bf16_compile + CUDA graphs (--compile reduce-overhead) + --cudnn_benchmark", "bf16",
+                               compile_mode="reduce-overhead", cudnn_benchmark=True),
 }
 PROBE_VARIANTS = {
     "use_amp": EvalVariant("linear.py --grid --use_amp: fp16 at the probe's batch", "fp16", large_batch=False),
     "bf16": EvalVariant("bf16 at the probe's batch", "bf16", large_batch=False),
     "bf16_large": EvalVariant("bf16, large batch", "bf16"),
-    "bf16_large_compile": EvalVariant("bf16, large batch, torch.compile", "bf16", compiles=True),
+    "bf16_large_compile": EvalVariant("bf16, large batch, torch.compile", "bf16", compile_mode="default"),
+    "bf16_large_graphs": EvalVariant("bf16_large_compile + CUDA graphs (reduce-overhead) + --cudnn_benchmark",
+                                     "bf16", compile_mode="reduce-overhead", cudnn_benchmark=True),
 }
 VARIANTS = {"train": TRAIN_VARIANTS, "sample": SAMPLE_VARIANTS, "probe": PROBE_VARIANTS}
 
@@ -159,6 +172,12 @@ def build_parser():
                                    "0, off; quick 4). 2,000 steps of the 35.7M UNet take minutes on a GPU")
     parity_group.add_argument("--parity_window", type=int, default=None,
                               help="last steps whose losses are compared (default: a quarter of the steps, at least 2)")
+    profile_group = parser.add_argument_group("profile (where a training step's time goes)")
+    profile_group.add_argument("--profile_variants", default="faithful,graphs",
+                               help="training variants to profile with torch.profiler (default faithful,graphs)")
+    profile_group.add_argument("--profile_steps", type=int, default=None,
+                               help="profiled steps after the warm-up (default 5; quick 1)")
+    profile_group.add_argument("--profile_top", type=int, default=12, help="rows of each profile's op table")
     return parser
 
 
@@ -189,6 +208,9 @@ def settings_from_args(args, device):
         quick=quick,
         variants={part: _split_names(getattr(args, f"{part}_variants"), VARIANTS[part], f"--{part}_variants")
                   for part in VARIANTS},
+        profile_variants=_split_names(args.profile_variants, TRAIN_VARIANTS, "--profile_variants"),
+        profile_steps=pick(args.profile_steps, 5, 1),
+        profile_top=args.profile_top,
         compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
         warmup_steps=pick(args.warmup_steps, 10, 1),
         steps=pick(args.steps, 50, 2),
@@ -207,7 +229,7 @@ def settings_from_args(args, device):
         if getattr(settings, name) < 0:
             raise UserError(f"--{name} {getattr(settings, name)}: must be 0 or positive")
     for name in ("steps", "sample_batch", "sample_batches", "sample_steps", "probe_batch", "probe_large_batch",
-                 "probe_batches"):
+                 "probe_batches", "profile_steps", "profile_top"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name} {getattr(settings, name)}: must be at least 1")
     if settings.parity_steps < 0:
@@ -304,7 +326,7 @@ def endless_batches(data):
 
 
 def train_args(settings, variant_flags, compile_allowed):
-    flags = [flag for flag in variant_flags if compile_allowed or flag != "--compile"]
+    flags = [flag for flag in variant_flags if compile_allowed or flag.split("=")[0] != "--compile"]
     return train.parse_args(["--config", settings.config_path, "--data_root", settings.data_root,
                              "--num_workers", str(settings.num_workers), *flags])
 
@@ -372,7 +394,8 @@ def bench_sampling(context, name):
     batch = settings.sample_batch if variant.large_batch else min(sample.IMAGES_PER_GRID, settings.sample_batch)
     sampler = sample.sampler_settings(cfg, "DDIM", settings.sample_steps, 0.0)
     diffusion = build_diffusion(cfg).to(device).eval().requires_grad_(False)
-    sample.prepare_network(diffusion, compiled, variant.channels_last)
+    configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
+    sample.prepare_network(diffusion, variant.compile_mode if compiled else None, variant.channels_last)
     image_shape = tuple(cfg.network.image_shape)
 
     def one_batch(index, steps):
@@ -412,7 +435,8 @@ def bench_probe(context, name):
     precision = resolve_precision(argparse.Namespace(precision=variant.precision, use_amp=False), device)
     batch = settings.probe_large_batch if variant.large_batch else settings.probe_batch
     timesteps, blocks = probe_cells(cfg, grid=True)
-    diffusion = prepare_frozen(build_diffusion(cfg), device, compile=compiled)
+    configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
+    diffusion = prepare_frozen(build_diffusion(cfg), device, compile=variant.compile_mode if compiled else None)
     warmup = 3 if compiled or not settings.quick else 1
     start = time.perf_counter()
     img_s = feature_pass_throughput(diffusion, timesteps, blocks, tuple(cfg.network.image_shape), batch_size=batch,
@@ -457,6 +481,57 @@ def loss_parity(context):
         "z": z, "within_noise": bool(abs(z) < 3) if math.isfinite(z) else None,
         "note": _compile_note(True, settings.compile, device),
         "curves": {label: curve.tolist() for label, curve in curves.items()},
+    }
+
+
+def profile_training(context, name):
+    """Where the time of ``name``'s training step goes: torch.profiler over a few steps after the warm-up.
+
+    On CUDA the op table ranks kernels by device time; ``device_busy_ms`` against ``wall_ms`` tells
+    whether the step waits on the GPU (busy close to wall) or on the host launching kernels (busy far
+    below wall, the case CUDA graphs fix). On a CPU it ranks operators by their own CPU time.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    settings, device = context.settings, context.device
+    state = build_state(settings, device, TRAIN_VARIANTS[name], settings.compile)
+    n = settings.profile_steps
+    on_cuda = device.type == "cuda"
+    batches = endless_batches(state.data)
+    for _ in range(settings.warmup_steps):
+        train.train_step(state, next(batches))
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for _ in range(n):
+            train.train_step(state, next(batches))
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / n
+
+    def own_time(event):  # microseconds
+        if on_cuda:
+            return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+        return event.self_cpu_time_total
+
+    events = [event for event in profiler.key_averages()
+              if own_time(event) > 0 and (not on_cuda or event.device_type == DeviceType.CUDA)]
+    total_us = sum(own_time(event) for event in events)
+    events.sort(key=own_time, reverse=True)
+    top = [{"op": event.key[:90], "calls_per_step": event.count / n, "ms_per_step": own_time(event) / 1e3 / n,
+            "share_pct": 100 * own_time(event) / total_us if total_us else None}
+           for event in events[:settings.profile_top]]
+    return {
+        "precision": state.precision, "batch": state.data.batch_size, "steps": n, "wall_ms": wall_ms,
+        "device_busy_ms": total_us / 1e3 / n if on_cuda else None,
+        "busy_pct": 100 * total_us / 1e3 / n / wall_ms if on_cuda else None,
+        "kernels_per_step": sum(event.count for event in events) / n if on_cuda else None,
+        "ops_per_step": sum(event.count for event in profiler.key_averages()
+                            if event.device_type == DeviceType.CPU) / n,
+        "top": top,
+        "note": _compile_note(TRAIN_VARIANTS[name].compiles, TRAIN_VARIANTS[name].compiles and settings.compile,
+                              device),
     }
 
 
@@ -507,7 +582,8 @@ class Report:
         lines += [f"- {key}: {value}" for key, value in header.items() if key not in ("config", "device")]
         for part, title, columns in (
                 ("train", "Training", TRAIN_COLUMNS), ("sample", "Sampling", SAMPLE_COLUMNS),
-                ("probe", "Probe feature pass (--grid)", PROBE_COLUMNS), ("parity", "Loss parity", PARITY_COLUMNS)):
+                ("probe", "Probe feature pass (--grid)", PROBE_COLUMNS), ("parity", "Loss parity", PARITY_COLUMNS),
+                ("profile", "Profile of a training step", PROFILE_COLUMNS)):
             if not self.rows[part]:
                 continue
             lines += ["", f"## {title}", ""]
@@ -515,6 +591,11 @@ class Report:
             if caption:
                 lines += [caption, ""]
             lines += markdown_table(self.rows[part], columns)
+        for row in self.rows["profile"]:
+            if row.get("top"):
+                unit = "device" if row.get("device_busy_ms") is not None else "own CPU"
+                lines += ["", f"### Profile of {row['variant']}: top ops by {unit} time", ""]
+                lines += markdown_table(row["top"], PROFILE_TOP_COLUMNS)
         return "\n".join(lines) + "\n"
 
     def caption(self, part):
@@ -547,6 +628,13 @@ PARITY_COLUMNS = (("steps", "steps", None), ("window", "window", None), ("fp32 l
                   ("fast loss", "loss_fast", 5), ("difference", "difference", 5), ("step std", "step_std", 5),
                   ("difference / std", "difference_over_std", 3), ("z", "z", 2), ("within noise", "within_noise", None),
                   ("status", "status", None))
+
+PROFILE_COLUMNS = (("variant", "variant", None), ("precision", "precision", None), ("batch", "batch", None),
+                   ("wall ms/step", "wall_ms", 1), ("GPU busy ms/step", "device_busy_ms", 1),
+                   ("GPU busy %", "busy_pct", 0), ("kernels/step", "kernels_per_step", 0),
+                   ("CPU ops/step", "ops_per_step", 0), ("status", "status", None))
+PROFILE_TOP_COLUMNS = (("op", "op", None), ("calls/step", "calls_per_step", 1), ("ms/step", "ms_per_step", 2),
+                       ("share %", "share_pct", 1))
 
 
 def markdown_table(rows, columns):
@@ -692,6 +780,9 @@ def main(args):
             jobs.append(("parity", "fp32 vs fast", lambda: loss_parity(context)))
         else:
             report.add("parity", {"status": "skipped: pass --loss_parity_steps N to run it"})
+    if "profile" in settings.parts:
+        for name in settings.profile_variants:
+            jobs.append(("profile", name, lambda n=name: profile_training(context, n)))
     for part, name, job in jobs:
         run_job(report, part, name, job, deadline)
     print("\n" + report.markdown(), flush=True)

@@ -66,7 +66,7 @@ def test_quick_run_numbers_fit_together(quick_run):
         assert row["sampler"] == "DDIM 10" and row["batch"] == 4
         assert row["s_50k"] == pytest.approx(50_000 / row["img_s"], rel=1e-12)
     probe = {row["variant"]: row for row in results["probe"]}
-    assert [probe[name]["batch"] for name in benchmark.PROBE_VARIANTS] == [8, 8, 16, 16]
+    assert [probe[name]["batch"] for name in benchmark.PROBE_VARIANTS] == [8, 8, 16, 16, 16]
     assert {row["cells"] for row in probe.values()} == {"3 t x 4 blocks"}  # DDPM grid 1/11/21, out_1..out_4
 
 
@@ -84,13 +84,30 @@ def test_quick_run_loss_parity(quick_run):
     assert curves["fast"][0] == pytest.approx(curves["fp32"][0], rel=0.05)
 
 
+def test_quick_run_profiles_the_faithful_and_graphs_steps(quick_run):
+    markdown, results, _ = quick_run
+    rows = {row["variant"]: row for row in results["profile"]}
+    assert list(rows) == ["faithful", "graphs"]
+    for name, row in rows.items():
+        assert row["status"] == "ok" and row["steps"] == 1 and row["batch"] == 8
+        assert row["device_busy_ms"] is None and row["kernels_per_step"] is None  # no GPU here
+        assert row["wall_ms"] > 0 and row["ops_per_step"] > 100
+        top = row["top"]
+        assert 0 < len(top) <= 12
+        shares = [entry["share_pct"] for entry in top]
+        assert shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 1e-6
+        assert any(entry["op"].startswith("aten::convolution") for entry in top)  # a UNet's step is convolutions
+        assert f"### Profile of {name}: top ops by own CPU time" in markdown
+
+
 def test_quick_run_table_and_header(quick_run):
     markdown, results, stdout = quick_run
     assert markdown.startswith("# Benchmark: demo on CPU")
     for line in ("- torch: " + torch.__version__, "- command: python ", "- peak used for MFU: unknown device"):
         assert line in markdown
     assert "--quick" in results["header"]["command"]
-    for title in ("## Training", "## Sampling", "## Probe feature pass (--grid)", "## Loss parity"):
+    for title in ("## Training", "## Sampling", "## Probe feature pass (--grid)", "## Loss parity",
+                  "## Profile of a training step"):
         assert title in markdown
     assert "| variant | precision | batch | img/s | speedup vs faithful |" in markdown
     faithful = next(line for line in markdown.splitlines() if line.startswith("| faithful | fp32 | 8 |"))
