@@ -170,6 +170,8 @@ def build_parser():
     parity_group.add_argument("--loss_parity_steps", type=int, default=None,
                               help="steps of the fp32 reference and of the fast variant, same seed (default: "
                                    "0, off; quick 4). 2,000 steps of the 35.7M UNet take minutes on a GPU")
+    parity_group.add_argument("--parity_variant", default="fast",
+                              help="the training variant compared with the fp32 reference (default fast)")
     parity_group.add_argument("--parity_window", type=int, default=None,
                               help="last steps whose losses are compared (default: a quarter of the steps, at least 2)")
     profile_group = parser.add_argument_group("profile (where a training step's time goes)")
@@ -223,6 +225,7 @@ def settings_from_args(args, device):
         probe_large_batch=pick(args.probe_large_batch, 1024, 16),
         probe_batches=pick(args.probe_batches, 20, 2),
         parity_steps=pick(args.loss_parity_steps, 0, 4),
+        parity_variant=_split_names(args.parity_variant, TRAIN_VARIANTS, "--parity_variant")[0],
     )
     settings.parity_window = args.parity_window or min(settings.parity_steps, max(2, settings.parity_steps // 4))
     for name in ("warmup_steps", "num_workers"):
@@ -452,7 +455,7 @@ def bench_probe(context, name):
 
 
 def loss_parity(context):
-    """Same seed, same steps: train.py in fp32 on the DataLoader path, and the fast variant.
+    """Same seed, same steps: train.py in fp32 on the DataLoader path, and --parity_variant (fast).
 
     Returns:
         the mean loss of both over the last ``window`` steps, their difference, the reference's
@@ -463,7 +466,7 @@ def loss_parity(context):
     n, window = settings.parity_steps, settings.parity_window
     reference = TrainVariant("fp32", ("--precision", "fp32"))
     curves = {}
-    for label, variant in (("fp32", reference), ("fast", TRAIN_VARIANTS["fast"])):
+    for label, variant in (("fp32", reference), ("fast", TRAIN_VARIANTS[settings.parity_variant])):
         state = build_state(settings, device, variant, settings.compile)
         _, _, curves[label] = run_training_steps(state, 0, n)
         del state
@@ -476,7 +479,7 @@ def loss_parity(context):
     difference = float(fast.mean() - ref.mean())
     z = difference / spread if spread > 0 else float("nan")
     return {
-        "steps": n, "window": window, "loss_fp32": float(ref.mean()), "loss_fast": float(fast.mean()),
+        "variant": settings.parity_variant, "steps": n, "window": window, "loss_fp32": float(ref.mean()), "loss_fast": float(fast.mean()),
         "difference": difference, "step_std": std, "difference_over_std": difference / std if std > 0 else None,
         "z": z, "within_noise": bool(abs(z) < 3) if math.isfinite(z) else None,
         "note": _compile_note(True, settings.compile, device),
@@ -624,8 +627,8 @@ PROBE_COLUMNS = (("variant", "variant", None), ("precision", "precision", None),
                  ("cells", "cells", None), ("img/s", "img_s", 0), ("x original (H200)", "x_original", 2),
                  ("peak GiB", "peak_gib", 2), ("MFU %", "mfu_pct", 1), ("compile s", "compile_s", 1),
                  ("status", "status", None))
-PARITY_COLUMNS = (("steps", "steps", None), ("window", "window", None), ("fp32 loss", "loss_fp32", 5),
-                  ("fast loss", "loss_fast", 5), ("difference", "difference", 5), ("step std", "step_std", 5),
+PARITY_COLUMNS = (("variant", "variant", None), ("steps", "steps", None), ("window", "window", None), ("fp32 loss", "loss_fp32", 5),
+                  ("variant loss", "loss_fast", 5), ("difference", "difference", 5), ("step std", "step_std", 5),
                   ("difference / std", "difference_over_std", 3), ("z", "z", 2), ("within noise", "within_noise", None),
                   ("status", "status", None))
 
@@ -777,7 +780,7 @@ def main(args):
     jobs.sort(key=lambda job: job[0] != "train" and VARIANTS[job[0]][job[1]].compiles)
     if "parity" in settings.parts:
         if settings.parity_steps > 0:
-            jobs.append(("parity", "fp32 vs fast", lambda: loss_parity(context)))
+            jobs.append(("parity", settings.parity_variant, lambda: loss_parity(context)))
         else:
             report.add("parity", {"status": "skipped: pass --loss_parity_steps N to run it"})
     if "profile" in settings.parts:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one prepared call of the device tool: about 6 minutes of wall time in all.
+# The GPU benchmark as one prepared call of the device tool: at most TOTAL_S (540) seconds of wall time.
 #
-#   run(command="bash bench/device_run.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=420)
+#   run(command="bash bench/device_run.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=600)
+#   run(command="STAGES=parity bash bench/device_run.sh", carry=[".whl"], timeout_s=600)   # a second call
 #
 # .whl/ must hold ema_pytorch and pytorch_fid wheels (README.md in this folder says how to fetch
 # them); the machine has torch, torchvision, numpy, tqdm and pyyaml. What comes back under $OUT:
@@ -12,23 +13,26 @@
 # --time_budget_s is spent, so a step cut short by its time cap still leaves its finished rows.
 # Rehearsal on a CPU (minutes): OUT=/tmp/rehearsal STEPS=2 SAMPLE_BATCH=4 EXTRA=--quick bash bench/device_run.sh
 #
-# Time plan (seconds; compile times are the uncertain part). The 50k-sample and img/s rates are
-# the original's measured rates on an H200, ours are expected 2-3x faster; each step also pays ~10-15 s
-# of imports and CUDA start-up and ~3 s per variant to build the model and the 5,000 synthetic images.
-#   ddpm_train     DDPM_ddpm, faithful + fast, 10 warm-up + 60 timed steps of 128:
-#                  faithful 70x128 / 1,678 img/s = 5 s (+ DataLoader start); fast ~60-80 s of compile + 2 s  ~ 100
-#   ddpmpp_train   DDPM_ddpmpp, faithful + fast, steps of 64: faithful 70x64 / 576 img/s = 8 s;
-#                  fast ~80-100 s of compile (a larger graph) + 2 s                                          ~ 125
-#   ddpm_eval      DDPM_ddpm DDIM-100, one timed batch each: faithful 400 images x 100 evaluations at the
-#                  original's ~7,800 evaluations/s = 5 s; bf16 1,000 images ~6 s; probe --grid passes
-#                  ~2 s each; then, while its budget lasts, compiled sampling (~45 s) and probe (~40 s)     ~ 30-115
-#   edm_sample     EDM_ddpm Heun-18 (35 evaluations): faithful 400 images 1.6 s, bf16 1,000 images ~3 s,
-#                  then compiled sampling while its budget lasts (~45 s)                                     ~ 20-65
+# The first H200 run (bench/results/h200-2026-11-26/) measured faithful, bf16 and compiled variants.
+# This plan measures what that run left open, most important first (issue 7, then issue 4):
+#   ddpm_train     DDPM_ddpm batch 128: use_amp (train.py --use_amp as shipped, never measured there;
+#                  ~6 s) and graphs (bf16 + --compile reduce-overhead + --cudnn_benchmark: ~90-120 s of
+#                  compilation and capture, then 60 steps in ~2 s); then the profile of faithful and
+#                  graphs (5 steps each after the warm-up; graphs recompiles from inductor's disk cache,
+#                  ~30-60 s), which says whether a step waits on the GPU or on kernel launches   ~ 230
+#   ddpm_eval      DDIM-100 at batch SAMPLE_BATCH with CUDA graphs (~40 s compile + one 2-step and one
+#                  100-step batch, ~10 s) and the probe pass with CUDA graphs (~40 s + 10 batches)  ~ 120
+#   edm_sample     Heun-18 with CUDA graphs (~40 s + ~5 s)                                          ~ 60
+#   ddpmpp_train   DDPM_ddpmpp batch 64 with CUDA graphs (a larger graph: ~120 s)                   ~ 140
+#   parity         (STAGES=parity, its own call) train.py fp32 vs the fast variant for PARITY_STEPS
+#                  (2,000) steps of 128 from the same seed: the fp32 run is the slow half
 # TOTAL_S caps the sum; each step gets at most its own cap and leaves a reserve for the steps after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
-TOTAL_S=${TOTAL_S:-360}          # wall seconds for the four steps together
+TOTAL_S=${TOTAL_S:-540}          # wall seconds for the steps together
+STAGES=${STAGES:-speed}          # speed (the four benchmark steps) or parity
+PARITY_STEPS=${PARITY_STEPS:-2000}
 STEPS=${STEPS:-60}               # timed training steps per variant
 SAMPLE_BATCH=${SAMPLE_BATCH:-1000}
 EXTRA=${EXTRA:-}                 # flags added to every benchmark, e.g. EXTRA=--quick to rehearse on a CPU
@@ -66,15 +70,18 @@ step() {
     (cd "$RESULTS" && tar -czf "$OUT/results_json.tgz" -- *.json) 2>/dev/null
 }
 
-step ddpm_train 160 170 20 config/DDPM_ddpm.yaml --only train --train_variants faithful,bf16,fast \
-    --warmup_steps 10 --steps "$STEPS"
-step ddpmpp_train 150 60 20 config/DDPM_ddpmpp.yaml --only train --train_variants faithful,fast \
-    --warmup_steps 10 --steps "$STEPS"
-step ddpm_eval 200 30 55 config/DDPM_ddpm.yaml --only sample,probe \
-    --sample_variants faithful,bf16,bf16_compile --sample_batch "$SAMPLE_BATCH" --sample_batches 1 \
-    --probe_variants use_amp,bf16_large,bf16_large_compile --probe_batches 10
-step edm_sample 120 0 45 config/EDM_ddpm.yaml --only sample \
-    --sample_variants faithful,bf16,bf16_compile --sample_batch "$SAMPLE_BATCH" --sample_batches 1
+if [ "$STAGES" = parity ]; then
+    step parity $(( TOTAL_S - 10 )) 0 0 config/DDPM_ddpm.yaml --only parity --loss_parity_steps "$PARITY_STEPS"
+else
+    step ddpm_train 240 150 30 config/DDPM_ddpm.yaml --only train,profile --train_variants use_amp,graphs \
+        --profile_variants faithful,graphs --warmup_steps 10 --steps "$STEPS"
+    step ddpm_eval 130 100 45 config/DDPM_ddpm.yaml --only sample,probe --sample_variants bf16_graphs \
+        --sample_batch "$SAMPLE_BATCH" --sample_batches 1 --probe_variants bf16_large_graphs --probe_batches 10
+    step edm_sample 70 60 0 config/EDM_ddpm.yaml --only sample --sample_variants bf16_graphs \
+        --sample_batch "$SAMPLE_BATCH" --sample_batches 1
+    step ddpmpp_train 150 0 0 config/DDPM_ddpmpp.yaml --only train --train_variants graphs \
+        --warmup_steps 10 --steps "$STEPS"
+fi
 
 say "== done in $(( SECONDS - start )) s"
 for table in "$RESULTS"/*.md; do
