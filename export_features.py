@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
+from model.speed import add_speed_args, configure_backends
 from utils.atomic import atomic_path
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
@@ -63,6 +64,7 @@ def build_parser():
                         help="image i is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
     add_max_images_arg(parser)
+    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: CUDA when available, else CPU")
     return parser
@@ -201,7 +203,8 @@ def main(args):
 
     device = resolve_device(args.device)
     precision = resolve_precision(args, device)
-    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema"), device)
+    configure_backends(args, device)
+    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema"), device, compile=args.compile)
     out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)
     print(f"features of {len(dataset)} images at t={timestep}, blocks {', '.join(blocks)}, from {checkpoint}")
     record = export_features(

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
+from model.speed import add_speed_args, configure_backends
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
@@ -53,6 +54,7 @@ def build_parser():
                         help="noise seed: image i of a split is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
     add_max_images_arg(parser)
+    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
     add_launcher_args(parser)
     return parser
 
@@ -210,7 +212,8 @@ def main(args):
     device = init_distributed(args.device)
     try:
         precision = resolve_precision(args, device)
-        diffusion = prepare_frozen(diffusion, device)
+        configure_backends(args, device)
+        diffusion = prepare_frozen(diffusion, device, compile=args.compile)
         print0(f"{args.k}-NN on {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
                f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
                f"{precision}")

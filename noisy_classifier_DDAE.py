@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.amp import add_amp_args, resolve_precision
 from model.blocks import TimeEmbedding
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
+from model.speed import add_speed_args, configure_backends
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from utils.config import add_config_args, config_name, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     add_data_args(parser)
     add_max_images_arg(parser)
     add_amp_args(parser)
+    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
     add_launcher_args(parser)
     return parser.parse_args(argv)
 
@@ -157,7 +159,9 @@ def run(cfg, args, checkpoint, device):
     test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
 
-    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device)
+    configure_backends(args, device)
+    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device,
+                               compile=args.compile)
     feature_dim = feature_dims(diffusion, cfg.network.image_shape)[blockname]
     torch.manual_seed(cfg.seed)  # the same head on every process
     head = NoiseConditionalHead(feature_dim, cfg.classes).to(device)

@@ -91,9 +91,14 @@ def count_parameters(module):
 
 @torch.no_grad()
 def feature_dims(diffusion, image_shape):
-    """Channel count of every ``out_k`` block, found with one tiny forward pass."""
+    """Channel count of every ``out_k`` block, found with one tiny forward pass.
+
+    The pass runs eagerly even when the network was compiled, so that its batch of one costs no
+    compilation of its own and does not make the compiled graph's batch size dynamic.
+    """
     net = diffusion.nn_model
     device = next(net.parameters()).device
     x = torch.zeros(1, *image_shape, device=device)
-    feats = net.forward_features(x, torch.zeros(1, device=device), net.block_names)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        feats = net.forward_features(x, torch.zeros(1, device=device), net.block_names)
     return {name: f.shape[1] for name, f in feats.items()}

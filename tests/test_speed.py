@@ -5,11 +5,14 @@ import pytest
 import torch
 from torch import nn
 
+import export_features
+import knn
 import linear
+import noisy_classifier_DDAE
 import sample
 import train
 from model import speed
-from model.models import build_diffusion
+from model.models import build_diffusion, feature_dims
 from utils.config import load_config
 from utils.probe import prepare_frozen
 
@@ -35,7 +38,9 @@ def recorded_compiles(monkeypatch):
 
 
 @pytest.mark.parametrize("parse", [train.parse_args, sample.build_parser().parse_args,
-                                   linear.build_parser().parse_args], ids=["train", "sample", "linear"])
+                                   linear.build_parser().parse_args, knn.build_parser().parse_args,
+                                   export_features.build_parser().parse_args, noisy_classifier_DDAE.parse_args],
+                         ids=["train", "sample", "linear", "knn", "export_features", "noisy_classifier_DDAE"])
 def test_every_script_takes_compile_with_and_without_a_mode(parse):
     base = ["--config", "config/demo.yaml"]
     assert parse(base).compile is None
@@ -111,6 +116,29 @@ def test_sample_and_probe_pass_their_mode(recorded_compiles):
                                  ("function", "forward_features", None)]
     assert all("_orig_mod" not in key for key in diffusion.state_dict())
     assert frozen.nn_model.forward_features is not None
+
+
+def test_feature_dims_never_runs_the_compiled_feature_pass():
+    """Its batch of one would cost a compilation and make the compiled batch size dynamic."""
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(tuple(example_inputs[0].shape) if example_inputs else None)
+        return graph_module.forward
+
+    cfg = load_config("config/demo.yaml", TINY)
+    diffusion = build_diffusion(cfg).eval().requires_grad_(False)
+    net = diffusion.nn_model
+    net.forward_features = torch.compile(net.forward_features, backend=counting_backend)
+    torch.compiler.reset()
+    try:
+        assert feature_dims(diffusion, (3, 8, 8)) == {"out_1": 64, "out_2": 64, "out_3": 32, "out_4": 32}
+        assert compiled_graphs == []
+        with torch.no_grad():
+            diffusion.get_feature(torch.rand(5, 3, 8, 8), t=3, name="out_2")
+        assert len(compiled_graphs) >= 1
+    finally:
+        torch.compiler.reset()
 
 
 def test_a_really_compiled_sampler_matches_the_eager_one():
