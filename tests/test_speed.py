@@ -118,6 +118,26 @@ def test_sample_and_probe_pass_their_mode(recorded_compiles):
     assert frozen.nn_model.forward_features is not None
 
 
+@pytest.mark.parametrize("config", ["config/DDPM_ddpm.yaml", "config/EDM_ddpmpp_aug.yaml"])
+def test_the_network_compiles_as_one_graph(config):
+    """No graph breaks in the forward pass or the feature pass: a break would split the compiled
+    network, and its CUDA graphs, in two with a slow eager stretch between them."""
+    cfg = load_config(config, TINY[:5] + ["linear.blockname=out_2"])
+    net = build_diffusion(cfg).nn_model.eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    torch.compiler.reset()
+    try:
+        with torch.no_grad():
+            assert torch.allclose(torch.compile(net, fullgraph=True, backend="eager")(x, t), net(x, t))
+            features = torch.compile(net.forward_features, fullgraph=True, backend="eager")(x, t, ["out_2"])
+        assert list(features) == ["out_2"]
+        if cfg.network.augment_dim:
+            out = torch.compile(net, fullgraph=True, backend="eager")(x, t, torch.zeros(2, cfg.network.augment_dim))
+            assert out.shape == x.shape
+    finally:
+        torch.compiler.reset()
+
+
 def test_feature_dims_never_runs_the_compiled_feature_pass():
     """Its batch of one would cost a compilation and make the compiled batch size dynamic."""
     compiled_graphs = []
