@@ -246,7 +246,7 @@ def draw_images(diffusion, sampler, noise, n, image_shape):
 
 
 def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
-             total=None, progress=True):
+             total=None, progress=True, pad_to=None):
     """Sample ``batches`` (lists of image indices) into ``out_dir/pngs`` and the grids they complete.
 
     Args:
@@ -259,6 +259,9 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
         n_samples: images in the whole run (decides the grids).
         total: images made by all processes, for the progress bar (default: this process's).
         progress: show a tqdm bar with images/s and the time left.
+        pad_to: sample a shorter batch (the run's last) at this size and drop the extra images, so a
+            compiled network sees one shape only: no second compilation or CUDA graph at the end.
+            The extra images have seeds of their own, so the kept ones are unchanged.
 
     Returns:
         the number of images this process wrote.
@@ -272,10 +275,11 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
             tqdm(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
         for batch in batches:
-            noise = PerImageNoise([image_seed(seed, i) for i in batch], device)
+            padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
+            noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
             with autocast(device, precision):
-                images = draw_images(diffusion, sampler, noise, len(batch), image_shape)
-            pixels = to_uint8(images).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
+                images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
+            pixels = to_uint8(images[:len(batch)]).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
             pending.append(writer.submit(_write_pngs, pngs, batch, pixels))
             for grid, grid_images in grids.add(batch, pixels):
                 pending.append(writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"),
@@ -368,7 +372,8 @@ def run(args, device):
     prepare_network(diffusion, args.compile, args.channels_last)
     start = time.perf_counter()
     generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
-                         n_samples, total=len(missing), progress=is_main())
+                         n_samples, total=len(missing), progress=is_main(),
+                         pad_to=args.batch_size if args.compile else None)
     seconds = time.perf_counter() - start
     barrier()
     write_missing_grids(out_dir, n_samples, rank, world_size)

@@ -162,6 +162,22 @@ def test_batch_size_does_not_change_the_files(ddpm_config, tmp_path):
     assert len(outputs[0]) == 7 + 1 and outputs[0] == outputs[1]
 
 
+def test_compiled_runs_pad_the_last_batch_and_keep_the_files(ddpm_config, tmp_path, monkeypatch):
+    """With --compile every forward pass has the full batch (one compiled shape); the padding images
+    are dropped and the kept files are those of an uncompiled run."""
+    flags = ["--n_samples", 7, "--steps", 4, "--eta", 1.0, "--batch_size", 3]
+    run_sample(ddpm_config, *flags, "--out_dir", tmp_path / "eager")
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(kwargs.get("mode")))
+    sizes = []
+    draw = sample.draw_images
+    monkeypatch.setattr(sample, "draw_images", lambda *args: sizes.append(args[3]) or draw(*args))
+    result = run_sample(ddpm_config, *flags, "--compile", "reduce-overhead", "--out_dir", tmp_path / "compiled")
+    assert compiled == ["reduce-overhead"] and sizes == [3, 3, 3] and result["generated"] == 7
+    assert folder_bytes(tmp_path / "compiled") == folder_bytes(tmp_path / "eager")
+    assert sorted(os.listdir(tmp_path / "compiled" / "pngs")) == sorted(f"{i}.png" for i in range(7))
+
+
 def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
     flags = ["--n_samples", "7", "--steps", "4", "--eta", "1.0", "--batch_size", "2", "--seed", "5"]
     run_sample(ddpm_config, *flags, "--out_dir", tmp_path / "one")
