@@ -10,6 +10,8 @@ the compiled network as CUDA graphs, which removes the per-kernel launch cost th
 """
 import torch
 
+from utils.distributed import print0
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -26,9 +28,13 @@ def add_speed_args(parser, compile_help):
 
 
 def configure_backends(args, device):
-    """Apply ``--cudnn_benchmark`` for this process (a no-op off CUDA)."""
+    """Apply ``--cudnn_benchmark`` for this process (a no-op off CUDA), and warn about a
+    ``--channels_last`` that will slow a CPU run down."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(getattr(args, "cudnn_benchmark", False))
+    elif getattr(args, "channels_last", False):
+        print0(f"note: --channels_last makes GroupNorm several times slower on {device.type} "
+               f"(bench/README.md); it pays on GPUs only")
 
 
 def _mode_argument(mode):

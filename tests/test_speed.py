@@ -92,6 +92,13 @@ def test_cudnn_benchmark_follows_the_flag_on_cuda_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
 
 
+def test_channels_last_on_a_cpu_gets_a_note(capsys):
+    speed.configure_backends(argparse.Namespace(channels_last=True, cudnn_benchmark=False), torch.device("cpu"))
+    assert "--channels_last makes GroupNorm several times slower on cpu" in capsys.readouterr().out
+    speed.configure_backends(argparse.Namespace(channels_last=False, cudnn_benchmark=False), torch.device("cpu"))
+    assert capsys.readouterr().out == ""
+
+
 def test_train_compiles_the_network_in_place_and_marks_each_step(recorded_compiles, monkeypatch, tmp_path):
     cfg = load_config("config/demo.yaml", TINY + [f"save_dir={tmp_path}"])
     args = train.parse_args(["--config", "config/demo.yaml", "--compile", "reduce-overhead"])
