@@ -42,6 +42,7 @@ from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
+from utils.logging import plot_curves  # noqa: E402
 from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, save_json, synchronize  # noqa: E402
 
 PARTS = ("train", "sample", "probe", "parity", "profile")
@@ -538,6 +539,20 @@ def profile_training(context, name):
     }
 
 
+def plot_parity(row, path):
+    """The two loss curves of a parity run, each smoothed by a running mean over a tenth of the window."""
+    span = max(1, row["window"] // 10)
+    records = [{"step": step} for step in range(1, row["steps"] + 1)]
+    for label, curve in (("fp32", row["curves"]["fp32"]), (row.get("variant", "fast"), row["curves"]["fast"])):
+        values = torch.tensor(curve, dtype=torch.float64)
+        cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
+        for index, record in enumerate(records):
+            low = max(0, index + 1 - span)
+            record[label] = float((cumulative[index + 1] - cumulative[low]) / (index + 1 - low))
+    plot_curves(records, "step", [key for key in records[0] if key != "step"], path, logy=True,
+                title=f"training loss, running mean of {span} steps (z = {row['z']:.2f} over the last {row['window']})")
+
+
 @dataclass
 class Context:
     """What every part needs: settings, device, FLOP figures and the peak FLOP/s."""
@@ -567,7 +582,14 @@ class Report:
 
     def add(self, part, row):
         self.rows[part].append(row)
+        if part == "parity" and row.get("curves"):
+            plot_parity(row, self.parity_plot_path)
+            row["plot"] = self.parity_plot_path.name  # beside the table
         self.write()
+
+    @property
+    def parity_plot_path(self):
+        return self.md_path.with_name(self.md_path.stem + "_curves.png")
 
     def to_dict(self):
         return {"header": self.context.header, "original_h200": self.context.original, **self.rows}
@@ -594,6 +616,7 @@ class Report:
             if caption:
                 lines += [caption, ""]
             lines += markdown_table(self.rows[part], columns)
+            lines += [f"\nLoss curves: [{row['plot']}]({row['plot']})" for row in self.rows[part] if row.get("plot")]
         for row in self.rows["profile"]:
             if row.get("top"):
                 unit = "device" if row.get("device_busy_ms") is not None else "own CPU"

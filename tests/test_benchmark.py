@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -39,6 +40,12 @@ def quick_run(tmp_path_factory):
     return out.read_text(), json.loads(out.with_suffix(".json").read_text()), result.stdout
 
 
+def quick_run_dir(quick_run):
+    """The folder of the run's --out, read back from the command in its header."""
+    command = shlex.split(quick_run[1]["header"]["command"])
+    return Path(command[command.index("--out") + 1]).parent
+
+
 def test_quick_run_measures_every_variant_of_every_part(quick_run):
     _, results, _ = quick_run
     for part, variants in benchmark.VARIANTS.items():
@@ -72,6 +79,10 @@ def test_quick_run_numbers_fit_together(quick_run):
 
 def test_quick_run_loss_parity(quick_run):
     _, results, _ = quick_run
+    (parity,) = results["parity"]
+    assert parity["plot"] == "results_curves.png"
+    assert (quick_run_dir(quick_run) / "results_curves.png").stat().st_size > 0
+    assert "Loss curves: [results_curves.png](results_curves.png)" in quick_run[0]
     (parity,) = results["parity"]
     assert parity["status"] == "ok" and parity["steps"] == 4 and parity["window"] == 2
     curves = parity["curves"]
