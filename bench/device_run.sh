@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one prepared call of the device tool: at most TOTAL_S (540) seconds of wall time.
+# The GPU checks and benchmark as one prepared call of the device tool: at most TOTAL_S (560) s of wall time.
 #
 #   run(command="bash bench/device_run.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=600)
 #   run(command="STAGES=parity bash bench/device_run.sh", carry=[".whl"], timeout_s=600)   # a second call
 #
-# .whl/ must hold ema_pytorch and pytorch_fid wheels (README.md in this folder says how to fetch
-# them); the machine has torch, torchvision, numpy, tqdm and pyyaml. What comes back under $OUT:
+# .whl/ must hold the wheels of ema_pytorch, pytorch_fid and pytest with its dependencies (README.md
+# in this folder says how to fetch them); the machine has torch, torchvision, numpy, tqdm and pyyaml.
+# What comes back under $OUT:
+#   cuda_tests.log       python -m pytest tests/test_cuda.py: the GPU-only checks
 #   device_run.log       every line printed, written as it goes (the tables are printed again at the end)
 #   <step>.md            one table per benchmark step, copied after each step
 #   results_json.tgz     the JSON of every finished step
@@ -14,7 +16,8 @@
 # Rehearsal on a CPU (minutes): OUT=/tmp/rehearsal STEPS=2 SAMPLE_BATCH=4 EXTRA=--quick bash bench/device_run.sh
 #
 # The first H200 run (bench/results/h200-2026-11-26/) measured faithful, bf16 and compiled variants.
-# This plan measures what that run left open, most important first (issue 7, then issue 4):
+# This plan checks the GPU-only behaviour first (cuda_tests, ~60-120 s: two small compilations), then
+# measures what that run left open, most important first (issue 7, then issue 4):
 #   ddpm_train     DDPM_ddpm batch 128: use_amp (train.py --use_amp as shipped, never measured there;
 #                  ~6 s) and graphs (bf16 + --compile reduce-overhead + --cudnn_benchmark: ~90-120 s of
 #                  compilation and capture, then 60 steps in ~2 s); then the profile of faithful and
@@ -30,7 +33,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
-TOTAL_S=${TOTAL_S:-540}          # wall seconds for the steps together
+TOTAL_S=${TOTAL_S:-560}          # wall seconds for the steps together
 STAGES=${STAGES:-speed}          # speed (the four benchmark steps) or parity
 PARITY_STEPS=${PARITY_STEPS:-2000}
 STEPS=${STEPS:-60}               # timed training steps per variant
@@ -66,13 +69,23 @@ step() {
     say "== $name: at most $limit s ($(left) s left of TOTAL_S=$TOTAL_S)"
     timeout -k 5 "$limit" python3 bench/benchmark.py --config "$config" --out "$RESULTS/$name.md" \
         --time_budget_s $(( limit - late > 1 ? limit - late : 1 )) "$@" $EXTRA 2>&1 | tee -a "$LOG"
-    cp "$RESULTS/$name.md" "$OUT/" 2>/dev/null
+    cp "$RESULTS/$name.md" "$RESULTS/${name}_curves.png" "$OUT/" 2>/dev/null
     (cd "$RESULTS" && tar -czf "$OUT/results_json.tgz" -- *.json) 2>/dev/null
+}
+
+# The GPU-only tests (tests/test_cuda.py: no host syncs, CUDA graphs equal to eager) decide whether
+# the CUDA-graph numbers below may be trusted; their log comes back as cuda_tests.log.
+cuda_tests() {
+    local limit=$(( $(left) < 180 ? $(left) : 180 ))
+    say "== cuda_tests: at most $limit s ($(left) s left of TOTAL_S=$TOTAL_S)"
+    timeout -k 5 "$limit" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+        | tee -a "$LOG" > "$OUT/cuda_tests.log"
 }
 
 if [ "$STAGES" = parity ]; then
     step parity $(( TOTAL_S - 10 )) 0 0 config/DDPM_ddpm.yaml --only parity --loss_parity_steps "$PARITY_STEPS"
 else
+    cuda_tests
     step ddpm_train 240 150 30 config/DDPM_ddpm.yaml --only train,profile --train_variants use_amp,graphs \
         --profile_variants faithful,graphs --warmup_steps 10 --steps "$STEPS"
     step ddpm_eval 130 100 45 config/DDPM_ddpm.yaml --only sample,probe --sample_variants bf16_graphs \
