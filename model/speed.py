@@ -5,8 +5,9 @@
     python sample.py --config config/DDPM_ddpm.yaml --precision bf16 --compile reduce-overhead --cudnn_benchmark
 
 ``--compile`` alone is inductor's default mode. ``reduce-overhead`` and ``max-autotune`` also replay
-the compiled network as CUDA graphs, which removes the per-kernel launch cost that dominates a
-35.7M UNet at batch 128 (docs/DESIGN.md, "Speed"); on a CPU they compile like the default mode.
+the compiled network as CUDA graphs, which removes the host's per-kernel launch cost, likely the
+bottleneck of a 35.7M UNet step at batch 128 (docs/DESIGN.md, "Speed"); on a CPU they compile like
+the default mode.
 """
 import torch
 
