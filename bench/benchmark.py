@@ -489,7 +489,8 @@ def loss_parity(context):
 
 
 def profile_training(context, name):
-    """Where the time of ``name``'s training step goes: torch.profiler over a few steps after the warm-up.
+    """Where the time of ``name``'s training step goes: after the warm-up, ``profile_steps`` timed steps
+    give the wall time per step, then as many steps under torch.profiler give the op table.
 
     On CUDA the op table ranks kernels by device time; ``device_busy_ms`` against ``wall_ms`` tells
     whether the step waits on the GPU (busy close to wall) or on the host launching kernels (busy far
@@ -506,13 +507,17 @@ def profile_training(context, name):
     for _ in range(settings.warmup_steps):
         train.train_step(state, next(batches))
     synchronize(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    # The wall time comes from unprofiled steps: the profiler's own per-op cost would inflate it.
     start = time.perf_counter()
+    for _ in range(n):
+        train.train_step(state, next(batches))
+    synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / n
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as profiler:
         for _ in range(n):
             train.train_step(state, next(batches))
         synchronize(device)
-    wall_ms = (time.perf_counter() - start) * 1e3 / n
 
     def own_time(event):  # microseconds
         if on_cuda:
