@@ -21,8 +21,8 @@ def add_speed_args(parser, compile_help):
     """``--compile [MODE]`` and ``--cudnn_benchmark``; ``compile_help`` says what gets compiled."""
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE",
-                        help=f"{compile_help}. MODE is one of {', '.join(COMPILE_MODES)} (default: default); "
-                             f"reduce-overhead and max-autotune add CUDA graphs on GPUs")
+                        help=f"{compile_help}. MODE is one of {', '.join(COMPILE_MODES)}; --compile alone is "
+                             f"default. reduce-overhead and max-autotune add CUDA graphs on GPUs")
     parser.add_argument("--cudnn_benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms on the first batch of each shape and "
                              "keep the fastest (GPU speed; results stop being bitwise repeatable between runs)")
