@@ -27,8 +27,8 @@
 #                  100-step batch, ~10 s) and the probe pass with CUDA graphs (~40 s + 10 batches)  ~ 120
 #   edm_sample     Heun-18 with CUDA graphs (~40 s + ~5 s)                                          ~ 60
 #   ddpmpp_train   DDPM_ddpmpp batch 64 with CUDA graphs (a larger graph: ~120 s)                   ~ 140
-#   parity         (STAGES=parity, its own call) train.py fp32 vs the fast variant for PARITY_STEPS
-#                  (2,000) steps of 128 from the same seed: the fp32 run is the slow half
+#   parity         (STAGES=parity, its own call) train.py fp32 vs PARITY_VARIANT (graphs) for
+#                  PARITY_STEPS (2,000) steps of 128 from the same seed: the fp32 run is the slow half
 # TOTAL_S caps the sum; each step gets at most its own cap and leaves a reserve for the steps after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,7 @@ OUT=${OUT:-/tmp/bench_out}
 TOTAL_S=${TOTAL_S:-560}          # wall seconds for the steps together
 STAGES=${STAGES:-speed}          # speed (the four benchmark steps) or parity
 PARITY_STEPS=${PARITY_STEPS:-2000}
+PARITY_VARIANT=${PARITY_VARIANT:-graphs}  # the fast variant held against fp32 (graphs = fast + CUDA graphs)
 STEPS=${STEPS:-60}               # timed training steps per variant
 SAMPLE_BATCH=${SAMPLE_BATCH:-1000}
 EXTRA=${EXTRA:-}                 # flags added to every benchmark, e.g. EXTRA=--quick to rehearse on a CPU
@@ -83,7 +84,8 @@ cuda_tests() {
 }
 
 if [ "$STAGES" = parity ]; then
-    step parity $(( TOTAL_S - 10 )) 0 0 config/DDPM_ddpm.yaml --only parity --loss_parity_steps "$PARITY_STEPS"
+    step parity $(( TOTAL_S - 10 )) 0 0 config/DDPM_ddpm.yaml --only parity --loss_parity_steps "$PARITY_STEPS" \
+        --parity_variant "$PARITY_VARIANT"
 else
     cuda_tests
     step ddpm_train 240 150 30 config/DDPM_ddpm.yaml --only train,profile --train_variants use_amp,graphs \
