@@ -373,7 +373,7 @@ def run(args, device):
     start = time.perf_counter()
     generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
                          n_samples, total=len(missing), progress=is_main(),
-                         pad_to=args.batch_size if args.compile else None)
+                         pad_to=min(args.batch_size, len(missing)) if args.compile else None)
     seconds = time.perf_counter() - start
     barrier()
     write_missing_grids(out_dir, n_samples, rank, world_size)

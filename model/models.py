@@ -1,4 +1,6 @@
 """The one registry from config names to classes, and the one loader every script uses."""
+import contextlib
+
 import torch
 
 from model.ddpm import DDPM
@@ -99,6 +101,8 @@ def feature_dims(diffusion, image_shape):
     net = diffusion.nn_model
     device = next(net.parameters()).device
     x = torch.zeros(1, *image_shape, device=device)
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") \
+        else contextlib.nullcontext()  # torch < 2.6 has no stances
+    with torch.no_grad(), eager:
         feats = net.forward_features(x, torch.zeros(1, device=device), net.block_names)
     return {name: f.shape[1] for name, f in feats.items()}

@@ -75,10 +75,18 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, flags):
 def test_samplers_never_wait_for_the_gpu(model_type):
     cfg = load_config(CONFIGS[model_type], SMALL)
     diffusion = build_diffusion(cfg).to(DEVICE).eval().requires_grad_(False)
+    options = {"eta": 1.0} if model_type == "DDPM" else {}
+
+    def draw():
+        noise = PerImageNoise(range(8), DEVICE)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return diffusion.sample(x_T=noise((3, 16, 16)), steps=5, noise=noise, **options)
+
+    draw()  # first calls set up kernels and workspaces
     noise = PerImageNoise(range(8), DEVICE)
     x_T = noise((3, 16, 16))
     with sync_errors(), torch.autocast("cuda", dtype=torch.bfloat16):
-        images = diffusion.sample(x_T=x_T, steps=5, noise=noise, **({"eta": 1.0} if model_type == "DDPM" else {}))
+        images = diffusion.sample(x_T=x_T, steps=5, noise=noise, **options)
     assert torch.isfinite(images).all()
 
 
@@ -98,18 +106,20 @@ def test_cuda_graph_sampling_gives_the_eager_images():
 
 
 def test_cuda_graph_training_follows_the_eager_losses(tmp_path):
-    """Same weights, same batches, no dropout: CUDA graphs (with gradient accumulation over two
-    micro-batches) take the steps the eager network takes."""
+    """Same weights, same batches, no dropout, fp32 without TF32: CUDA graphs (with gradient
+    accumulation over two micro-batches) take the steps the eager network takes. (In bf16 the two
+    drift apart by a few percent within six steps at this learning rate, from rounding alone.)"""
     no_dropout = ["network.dropout=0"]
-    flags = ("--precision", "bf16", "--accum", "2")
+    flags = ("--precision", "fp32", "--accum", "2")
     curves = {}
-    for label, extra in (("eager", ()), ("graphs", ("--compile", "reduce-overhead"))):
-        torch.manual_seed(0)
-        state = training_state(tmp_path / label, *flags, *extra, overrides=no_dropout)
-        batches = state.data.batches(0)
-        images = [next(batches) for _ in range(6)]
-        torch.manual_seed(1)  # the same timesteps and noise in both runs
-        curves[label] = torch.stack([train.train_step(state, batch) for batch in images]).float().cpu()
-        del state
+    with full_fp32():
+        for label, extra in (("eager", ()), ("graphs", ("--compile", "reduce-overhead"))):
+            torch.manual_seed(0)
+            state = training_state(tmp_path / label, *flags, *extra, overrides=no_dropout)
+            batches = state.data.batches(0)
+            images = [next(batches) for _ in range(6)]
+            torch.manual_seed(1)  # the same timesteps and noise in both runs
+            curves[label] = torch.stack([train.train_step(state, batch) for batch in images]).float().cpu()
+            del state
     assert torch.isfinite(curves["graphs"]).all()
-    assert torch.allclose(curves["graphs"], curves["eager"], rtol=0.05), curves
+    assert torch.allclose(curves["graphs"], curves["eager"], rtol=1e-3), curves

@@ -176,6 +176,10 @@ def test_compiled_runs_pad_the_last_batch_and_keep_the_files(ddpm_config, tmp_pa
     assert compiled == ["reduce-overhead"] and sizes == [3, 3, 3] and result["generated"] == 7
     assert folder_bytes(tmp_path / "compiled") == folder_bytes(tmp_path / "eager")
     assert sorted(os.listdir(tmp_path / "compiled" / "pngs")) == sorted(f"{i}.png" for i in range(7))
+    sizes.clear()  # a run smaller than one batch is not padded up to it
+    run_sample(ddpm_config, "--n_samples", 2, "--steps", 2, "--batch_size", 3, "--compile", "--out_dir",
+               tmp_path / "small")
+    assert sizes == [2]
 
 
 def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
