@@ -2,19 +2,15 @@
 import argparse
 import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.launch import LAUNCHER_VARS, run_two_processes
 from utils import distributed
 from utils.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture
@@ -105,13 +101,7 @@ assert distributed.all_gather_object(rank) == [rank]
 def test_two_process_gloo_run(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         "--device", "cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    result = run_two_processes(script, "--device", "cpu", cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, result.stdout

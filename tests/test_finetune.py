@@ -1,9 +1,6 @@
 """finetune.py: the classifier, its stages and learning rates, the schedule, and resumed runs."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,8 @@ import torch.nn.functional as F
 import finetune
 from model.blocks import Upsample
 from model.models import load_diffusion
-from tests.test_knn import REPO, TINY_OVERRIDES, tiny_config, tiny_diffusion
+from tests.launch import REPO, run_two_processes
+from tests.test_knn import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
@@ -186,12 +184,8 @@ def test_two_process_run(tmp_path):
     cfg = tiny_config(tmp_path / "run")
     checkpoint = tmp_path / "model_3.pth"
     save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
-               *cli_argv(tmp_path, checkpoint, "--layer_decay", "0.9", "--batch_size", "4")]
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    finished = run_two_processes("finetune.py", *cli_argv(tmp_path, checkpoint, "--layer_decay", "0.9",
+                                                          "--batch_size", "4"), cwd=REPO, timeout=180)
     assert finished.returncode == 0, finished.stderr[-2000:]
     result = json.loads((tmp_path / "run" / "finetune" / "model_3_t11_out_2.json").read_text())
     assert (result["settings"]["world_size"], result["test_images"], result["finished"]) == (2, 16, True)

@@ -2,10 +2,6 @@
 CIFAR-100 / Tiny ImageNet configs."""
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +9,13 @@ import torch.nn.functional as F
 
 import knn
 from model.models import build_diffusion, count_parameters
+from tests.launch import REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
 from utils.probe import (accuracy_table, extract_dataset_features, extract_grid_features, format_accuracy_table,
                          plot_accuracy_heatmap, probe_cells)
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "linear.batch_size=8",
                   "num_workers=0"]
 
@@ -228,12 +224,8 @@ def test_cli_single_process_and_two_processes_agree(tmp_path):
     assert (tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.png").is_file()
     assert (one["world_size"], one["train_images"], one["test_images"]) == (1, 24, 24)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "knn.py",
-               *knn_argv(tmp_path / "two", checkpoint, ["--grid", "--k", "5"])]
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    finished = run_two_processes("knn.py", *knn_argv(tmp_path / "two", checkpoint, ["--grid", "--k", "5"]),
+                                 cwd=REPO, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
     assert (two["world_size"], two["train_images"], two["test_images"]) == (2, 24, 24)

@@ -1,8 +1,5 @@
 """Linear probing: feature passes (early stop, batched timesteps), heads, outputs, resume, two processes."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import linear
 from model.blocks import Upsample
 from model.ema import make_ema
 from model.models import build_diffusion, feature_dims, load_diffusion
+from tests.launch import run_two_processes
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader, probe_train_transform
@@ -21,8 +19,6 @@ from utils.errors import UserError
 from utils.probe import (ProbeHeads, count_correct, evaluate_heads, extract_features, extract_grid_features,
                          feature_pass_throughput, prepare_frozen, probe_cells)
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CPU = torch.device("cpu")
 
 TINY_CONFIG = """\
@@ -255,14 +251,8 @@ def test_two_processes_count_every_test_image_once(tmp_path):
     checkpoint = make_checkpoint(cfg, 3)
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
     out_dir = tmp_path / "probe"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(config_path), checkpoint, str(out_dir)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_processes(script, config_path, checkpoint, out_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out_dir / "probe.json").read_text())
     assert report["world_size"] == 2

@@ -3,8 +3,6 @@ end on tiny synthetic runs, exact resume of the WRN script, result files, plots,
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import noisy_classifier_DDAE as ddae_script
 import noisy_classifier_WRN as wrn_script
 from model.ddpm import DDPM
 from model.models import build_diffusion
+from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.noisy import (RESULT_FILE, ImageNoiser, draw_comparison, eval_levels, find_results,
@@ -23,9 +22,7 @@ from utils.noisy import (RESULT_FILE, ImageNoiser, draw_comparison, eval_levels,
 from utils.noisy import main as noisy_cli_main
 from utils.noisy import parse_args as noisy_cli_args
 
-REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DDPM_TIMESTEPS = [1, 51, 101, 151, 201, 251, 301, 351, 401, 451, 501, 551, 601, 651, 701, 751, 801, 851, 901, 951]
 TINY_WRN = ["--dataset", "synthetic", "--image_size", "16", "--blocks_per_group", "1", "--width", "1",
             "--batch_size", "64", "--max_images", "256", "--num_workers", "0", "--device", "cpu"]
@@ -280,15 +277,9 @@ def test_comparison_needs_both_methods_and_one_mode(tmp_path, capsys):
 
 
 def test_wrn_two_processes_count_every_test_image_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
     argv = ["--mode", "EDM", "--epochs", "1", "--warm_epochs", "0", "--save_dir", str(tmp_path / "run"),
             *TINY_WRN, "--max_images", "129"]  # shards of 64 and 65 test images
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "noisy_classifier_WRN.py"), *argv],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_processes(REPO / "noisy_classifier_WRN.py", *argv, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     record = read_results(tmp_path / "run" / RESULT_FILE)

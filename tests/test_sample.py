@@ -3,8 +3,6 @@ settings guard, the original's checkpoint, and fp32 vs bf16 autocast."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +15,13 @@ from model.amp import autocast
 from model.ema import make_ema
 from model.models import build_diffusion, load_diffusion
 from model.noise import PerImageNoise
+from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.errors import UserError
 from utils.images import to_uint8
 
-REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 TINY_NETWORK = "{image_shape: [3, 8, 8], n_channels: 32, ch_mults: [1], is_attn: [True], dropout: 0.1, n_blocks: 1}"
 TINY = """\
@@ -185,12 +182,8 @@ def test_compiled_runs_pad_the_last_batch_and_keep_the_files(ddpm_config, tmp_pa
 def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
     flags = ["--n_samples", "7", "--steps", "4", "--eta", "1.0", "--batch_size", "2", "--seed", "5"]
     run_sample(ddpm_config, *flags, "--out_dir", tmp_path / "one")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "sample.py"),
-         "--config", str(ddpm_config), "--device", "cpu", *flags, "--out_dir", str(tmp_path / "two")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_processes(REPO / "sample.py", "--config", ddpm_config, "--device", "cpu", *flags,
+                               "--out_dir", tmp_path / "two", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
     one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")

@@ -1,22 +1,18 @@
 """train.py under torchrun with two CPU processes (gloo): DDP keeps the ranks identical, the learning
 rate scales with the world size, and the run starts from the weights a single process would build."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 import train
+from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 IMAGES = 128  # 4 steps of 16 images per rank and epoch
 CONFIG = {
     "model_type": "EDM",  # 18 Heun steps per sample grid
@@ -72,13 +68,8 @@ def two_process_run(tmp_path_factory):
     config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(folder / "run")}))
     probe = folder / "probe.py"
     probe.write_text(PROBE)
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PROBE_OUT=str(folder), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
-         "--config", str(config), "--device", "cpu"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", cwd=REPO,
+                               env={"PROBE_OUT": str(folder)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return folder, config
 

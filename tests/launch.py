@@ -1,0 +1,29 @@
+"""Running scripts as a launcher would, for the tests that need more than one process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# What torchrun sets; a test's own process must look like plain ``python``, and a child launch must
+# not inherit them.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_two_processes(script, *args, cwd, timeout=240, env=None):
+    """``torchrun --standalone --nproc_per_node=2 script *args`` from ``cwd``, with the repository
+    importable, one CPU thread per process and none of this process's launcher variables.
+
+    Args:
+        env: extra environment variables for the processes.
+
+    Returns:
+        the finished ``subprocess.CompletedProcess`` (text stdout and stderr).
+    """
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARS}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
+    environment["OMP_NUM_THREADS"] = "1"
+    environment.update(env or {})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
