@@ -64,7 +64,7 @@ def build_parser():
                         help="image i is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
     add_max_images_arg(parser)
-    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_speed_args(parser)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="auto: CUDA when available, else CPU")
     return parser

@@ -54,7 +54,7 @@ def build_parser():
                         help="noise seed: image i of a split is noised with seed + i (default: the config's seed)")
     add_data_args(parser)
     add_max_images_arg(parser)
-    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_speed_args(parser)
     add_launcher_args(parser)
     return parser
 

@@ -38,7 +38,7 @@ def build_parser():
     parser.add_argument("--grid", action="store_true",
                         help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
     add_data_args(parser)
-    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_speed_args(parser)
     add_launcher_args(parser)
     return parser
 

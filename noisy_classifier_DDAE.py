@@ -74,7 +74,7 @@ def parse_args(argv=None):
     add_data_args(parser)
     add_max_images_arg(parser)
     add_amp_args(parser)
-    add_speed_args(parser, "torch.compile the feature pass (faster on GPUs after a slow first batch)")
+    add_speed_args(parser)
     add_launcher_args(parser)
     return parser.parse_args(argv)
 

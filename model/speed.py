@@ -17,8 +17,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def add_speed_args(parser, compile_help):
-    """``--compile [MODE]`` and ``--cudnn_benchmark``; ``compile_help`` says what gets compiled."""
+FEATURE_PASS = "torch.compile the feature pass (faster on GPUs after a slow first batch)"
+
+
+def add_speed_args(parser, compile_help=FEATURE_PASS):
+    """``--compile [MODE]`` and ``--cudnn_benchmark``; ``compile_help`` says what gets compiled (by
+    default the frozen network's feature pass, as in the evaluation scripts)."""
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         metavar="MODE",
                         help=f"{compile_help}. MODE is one of {', '.join(COMPILE_MODES)}; --compile alone is "
