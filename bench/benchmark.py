@@ -333,8 +333,10 @@ def endless_batches(data):
 
 def train_args(settings, variant_flags, compile_allowed):
     flags = [flag for flag in variant_flags if compile_allowed or flag.split("=")[0] != "--compile"]
+    # Every timed step has the full batch (img/s = steps x batch, one compiled shape), so an epoch's
+    # last, smaller batch is dropped.
     return train.parse_args(["--config", settings.config_path, "--data_root", settings.data_root,
-                             "--num_workers", str(settings.num_workers), *flags])
+                             "--num_workers", str(settings.num_workers), "--drop_last", *flags])
 
 
 def build_state(settings, device, variant, compile_allowed):

@@ -255,3 +255,50 @@ def test_resume_from_the_original_codes_checkpoint(tiny_setup, tmp_path):
     images = next(state.data.batches(state.epoch))
     assert torch.isfinite(train.train_step(state, images))
     assert state.step == 4 and state.ema_updater.step == 4
+
+
+class Unread(torch.utils.data.Dataset):
+    """A dataset of a given length whose items are never read: enough to count a loader's batches."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("world_size, steps, last, dropped_steps", [(1, 391, 80, 390), (4, 98, 84, 97)])
+def test_cifar_epochs_keep_the_last_batch_as_the_original(world_size, steps, last, dropped_steps):
+    from utils.data import build_loader
+    for rank in range(world_size):
+        loader = build_loader(Unread(50_000), 128, train=True, rank=rank, world_size=world_size, drop_last=False)
+        assert len(loader) == steps and len(loader.sampler) - (steps - 1) * 128 == last
+        dropped = build_loader(Unread(50_000), 128, train=True, rank=rank, world_size=world_size)
+        assert len(dropped) == dropped_steps
+
+
+@pytest.mark.parametrize("flags, steps", [((), 8), (("--drop_last",), 7)])
+def test_resume_is_exact_with_a_smaller_last_batch(tmp_path, monkeypatch, capsys, flags, steps):
+    """120 images at batch 16: seven full batches and one of 8, kept by default, dropped on request."""
+    def synthetic_120(name, root, train, transform=None, image_size=None):
+        return SyntheticImages(n=120, image_size=image_size, train=train, transform=transform)
+
+    monkeypatch.setattr(train, "build_dataset", synthetic_120)
+    config = write_config(tmp_path)
+    straight = run(config, tmp_path / "straight", *flags)
+    header = capsys.readouterr().out
+    assert f"{steps} steps of 16 images" in header
+    assert ("--drop_last: the last 8 images" if flags else "the last of 8") in header
+    assert [r["steps"] for r in read_jsonl(tmp_path / "straight" / "log.jsonl")] == [steps, steps]
+    assert straight.step == 2 * steps
+
+    run(config, tmp_path / "resumed", *flags, n_epoch=1)
+    resumed = run(config, tmp_path / "resumed", "--resume", *flags)
+    assert resumed.step == 2 * steps
+    for name in ("MODEL", "EMA"):
+        assert_same_tensors(load_checkpoint(tmp_path / "straight" / "ckpts" / "model_1.pth")[name],
+                            load_checkpoint(tmp_path / "resumed" / "ckpts" / "model_1.pth")[name])
+    # The device copy of the data cuts the same batches, the small last one included.
+    on_device = run(config, tmp_path / "device", "--gpu_data", *flags, n_epoch=1)
+    assert_same_tensors(on_device.diffusion.state_dict(),
+                        load_checkpoint(tmp_path / "resumed" / "ckpts" / "model_0.pth")["MODEL"])

@@ -397,36 +397,40 @@ def epoch_seed(seed, epoch, rank):
 
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
-                 device=None):
+                 device=None, drop_last=True):
     """A DataLoader over this rank's part of ``dataset``.
 
-    Training shuffles with a DistributedSampler (one rank is the world-size-1 case) that drops the
-    last incomplete batch; call ``set_loader_epoch(loader, epoch)`` before each epoch, so that the
-    order depends only on (seed, epoch) and a resumed run sees the same order. Evaluation visits
-    each index exactly once over all ranks (``EvalShardSampler``).
+    Training shuffles with a DistributedSampler (one rank is the world-size-1 case); call
+    ``set_loader_epoch(loader, epoch)`` before each epoch, so that the order depends only on
+    (seed, epoch) and a resumed run sees the same order. Evaluation visits each index exactly once
+    over all ranks (``EvalShardSampler``).
 
     Args:
         dataset: a map-style dataset.
         batch_size: images per batch on this rank.
-        train: shuffle and drop the last incomplete batch.
+        train: shuffle (and apply ``drop_last``).
+        drop_last: with ``train``, drop the last incomplete batch of every rank. Otherwise the sampler
+            pads the shards to equal length with the first shuffled indices, and the last batch is
+            smaller: diffusion training keeps it, as the original does (391 steps of 128 on CIFAR-10).
         num_workers: loader processes; workers persist across epochs when > 0.
         seed: shuffling seed; must be the same on every rank.
         rank, world_size: default to ``utils.distributed.get_rank() / get_world_size()``.
         device: where batches go; memory is pinned for CUDA (default: when CUDA is available).
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
+    drop_last = train and drop_last
     if train:
-        if len(dataset) < batch_size * world_size:
+        if drop_last and len(dataset) < batch_size * world_size:
             raise UserError(f"the training set has {len(dataset)} images, fewer than one batch on "
                             f"every process ({batch_size} x {world_size}); lower batch_size")
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed, drop_last=True)
+                                     seed=seed, drop_last=drop_last)
     else:
         sampler = EvalShardSampler(dataset, rank, world_size)
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=on_cuda, drop_last=train, persistent_workers=num_workers > 0,
+        pin_memory=on_cuda, drop_last=drop_last, persistent_workers=num_workers > 0,
         # Worker seeds (and so the random crops and flips) come from this generator.
         generator=torch.Generator().manual_seed(seed + rank),
     )
