@@ -42,15 +42,21 @@ def ddpm(golden, net):
     return DDPM(net, **golden["diffusion"]).eval()
 
 
-def replay(noises):
-    """A noise source that hands back the recorded draws in order."""
-    remaining = list(noises)
+class Replay:
+    """A noise source that hands back the recorded draws in order; ``assert_all_used`` checks that
+    the sampler drew every one of them."""
 
-    def draw(shape):
-        z = remaining.pop(0)
+    def __init__(self, noises):
+        self.remaining = list(noises)
+
+    def __call__(self, shape):
+        assert self.remaining, "the sampler drew more noises than were recorded"
+        z = self.remaining.pop(0)
         assert tuple(z.shape[1:]) == tuple(shape)
         return z
-    return draw
+
+    def assert_all_used(self):
+        assert not self.remaining, f"{len(self.remaining)} recorded noise(s) were never drawn"
 
 
 @pytest.mark.parametrize("kind, leading_zero", [("ddpm", True), ("ddim", False)])
@@ -141,15 +147,19 @@ def test_golden_ddim_is_float32_roundoff_away_from_exact(golden, golden_net):
 
 def test_ddim_eta1_replays_recorded_noise(golden, ddpm):
     case = golden["ddim_eta1"]
-    out = ddpm.sample(x_T=case["x_T"], steps=case["steps"], eta=case["eta"], noise=replay(case["noises"]))
+    # The original drew a z at the last step too but added none (case["note"]); we draw none there.
+    noise = Replay(case["noises"][:-1])
+    out = ddpm.sample(x_T=case["x_T"], steps=case["steps"], eta=case["eta"], noise=noise)
+    noise.assert_all_used()
     torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=SAMPLER_ATOL)
 
 
 def test_ancestral_with_nT20_replays_recorded_noise(golden, net):
     case = golden["ancestral_nT20"]
     ddpm20 = DDPM(net, betas=golden["diffusion"]["betas"], n_T=case["n_T"]).eval()
-    noise = replay(case["noises"])
+    noise = Replay(case["noises"][:-1])  # the z of step i = 1 was drawn and not added, as above
     out = ddpm20.sample(x_T=case["x_T"], mode="DDPM", noise=noise)
+    noise.assert_all_used()
     torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=ATOL)
 
 
