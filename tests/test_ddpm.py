@@ -163,6 +163,49 @@ def test_ancestral_with_nT20_replays_recorded_noise(golden, net):
     torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=ATOL)
 
 
+def spec_ddim_times(n_T, steps):
+    """SPEC §3: 1, 1 + k, 1 + 2k, ... up to n_T with k = n_T // steps, reversed, then 0."""
+    stride, times = n_T // steps, []
+    while 1 + len(times) * stride <= n_T:
+        times.append(1 + len(times) * stride)
+    return times[::-1] + [0]
+
+
+def reference_ddim(net, schedule, n_T, x_T, times, eta, noises):
+    """SPEC §3's DDIM loop written out plainly, on the original's DDIM schedule."""
+    alphabar, x = schedule["alphabar_t"], x_T
+    for index, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        a, a_next = alphabar[t], alphabar[t_next]
+        eps = net(x, torch.full((x.shape[0],), t / n_T))
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        c1 = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next - c1 ** 2).sqrt() * eps
+        if t_next != 0:
+            x = x + c1 * noises[index]
+    return (x + 1) / 2
+
+
+def test_ddim_with_a_step_count_that_does_not_divide_n_T(golden, ddpm):
+    steps = 7  # 1000 // 7 = 142: timesteps 995, 853, ..., 143, 1, then 0: 8 network calls
+    times = spec_ddim_times(ddpm.n_T, steps)
+    assert len(times) - 1 == 8 and times[:2] == [995, 853] and times[-2:] == [1, 0]
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    noises = torch.randn(len(times) - 2, *x_T.shape, generator=torch.Generator().manual_seed(4))
+    seen = []
+    hook = ddpm.nn_model.register_forward_hook(lambda module, inputs, out: seen.append(inputs[1][0].item()))
+    try:
+        replayed = Replay(noises)
+        out = ddpm.sample(x_T=x_T, steps=steps, eta=0.5, noise=replayed)
+    finally:
+        hook.remove()
+    replayed.assert_all_used()
+    assert [round(t * ddpm.n_T) for t in seen] == times[:-1]
+    with torch.no_grad():
+        expected = reference_ddim(ddpm.nn_model, golden["ddim_schedule"], ddpm.n_T, x_T, times, 0.5, noises)
+    torch.testing.assert_close(out, expected, rtol=0, atol=SAMPLER_ATOL)
+
+
 def test_per_image_noise_makes_images_independent_of_the_batch(ddpm):
     seeds = [7, 8, 9, 10]
 
