@@ -102,6 +102,17 @@ def _diagonal(x_factor, y_factor):
     return torch.stack([torch.stack([x_factor, zeros], dim=1), torch.stack([zeros, y_factor], dim=1)], dim=1)
 
 
+def _upload(tensors, device):
+    """The CPU ``tensors`` on ``device``. To a GPU they travel as one asynchronous copy from pinned
+    memory: a plain copy from pageable memory would wait for the GPU's queued work."""
+    if device.type != "cuda" or any(tensor.device.type != "cpu" for tensor in tensors):
+        return [tensor.to(device) for tensor in tensors]
+    packed = torch.cat([tensor.reshape(-1).float() for tensor in tensors])  # bools, indices < 2**24: exact
+    packed = packed.pin_memory().to(device, non_blocking=True)
+    pieces = packed.split([tensor.numel() for tensor in tensors])
+    return [piece.view(tensor.shape).to(tensor.dtype) for piece, tensor in zip(pieces, tensors)]
+
+
 def batch_margins(inverse, height, width):
     """Reflect-padding (left, top, right, bottom) of a batch, as ints: how far the inverse maps
     (B, 2, 3) reach beyond the image from its output corners, plus the filters' support, clipped to
@@ -164,7 +175,7 @@ class AugmentPipe(nn.Module):
             (augmented images (B, C, H, W) in the input's dtype, labels (B, 9) float32 on its device).
         """
         params = self.sample_params(images.shape[0], generator)
-        return self.apply(images, params), params.labels().to(images.device)
+        return self._transform(images, params, params.labels())
 
     def sample_params(self, batch_size, generator=None):
         """Draw the parameters of ``batch_size`` images; every draw is made whatever the outcome."""
@@ -194,24 +205,30 @@ class AugmentPipe(nn.Module):
         return AugmentParams(xflip, yflip, scale_w, angle, aniso_w, aniso_angle, translate_w,
                              self.scale_std, self.aniso_std, self.translate_std)
 
-    @torch.no_grad()
     def apply(self, images, params):
         """Transform ``images`` (B, C, H, W) as ``params`` say; images without an operation are untouched."""
-        device = images.device
-        images = torch.where(params.xflip.to(device)[:, None, None, None], images.flip(3), images)
-        images = torch.where(params.yflip.to(device)[:, None, None, None], images.flip(2), images)
-        geometric = params.is_geometric()
-        if not geometric.any():
-            return images
+        return self._transform(images, params)[0]
+
+    @torch.no_grad()
+    def _transform(self, images, params, labels=None):
+        """``apply``, plus ``labels`` moved to the images' device in the same copy."""
         height, width = images.shape[2:]
-        inverse = params.inverse_affine(height, width).float()
-        # The margin is the batch's, the untouched images' identity maps included, as in the original.
-        margins = batch_margins(inverse, height, width)
-        selected = geometric.nonzero()[:, 0]  # on the parameters' device
-        theta = self._sampling_theta(inverse[selected], margins, height, width)
-        selected = selected.to(device)
-        resampled = self._resample(images[selected].float(), theta.to(device), margins)
-        return images.index_copy(0, selected, resampled.to(images.dtype))
+        geometric = params.is_geometric()
+        selected = geometric.nonzero()[:, 0]  # on the parameters' device, like everything decided here
+        theta = torch.zeros(0, 2, 3)
+        if len(selected):
+            inverse = params.inverse_affine(height, width).float()
+            # The margin is the batch's, the untouched images' identity maps included, as in the original.
+            margins = batch_margins(inverse, height, width)
+            theta = self._sampling_theta(inverse[selected], margins, height, width)
+        on_cpu = [params.xflip, params.yflip, selected, theta] + ([] if labels is None else [labels])
+        xflip, yflip, selected, theta, *labels = _upload(on_cpu, images.device)
+        images = torch.where(xflip[:, None, None, None], images.flip(3), images)
+        images = torch.where(yflip[:, None, None, None], images.flip(2), images)
+        if len(selected):
+            resampled = self._resample(images[selected].float(), theta, margins)
+            images = images.index_copy(0, selected, resampled.to(images.dtype))
+        return images, (labels[0] if labels else None)
 
     @staticmethod
     def _sampling_theta(inverse, margins, height, width):
@@ -237,7 +254,7 @@ class AugmentPipe(nn.Module):
         padding by ``margins`` (left, top, right, bottom)."""
         n_images, channels, height, width = images.shape
         taps = self.lowpass.numel()
-        lowpass = self.lowpass.to(images.device)
+        lowpass = self.lowpass.to(device=images.device, dtype=images.dtype)
         row, column = lowpass.view(1, 1, 1, taps), lowpass.view(1, 1, taps, 1)
         left, top, right, bottom = margins
         padded = F.pad(images, (left, right, top, bottom), mode="reflect")

@@ -261,6 +261,14 @@ def test_images_are_never_read_on_the_host():
     assert out.shape == images.shape and out.device.type == "meta" and labels.shape == (16, 9)
 
 
+def test_pipe_still_works_after_its_model_is_moved_or_cast():
+    images = random_images()
+    expected = AugmentPipe(p=1)(images, generator=torch.Generator().manual_seed(11))
+    moved = AugmentPipe(p=1).to(torch.device("cpu")).double()  # as EDM(...).to(device) or .double() does
+    got = moved(images, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_pipe_adds_nothing_to_a_state_dict():
     assert AugmentPipe().state_dict() == {}
 
