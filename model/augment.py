@@ -6,14 +6,16 @@
 Each image draws an x-flip, a y-flip, an isotropic scaling, a rotation, an anisotropic scaling and a
 translation, each with probability ``p`` times its multiplier (the x-flip multiplier is so large that
 every image flips with probability 1/2 as soon as p > 0). The flips are exact pixel copies; the other
-four compose into one affine map per image, executed as one resampling of the reflect-padded image,
-2x supersampled through the sym6 wavelet low-pass filter. Images without a geometric operation are
-not resampled, so p = 0 is exactly the identity.
+four compose into one affine map per image, executed as the original does it (SPEC §4): reflect-pad
+by a margin shared by the batch, upsample 2x with the sym6 wavelet filter, sample bilinearly,
+filter and downsample 2x. Images without a geometric operation are not resampled, so p = 0 is
+exactly the identity.
 
 Conventions of the transformed content, in pixels with x to the right and y downwards, about the
-image centre: it is first scaled by 2**log2_scale, then rotated counter-clockwise on screen by
-``angle``, then stretched by 2**log2_aniso along the axis at ``aniso_angle`` (counter-clockwise
-from +x) and by 2**-log2_aniso across it, and finally moved by (tx * W, ty * H).
+image centre: it is first scaled by 2**(scale_std * scale_w), then rotated counter-clockwise on
+screen by ``angle``, then stretched by 2**(aniso_std * aniso_w) along the axis at ``aniso_angle``
+(counter-clockwise from +x) and by its inverse across it, and finally moved by
+translate_std * (W, H) * translate_w pixels.
 """
 import math
 from dataclasses import dataclass
@@ -31,53 +33,59 @@ SYM6_LOWPASS = (
     0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
     -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
 )
+FILTER_PAD = len(SYM6_LOWPASS) // 4  # output pixels kept beyond each side for the downsampling filter
 
-LABEL_NAMES = ("xflip", "yflip", "scale", "rotate_cos_minus_1", "rotate_sin",
-               "aniso_cos", "aniso_sin", "translate_x", "translate_y")
+LABEL_NAMES = ("xflip", "yflip", "scale_w", "rotate_cos_minus_1", "rotate_sin",
+               "aniso_w_cos", "aniso_w_sin", "translate_w_x", "translate_w_y")
 
 
 @dataclass
 class AugmentParams:
-    """Per-image augmentation parameters, each zero (or False) where its operation is not applied.
+    """Per-image augmentation draws, each zero (or False) where its operation is not applied.
 
     Attributes:
         xflip, yflip: (B,) bool, whether the image is mirrored left-right / top-bottom.
-        log2_scale: (B,) log2 of the isotropic scale factor.
+        scale_w: (B,) N(0,1) draw; the content is scaled by 2**(scale_std * scale_w).
         angle: (B,) rotation in radians, counter-clockwise on screen.
-        log2_aniso: (B,) log2 of the stretch along the anisotropy axis.
+        aniso_w: (B,) N(0,1) draw; the stretch along the anisotropy axis is 2**(aniso_std * aniso_w).
         aniso_angle: (B,) direction of that axis in radians, counter-clockwise from +x.
-        translate: (B, 2) shift (x right, y down) as a fraction of the image width / height.
+        translate_w: (B, 2) N(0,1) draws; the shift (x right, y down) is translate_std * (W, H) * translate_w.
+        scale_std, aniso_std, translate_std: the standard deviations that turn the draws into amounts.
     """
 
     xflip: torch.Tensor
     yflip: torch.Tensor
-    log2_scale: torch.Tensor
+    scale_w: torch.Tensor
     angle: torch.Tensor
-    log2_aniso: torch.Tensor
+    aniso_w: torch.Tensor
     aniso_angle: torch.Tensor
-    translate: torch.Tensor
+    translate_w: torch.Tensor
+    scale_std: float = 0.2
+    aniso_std: float = 0.2
+    translate_std: float = 0.125
 
     def labels(self):
-        """The network's conditioning, (B, 9), columns as in ``LABEL_NAMES``."""
+        """The network's conditioning, (B, 9), columns as in ``LABEL_NAMES``: the raw draws, as the original."""
         return torch.stack([
-            self.xflip.float(), self.yflip.float(), self.log2_scale,
+            self.xflip.float(), self.yflip.float(), self.scale_w,
             torch.cos(self.angle) - 1, torch.sin(self.angle),
-            self.log2_aniso * torch.cos(self.aniso_angle), self.log2_aniso * torch.sin(self.aniso_angle),
-            self.translate[:, 0], self.translate[:, 1],
+            self.aniso_w * torch.cos(self.aniso_angle), self.aniso_w * torch.sin(self.aniso_angle),
+            self.translate_w[:, 0], self.translate_w[:, 1],
         ], dim=1)
 
     def is_geometric(self):
         """(B,) bool: whether the image needs resampling (any op other than the flips)."""
-        return ((self.log2_scale != 0) | (self.angle != 0) | (self.log2_aniso != 0)
-                | (self.translate != 0).any(dim=1))
+        return ((self.scale_w != 0) | (self.angle != 0) | (self.aniso_w != 0)
+                | (self.translate_w != 0).any(dim=1))
 
     def inverse_affine(self, height, width):
         """(B, 2, 3) map from output to input pixel coordinates, both centred on the image."""
-        linear = (_rotation(self.aniso_angle) @ _diagonal(2 ** -self.log2_aniso, 2 ** self.log2_aniso)
+        log2_aniso = self.aniso_w * self.aniso_std
+        linear = (_rotation(self.aniso_angle) @ _diagonal(2 ** -log2_aniso, 2 ** log2_aniso)
                   @ _rotation(-self.aniso_angle))
-        linear = (2 ** -self.log2_scale)[:, None, None] * _rotation(-self.angle) @ linear  # (B, 2, 2)
-        shift = self.translate * torch.tensor([width, height], dtype=self.translate.dtype,
-                                              device=self.translate.device)
+        linear = (2 ** -(self.scale_w * self.scale_std))[:, None, None] * _rotation(-self.angle) @ linear
+        size = torch.tensor([width, height], dtype=self.translate_w.dtype, device=self.translate_w.device)
+        shift = self.translate_w * self.translate_std * size
         offset = -(linear @ shift[:, :, None])  # (B, 2, 1)
         return torch.cat([linear, offset], dim=2)
 
@@ -94,11 +102,30 @@ def _diagonal(x_factor, y_factor):
     return torch.stack([torch.stack([x_factor, zeros], dim=1), torch.stack([zeros, y_factor], dim=1)], dim=1)
 
 
-def _reflect_indices(size, margin, device):
-    """Indices that reflect-pad an axis of ``size`` by ``margin`` on both sides (edge not repeated),
-    folding again for margins wider than the axis."""
-    index = torch.arange(-margin, size + margin, device=device).remainder(2 * (size - 1))
-    return torch.where(index >= size, 2 * (size - 1) - index, index)
+def _upload(tensors, device):
+    """The CPU ``tensors`` on ``device``. To a GPU they travel as one asynchronous copy from pinned
+    memory: a plain copy from pageable memory would wait for the GPU's queued work."""
+    if device.type != "cuda" or any(tensor.device.type != "cpu" for tensor in tensors):
+        return [tensor.to(device) for tensor in tensors]
+    packed = torch.cat([tensor.reshape(-1).float() for tensor in tensors])  # bools, indices < 2**24: exact
+    packed = packed.pin_memory().to(device, non_blocking=True)
+    pieces = packed.split([tensor.numel() for tensor in tensors])
+    return [piece.view(tensor.shape).to(tensor.dtype) for piece, tensor in zip(pieces, tensors)]
+
+
+def batch_margins(inverse, height, width):
+    """Reflect-padding (left, top, right, bottom) of a batch, as ints: how far the inverse maps
+    (B, 2, 3) reach beyond the image from its output corners, plus the filters' support, clipped to
+    the image size (grid_sample's zero padding applies beyond)."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    corners = torch.tensor([[-cx, -cy], [cx, -cy], [cx, cy], [-cx, cy]], dtype=inverse.dtype,
+                           device=inverse.device)
+    reach = corners @ inverse[:, :, :2].transpose(1, 2) + inverse[:, None, :, 2]  # (B, 4, 2)
+    reach = torch.cat([-reach, reach], dim=2).amax(dim=(0, 1))  # (4,): -x, -y, +x, +y
+    centre = torch.tensor([cx, cy, cx, cy], dtype=inverse.dtype, device=inverse.device)
+    limit = torch.tensor([width - 1, height - 1] * 2, dtype=inverse.dtype, device=inverse.device)
+    margin = (reach + 2 * FILTER_PAD - centre).clamp(min=0).minimum(limit).ceil()
+    return tuple(int(value) for value in margin.tolist())
 
 
 class AugmentPipe(nn.Module):
@@ -115,8 +142,9 @@ class AugmentPipe(nn.Module):
 
     ``forward(images, generator=None)`` returns ``(augmented, labels)``; ``sample_params`` and
     ``apply`` split it into the random draw and the deterministic transformation. The parameters are
-    drawn on the generator's device (the CPU without one) so that choosing what to resample needs no
-    GPU synchronisation. No gradients flow through the pipe. Images need H, W >= 2.
+    drawn on the generator's device (the CPU without one), so that choosing what to resample and
+    the padding margin need no GPU synchronisation. No gradients flow through the pipe. Images need
+    H, W >= 2.
     """
 
     def __init__(self, p=0.12, xflip=1e8, yflip=1, scale=1, rotate=1, aniso=1, translate=1,
@@ -134,11 +162,7 @@ class AugmentPipe(nn.Module):
         self.aniso, self.translate = aniso, translate
         self.scale_std, self.aniso_std, self.translate_std = scale_std, aniso_std, translate_std
         self.aniso_rotate_prob = aniso_rotate_prob
-        lowpass = torch.tensor(SYM6_LOWPASS, dtype=torch.float64)
-        lowpass = lowpass / lowpass.sum()
-        self.register_buffer("lowpass", lowpass.float(), persistent=False)
-        # The filter's centroid is its delay: a supersampled pixel n stands for image coordinate (n - delay) / 2.
-        self.filter_delay = float((torch.arange(len(SYM6_LOWPASS)) * lowpass).sum())
+        self.register_buffer("lowpass", torch.tensor(SYM6_LOWPASS), persistent=False)
 
     def forward(self, images, generator=None):
         """Augment a batch.
@@ -151,7 +175,7 @@ class AugmentPipe(nn.Module):
             (augmented images (B, C, H, W) in the input's dtype, labels (B, 9) float32 on its device).
         """
         params = self.sample_params(images.shape[0], generator)
-        return self.apply(images, params), params.labels().to(images.device)
+        return self._transform(images, params, params.labels())
 
     def sample_params(self, batch_size, generator=None):
         """Draw the parameters of ``batch_size`` images; every draw is made whatever the outcome."""
@@ -171,73 +195,84 @@ class AugmentPipe(nn.Module):
 
         xflip = chosen(self.xflip) & (uniform(batch_size) < 0.5)
         yflip = chosen(self.yflip) & (uniform(batch_size) < 0.5)
-        log2_scale = where(chosen(self.scale), normal(batch_size) * self.scale_std)
+        scale_w = where(chosen(self.scale), normal(batch_size))
         angle = where(chosen(self.rotate), (uniform(batch_size) * 2 - 1) * math.pi)
         aniso_on = chosen(self.aniso)
-        log2_aniso = where(aniso_on, normal(batch_size) * self.aniso_std)
+        aniso_w = where(aniso_on, normal(batch_size))
         axis_on = aniso_on & (uniform(batch_size) < self.aniso_rotate_prob)
         aniso_angle = where(axis_on, (uniform(batch_size) * 2 - 1) * math.pi)
-        translate = where(chosen(self.translate)[:, None], normal(batch_size, 2) * self.translate_std)
-        return AugmentParams(xflip, yflip, log2_scale, angle, log2_aniso, aniso_angle, translate)
+        translate_w = where(chosen(self.translate)[:, None], normal(batch_size, 2))
+        return AugmentParams(xflip, yflip, scale_w, angle, aniso_w, aniso_angle, translate_w,
+                             self.scale_std, self.aniso_std, self.translate_std)
 
-    @torch.no_grad()
     def apply(self, images, params):
         """Transform ``images`` (B, C, H, W) as ``params`` say; images without an operation are untouched."""
-        device = images.device
-        images = torch.where(params.xflip.to(device)[:, None, None, None], images.flip(3), images)
-        images = torch.where(params.yflip.to(device)[:, None, None, None], images.flip(2), images)
+        return self._transform(images, params)[0]
+
+    @torch.no_grad()
+    def _transform(self, images, params, labels=None):
+        """``apply``, plus ``labels`` moved to the images' device in the same copy."""
+        height, width = images.shape[2:]
         geometric = params.is_geometric()
-        if not geometric.any():
-            return images
-        selected = geometric.nonzero()[:, 0]  # on the parameters' device
-        inverse = params.inverse_affine(images.shape[2], images.shape[3])[selected].float()
-        selected = selected.to(device)
-        resampled = self._resample(images[selected].float(), inverse)
-        return images.index_copy(0, selected, resampled.to(images.dtype))
+        selected = geometric.nonzero()[:, 0]  # on the parameters' device, like everything decided here
+        theta = torch.zeros(0, 2, 3)
+        if len(selected):
+            inverse = params.inverse_affine(height, width).float()
+            # The margin is the batch's, the untouched images' identity maps included, as in the original.
+            margins = batch_margins(inverse, height, width)
+            theta = self._sampling_theta(inverse[selected], margins, height, width)
+        on_cpu = [params.xflip, params.yflip, selected, theta] + ([] if labels is None else [labels])
+        xflip, yflip, selected, theta, *labels = _upload(on_cpu, images.device)
+        images = torch.where(xflip[:, None, None, None], images.flip(3), images)
+        images = torch.where(yflip[:, None, None, None], images.flip(2), images)
+        if len(selected):
+            resampled = self._resample(images[selected].float(), theta, margins)
+            images = images.index_copy(0, selected, resampled.to(images.dtype))
+        return images, (labels[0] if labels else None)
 
-    def _resample(self, images, inverse):
-        """Resample (N, C, H, W) float32 images through ``inverse`` (N, 2, 3): reflect-pad, upsample
-        2x with the low-pass filter, sample bilinearly, filter and downsample 2x.
+    @staticmethod
+    def _sampling_theta(inverse, margins, height, width):
+        """affine_grid's (N, 2, 3) theta: ``inverse`` moved onto the padded, 2x upsampled input and the
+        2x supersampled output with its FILTER_PAD border, in align_corners=False coordinates."""
+        left, top, right, bottom = margins
+        linear, offset = inverse[:, :, :2], inverse[:, :, 2]
+        # Centred on the padded image, then on the 2x grids, whose pixel centres sit half a
+        # supersampled pixel from the original ones (the original's convention).
+        offset = offset + torch.tensor([(left - right) / 2, (top - bottom) / 2], dtype=offset.dtype,
+                                       device=offset.device)
+        offset = 2 * offset + 0.5 * linear.sum(dim=2) - 0.5
+        in_half = torch.tensor([width + left + right, height + top + bottom], dtype=offset.dtype,
+                               device=offset.device)  # half the upsampled input's size
+        out_half = torch.tensor([width + 2 * FILTER_PAD, height + 2 * FILTER_PAD], dtype=offset.dtype,
+                                device=offset.device)
+        linear = linear * out_half[None, None, :] / in_half[None, :, None]
+        offset = offset / in_half
+        return torch.cat([linear, offset[:, :, None]], dim=2)
 
-        The up- and downsampling use the same orthonormal filter (a convolution, then a correlation),
-        so together they are exactly the identity.
-        """
+    def _resample(self, images, theta, margins):
+        """Resample (N, C, H, W) float32 images with affine_grid's ``theta`` (N, 2, 3) after a reflect
+        padding by ``margins`` (left, top, right, bottom)."""
         n_images, channels, height, width = images.shape
         taps = self.lowpass.numel()
-        lowpass = self.lowpass.to(images.device)
-        centroid = self.filter_delay
-        centre = torch.tensor([(width - 1) / 2, (height - 1) / 2])
+        lowpass = self.lowpass.to(device=images.device, dtype=images.dtype)
+        row, column = lowpass.view(1, 1, 1, taps), lowpass.view(1, 1, taps, 1)
+        left, top, right, bottom = margins
+        padded = F.pad(images, (left, right, top, bottom), mode="reflect")
 
-        # Output supersampled grid: the taps needed to filter-downsample it to H x W.
-        grid_size = torch.tensor([2 * width + taps - 2, 2 * height + taps - 2])
-        half_extent = torch.maximum(torch.tensor(centroid), taps - 1 - torch.tensor(centroid)) / 2 + centre
-        corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) * half_extent  # (4, 2)
-        inverse_cpu = inverse.cpu()
-        reach = (corners @ inverse_cpu[:, :, :2].transpose(1, 2) + inverse_cpu[:, None, :, 2]).abs()  # (N, 4, 2)
-        excess = (reach.amax(dim=(0, 1)) - centre).clamp(min=0)
-        # Room for the upsampling filter's support and the bilinear neighbour beyond the reach.
-        margin_x, margin_y = (math.ceil(value) + taps // 2 for value in excess.tolist())
-
-        padded = images.index_select(3, _reflect_indices(width, margin_x, images.device))
-        padded = padded.index_select(2, _reflect_indices(height, margin_y, images.device))
+        # 2x upsampling: zeros between the samples, then a convolution with the filter (a correlation
+        # with the reversed filter, padding taps // 2) is a transposed convolution of stride 2.
         up = padded.reshape(n_images * channels, 1, *padded.shape[2:])
-        up = F.conv_transpose2d(up, 2 * lowpass.view(1, 1, 1, taps), stride=(1, 2))
-        up = F.conv_transpose2d(up, 2 * lowpass.view(1, 1, taps, 1), stride=(2, 1))
-        up = up.reshape(n_images, channels, *up.shape[2:])  # (N, C, 2(H + 2my) + taps - 2, ...)
+        up = F.conv_transpose2d(up, row, stride=(1, 2), padding=(0, taps // 2 - 1))
+        up = F.conv_transpose2d(up, column, stride=(2, 1), padding=(taps // 2 - 1, 0))
+        up = up.reshape(n_images, channels, *up.shape[2:])  # (N, C, 2 (H + top + bottom), 2 (W + left + right))
 
-        out_x = (torch.arange(int(grid_size[0]), device=images.device) - centroid) / 2 - centre[0].item()
-        out_y = (torch.arange(int(grid_size[1]), device=images.device) - centroid) / 2 - centre[1].item()
-        out_y, out_x = torch.meshgrid(out_y, out_x, indexing="ij")
-        out_xy = torch.stack([out_x, out_y], dim=-1).reshape(1, -1, 2)  # (1, Hs * Ws, 2)
-        inverse = inverse.to(images.device)
-        in_xy = out_xy @ inverse[:, :, :2].transpose(1, 2) + inverse[:, None, :, 2]  # (N, Hs * Ws, 2)
-        margins = torch.tensor([margin_x, margin_y], device=images.device)
-        up_index = 2 * (in_xy + centre.to(images.device) + margins) + centroid
-        up_size = torch.tensor([up.shape[3], up.shape[2]], device=images.device)
-        grid = (2 * up_index / (up_size - 1) - 1).reshape(n_images, int(grid_size[1]), int(grid_size[0]), 2)
-        sampled = F.grid_sample(up, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        size = (n_images, channels, 2 * (height + 2 * FILTER_PAD), 2 * (width + 2 * FILTER_PAD))
+        grid = F.affine_grid(theta, size, align_corners=False)
+        sampled = F.grid_sample(up, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
+        # Stride-2 correlation with the filter, then the FILTER_PAD border is cropped.
         down = sampled.reshape(n_images * channels, 1, *sampled.shape[2:])
-        down = F.conv2d(down, lowpass.view(1, 1, 1, taps), stride=(1, 2))
-        down = F.conv2d(down, lowpass.view(1, 1, taps, 1), stride=(2, 1))
+        down = F.conv2d(down, row, stride=(1, 2), padding=(0, (taps - 1) // 2))
+        down = F.conv2d(down, column, stride=(2, 1), padding=((taps - 1) // 2, 0))
+        down = down[:, :, FILTER_PAD:-FILTER_PAD, FILTER_PAD:-FILTER_PAD]
         return down.reshape(n_images, channels, height, width)

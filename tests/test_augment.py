@@ -1,15 +1,22 @@
-"""EDM's geometric augmentation: exact identities, label layout and the direction of every operation."""
+"""EDM's geometric augmentation: parity with the original (golden), exact identities, label layout and the
+direction of every operation."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.augment import SYM6_LOWPASS, AugmentParams, AugmentPipe
+from model.augment import SYM6_LOWPASS, AugmentParams, AugmentPipe, batch_margins
 from utils.errors import UserError
 
+GOLDEN = Path(__file__).resolve().parent / "golden" / "augment.pt"
 SIZE = 32
 CENTRE = (SIZE - 1) / 2
+# The original's half-pixel convention on the 2x grids, with sym6's delay (its centroid is 5.098
+# taps, not 5.5), makes the linear part act about a point this far up and left of the centre.
+_TAPS = torch.tensor(SYM6_LOWPASS, dtype=torch.float64)
+PIVOT = CENTRE - (float((torch.arange(12) * _TAPS).sum() / _TAPS.sum()) - 5) / 2
 ALL_OFF = dict(xflip=0, yflip=0, scale=0, rotate=0, aniso=0, translate=0)
 LABEL_COLUMNS = dict(xflip=[0], yflip=[1], scale=[2], rotate=[3, 4], aniso=[5, 6], translate=[7, 8])
 
@@ -19,13 +26,14 @@ def random_images(batch=8, seed=0):
 
 
 def fixed_params(batch=1, **values):
-    """Parameters with every operation off except the given ones (plain floats or tensors)."""
+    """Parameters with every operation off except the given ones (plain floats or tensors). The stds
+    are 1, so scale_w and aniso_w are log2 factors and translate_w a fraction of the image size."""
     zeros = torch.zeros(batch)
-    params = dict(xflip=zeros.bool(), yflip=zeros.bool(), log2_scale=zeros, angle=zeros,
-                  log2_aniso=zeros, aniso_angle=zeros, translate=torch.zeros(batch, 2))
+    params = dict(xflip=zeros.bool(), yflip=zeros.bool(), scale_w=zeros, angle=zeros,
+                  aniso_w=zeros, aniso_angle=zeros, translate_w=torch.zeros(batch, 2))
     for name, value in values.items():
         params[name] = torch.as_tensor(value, dtype=torch.float32).expand_as(params[name]).clone()
-    return AugmentParams(**params)
+    return AugmentParams(**params, scale_std=1.0, aniso_std=1.0, translate_std=1.0)
 
 
 def coordinates():
@@ -73,9 +81,9 @@ def test_labels_at_p1_have_the_documented_layout():
     assert torch.equal(labels[:, 0], params.xflip.float())
     assert torch.equal(labels[:, 1], params.yflip.float())
     assert torch.equal(labels[:, 6] == 0, params.aniso_angle == 0)
-    torch.testing.assert_close(labels[:, 2], params.log2_scale)
+    torch.testing.assert_close(labels[:, 2], params.scale_w)
     torch.testing.assert_close(labels[:, 3] + 1, torch.cos(params.angle))
-    torch.testing.assert_close(labels[:, 7:], params.translate)
+    torch.testing.assert_close(labels[:, 7:], params.translate_w)
 
 
 @pytest.mark.parametrize("operation", list(LABEL_COLUMNS))
@@ -114,7 +122,7 @@ def test_x_flip_probability_is_one_half_whenever_p_is_positive():
 def test_integer_translation_moves_the_content_by_whole_pixels():
     images = random_images()
     # 3 pixels to the right, 2 pixels up.
-    out = AugmentPipe().apply(images, fixed_params(8, translate=[3 / SIZE, -2 / SIZE]))
+    out = AugmentPipe().apply(images, fixed_params(8, translate_w=[3 / SIZE, -2 / SIZE]))
     torch.testing.assert_close(out[..., :-2, 3:], images[..., 2:, :-3], rtol=0, atol=1e-4)
     # What enters at the borders is the reflection of the image (edge pixel not repeated).
     reflected = F.pad(images, (3, 0, 0, 2), mode="reflect")
@@ -123,28 +131,32 @@ def test_integer_translation_moves_the_content_by_whole_pixels():
 
 def test_quarter_turn_is_counter_clockwise_on_screen():
     x, y = coordinates()
-    ramp = (x + 2 * y)[None, None]
-    smooth = (torch.sin(x / 4) + torch.cos(y / 5))[None, None]
     pipe = AugmentPipe()
     quarter_turn = fixed_params(angle=math.pi / 2)
-    # Exact for linear content; the slightly asymmetric sym6 filter blurs finer content a little.
-    torch.testing.assert_close(interior(pipe.apply(ramp, quarter_turn)),
-                               interior(torch.rot90(ramp, 1, dims=(2, 3))), rtol=0, atol=1e-4)
-    torch.testing.assert_close(interior(pipe.apply(smooth, quarter_turn)),
-                               interior(torch.rot90(smooth, 1, dims=(2, 3))), rtol=0, atol=5e-3)
+    # Counter-clockwise on screen (y down): output pixel (x, y) shows input (-y, x) about the pivot,
+    # as torch.rot90(image, 1, dims=(2, 3)) does about the centre.
+    read_x, read_y = PIVOT - (y - PIVOT), PIVOT + (x - PIVOT)
+    for function, atol in [(lambda u, v: u + 2 * v, 1e-4),  # exact for linear content
+                           (lambda u, v: torch.sin(u / 4) + torch.cos(v / 5), 5e-3)]:  # sym6 blurs a little
+        out = pipe.apply(function(x, y)[None, None], quarter_turn)
+        torch.testing.assert_close(interior(out), interior(function(read_x, read_y)[None, None]),
+                                   rtol=0, atol=atol)
+    ramp = (x + 2 * y)[None, None]
+    # The pivot is the original's: a turn about the centre would differ by more than 0.05 here.
+    assert (interior(pipe.apply(ramp, quarter_turn)) - interior(torch.rot90(ramp, 1, dims=(2, 3)))).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("values, expected_x_factor, expected_y_factor", [
-    (dict(log2_scale=1.0), 0.5, 0.5),                              # content magnified 2x
-    (dict(log2_scale=-1.0), 2.0, 2.0),                             # content shrunk 2x
-    (dict(log2_aniso=1.0), 0.5, 2.0),                              # stretched along x, squeezed along y
-    (dict(log2_aniso=1.0, aniso_angle=math.pi / 2), 2.0, 0.5),     # stretched along y
+    (dict(scale_w=1.0), 0.5, 0.5),                              # content magnified 2x
+    (dict(scale_w=-1.0), 2.0, 2.0),                             # content shrunk 2x
+    (dict(aniso_w=1.0), 0.5, 2.0),                              # stretched along x, squeezed along y
+    (dict(aniso_w=1.0, aniso_angle=math.pi / 2), 2.0, 0.5),     # stretched along y
 ])
-def test_scalings_act_about_the_centre(values, expected_x_factor, expected_y_factor):
-    """On a ramp a x + b y, out(q) = in(S^-1 q) about the centre, which is again a ramp."""
+def test_scalings_act_about_the_pivot(values, expected_x_factor, expected_y_factor):
+    """On a ramp a x + b y, out(q) = in(S^-1 q) about the pivot, which is again a ramp."""
     x, y = coordinates()
     ramp = (x + 2 * y)[None, None]
-    expected = (CENTRE + (x - CENTRE) * expected_x_factor) + 2 * (CENTRE + (y - CENTRE) * expected_y_factor)
+    expected = (PIVOT + (x - PIVOT) * expected_x_factor) + 2 * (PIVOT + (y - PIVOT) * expected_y_factor)
     out = AugmentPipe().apply(ramp, fixed_params(**values))
     # A 2x shrink reads input out to twice the distance from the centre, so only the middle stays
     # clear of the reflected border.
@@ -155,19 +167,78 @@ def test_scalings_act_about_the_centre(values, expected_x_factor, expected_y_fac
 def test_fractional_translation_shifts_a_ramp():
     x, y = coordinates()
     ramp = (x + 2 * y)[None, None]
-    out = AugmentPipe().apply(ramp, fixed_params(translate=[0.3 / SIZE, 0.7 / SIZE]))
+    out = AugmentPipe().apply(ramp, fixed_params(translate_w=[0.3 / SIZE, 0.7 / SIZE]))
     torch.testing.assert_close(interior(out), interior(ramp - 0.3 - 2 * 0.7), rtol=0, atol=1e-4)
 
 
-def test_labels_encode_the_parameters():
-    params = fixed_params(4, log2_scale=0.25, angle=math.pi / 2, log2_aniso=0.5, aniso_angle=math.pi / 2,
-                          translate=[0.1, -0.2])
-    params.xflip[1] = True
-    params.yflip[2] = True
-    expected = torch.tensor([0.0, 0.0, 0.25, -1.0, 1.0, 0.0, 0.5, 0.1, -0.2]).repeat(4, 1)
-    expected[1, 0] = 1
-    expected[2, 1] = 1
-    torch.testing.assert_close(params.labels(), expected, rtol=0, atol=1e-6)
+def golden_params(golden):
+    """The original's recorded draws as our parameters."""
+    draws, std = golden["draws"], golden["std"]
+    return AugmentParams(draws["xflip"].bool(), draws["yflip"].bool(), draws["scale_w"], draws["angle"],
+                         draws["aniso_w"], draws["aniso_r"], draws["translate_w"].t().contiguous(),
+                         scale_std=std["scale_std"], aniso_std=std["aniso_std"],
+                         translate_std=std["translate_frac_std"])
+
+
+def test_golden_labels_are_the_originals_raw_draws():
+    golden = torch.load(GOLDEN, weights_only=True)
+    assert torch.equal(golden_params(golden).labels(), golden["labels"])
+
+
+def test_golden_images_match_the_original():
+    golden = torch.load(GOLDEN, weights_only=True)
+    out = AugmentPipe(p=1).apply(golden["images_in"], golden_params(golden))
+    torch.testing.assert_close(out, golden["images_out"], rtol=0, atol=1e-4)
+
+
+def test_golden_images_match_in_a_larger_batch_of_untouched_images():
+    """Untouched batch mates neither change the golden images nor get resampled themselves."""
+    golden = torch.load(GOLDEN, weights_only=True)
+    params, images = golden_params(golden), golden["images_in"]
+    untouched = random_images(batch=3, seed=9)
+    fields = ("xflip", "yflip", "scale_w", "angle", "aniso_w", "aniso_angle", "translate_w")
+    zero = fixed_params(3)
+    mixed = AugmentParams(*(torch.cat([getattr(zero, name)[:1], getattr(params, name), getattr(zero, name)[1:]])
+                            for name in fields), params.scale_std, params.aniso_std, params.translate_std)
+    out = AugmentPipe(p=1).apply(torch.cat([untouched[:1], images, untouched[1:]]), mixed)
+    torch.testing.assert_close(out[1:7], golden["images_out"], rtol=0, atol=1e-4)
+    assert torch.equal(out[[0, 7, 8]], untouched)
+
+
+@pytest.mark.parametrize("shift, expected", [
+    ((0, 0), (6, 6, 6, 6)),     # the filters' support only
+    ((3, -2), (9, 4, 3, 8)),    # content moved right and up reads further left and down
+    ((40, 0), (31, 6, 0, 6)),   # clipped to the image size
+])
+def test_margin_is_the_reach_of_the_corners_plus_the_filter_support(shift, expected):
+    params = fixed_params(translate_w=[shift[0] / SIZE, shift[1] / SIZE])
+    assert batch_margins(params.inverse_affine(SIZE, SIZE), SIZE, SIZE) == expected
+
+
+def test_margin_is_shared_by_the_batch():
+    inverse = fixed_params(2, translate_w=torch.tensor([[3 / SIZE, 0.0], [0.0, 5 / SIZE]])).inverse_affine(SIZE, SIZE)
+    assert batch_margins(inverse, SIZE, SIZE) == (9, 11, 6, 6)
+    # Magnified content reads less than the image: the margin shrinks below the filter's 6.
+    assert batch_margins(fixed_params(scale_w=1.0).inverse_affine(SIZE, SIZE), SIZE, SIZE) == (0, 0, 0, 0)
+
+
+def test_zeros_enter_beyond_the_margin_clipped_to_the_image_size():
+    # Shrunk 4x, the corners read 62 px from the centre; the reflection stops at 15.5 + 31.
+    out = AugmentPipe().apply(torch.ones(1, 1, SIZE, SIZE), fixed_params(scale_w=-2.0))
+    torch.testing.assert_close(out[..., 8:23, 8:23], torch.ones(1, 1, 15, 15), rtol=0, atol=1e-4)
+    for edge in (out[..., 0, :], out[..., -1, :], out[..., :, 0], out[..., :, -1]):
+        assert edge.abs().max() < 1e-4
+
+
+def test_an_image_is_padded_by_its_batchs_margin():
+    """As in the original: a batch mate that reads further widens the reflection for every image."""
+    image, shrunk = torch.ones(1, 1, SIZE, SIZE), fixed_params(scale_w=-1.3)
+    alone = AugmentPipe().apply(image, shrunk)
+    mates = fixed_params(2, scale_w=torch.tensor([-1.3, 0.0]), translate_w=torch.tensor([[0.0, 0.0], [0.95, 0.95]]))
+    together = AugmentPipe().apply(image.expand(2, 1, SIZE, SIZE), mates)[:1]
+    torch.testing.assert_close(interior(together), interior(alone), rtol=0, atol=1e-5)
+    # The shrunk image's own margin is 29; its mate's 31 reflects where zeros entered its top left.
+    assert (together[..., 0, :] - alone[..., 0, :]).abs().max() > 2e-4
 
 
 def test_random_batch_at_p1_stays_finite_and_reproducible():
@@ -180,6 +251,22 @@ def test_random_batch_at_p1_stays_finite_and_reproducible():
     assert torch.isfinite(out).all() and torch.isfinite(labels).all()
     assert torch.equal(out, again) and torch.equal(labels, labels_again)
     assert not torch.equal(out, other)
+
+
+def test_images_are_never_read_on_the_host():
+    """Everything data-dependent is decided from the CPU draws, so on a GPU the pipe never waits for
+    it: meta tensors have no values, and reading one (``.item()``, ``.tolist()``, ``if``) raises."""
+    images = torch.empty(16, 3, SIZE, SIZE, device="meta")
+    out, labels = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(10))
+    assert out.shape == images.shape and out.device.type == "meta" and labels.shape == (16, 9)
+
+
+def test_pipe_still_works_after_its_model_is_moved_or_cast():
+    images = random_images()
+    expected = AugmentPipe(p=1)(images, generator=torch.Generator().manual_seed(11))
+    moved = AugmentPipe(p=1).to(torch.device("cpu")).double()  # as EDM(...).to(device) or .double() does
+    got = moved(images, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_pipe_adds_nothing_to_a_state_dict():

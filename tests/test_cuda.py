@@ -71,6 +71,20 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, flags):
     assert torch.isfinite(torch.stack(losses)).all()
 
 
+def test_an_augmented_edm_training_step_never_waits_for_the_gpu(tmp_path):
+    """EDM_ddpmpp_aug's step: the augmentation decides everything from its CPU draws and sends them
+    over in one asynchronous copy."""
+    cfg = load_config(CONFIGS["EDM"], SMALL + ["diffusion.augment_prob=0.5", "network.augment_dim=9",
+                                              f"save_dir={tmp_path}"])
+    args = train.parse_args(["--config", CONFIGS["EDM"], "--gpu_data", "--precision", "bf16"])
+    state = train.build_training(cfg, args, DEVICE)
+    images = next(state.data.batches(0))
+    train.train_step(state, images)
+    with sync_errors():
+        losses = [train.train_step(state, images) for _ in range(3)]
+    assert torch.isfinite(torch.stack(losses)).all()
+
+
 @pytest.mark.parametrize("model_type", ["DDPM", "EDM"])
 def test_samplers_never_wait_for_the_gpu(model_type):
     cfg = load_config(CONFIGS[model_type], SMALL)

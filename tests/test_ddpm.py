@@ -42,15 +42,21 @@ def ddpm(golden, net):
     return DDPM(net, **golden["diffusion"]).eval()
 
 
-def replay(noises):
-    """A noise source that hands back the recorded draws in order."""
-    remaining = list(noises)
+class Replay:
+    """A noise source that hands back the recorded draws in order; ``assert_all_used`` checks that
+    the sampler drew every one of them."""
 
-    def draw(shape):
-        z = remaining.pop(0)
+    def __init__(self, noises):
+        self.remaining = list(noises)
+
+    def __call__(self, shape):
+        assert self.remaining, "the sampler drew more noises than were recorded"
+        z = self.remaining.pop(0)
         assert tuple(z.shape[1:]) == tuple(shape)
         return z
-    return draw
+
+    def assert_all_used(self):
+        assert not self.remaining, f"{len(self.remaining)} recorded noise(s) were never drawn"
 
 
 @pytest.mark.parametrize("kind, leading_zero", [("ddpm", True), ("ddim", False)])
@@ -141,16 +147,63 @@ def test_golden_ddim_is_float32_roundoff_away_from_exact(golden, golden_net):
 
 def test_ddim_eta1_replays_recorded_noise(golden, ddpm):
     case = golden["ddim_eta1"]
-    out = ddpm.sample(x_T=case["x_T"], steps=case["steps"], eta=case["eta"], noise=replay(case["noises"]))
+    # The original drew a z at the last step too but added none (case["note"]); we draw none there.
+    noise = Replay(case["noises"][:-1])
+    out = ddpm.sample(x_T=case["x_T"], steps=case["steps"], eta=case["eta"], noise=noise)
+    noise.assert_all_used()
     torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=SAMPLER_ATOL)
 
 
 def test_ancestral_with_nT20_replays_recorded_noise(golden, net):
     case = golden["ancestral_nT20"]
     ddpm20 = DDPM(net, betas=golden["diffusion"]["betas"], n_T=case["n_T"]).eval()
-    noise = replay(case["noises"])
+    noise = Replay(case["noises"][:-1])  # the z of step i = 1 was drawn and not added, as above
     out = ddpm20.sample(x_T=case["x_T"], mode="DDPM", noise=noise)
+    noise.assert_all_used()
     torch.testing.assert_close(out, case["out"], rtol=RTOL, atol=ATOL)
+
+
+def spec_ddim_times(n_T, steps):
+    """SPEC §3: 1, 1 + k, 1 + 2k, ... up to n_T with k = n_T // steps, reversed, then 0."""
+    stride, times = n_T // steps, []
+    while 1 + len(times) * stride <= n_T:
+        times.append(1 + len(times) * stride)
+    return times[::-1] + [0]
+
+
+def reference_ddim(net, schedule, n_T, x_T, times, eta, noises):
+    """SPEC §3's DDIM loop written out plainly, on the original's DDIM schedule."""
+    alphabar, x = schedule["alphabar_t"], x_T
+    for index, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        a, a_next = alphabar[t], alphabar[t_next]
+        eps = net(x, torch.full((x.shape[0],), t / n_T))
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        c1 = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next - c1 ** 2).sqrt() * eps
+        if t_next != 0:
+            x = x + c1 * noises[index]
+    return (x + 1) / 2
+
+
+def test_ddim_with_a_step_count_that_does_not_divide_n_T(golden, ddpm):
+    steps = 7  # 1000 // 7 = 142: timesteps 995, 853, ..., 143, 1, then 0: 8 network calls
+    times = spec_ddim_times(ddpm.n_T, steps)
+    assert len(times) - 1 == 8 and times[:2] == [995, 853] and times[-2:] == [1, 0]
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    noises = torch.randn(len(times) - 2, *x_T.shape, generator=torch.Generator().manual_seed(4))
+    seen = []
+    hook = ddpm.nn_model.register_forward_hook(lambda module, inputs, out: seen.append(inputs[1][0].item()))
+    try:
+        replayed = Replay(noises)
+        out = ddpm.sample(x_T=x_T, steps=steps, eta=0.5, noise=replayed)
+    finally:
+        hook.remove()
+    replayed.assert_all_used()
+    assert [round(t * ddpm.n_T) for t in seen] == times[:-1]
+    with torch.no_grad():
+        expected = reference_ddim(ddpm.nn_model, golden["ddim_schedule"], ddpm.n_T, x_T, times, 0.5, noises)
+    torch.testing.assert_close(out, expected, rtol=0, atol=SAMPLER_ATOL)
 
 
 def test_per_image_noise_makes_images_independent_of_the_batch(ddpm):

@@ -149,6 +149,21 @@ def test_layout_and_pixels_are_the_ema_sampler_with_per_image_noise(ddpm_config)
         assert torch.equal(found, expected) == (weights == "ema")
 
 
+def test_ddim_steps_that_do_not_divide_n_T_run_end_to_end(ddpm_config, tmp_path):
+    # n_T = 20, 3 steps: stride 6, timesteps 19, 13, 7, 1, then 0 (SPEC §3), so 4 network calls.
+    result = run_sample(ddpm_config, "--n_samples", 3, "--steps", 3, "--batch_size", 3, "--out_dir", tmp_path / "out")
+    settings = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert result["generated"] == 3 and settings["steps"] == 3
+    diffusion = load_diffusion(load_config(ddpm_config), settings["checkpoint"])
+    seen = []
+    diffusion.nn_model.register_forward_hook(lambda module, inputs, out: seen.append(round(inputs[1][0].item() * 20)))
+    expected = to_uint8(diffusion.sample(3, (3, 8, 8), steps=3, noise=PerImageNoise(
+        [sample.image_seed(0, i) for i in range(3)], "cpu")))
+    assert seen == [19, 13, 7, 1]
+    found = torch.stack([read_pixels(tmp_path / "out" / "pngs" / f"{i}.png") for i in range(3)])
+    assert torch.equal(found, expected)
+
+
 def test_batch_size_does_not_change_the_files(ddpm_config, tmp_path):
     outputs = []
     for batch_size in (2, 3):

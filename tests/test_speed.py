@@ -22,15 +22,21 @@ TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[Fal
 
 @pytest.fixture
 def recorded_compiles(monkeypatch):
-    """Replace nn.Module.compile and torch.compile by recorders: which mode reached torch."""
+    """Replace nn.Module.compile and torch.compile by recorders: which mode reached torch, and
+    ("run", name) each time a "compiled" function is called."""
     calls = []
 
     def module_compile(self, *args, **kwargs):
         calls.append(("module", type(self).__name__, kwargs.get("mode")))
 
     def function_compile(function, *args, **kwargs):
-        calls.append(("function", getattr(function, "__name__", "?"), kwargs.get("mode")))
-        return function
+        name = getattr(function, "__name__", "?")
+        calls.append(("function", name, kwargs.get("mode")))
+
+        def compiled(*call_args, **call_kwargs):
+            calls.append(("run", name))
+            return function(*call_args, **call_kwargs)
+        return compiled
 
     monkeypatch.setattr(nn.Module, "compile", module_compile)
     monkeypatch.setattr(torch, "compile", function_compile)
@@ -122,7 +128,9 @@ def test_sample_and_probe_pass_their_mode(recorded_compiles):
     assert recorded_compiles == [("module", "UNet", "max-autotune"), ("function", "forward_features", "reduce-overhead"),
                                  ("function", "forward_features", None)]
     assert all("_orig_mod" not in key for key in diffusion.state_dict())
-    assert frozen.nn_model.forward_features is not None
+    with torch.no_grad():
+        frozen.get_feature(torch.rand(2, 3, 8, 8), t=3, name="out_2")
+    assert recorded_compiles[3:] == [("run", "forward_features")]  # the feature pass is the compiled one
 
 
 @pytest.mark.parametrize("config", ["config/DDPM_ddpm.yaml", "config/EDM_ddpmpp_aug.yaml"])
