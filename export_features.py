@@ -130,7 +130,7 @@ def export_features(diffusion, dataset, timestep, blocks, device, out_dir, preci
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, rank=0, world_size=1,
                           device=device)
     features, labels = extract_dataset_features(diffusion, loader, [timestep], blocks, device, norm=norm,
-                                                precision=precision, seed=seed)
+                                                precision=precision, seed=seed, desc="features")
     for block in blocks:
         save_array(features[(timestep, block)].cpu().numpy(), os.path.join(out_dir, f"{block}.npy"))
     save_array(labels.cpu().numpy().astype(np.int64), os.path.join(out_dir, "labels.npy"))

@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry, describe_error
+from utils.progress import iterate
 
 # pytorch-fid and torchvision are imported where they are used: they take seconds to import, and
 # sample.py reads this module's flags on every run.
@@ -112,7 +112,7 @@ def activations(dataset, feature_extractor, device, batch_size=50, num_workers=N
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_last=False,
                         num_workers=_default_workers() if num_workers is None else num_workers)
     features = []
-    for batch in tqdm(loader, desc="FID features", unit="batch", disable=not progress):
+    for batch in iterate(loader, desc="FID features", unit="batch", disable=not progress):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         features.append(feature_extractor(images.to(device)).float().cpu().numpy())
     return np.concatenate(features).astype(np.float64)

@@ -45,6 +45,7 @@ from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, 
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.progress import batches
 from utils.noisy import add_max_images_arg, limit_images, lr_factor
 from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
@@ -185,7 +186,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "fine-tuning"):
         images, labels = to_device(images, labels, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step) * group["lr_scale"]

@@ -167,7 +167,7 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
     for name, dataset, split_seed in (("train", train_set, seed), ("test", test_set, seed + len(train_set))):
         loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, device=device)
         splits[name] = extract_dataset_features(diffusion, loader, timesteps, blocks, device, norm=True,
-                                                precision=precision, seed=split_seed)
+                                                precision=precision, seed=split_seed, desc=f"{name} features")
     bank, bank_labels = gather_bank(*splits["train"], cells)
     synchronize(device)
     extracted = time.perf_counter()

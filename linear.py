@@ -26,6 +26,7 @@ from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.progress import batches
 from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
                          plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, to_device)
 
@@ -57,7 +58,7 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
     heads.train()
     loss_sum = torch.zeros(len(heads.cells), device=device)
     images_seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "probe training"):
         images, labels = to_device(images, labels, device)
         features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision)
         losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_cells,)

@@ -40,6 +40,7 @@ from utils.logging import JsonlLogger
 from utils.noisy import (EDM_STEPS, accuracy_per_level, add_max_images_arg, eval_levels, format_table,
                          limit_images, publish_results)
 from utils.probe import extract_features, prepare_frozen, to_device
+from utils.progress import batches
 
 
 class NoiseConditionalHead(nn.Module):
@@ -97,7 +98,7 @@ def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, de
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "training"):
         images, labels = to_device(images, labels, device)
         levels = torch.randint(1, top_level + 1, (labels.shape[0],), device=device)  # (B,)
         features = extract_features(diffusion, images, levels, blockname, precision=precision)[blockname]

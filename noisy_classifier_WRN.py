@@ -37,6 +37,7 @@ from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
                          lr_factor, publish_results)
+from utils.progress import batches
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
 RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
@@ -142,7 +143,7 @@ def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "training"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         for group in optimizer.param_groups:

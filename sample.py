@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
@@ -39,6 +38,7 @@ from utils.distributed import (add_launcher_args, all_gather_object, barrier, cl
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
+from utils.progress import progress as progress_bar
 
 IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
 GRID_NROW = 20
@@ -258,7 +258,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
         precision: "fp32", "fp16" or "bf16" (autocast).
         n_samples: images in the whole run (decides the grids).
         total: images made by all processes, for the progress bar (default: this process's).
-        progress: show a tqdm bar with images/s and the time left.
+        progress: show images/s and the time left (a bar on a terminal, plain lines in a log file).
         pad_to: sample a shorter batch (the run's last) at this size and drop the extra images, so a
             compiled network sees one shape only: no second compilation or CUDA graph at the end.
             The extra images have seeds of their own, so the kept ones are unchanged.
@@ -273,7 +273,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
     share = total / max(mine, 1)  # this process's batches stand for the others' in the bar
     pending = []
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
-            tqdm(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
+            progress_bar(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
         for batch in batches:
             padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
             noise = PerImageNoise([image_seed(seed, i) for i in padded], device)

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
 from model.ema import SyncFreeEMA, make_ema
@@ -43,6 +42,8 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
+from utils.progress import format_duration, is_interactive, progress
+from utils.tensorboard import add_tensorboard_arg, open_board
 
 CLIP_NORM = 1.0
 SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # DDIM steps / Heun steps of the sample grids
@@ -80,6 +81,7 @@ def build_parser():
     parser.add_argument("--max_steps", type=int, default=None, metavar="N",
                         help="stop after N optimizer steps (benchmarks, tests); an epoch cut short is "
                              "logged but not checkpointed")
+    add_tensorboard_arg(parser)
     return parser
 
 
@@ -301,8 +303,9 @@ def train_one_epoch(state, epoch, max_steps=None):
     images_per_step = state.data.batch_size * get_world_size()
     if state.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(state.device)
-    progress = tqdm(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
-                    disable=not is_main(), dynamic_ncols=True)
+    # A bar on a terminal; in a log file only a line every few minutes, the epoch's line comes after it.
+    bar = progress(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
+                   disable=not is_main(), every_percent=None, final_line=False, dynamic_ncols=True)
     loss_sum = torch.zeros((), device=state.device)
     recent_loss = torch.zeros((), device=state.device)
     steps = 0
@@ -314,10 +317,10 @@ def train_one_epoch(state, epoch, max_steps=None):
         loss_sum += loss
         recent_loss += loss
         steps += 1
-        progress.update()
-        if steps % PROGRESS_EVERY == 0 and not progress.disable:
+        bar.update()
+        if steps % PROGRESS_EVERY == 0 and not bar.disable:
             rate = steps * images_per_step / (time.perf_counter() - start)
-            progress.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
             recent_loss.zero_()
     # The epoch's one collective: loss sums and step counts of every rank.
     loss_total, step_total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(steps))])).tolist()
@@ -333,8 +336,8 @@ def train_one_epoch(state, epoch, max_steps=None):
         "seconds": round(seconds, 2),
     }
     if steps:
-        progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-    progress.close()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+    bar.close()
     return record
 
 
@@ -513,13 +516,24 @@ def start_run_folder(state):
     return JsonlLogger(log_path)
 
 
-def end_of_interval(state, epoch, logger):
+def epoch_line(record, n_epoch, seconds_left):
+    """The plain status line of a finished epoch, for logs that are files."""
+    loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    return (f"epoch {record['epoch']}/{n_epoch}  step {record['step']}  loss {loss}  lr {record['lr']:.2e}  "
+            f"{record['img_per_s']:.0f} img/s  peak {record['peak_mem_gib']:.2f} GiB  {record['seconds']:.1f} s  "
+            f"{format_duration(seconds_left)} left")
+
+
+def end_of_interval(state, epoch, logger, board):
     """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve."""
     cfg = state.cfg
     if cfg.save_model:
-        save_training_checkpoint(state, epoch)
+        path = save_training_checkpoint(state, epoch)
+        print0(f"checkpoint {path} (epoch {epoch}, step {state.step})")
     if is_main():
-        save_sample_grid(state, epoch)
+        grid = save_sample_grid(state, epoch)
+        print0(f"sample grid {grid}")
+        board.image_file("samples_ema", grid, state.step)
         plot_curves(read_jsonl(logger.path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
                     title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
 
@@ -544,9 +558,12 @@ def train(cfg, args):
                             f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
         print0(f"resuming from {resume_path}: epoch {state.epoch}, step {state.step}")
     logger = start_run_folder(state) if is_main() else None
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))
+    plain = not is_interactive()
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch, "
            f"lr {state.base_lr:g}, {state.precision}")
+    first_epoch, started, record = state.epoch, time.perf_counter(), None
     try:
         for epoch in range(state.epoch, cfg.n_epoch):
             if args.max_steps is not None and state.step >= args.max_steps:
@@ -554,14 +571,23 @@ def train(cfg, args):
             record = train_one_epoch(state, epoch, args.max_steps)
             if logger is not None:
                 logger.log(record)
+            board.scalars({key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")},
+                          record["step"], prefix="train/")
+            if plain:  # the time left counts the checkpoints and grids of the epochs so far
+                per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
+                print0(epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1)))
             if record["steps"] < len(state.data):
                 break  # cut short by --max_steps
             state.epoch = epoch + 1
             if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
-                end_of_interval(state, epoch, logger)
+                end_of_interval(state, epoch, logger, board)
     finally:
+        board.close()
         if logger is not None:
             logger.close()
+    loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
+    print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss {loss}, "
+           f"{format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
     return state
 
 

@@ -23,6 +23,7 @@ from model.ddpm import make_schedule
 from model.edm import EDM, karras_schedule
 from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines
+from utils.progress import batches
 from utils.probe import EDM_FEATURE_STEPS, AccuracyCounter, save_json, to_device
 
 MODES = ("DDPM", "EDM")
@@ -177,7 +178,7 @@ def accuracy_per_level(classify, loader, levels, device):
         (accuracies in percent, one per level; the number of test images counted).
     """
     counter = AccuracyCounter(len(levels), device)
-    for images, labels in loader:
+    for images, labels in batches(loader, f"testing at {len(levels)} noise levels"):
         images, labels = to_device(images, labels, device)
         counter.update(torch.stack([classify(images, level) for level in levels]), labels)  # (L, B, classes)
     return counter.reduce()

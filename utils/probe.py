@@ -22,9 +22,10 @@ from model.models import feature_dims
 from model.noise import PerImageNoise
 from model.speed import compile_function
 from utils.atomic import atomic_path
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, is_main
 from utils.errors import UserError
 from utils.logging import plot_heatmap
+from utils.progress import iterate
 
 # The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule.
 GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
@@ -235,7 +236,7 @@ def evaluate_heads(diffusion, heads, loader, device, precision="fp32"):
 
 @torch.no_grad()
 def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=False, precision="fp32",
-                             seed=None):
+                             seed=None, desc=None):
     """Features of every image a loader visits, for every (timestep, block) cell, in the loader's order.
 
     Args:
@@ -247,6 +248,7 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
         seed: None for fresh noise from the global generator; else the image of dataset index i is
             noised with its own generator seeded ``seed + i`` (the same draw at every timestep), so
             the features depend neither on the batch size nor on the number of processes.
+        desc: show the pass's progress under this name (``utils.progress``) on the main process.
 
     Returns:
         (``{(t, name): (N, C)}`` float32 features, (N,) int64 labels), on ``device``; N is the
@@ -255,7 +257,7 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
     indices = list(loader.sampler) if seed is not None else None
     chunks, labels = {}, []
     done = 0
-    for images, batch_labels in loader:
+    for images, batch_labels in iterate(loader, desc=desc, unit="batch", disable=desc is None or not is_main()):
         images, batch_labels = to_device(images, batch_labels, device)
         noise = None
         if seed is not None:
