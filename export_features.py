@@ -189,9 +189,8 @@ def check_args(args):
 def main(args):
     check_args(args)
     # --timestep is linear.timestep for this run, so the config's own checks cover it.
-    overrides = list(args.set) + ([f"linear.timestep={args.timestep}"] if args.timestep is not None else [])
-    cfg = load_config(args.config, overrides)
-    (timestep,), _ = probe_cells(cfg)
+    cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep)})
+    (timestep,), _ = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
     blocks = resolve_blocks(cfg, args.blocks)
     checkpoint = checkpoint_from_args(cfg, args)
     image_size = cfg.network.image_shape[-1]

@@ -31,7 +31,7 @@ from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
 from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
 from utils.config import add_config_args, load_config, save_config
@@ -484,19 +484,6 @@ def restore_training(state, checkpoint, path):
                   f"processes); it continues from seed {state.cfg.seed + rank}", flush=True)
 
 
-def check_writable(folder):
-    """Fail early, before any work, when ``folder`` cannot be created or written."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"save_dir {folder}: {existing} is a file, not a folder; choose another "
-                        f"folder with --set save_dir=DIR")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"save_dir {folder}: {existing} is not writable; choose another folder with "
-                        f"--set save_dir=DIR")
-
-
 def start_run_folder(state):
     """Create save_dir, write config.yaml, and open log.jsonl keeping only the epochs before ``state.epoch``."""
     cfg = state.cfg
@@ -548,7 +535,8 @@ def train(cfg, args):
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    check_writable(cfg.save_dir)
+    check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)
     if checkpoint is not None:
         restore_training(state, checkpoint, resume_path)
@@ -558,7 +546,6 @@ def train(cfg, args):
                             f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
         print0(f"resuming from {resume_path}: epoch {state.epoch}, step {state.step}")
     logger = start_run_folder(state) if is_main() else None
-    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))
     plain = not is_interactive()
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch, "

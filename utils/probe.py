@@ -32,8 +32,10 @@ GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
 EDM_FEATURE_STEPS = 18
 
 
-def probe_cells(cfg, grid=False):
+def probe_cells(cfg, grid=False, timestep_flag=None):
     """The timesteps and blocks to probe: the grid (every block) or cfg.linear.timestep / blockname.
+
+    ``timestep_flag`` names the flag that set linear.timestep (e.g. "--timestep") in error messages.
 
     Returns:
         (timesteps, blocks): a list of ints and a list of ``out_k`` names; the probed cells are
@@ -52,9 +54,9 @@ def probe_cells(cfg, grid=False):
         low = 1
     for t in timesteps:
         if not low <= t <= top:
-            source = "--grid" if grid else "linear.timestep"
+            source = "--grid" if grid else timestep_flag or "linear.timestep"
             raise UserError(f"{source}: timestep {t} is outside {low}..{top} ({what}); "
-                            f"{'raise diffusion.n_T' if grid else f'set linear.timestep in {low}..{top}'}")
+                            f"{'raise diffusion.n_T' if grid else f'set {source} in {low}..{top}'}")
     return timesteps, blocks
 
 
