@@ -99,3 +99,17 @@ def test_dict_without_model_or_ema_is_rejected(tmp_path):
     save_checkpoint({"weights": torch.zeros(1)}, path)
     with pytest.raises(UserError, match="other.pth: no 'EMA' entry"):
         load_diffusion(cfg, path)
+
+
+def test_a_schedule_other_than_the_trained_one_is_refused(tmp_path):
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    trained = build_diffusion(cfg)
+    path = tmp_path / "model_0.pth"
+    save_checkpoint({"MODEL": trained.state_dict(), "config": cfg.to_dict()}, path)
+    load_diffusion(cfg, path)  # the same schedule loads
+    shorter = load_config(ROOT / "config" / "demo.yaml", ["diffusion.n_T=100"])
+    with pytest.raises(UserError, match=r"model_0.pth was trained with diffusion.n_T = 1000, but the config gives 100; "
+                                        r"the model only knows its training schedule: drop the --set diffusion.n_T"):
+        load_diffusion(shorter, path)
+    save_checkpoint({"MODEL": trained.state_dict()}, path)  # no config recorded (the original code's): not checked
+    load_diffusion(shorter, path)
