@@ -290,7 +290,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
                                         broadcast_buffers=False)
     batch_size = settings["batch_size"]
     train_loader = build_loader(train_set, batch_size, train=True, num_workers=num_workers, seed=settings["seed"],
-                                device=device)
+                                device=device, batch_flag="--batch_size")
     test_loader = build_loader(test_set, batch_size, train=False, num_workers=num_workers, device=device)
     total_steps = settings["epochs"] * len(train_loader)
     warm_steps = settings["warmup_epochs"] * len(train_loader)

@@ -29,8 +29,9 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
 from utils.errors import UserError, cli_entry
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
-from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
-                         plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, to_device)
+from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
+                         format_accuracy_table, plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag,
+                         save_json, to_device)
 
 
 def build_parser():
@@ -140,7 +141,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     if world_size > 1:
         model = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = build_loader(train_set, cfg.linear.batch_size, train=True, num_workers=num_workers,
-                                seed=cfg.seed, device=device)
+                                seed=cfg.seed, device=device, batch_flag="--set linear.batch_size=N")
     test_loader = build_loader(test_set, cfg.linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
     labels = heads.labels
@@ -174,8 +175,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
         print0(format_accuracy_table(result["accuracy"], timesteps, blocks))
         best = result["best"]
-        print0(f"best: t={best['timestep']} {best['block']} {best['accuracy']:.2f}% "
-               f"({test_images} test images)")
+        print0(best_line(best, test_images))
         if heatmap:
             plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
                                   title=f"linear probe test accuracy (%), {tag}")

@@ -161,7 +161,7 @@ def run(cfg, args, checkpoint, device):
                         f"{train_set.num_classes} classes; set classes: {train_set.num_classes}")
     num_workers = resolve_num_workers(args, cfg)
     train_loader = build_loader(train_set, linear.batch_size, train=True, num_workers=num_workers,
-                                seed=cfg.seed, device=device)
+                                seed=cfg.seed, device=device, batch_flag="--set linear.batch_size=N")
     test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
 

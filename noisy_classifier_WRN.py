@@ -212,7 +212,7 @@ def run(args, device):
     test_set = limit_images(build_dataset(args.dataset, args.data_root, False, test_transform(),
                                           image_size=args.image_size), args.max_images)
     train_loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
-                                seed=args.seed, device=device)
+                                seed=args.seed, device=device, batch_flag="--batch_size")
     test_loader = build_loader(test_set, args.batch_size, train=False, num_workers=args.num_workers,
                                seed=args.seed, device=device)
 

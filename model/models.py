@@ -1,5 +1,6 @@
 """The one registry from config names to classes, and the one loader every script uses."""
 import contextlib
+import os
 
 import torch
 
@@ -103,6 +104,9 @@ def add_checkpoint_args(parser):
 def checkpoint_from_args(cfg, args):
     """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch``."""
     if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or drop "
+                            f"--ckpt to read save_dir/ckpts/model_{{epoch}}.pth by --epoch")
         return args.ckpt
     return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
 

@@ -188,6 +188,17 @@ def test_cli_errors_name_the_setting(tmp_path, capsys, extra, message):
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_too_few_images_for_a_batch_names_this_scripts_flag(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    with pytest.raises(SystemExit):
+        finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint, "--max_images", "4")))
+    err = capsys.readouterr().err
+    assert err.endswith("the training set has 4 images, fewer than one batch on every process (8 x 1); "
+                        "lower it with --batch_size\n")
+
+
 def test_two_process_run(tmp_path):
     cfg = tiny_config(tmp_path / "run")
     checkpoint = tmp_path / "model_3.pth"

@@ -286,6 +286,8 @@ def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
     assert [line.split()[0] for line in table[1:4]] == ["1", "11", "21"]
     report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.json").read_text())
     assert report["test_images"] == 40 and len(report["epochs"]) == 1
+    best = report["best"]
+    assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (40 test images)\n" in out
     assert (Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.png").is_file()
     # another learning rate is another probe, not a collision; --tag names it; --tensorboard mirrors the log
     linear.main(linear.build_parser().parse_args(argv + ["--set", "linear.lrate=0.01", "--tensorboard"]))

@@ -397,7 +397,7 @@ def epoch_seed(seed, epoch, rank):
 
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
-                 device=None):
+                 device=None, batch_flag="--set batch_size=N"):
     """A DataLoader over this rank's part of ``dataset``.
 
     Training shuffles with a DistributedSampler (one rank is the world-size-1 case) that drops the
@@ -413,12 +413,13 @@ def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, w
         seed: shuffling seed; must be the same on every rank.
         rank, world_size: default to ``utils.distributed.get_rank() / get_world_size()``.
         device: where batches go; memory is pinned for CUDA (default: when CUDA is available).
+        batch_flag: how the user sets ``batch_size`` in this script, for the error message.
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     if train:
         if len(dataset) < batch_size * world_size:
             raise UserError(f"the training set has {len(dataset)} images, fewer than one batch on "
-                            f"every process ({batch_size} x {world_size}); lower batch_size")
+                            f"every process ({batch_size} x {world_size}); lower it with {batch_flag}")
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=seed, drop_last=True)
     else:

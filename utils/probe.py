@@ -283,6 +283,13 @@ def probe_tag(checkpoint, timesteps, blocks, grid):
     return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
 
 
+def best_line(best, test_images, details=""):
+    """The one format of the final ``best:`` line of linear.py and knn.py, e.g.
+    ``best: 11/out_6 88.23% (10000 test images)``."""
+    return f"best: {cell_label(best['timestep'], best['block'])} {best['accuracy']:.2f}% ({test_images} test images" \
+           f"{'; ' + details if details else ''})"
+
+
 def accuracy_table(cells, accuracy):
     """Per-cell accuracies as a table and the best cell.
 
