@@ -31,8 +31,8 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader, epoch_seed,
-                        probe_train_transform, set_loader_epoch, test_transform)
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
+                        default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -67,7 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in save_dir/ckpts (start fresh if none)")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--num_workers", type=int, default=4, help="data-loader processes per process")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader processes per loader (default: chosen from the CPUs this process may use)")
     add_max_images_arg(parser)
     add_amp_args(parser)
     add_launcher_args(parser)
@@ -88,7 +89,9 @@ def check_args(args):
         raise UserError(f"--warm_epochs {args.warm_epochs}: must be in 0..--epochs ({args.epochs})")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
-    if args.num_workers < 0:
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    elif args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
 
 

@@ -122,7 +122,7 @@ class Config:
     optim_args: dict = field(default_factory=dict)  # extra optimizer keywords
     ckpt_interval: int = 100        # epochs between checkpoints and sample grids
     seed: int = 1337
-    num_workers: int = 4            # data-loader workers per process
+    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
     # testing
     n_sample: int = 30              # images in each sample grid
     save_dir: str                   # default ./output_<config name>, set by load_config
@@ -431,7 +431,8 @@ def _check(cfg, path):
     require(cfg.lrate > 0, "lrate", f"must be positive, got {cfg.lrate}")
     require(0.0 < cfg.ema < 1.0, "ema", f"must be in (0, 1), got {cfg.ema}")
     require(cfg.load_epoch >= -1, "load_epoch", f"must be -1 (start fresh) or an epoch, got {cfg.load_epoch}")
-    require(cfg.num_workers >= 0, "num_workers", f"must be 0 or positive, got {cfg.num_workers}")
+    require(cfg.num_workers >= -1, "num_workers", f"must be 0 or positive, or -1 for a number chosen from the "
+                                                  f"CPUs, got {cfg.num_workers}")
     require(cfg.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
     require(cfg.save_dir != "", "save_dir", "must not be empty")
 

@@ -38,17 +38,36 @@ def add_data_args(parser, num_workers=True):
                         help="folder with the datasets (CIFAR is downloaded there when missing)")
     if num_workers:
         parser.add_argument("--num_workers", type=int, default=None,
-                            help="data-loader processes per process (default: the config's num_workers)")
+                            help="data-loader processes per loader (default: the config's num_workers; when "
+                                 "that is -1, as by default, chosen from the CPUs this process may use)")
     return parser
 
 
+MAX_AUTO_WORKERS = 4  # the original's fixed number, now the most chosen automatically
+
+
+def default_num_workers():
+    """Loader workers for a process: its share of the CPUs it may use (os.sched_getaffinity, split
+    among the LOCAL_WORLD_SIZE processes torchrun starts on the machine), minus one for the process
+    itself, at most MAX_AUTO_WORKERS. Two cores give one worker: no "may freeze" warning from torch."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(0, min(MAX_AUTO_WORKERS, cpus // local_processes - 1))
+
+
 def resolve_num_workers(args, cfg):
-    """``--num_workers`` when given, else the config's ``num_workers``."""
-    if args.num_workers is None:
-        return cfg.num_workers
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
-    return args.num_workers
+    """``--num_workers`` when given, else the config's ``num_workers``, else (-1) ``default_num_workers()``."""
+    if args.num_workers is not None:
+        if args.num_workers < 0:
+            raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+        return args.num_workers
+    return default_num_workers() if cfg.num_workers == -1 else cfg.num_workers
 
 
 def _to_float_image():
