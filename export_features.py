@@ -76,8 +76,9 @@ class ImageFiles(Dataset):
     """Every image file under ``root`` (recursively, sorted by path), as a float (C, H, W) tensor.
 
     Images are converted to RGB, resized so the shorter side is ``image_size`` and centre-cropped
-    to a square. sample.py's grid_{b}.png files (grids of many samples, not samples) are skipped. The label of an image is the index of its top-level subfolder among the sorted
-    subfolders that hold images (``classes``), or -1 for an image directly in ``root``.
+    to a square. sample.py's grid_{b}.png files (grids of many samples, not samples) are skipped. The
+    label of an image is the index of its top-level subfolder among the sorted subfolders that hold
+    images (``classes``), or -1 for an image directly in ``root``.
     ``max_images`` > 0 keeps only the first that many files.
     """
 

@@ -30,7 +30,7 @@ from utils.errors import UserError, cli_entry
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
-                         format_accuracy_table, plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag,
+                         format_accuracy_table, linear_tag, plot_accuracy_heatmap, prepare_frozen, probe_cells,
                          save_json, to_device)
 
 
@@ -180,13 +180,6 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
             plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
                                   title=f"linear probe test accuracy (%), {tag}")
     return result
-
-
-def linear_tag(cfg, checkpoint, timesteps, blocks, grid):
-    """Default name of a probe's files: checkpoint, cells and the settings a sweep varies, so that
-    probes of one checkpoint with other settings never meet, e.g. ``model_1999_grid_ep15_lr0.001_bs128``."""
-    linear = cfg.linear
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_ep{linear.n_epoch}_lr{linear.lrate:g}_bs{linear.batch_size}"
 
 
 def _summary(cfg, heads, history, test_images, world_size, source):

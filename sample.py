@@ -7,8 +7,9 @@
         --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
 
 The images go to save_dir/EMAgenerated_ep{E}_ddim_steps{S}_eta{H} (DDIM), ..._ep{E}_ddpm (ancestral;
-..._ddpm_steps{S} respaced to S steps) or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every image and ``grid_{b}.png`` for
-every 400 of them (20 per row), so ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
+..._ddpm_steps{S} respaced to S steps) or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every
+image and ``grid_{b}.png`` for every 400 of them (20 per row), so
+``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
 
 Image i depends only on (--seed, i): its starting noise and every later noise come from its own
 generator (model.noise.PerImageNoise), so the files are the same on 1 or N processes (and, up to

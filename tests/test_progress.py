@@ -2,7 +2,6 @@
 import itertools
 import re
 
-import pytest
 from tqdm import tqdm
 
 import train

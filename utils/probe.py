@@ -290,6 +290,13 @@ def best_line(best, test_images, details=""):
            f"{'; ' + details if details else ''})"
 
 
+def linear_tag(cfg, checkpoint, timesteps, blocks, grid):
+    """Default name of linear.py's files: checkpoint, cells and the settings a sweep varies, so that
+    probes of one checkpoint with other settings never meet, e.g. ``model_1999_grid_ep15_lr0.001_bs128``."""
+    settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_{settings}"
+
+
 def accuracy_table(cells, accuracy):
     """Per-cell accuracies as a table and the best cell.
 
