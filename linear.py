@@ -5,8 +5,10 @@
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
 trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18) at once, from one
-forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid). A
+forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid); the tag
+names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128), or is --tag. A
 probe that is stopped resumes from its last finished epoch when run again with the same arguments.
+--tensorboard also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
 """
 import argparse
 import os

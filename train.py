@@ -9,7 +9,9 @@
 
 The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png, and at
 every epoch ep divisible by ckpt_interval (0, 100, ...) and at the last epoch visual/image_ep{ep}_ema.png
-(samples above real images) and ckpts/model_{ep}.pth.
+(samples above real images) and ckpts/model_{ep}.pth; with --tensorboard, tb/train/ gets the same
+numbers and the grids. On a terminal each epoch shows a tqdm bar; in a log file (stderr not a terminal)
+it is one plain line per epoch with the time left, a line per checkpoint and a summary at the end.
 """
 import argparse
 import os
