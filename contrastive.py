@@ -23,6 +23,7 @@ from utils.distributed import add_launcher_args, all_reduce_sum, cleanup, get_ra
 from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines
 from utils.probe import extract_features, prepare_frozen, probe_cells, save_json, to_device
+from utils.progress import batches
 
 
 def build_parser():
@@ -79,7 +80,7 @@ def measure(diffusion, loader, timestep, blocks, device, precision="fp32"):
     """
     sums = torch.zeros(len(blocks), 2, device=device)  # per block: weighted alignment, uniformity
     weights = torch.zeros(2, device=device)
-    for images, _ in loader:
+    for images, _ in batches(loader, "alignment and uniformity"):
         images, _ = to_device(images, torch.zeros(0), device)
         batch = images.shape[0]
         features = extract_features(diffusion, torch.cat([images, images]), timestep, blocks, norm=True,

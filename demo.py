@@ -21,7 +21,7 @@ from model.models import build_diffusion
 from utils.checkpoint import list_checkpoints, save_checkpoint
 from utils.config import load_config
 from utils.errors import UserError, cli_entry
-from utils.probe import probe_tag
+from utils.probe import linear_tag
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(ROOT, "config", "demo.yaml")
@@ -64,7 +64,7 @@ def write_random_init(cfg, path):
 
 
 def probe_accuracy(cfg, checkpoint):
-    tag = probe_tag(checkpoint, [cfg.linear.timestep], [cfg.linear.blockname], grid=False)
+    tag = linear_tag(cfg, checkpoint, [cfg.linear.timestep], [cfg.linear.blockname], grid=False)
     with open(os.path.join(cfg.save_dir, "linear", f"{tag}.json")) as f:
         return json.load(f)["best"]["accuracy"]
 

@@ -21,6 +21,7 @@ It runs in one process on one device.
 """
 import argparse
 import os
+import re
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torchvision.transforms import v2
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from model.speed import add_speed_args, configure_backends
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, check_writable
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import DEVICE_CHOICES, resolve_device
@@ -40,6 +41,7 @@ from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import extract_dataset_features, prepare_frozen, probe_cells, save_json
 
 IMAGE_SUFFIXES = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
+SAMPLE_GRID = re.compile(r"^grid_\d+\.png$")  # sample.py's grids of 400 samples beside pngs/
 
 
 def build_parser():
@@ -74,8 +76,9 @@ class ImageFiles(Dataset):
     """Every image file under ``root`` (recursively, sorted by path), as a float (C, H, W) tensor.
 
     Images are converted to RGB, resized so the shorter side is ``image_size`` and centre-cropped
-    to a square. The label of an image is the index of its top-level subfolder among the sorted
-    subfolders that hold images (``classes``), or -1 for an image directly in ``root``.
+    to a square. sample.py's grid_{b}.png files (grids of many samples, not samples) are skipped. The
+    label of an image is the index of its top-level subfolder among the sorted subfolders that hold
+    images (``classes``), or -1 for an image directly in ``root``.
     ``max_images`` > 0 keeps only the first that many files.
     """
 
@@ -85,7 +88,8 @@ class ImageFiles(Dataset):
         self.root = root
         self.files = sorted(os.path.relpath(os.path.join(folder, name), root)
                             for folder, _, names in os.walk(root) for name in names
-                            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."))
+                            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+                            and not SAMPLE_GRID.match(name))
         if not self.files:
             raise UserError(f"--images {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) under it")
         if max_images:
@@ -130,7 +134,7 @@ def export_features(diffusion, dataset, timestep, blocks, device, out_dir, preci
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, rank=0, world_size=1,
                           device=device)
     features, labels = extract_dataset_features(diffusion, loader, [timestep], blocks, device, norm=norm,
-                                                precision=precision, seed=seed)
+                                                precision=precision, seed=seed, desc="features")
     for block in blocks:
         save_array(features[(timestep, block)].cpu().numpy(), os.path.join(out_dir, f"{block}.npy"))
     save_array(labels.cpu().numpy().astype(np.int64), os.path.join(out_dir, "labels.npy"))
@@ -189,11 +193,13 @@ def check_args(args):
 def main(args):
     check_args(args)
     # --timestep is linear.timestep for this run, so the config's own checks cover it.
-    overrides = list(args.set) + ([f"linear.timestep={args.timestep}"] if args.timestep is not None else [])
-    cfg = load_config(args.config, overrides)
-    (timestep,), _ = probe_cells(cfg)
+    cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep)})
+    (timestep,), _ = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
     blocks = resolve_blocks(cfg, args.blocks)
     checkpoint = checkpoint_from_args(cfg, args)
+    out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)
+    check_writable(out_dir, "--out" if args.out else "save_dir",
+                   "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))
     image_size = cfg.network.image_shape[-1]
     if args.images:
         dataset = ImageFiles(args.images, image_size, args.max_images)
@@ -205,7 +211,6 @@ def main(args):
     precision = resolve_precision(args, device)
     configure_backends(args, device)
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema"), device, compile=args.compile)
-    out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)
     print(f"features of {len(dataset)} images at t={timestep}, blocks {', '.join(blocks)}, from {checkpoint}")
     record = export_features(
         diffusion, dataset, timestep, blocks, device, out_dir, precision=precision, norm=args.norm,

@@ -10,8 +10,14 @@ are pytorch-fid's InceptionV3 2048-d pool features, the images are read as pytor
 (RGB, ToTensor, the network resizes to 299) in the same order, and the distance is pytorch-fid's
 ``calculate_frechet_distance``: the number equals ``python -m pytorch_fid REF GEN`` at the same
 batch size (50 by default, as there).
+
+REF's statistics are cached (next to REF, or --ref_cache) with a fingerprint of REF's files (names,
+sizes, modification times) and of the Inception weights file; when either changes, or the image
+count, the statistics are computed again and a line says why. Both paths are checked before any
+statistics are computed.
 """
 import argparse
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,11 +26,11 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry, describe_error
+from utils.progress import iterate
 
 # pytorch-fid and torchvision are imported where they are used: they take seconds to import, and
 # sample.py reads this module's flags on every run.
@@ -112,7 +118,7 @@ def activations(dataset, feature_extractor, device, batch_size=50, num_workers=N
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_last=False,
                         num_workers=_default_workers() if num_workers is None else num_workers)
     features = []
-    for batch in tqdm(loader, desc="FID features", unit="batch", disable=not progress):
+    for batch in iterate(loader, desc="FID features", unit="batch", disable=not progress):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         features.append(feature_extractor(images.to(device)).float().cpu().numpy())
     return np.concatenate(features).astype(np.float64)
@@ -155,21 +161,42 @@ def load_statistics(path):
                         f"delete it or pass another file") from None
 
 
+CACHE_KEYS = ("source", "n_images", "files", "features", "weights")  # what a cache was computed from
+
+
 def _statistics_metadata(path):
-    """The ``source``, ``n_images`` and ``features`` recorded in a cache, or {} for a bare pytorch-fid .npz."""
+    """The CACHE_KEYS recorded in a cache (None for those an older cache lacks), or {} for a bare
+    pytorch-fid .npz."""
     with np.load(path) as stats:
         if "source" not in stats:
             return {}
-        return {"source": str(stats["source"]), "n_images": int(stats["n_images"]),
-                "features": str(stats["features"])}
+        return {key: (int(stats[key]) if key == "n_images" else str(stats[key])) if key in stats else None
+                for key in CACHE_KEYS}
 
 
-def save_statistics(path, mu, sigma, source, n_images, features):
-    """Write (mu, sigma) with what they were computed from; pytorch-fid reads the file too."""
+def save_statistics(path, mu, sigma, **metadata):
+    """Write (mu, sigma) with what they were computed from (the CACHE_KEYS); pytorch-fid reads the file too."""
     with atomic_path(path, what="FID statistics ", fix="pass --ref_cache with a writable path") as temporary:
         with open(temporary, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma, source=np.array(source), n_images=np.array(n_images),
-                     features=np.array(features))
+            np.savez(file, mu=mu, sigma=sigma, **{key: np.array(metadata[key]) for key in CACHE_KEYS})
+
+
+def files_fingerprint(files):
+    """SHA-256 of the names, sizes and modification times of ``files``: it changes when any image is
+    replaced, added, removed or renamed, without reading the images."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = os.stat(file)
+        digest.update(f"{os.path.basename(file)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(path):
+    """Name, size and modification time of a weights file, or "absent" when there is none."""
+    if path is None or not os.path.isfile(path):
+        return "absent"
+    stat = os.stat(path)
+    return f"{os.path.basename(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def default_cache(ref, data_root):
@@ -194,6 +221,7 @@ class FeatureSource:
 
     def __init__(self, feature_extractor, device):
         self.extractor, self.device = feature_extractor, device
+        self.given = feature_extractor is not None
 
     def __call__(self):
         if self.extractor is None:
@@ -205,29 +233,42 @@ class FeatureSource:
         """The name recorded in caches, known without building the network."""
         return InceptionPool3.fid_tag if self.extractor is None else _feature_tag(self.extractor)
 
+    @property
+    def weights(self):
+        """The fingerprint of the weights file: pytorch-fid's Inception file, or a given extractor's
+        ``fid_weights`` file (tests)."""
+        if self.given:
+            return weights_fingerprint(getattr(self.extractor, "fid_weights", None))
+        return weights_fingerprint(os.path.join(inception_weights_folder(), INCEPTION_WEIGHTS))
+
+
+def _stale_reasons(recorded, expected):
+    """Why a cache recorded as ``recorded`` does not fit ``expected``; [] when it fits."""
+    names = {"source": "the reference", "n_images": "the image count", "files": "the reference images",
+             "features": "the feature network", "weights": "the Inception weights"}
+    return [f"{names[key]} changed" + (f" ({recorded[key]!r}, now {value!r})" if key in ("source", "n_images") else "")
+            if recorded[key] is not None else f"it records no {key}" for key, value in expected.items()
+            if recorded[key] != value]
+
 
 def reference_statistics(ref, features, cache, data_root, options):
     """(mu, sigma) of REF: an .npz, a folder or ``dataset:NAME``; computed once and kept in ``cache``."""
     if ref.endswith(".npz"):
         return load_statistics(ref)
     is_dataset = ref.startswith(DATASET_PREFIX)
-    if not is_dataset and not os.path.isdir(ref):
-        raise UserError(f"reference {ref}: not a folder, an .npz or dataset:NAME; pass the folder of "
-                        f"reference PNGs (see extract_cifar10_pngs.ipynb)")
     source = _describe_source(ref, data_root)
     files = None if is_dataset else list_images(ref)
+    fingerprint = None if is_dataset else files_fingerprint(files)
     if cache and os.path.isfile(cache):
         mu, sigma = load_statistics(cache)
         recorded = _statistics_metadata(cache)
-        expected = {"source": source, "features": features.tag}
+        expected = {"source": source, "features": features.tag, "weights": features.weights}
         if files is not None:
-            expected["n_images"] = len(files)
-        stale = [f"{key} {recorded[key]!r} (now {value!r})" for key, value in expected.items()
-                 if recorded and recorded[key] != value]
-        if stale:
-            raise UserError(f"FID cache {cache} does not match the reference: {'; '.join(stale)}; delete "
-                            f"the cache to recompute it, or pass --ref_cache with another file")
-        return mu, sigma
+            expected.update(n_images=len(files), files=fingerprint)
+        stale = _stale_reasons(recorded, expected) if recorded else []  # a bare pytorch-fid .npz is trusted
+        if not stale:
+            return mu, sigma
+        print(f"FID cache {cache} is stale: {'; '.join(stale)}; recomputing the reference statistics", flush=True)
     extractor = features()
     if is_dataset:
         mu, sigma, n_images = dataset_statistics(ref[len(DATASET_PREFIX):], data_root, extractor,
@@ -240,11 +281,31 @@ def reference_statistics(ref, features, cache, data_root, options):
         n_images = len(files)
     if cache:
         try:
-            save_statistics(cache, mu, sigma, source, n_images, features.tag)
+            save_statistics(cache, mu, sigma, source=source, n_images=n_images, files=fingerprint or "",
+                            features=features.tag, weights=features.weights)
         except OSError as err:
             print(f"note: could not cache the reference statistics at {cache} ({err.strerror}); "
                   f"pass --ref_cache with a writable path to reuse them")
     return mu, sigma
+
+
+def check_inputs(ref, gen):
+    """Check both paths before any statistics are computed, so a typo in GEN is not found after REF's
+    statistics (or reported as a missing Inception file when offline)."""
+    for role, path, kinds, fix in (
+            ("reference", ref, "a folder, an .npz or dataset:NAME",
+             "pass the folder of reference PNGs (see extract_cifar10_pngs.ipynb) or its statistics .npz"),
+            ("generated images", gen, "a folder or an .npz", "pass the pngs/ folder of a sample.py run")):
+        if not isinstance(path, (str, os.PathLike)):
+            continue  # a list of files
+        path = os.fspath(path)
+        if role == "reference" and path.startswith(DATASET_PREFIX):
+            continue
+        if path.endswith(".npz"):
+            if not os.path.isfile(path):
+                raise UserError(f"{role} {path}: statistics file not found; {fix}")
+        elif not os.path.isdir(path):
+            raise UserError(f"{role} {path}: not {kinds}; {fix}")
 
 
 def generated_statistics(gen, features, options):
@@ -252,9 +313,6 @@ def generated_statistics(gen, features, options):
     if isinstance(gen, (str, os.PathLike)) and os.fspath(gen).endswith(".npz"):
         return load_statistics(os.fspath(gen))
     if isinstance(gen, (str, os.PathLike)):
-        if not os.path.isdir(gen):
-            raise UserError(f"generated images {gen}: not a folder or an .npz; pass the pngs/ folder of "
-                            f"a sample.py run")
         files = list_images(gen)
     else:
         files = list(gen)
@@ -282,6 +340,7 @@ def compute_fid(ref, gen, feature_extractor=None, device="cpu", batch_size=50, n
     Returns:
         the FID as a Python float.
     """
+    check_inputs(ref, gen)
     features = FeatureSource(feature_extractor, torch.device(device))
     options = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
     cache = default_cache(ref, data_root) if ref_cache is None else ref_cache

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
 from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
+from utils.atomic import check_writable
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
@@ -45,6 +46,8 @@ from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, 
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.progress import batches
+from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.noisy import add_max_images_arg, limit_images, lr_factor
 from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
@@ -61,16 +64,18 @@ def build_parser():
     parser.add_argument("--timestep", type=int, default=None,
                         help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
     parser.add_argument("--block", default=None, help="the block the head reads, out_k (default: linear.blockname)")
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=50, help="training epochs over the training split")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (after warm-up)")
     parser.add_argument("--weight_decay", type=float, default=0.05,
                         help="AdamW weight decay of conv and linear weights")
-    parser.add_argument("--warmup_epochs", type=int, default=5, help="epochs of linear learning-rate warm-up")
+    parser.add_argument("--warmup_epochs", type=int, default=None,
+                        help="epochs of linear learning-rate warm-up (default: a tenth of --epochs, 5 of 50)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="images per step and process (default: linear.batch_size)")
     parser.add_argument("--layer_decay", type=float, default=1.0,
                         help="layer-wise learning-rate decay per stage from the head (1: off; e.g. 0.9)")
-    parser.add_argument("--label_smoothing", type=float, default=0.1)
+    parser.add_argument("--label_smoothing", type=float, default=0.1,
+                        help="cross-entropy label smoothing, in [0, 1)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the saved state of this run (start fresh if there is none)")
     parser.add_argument("--out", default=None, help="output folder (default: save_dir/finetune)")
@@ -78,6 +83,7 @@ def build_parser():
     add_data_args(parser)
     add_max_images_arg(parser)
     add_launcher_args(parser)
+    add_tensorboard_arg(parser)
     return parser
 
 
@@ -88,6 +94,8 @@ def check_args(args):
             raise UserError(f"--{name} {value}: must be at least 1")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs // 10
     if args.weight_decay < 0:
         raise UserError(f"--weight_decay {args.weight_decay}: must be 0 or positive")
     if not 0 <= args.warmup_epochs <= args.epochs:
@@ -185,7 +193,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "fine-tuning"):
         images, labels = to_device(images, labels, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step) * group["lr_scale"]
@@ -229,7 +237,7 @@ def load_state(path, settings):
 
 
 def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir, tag, precision="fp32",
-                 num_workers=0, resume=False):
+                 num_workers=0, resume=False, board=None):
     """Fine-tune and test; resumable per epoch.
 
     Args:
@@ -242,11 +250,13 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
         precision: autocast precision.
         num_workers: data-loader workers per process.
         resume: continue from ``{tag}.state.pth``; without it an existing state is an error.
+        board: a ``utils.tensorboard.Board`` that also receives each epoch's numbers.
 
     Returns:
         the result dict written to ``{tag}.json``.
     """
     rank, world_size = get_rank(), get_world_size()
+    board = board or Board()
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
     if os.path.isfile(state_path) and not resume:
         raise UserError(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
@@ -280,7 +290,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
                                         broadcast_buffers=False)
     batch_size = settings["batch_size"]
     train_loader = build_loader(train_set, batch_size, train=True, num_workers=num_workers, seed=settings["seed"],
-                                device=device)
+                                device=device, batch_flag="--batch_size")
     test_loader = build_loader(test_set, batch_size, train=False, num_workers=num_workers, device=device)
     total_steps = settings["epochs"] * len(train_loader)
     warm_steps = settings["warmup_epochs"] * len(train_loader)
@@ -309,6 +319,8 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
         print0(f"epoch {epoch + 1}/{settings['epochs']}  loss {history[-1]['train_loss']:.4f}  "
                f"train {history[-1]['train_accuracy']:.2f}%  test {test_accuracy:.2f}%  "
                f"({int(totals[2]) / seconds:.0f} img/s)")
+        board.scalars({key: history[-1][key] for key in ("train_loss", "train_accuracy", "test_accuracy", "lr")}
+                      | {"img_per_s": int(totals[2]) / seconds}, epoch + 1, prefix="finetune/")
         result = summary(cfg, settings, history, test_images, trainable)
         if is_main():
             save_checkpoint({"settings": settings, "epoch": epoch + 1, "step": step, "model": classifier.state_dict(),
@@ -343,14 +355,17 @@ def main(args):
     check_args(args)
     # --timestep and --block are linear.timestep and linear.blockname for this run, so the
     # config's own checks cover them.
-    overrides = list(args.set)
-    if args.timestep is not None:
-        overrides.append(f"linear.timestep={args.timestep}")
-    if args.block is not None:
-        overrides.append(f"linear.blockname={args.block}")
-    cfg = load_config(args.config, overrides)
-    (timestep,), (block,) = probe_cells(cfg)
+    cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep),
+                                                    "linear.blockname": ("--block", args.block)})
+    (timestep,), (block,) = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
+    out_dir = args.out or os.path.join(cfg.save_dir, "finetune")
+    if args.out:
+        check_writable(out_dir, "--out", "pass --out with a writable folder")
+    else:
+        check_writable(out_dir, "save_dir", "pass --out with a writable folder, or --set save_dir=DIR")
     checkpoint = checkpoint_from_args(cfg, args)
+    tag = finetune_tag(checkpoint, timestep, block)
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     image_size = cfg.network.image_shape[-1]
     train_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=True,
@@ -367,12 +382,11 @@ def main(args):
                     "layer_decay": args.layer_decay, "label_smoothing": args.label_smoothing,
                     "seed": cfg.seed if args.seed is None else args.seed, "world_size": get_world_size(),
                     "dataset": cfg.dataset, "max_images": args.max_images}
-        run_finetune(cfg, diffusion, train_set, test_set, settings, device,
-                     out_dir=args.out or os.path.join(cfg.save_dir, "finetune"),
-                     tag=finetune_tag(checkpoint, timestep, block), precision=resolve_precision(args, device),
-                     num_workers=resolve_num_workers(args, cfg),
-                     resume=args.resume)
+        run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir=out_dir, tag=tag,
+                     precision=resolve_precision(args, device), num_workers=resolve_num_workers(args, cfg),
+                     resume=args.resume, board=board)
     finally:
+        board.close()
         cleanup()
 
 

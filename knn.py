@@ -25,12 +25,13 @@ import torch.distributed as dist
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
 from model.speed import add_speed_args, configure_backends
+from utils.atomic import check_writable
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
 from utils.noisy import add_max_images_arg, limit_images
-from utils.probe import (AccuracyCounter, accuracy_table, cell_label, extract_dataset_features, format_accuracy_table,
+from utils.probe import (AccuracyCounter, accuracy_table, best_line, extract_dataset_features, format_accuracy_table,
                          plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, synchronize)
 
 DEFAULT_K = 20
@@ -167,7 +168,7 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
     for name, dataset, split_seed in (("train", train_set, seed), ("test", test_set, seed + len(train_set))):
         loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, device=device)
         splits[name] = extract_dataset_features(diffusion, loader, timesteps, blocks, device, norm=True,
-                                                precision=precision, seed=split_seed)
+                                                precision=precision, seed=split_seed, desc=f"{name} features")
     bank, bank_labels = gather_bank(*splits["train"], cells)
     synchronize(device)
     extracted = time.perf_counter()
@@ -183,9 +184,8 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
         print0(format_accuracy_table(table, timesteps, blocks))
-        print0(f"best: {cell_label(best['timestep'], best['block'])} {best['accuracy']:.2f}% ({test_images} test "
-               f"images, {len(bank_labels)} training images; features {extracted - started:.1f} s, "
-               f"k-NN {finished - extracted:.1f} s)")
+        print0(best_line(best, test_images, f"{len(bank_labels)} training images; features "
+                                            f"{extracted - started:.1f} s, k-NN {finished - extracted:.1f} s"))
         if heatmap:
             plot_accuracy_heatmap(table, timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
                                   title=f"{k}-NN test accuracy (%), {tag}")
@@ -205,9 +205,14 @@ def main(args):
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     image_size = cfg.network.image_shape[-1]
+    out_dir = os.path.join(cfg.save_dir, "knn")
+    check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
     train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
                                                       transform=test_transform(), image_size=image_size),
                                         args.max_images) for train in (True, False))
+    if args.k > len(train_set):
+        raise UserError(f"--k {args.k}: larger than the {len(train_set)} training images; pass --k "
+                        f"{len(train_set)} or less")
 
     device = init_distributed(args.device)
     try:
@@ -218,7 +223,7 @@ def main(args):
                f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
                f"{precision}")
         run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
-                out_dir=os.path.join(cfg.save_dir, "knn"),
+                out_dir=out_dir,
                 tag=knn_tag(checkpoint, timesteps, blocks, args.grid, args.k, args.temperature),
                 precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
                 num_workers=resolve_num_workers(args, cfg),

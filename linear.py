@@ -5,8 +5,10 @@
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
 trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18) at once, from one
-forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid). A
+forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid); the tag
+names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128), or is --tag. A
 probe that is stopped resumes from its last finished epoch when run again with the same arguments.
+--tensorboard also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
 from model.speed import add_speed_args, configure_backends
+from utils.atomic import check_writable
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
@@ -26,8 +29,11 @@ from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
-from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
-                         plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, to_device)
+from utils.progress import batches
+from utils.tensorboard import Board, add_tensorboard_arg, open_board
+from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
+                         format_accuracy_table, linear_tag, plot_accuracy_heatmap, prepare_frozen, probe_cells,
+                         save_json, to_device)
 
 
 def build_parser():
@@ -37,9 +43,13 @@ def build_parser():
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
                         help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
+    parser.add_argument("--tag", default=None,
+                        help="name of the result files in save_dir/linear (default: the checkpoint, the cells "
+                             "and the probe's settings, e.g. model_1999_grid_ep15_lr0.001_bs128)")
     add_data_args(parser)
     add_speed_args(parser)
     add_launcher_args(parser)
+    add_tensorboard_arg(parser)
     return parser
 
 
@@ -57,7 +67,7 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
     heads.train()
     loss_sum = torch.zeros(len(heads.cells), device=device)
     images_seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "probe training"):
         images, labels = to_device(images, labels, device)
         features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision)
         losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_cells,)
@@ -87,7 +97,7 @@ def _load_state(path, settings):
 
 
 def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
-              num_workers=0, heatmap=False, source=None):
+              num_workers=0, heatmap=False, source=None, board=None):
     """Train and test the linear heads of every (timestep, block) cell; resumable per epoch.
 
     Args:
@@ -102,11 +112,13 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         num_workers: data-loader workers per process.
         heatmap: also draw the accuracy table as a heatmap.
         source: the checkpoint the features come from, recorded in the JSON.
+        board: a ``utils.tensorboard.Board`` that also receives each epoch's numbers.
 
     Returns:
         the result dict written to ``{tag}.json``.
     """
     rank, world_size = get_rank(), get_world_size()
+    board = board or Board()
     n_epoch = cfg.linear.n_epoch
     torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
     heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes).to(device)
@@ -131,7 +143,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     if world_size > 1:
         model = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = build_loader(train_set, cfg.linear.batch_size, train=True, num_workers=num_workers,
-                                seed=cfg.seed, device=device)
+                                seed=cfg.seed, device=device, batch_flag="--set linear.batch_size=N")
     test_loader = build_loader(test_set, cfg.linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
     labels = heads.labels
@@ -150,6 +162,9 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         best = max(range(len(labels)), key=accuracy.__getitem__)
         print0(f"epoch {epoch + 1}/{n_epoch}  lr {lr:.2e}  loss {sum(train_loss) / len(labels):.4f}  "
                f"best {labels[best]} {accuracy[best]:.2f}%  ({int(totals[-1]) / seconds:.0f} train img/s)")
+        board.scalars({"loss": sum(train_loss) / len(labels), "lr": lr, "img_per_s": int(totals[-1]) / seconds,
+                       "best_accuracy": accuracy[best]}, epoch + 1, prefix="linear/")
+        board.scalars(dict(zip(labels, accuracy)), epoch + 1, prefix="accuracy/")
         rng = all_gather_object(capture_rng_state())
         if is_main():
             save_checkpoint({"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
@@ -162,8 +177,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
         print0(format_accuracy_table(result["accuracy"], timesteps, blocks))
         best = result["best"]
-        print0(f"best: t={best['timestep']} {best['block']} {best['accuracy']:.2f}% "
-               f"({test_images} test images)")
+        print0(best_line(best, test_images))
         if heatmap:
             plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
                                   title=f"linear probe test accuracy (%), {tag}")
@@ -186,6 +200,12 @@ def main(args):
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     num_workers = resolve_num_workers(args, cfg)
+    out_dir = os.path.join(cfg.save_dir, "linear")
+    check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
+    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, args.grid)
+    if os.sep in tag or (os.altsep and os.altsep in tag):
+        raise UserError(f"--tag {tag}: a file name, without folders; pass a plain name")
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"linear_{tag}"))
 
     device = init_distributed(args.device)
     try:
@@ -199,10 +219,10 @@ def main(args):
                                  image_size=image_size)
         print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
                f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
-        run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
-                  out_dir=os.path.join(cfg.save_dir, "linear"), tag=probe_tag(checkpoint, timesteps, blocks, args.grid),
-                  precision=precision, num_workers=num_workers, heatmap=args.grid, source=checkpoint)
+        run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,
+                  precision=precision, num_workers=num_workers, heatmap=args.grid, source=checkpoint, board=board)
     finally:
+        board.close()
         cleanup()
 
 

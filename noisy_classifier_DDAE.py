@@ -13,7 +13,9 @@ Writes to save_dir/noisy_DDAE_ep{epoch} (or noisy_DDAE_{checkpoint file name} fo
 noisy_accuracy.json and noisy_accuracy.png with the test accuracy at the 20 DDPM timesteps or
 the 18 EDM indices, log.jsonl and head.pth. When noisy_classifier_WRN.py results of the same mode
 are found in a folder next to save_dir (./output_WRN_{mode} by default), the comparison figure
-noisy_compare_{mode}.png is drawn next to save_dir too (see utils/noisy.py).
+noisy_compare_{mode}.png is drawn into the run folder too (see utils/noisy.py). --tensorboard also
+writes the loss and accuracy of every epoch and the final accuracy per level to
+save_dir/tb/noisy_DDAE_ep{epoch}/.
 """
 import argparse
 import os
@@ -38,8 +40,10 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_r
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import (EDM_STEPS, accuracy_per_level, add_max_images_arg, eval_levels, format_table,
-                         limit_images, publish_results)
+                         limit_images, log_levels, publish_results)
 from utils.probe import extract_features, prepare_frozen, to_device
+from utils.progress import batches
+from utils.tensorboard import add_tensorboard_arg, open_board
 
 
 class NoiseConditionalHead(nn.Module):
@@ -76,6 +80,7 @@ def parse_args(argv=None):
     add_amp_args(parser)
     add_speed_args(parser)
     add_launcher_args(parser)
+    add_tensorboard_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -97,7 +102,7 @@ def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, de
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "training"):
         images, labels = to_device(images, labels, device)
         levels = torch.randint(1, top_level + 1, (labels.shape[0],), device=device)  # (B,)
         features = extract_features(diffusion, images, levels, blockname, precision=precision)[blockname]
@@ -140,6 +145,7 @@ def run(cfg, args, checkpoint, device):
     precision = resolve_precision(args, device)
     linear, blockname = cfg.linear, cfg.linear.blockname
     out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
     if cfg.model_type == "DDPM" and cfg.diffusion.n_T < 20:
         raise UserError(f"{args.config}: key 'diffusion.n_T' is {cfg.diffusion.n_T}; the noisy classifier "
                         f"reports 20 timesteps and needs n_T >= 20")
@@ -155,7 +161,7 @@ def run(cfg, args, checkpoint, device):
                         f"{train_set.num_classes} classes; set classes: {train_set.num_classes}")
     num_workers = resolve_num_workers(args, cfg)
     train_loader = build_loader(train_set, linear.batch_size, train=True, num_workers=num_workers,
-                                seed=cfg.seed, device=device)
+                                seed=cfg.seed, device=device, batch_flag="--set linear.batch_size=N")
     test_loader = build_loader(test_set, linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
 
@@ -187,12 +193,16 @@ def run(cfg, args, checkpoint, device):
             logger.log(epoch=epoch, loss=loss, train_acc=train_acc, seconds=round(time.time() - started, 2))
         print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (random levels), "
                f"{time.time() - started:.1f} s")
+        board.scalars({"loss": loss, "train_accuracy": train_acc, "lr": scheduler.get_last_lr()[0]}, epoch + 1,
+                      prefix="noisy/")
     if logger is not None:
         logger.close()
 
     accuracies, n_test_images = evaluate(diffusion, head, test_loader, levels, blockname, device, precision)
     label = f"DDAE {config_name(args.config)} {run_tag(checkpoint)} {blockname}"
     print0(format_table(levels, accuracies, cfg.model_type, f"{label} + noise-conditional MLP: test accuracy"))
+    log_levels(board, levels, accuracies)
+    board.close()
     if is_main():
         save_checkpoint({"head": head.state_dict(), "feature_dim": feature_dim, "blockname": blockname,
                          "checkpoint": os.path.abspath(checkpoint)}, os.path.join(out_dir, "head.pth"))

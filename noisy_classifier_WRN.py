@@ -9,7 +9,9 @@ Writes to --save_dir (default ./output_WRN_{mode}): ckpts/model_{epoch}.pth afte
 (only the latest is kept), log.jsonl (one line per epoch), and after training the test accuracy
 at each noise level: noisy_accuracy.json and noisy_accuracy.png. When noisy_classifier_DDAE.py
 results of the same mode are found next to the save_dir, the comparison figure
-noisy_compare_{mode}.png is drawn there too (see utils/noisy.py).
+noisy_compare_{mode}.png is drawn into the save_dir too (see utils/noisy.py). --tensorboard also
+writes the loss, accuracy and learning rate of every epoch and the final accuracy per level to
+save_dir/tb/.
 
 The learning rate warms up linearly and then follows a cosine, updated every optimizer step.
 --lr and --batch_size are per process and are not scaled by the number of processes.
@@ -29,14 +31,16 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader, epoch_seed,
-                        probe_train_transform, set_loader_epoch, test_transform)
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
+                        default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
-                         lr_factor, publish_results)
+                         log_levels, lr_factor, publish_results)
+from utils.progress import batches
+from utils.tensorboard import add_tensorboard_arg, open_board
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
 RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
@@ -63,10 +67,12 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in save_dir/ckpts (start fresh if none)")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--num_workers", type=int, default=4, help="data-loader processes per process")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader processes per loader (default: chosen from the CPUs this process may use)")
     add_max_images_arg(parser)
     add_amp_args(parser)
     add_launcher_args(parser)
+    add_tensorboard_arg(parser)
     args = parser.parse_args(argv)
     if args.save_dir is None:
         args.save_dir = f"./output_WRN_{args.mode}"
@@ -83,7 +89,9 @@ def check_args(args):
         raise UserError(f"--warm_epochs {args.warm_epochs}: must be in 0..--epochs ({args.epochs})")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
-    if args.num_workers < 0:
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    elif args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
 
 
@@ -142,7 +150,7 @@ def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for images, labels in loader:
+    for images, labels in batches(loader, "training"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         for group in optimizer.param_groups:
@@ -174,11 +182,12 @@ def evaluate(model, loader, noiser, device, precision):
     return accuracy_per_level(classify, loader, noiser.levels, device)
 
 
-def report(args, levels, accuracies, n_test_images, noiser):
+def report(args, levels, accuracies, n_test_images, noiser, board):
     """Print the table, write the result file and its plot, and the comparison figure if possible."""
     label = wrn_label(args)
     print0(format_table(levels, accuracies, args.mode,
                         f"{label} trained on noised images ({args.mode}): test accuracy"))
+    log_levels(board, levels, accuracies)
     if not is_main():
         return
     extra = {"sigmas": [noiser.sigmas[level].item() for level in levels]} if args.mode == "EDM" else {}
@@ -206,7 +215,7 @@ def run(args, device):
     test_set = limit_images(build_dataset(args.dataset, args.data_root, False, test_transform(),
                                           image_size=args.image_size), args.max_images)
     train_loader = build_loader(train_set, args.batch_size, train=True, num_workers=args.num_workers,
-                                seed=args.seed, device=device)
+                                seed=args.seed, device=device, batch_flag="--batch_size")
     test_loader = build_loader(test_set, args.batch_size, train=False, num_workers=args.num_workers,
                                seed=args.seed, device=device)
 
@@ -231,6 +240,7 @@ def run(args, device):
         return args.lr * lr_factor(index, total_steps, warm_steps)
 
     logger = JsonlLogger(os.path.join(args.save_dir, "log.jsonl")) if is_main() else None
+    board = open_board(args.tensorboard, os.path.join(args.save_dir, "tb"))
     print0(f"{wrn_label(args)} ({sum(p.numel() for p in model.parameters()):,} parameters), {args.mode}, "
            f"{len(train_set)} training images, {world_size} process(es), {precision}")
     for epoch in range(start_epoch, args.epochs):
@@ -249,12 +259,15 @@ def run(args, device):
         barrier()
         print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (noised), "
                f"{time.time() - started:.1f} s")
+        board.scalars({"loss": loss, "train_accuracy": train_acc, "lr": lr_at_step(step - 1)}, epoch + 1,
+                      prefix="noisy/")
     if logger is not None:
         logger.close()
 
     torch.manual_seed(args.seed + rank)
     accuracies, n_test_images = evaluate(model, test_loader, noiser, device, precision)
-    report(args, noiser.levels, accuracies, n_test_images, noiser)
+    report(args, noiser.levels, accuracies, n_test_images, noiser, board)
+    board.close()
 
 
 if __name__ == "__main__":

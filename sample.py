@@ -2,12 +2,14 @@
 
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999               # DDIM, 100 steps
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --mode DDPM   # ancestral, n_T steps
+    python sample.py --config config/DDPM_ddpm.yaml --epoch 1999 --mode DDPM --steps 100 # ancestral, respaced
     torchrun --standalone --nproc_per_node=8 sample.py --config config/EDM_ddpm.yaml --precision bf16 \\
         --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
 
-The images go to save_dir/EMAgenerated_ep{E}_ddim_steps{S}_eta{H} (DDIM), ..._ep{E}_ddpm (ancestral)
-or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every image and ``grid_{b}.png`` for
-every 400 of them (20 per row), so ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
+The images go to save_dir/EMAgenerated_ep{E}_ddim_steps{S}_eta{H} (DDIM), ..._ep{E}_ddpm (ancestral;
+..._ddpm_steps{S} respaced to S steps) or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every
+image and ``grid_{b}.png`` for every 400 of them (20 per row), so
+``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
 
 Image i depends only on (--seed, i): its starting noise and every later noise come from its own
 generator (model.noise.PerImageNoise), so the files are the same on 1 or N processes (and, up to
@@ -26,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
@@ -39,6 +40,7 @@ from utils.distributed import (add_launcher_args, all_gather_object, barrier, cl
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
+from utils.progress import progress as progress_bar
 
 IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
 GRID_NROW = 20
@@ -47,6 +49,8 @@ SETTINGS_FILE = "sampling.json"
 IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
+FID_SAMPLES = 50_000    # the default count for the real datasets: the FID protocol's number
+FID_DATASETS = ("cifar", "cifar10", "cifar100", "tinyimagenet")
 
 
 def build_parser():
@@ -57,10 +61,15 @@ def build_parser():
     add_launcher_args(parser)
     parser.add_argument("--mode", choices=("DDIM", "DDPM"), default="DDIM",
                         help="DDPM configs: DDIM sampler or ancestral DDPM sampler (n_T steps); EDM uses Heun")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: DDIM 100, EDM 18)")
-    parser.add_argument("--eta", type=float, default=0.0, help="stochasticity: DDIM eta or EDM churn, 0 to 1")
-    parser.add_argument("--batches", type=int, default=125, help=f"number of {IMAGES_PER_GRID}-image batches")
-    parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (default batches x 400)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: DDIM 100, EDM 18, ancestral n_T; fewer ancestral steps are "
+                             "respaced as in improved-diffusion)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="stochasticity: DDIM eta or EDM churn, 0 to 1 (default 0; not for --mode DDPM)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help=f"number of {IMAGES_PER_GRID}-image batches (default: {FID_SAMPLES:,} images for "
+                             f"{', '.join(FID_DATASETS)}, else one batch)")
+    parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (overrides --batches)")
     parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
     parser.add_argument("--batch_size", type=int, default=IMAGES_PER_GRID,
                         help="images per forward pass and process (larger is faster on big GPUs)")
@@ -90,11 +99,39 @@ def sampler_settings(cfg, mode, steps, eta):
         steps = 100 if steps is None else steps
         if not 1 <= steps <= cfg.diffusion.n_T:
             raise UserError(f"--steps {steps}: DDIM takes 1 to n_T = {cfg.diffusion.n_T} steps")
-    else:
-        return {"mode": "DDPM", "steps": None, "eta": None}  # ancestral: always n_T steps, full noise
+    else:  # ancestral: full noise at every step; n_T steps, or --steps respaced ones
+        if eta is not None:
+            raise UserError(f"--eta {eta}: the ancestral sampler (--mode DDPM) always draws full noise; drop --eta, "
+                            f"or use --mode DDIM --eta {eta}")
+        if steps is not None and not 2 <= steps <= cfg.diffusion.n_T:
+            raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {cfg.diffusion.n_T} "
+                            f"steps (or drop --steps for all n_T)")
+        return {"mode": "DDPM", "steps": steps, "eta": None}
+    eta = 0.0 if eta is None else eta
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
     return {"mode": mode, "steps": steps, "eta": float(eta)}
+
+
+def sample_count(args, cfg):
+    """The number of images to make: --n_samples, else --batches x 400, else the FID protocol's 50,000
+    for the real datasets and one batch of 400 for the others (the synthetic demo, image folders)."""
+    if args.n_samples is not None:
+        if args.n_samples < 1:
+            raise UserError(f"--n_samples {args.n_samples}: pass a positive number of images")
+        return args.n_samples
+    if args.batches is not None:
+        if args.batches < 1:
+            raise UserError(f"--batches {args.batches}: pass a positive number of {IMAGES_PER_GRID}-image batches")
+        return args.batches * IMAGES_PER_GRID
+    return FID_SAMPLES if cfg.dataset in FID_DATASETS else IMAGES_PER_GRID
+
+
+def describe_sampler(sampler, n_T=None):
+    """The sampler in words for the log, e.g. "DDIM, 100 steps, eta 0.0" or "DDPM ancestral, 1000 steps"."""
+    if sampler["mode"] == "DDPM":
+        return f"DDPM ancestral, {sampler['steps'] or n_T} steps" + (" respaced" if sampler["steps"] else "")
+    return f"{sampler['mode']}, {sampler['steps']} steps, eta {sampler['eta']}"
 
 
 def epoch_label(checkpoint_path):
@@ -107,7 +144,7 @@ def epoch_label(checkpoint_path):
 def folder_name(label, sampler):
     """The original's folder name, e.g. EMAgenerated_ep400_ddim_steps100_eta0.0 (eta as Python prints it)."""
     if sampler["mode"] == "DDPM":
-        return f"EMAgenerated_{label}_ddpm"
+        return f"EMAgenerated_{label}_ddpm" + (f"_steps{sampler['steps']}" if sampler["steps"] else "")
     return f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
 
 
@@ -241,7 +278,7 @@ def draw_images(diffusion, sampler, noise, n, image_shape):
     if sampler["mode"] == "EDM":
         return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], noise=noise)
     if sampler["mode"] == "DDPM":
-        return diffusion.sample(n, image_shape, mode="DDPM", noise=noise)
+        return diffusion.sample(n, image_shape, steps=sampler["steps"], mode="DDPM", noise=noise)
     return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], mode="DDIM", noise=noise)
 
 
@@ -258,7 +295,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
         precision: "fp32", "fp16" or "bf16" (autocast).
         n_samples: images in the whole run (decides the grids).
         total: images made by all processes, for the progress bar (default: this process's).
-        progress: show a tqdm bar with images/s and the time left.
+        progress: show images/s and the time left (a bar on a terminal, plain lines in a log file).
         pad_to: sample a shorter batch (the run's last) at this size and drop the extra images, so a
             compiled network sees one shape only: no second compilation or CUDA graph at the end.
             The extra images have seeds of their own, so the kept ones are unchanged.
@@ -273,7 +310,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
     share = total / max(mine, 1)  # this process's batches stand for the others' in the bar
     pending = []
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
-            tqdm(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
+            progress_bar(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
         for batch in batches:
             padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
             noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
@@ -331,9 +368,7 @@ def main(args):
 def run(args, device):
     cfg = load_config(args.config, args.set)
     sampler = sampler_settings(cfg, args.mode, args.steps, args.eta)
-    n_samples = args.batches * IMAGES_PER_GRID if args.n_samples is None else args.n_samples
-    if n_samples < 1:
-        raise UserError(f"--n_samples {n_samples} (or --batches {args.batches}): pass a positive number of images")
+    n_samples = sample_count(args, cfg)
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: pass a positive number of images per forward pass")
     if args.seed < 0:
@@ -366,8 +401,9 @@ def run(args, device):
     missing = plan["missing"]
     rank, world_size = get_rank(), get_world_size()
     batches = split_batches(missing, args.batch_size, rank, world_size)
-    print0(f"sampling {len(missing)} of {n_samples} images ({sampler['mode']}, steps {sampler['steps']}, "
-           f"eta {sampler['eta']}, {precision}) on {world_size} x {device.type} into {out_dir}")
+    described = describe_sampler(sampler, getattr(cfg.diffusion, "n_T", None))
+    print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}) on {world_size} x "
+           f"{device.type} into {out_dir}")
 
     prepare_network(diffusion, args.compile, args.channels_last)
     start = time.perf_counter()

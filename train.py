@@ -9,7 +9,9 @@
 
 The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png, and at
 every epoch ep divisible by ckpt_interval (0, 100, ...) and at the last epoch visual/image_ep{ep}_ema.png
-(samples above real images) and ckpts/model_{ep}.pth.
+(samples above real images) and ckpts/model_{ep}.pth; with --tensorboard, tb/train/ gets the same
+numbers and the grids. On a terminal each epoch shows a tqdm bar; in a log file (stderr not a terminal)
+it is one plain line per epoch with the time left, a line per checkpoint and a summary at the end.
 """
 import argparse
 import os
@@ -25,14 +27,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
 from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
 from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
                               list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
 from utils.config import add_config_args, load_config, save_config
@@ -43,6 +44,8 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
+from utils.progress import format_duration, is_interactive, progress
+from utils.tensorboard import add_tensorboard_arg, open_board
 
 CLIP_NORM = 1.0
 SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # DDIM steps / Heun steps of the sample grids
@@ -84,6 +87,7 @@ def build_parser():
     parser.add_argument("--max_steps", type=int, default=None, metavar="N",
                         help="stop after N optimizer steps (benchmarks, tests); an epoch cut short is "
                              "logged but not checkpointed")
+    add_tensorboard_arg(parser)
     return parser
 
 
@@ -318,8 +322,9 @@ def train_one_epoch(state, epoch, max_steps=None):
     world_size = get_world_size()
     if state.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(state.device)
-    progress = tqdm(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
-                    disable=not is_main(), dynamic_ncols=True)
+    # A bar on a terminal; in a log file only a line every few minutes, the epoch's line comes after it.
+    bar = progress(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
+                   disable=not is_main(), every_percent=None, final_line=False, dynamic_ncols=True)
     loss_sum = torch.zeros((), device=state.device)
     recent_loss = torch.zeros((), device=state.device)
     steps = images_seen = 0
@@ -332,10 +337,10 @@ def train_one_epoch(state, epoch, max_steps=None):
         recent_loss += loss
         steps += 1
         images_seen += images.shape[0] * world_size  # shards are padded to equal length
-        progress.update()
-        if steps % PROGRESS_EVERY == 0 and not progress.disable:
+        bar.update()
+        if steps % PROGRESS_EVERY == 0 and not bar.disable:
             rate = images_seen / (time.perf_counter() - start)
-            progress.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
             recent_loss.zero_()
     # The epoch's one collective: loss sums and step counts of every rank.
     loss_total, step_total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(steps))])).tolist()
@@ -351,8 +356,8 @@ def train_one_epoch(state, epoch, max_steps=None):
         "seconds": round(seconds, 2),
     }
     if steps:
-        progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-    progress.close()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+    bar.close()
     return record
 
 
@@ -499,19 +504,6 @@ def restore_training(state, checkpoint, path):
                   f"processes); it continues from seed {state.cfg.seed + rank}", flush=True)
 
 
-def check_writable(folder):
-    """Fail early, before any work, when ``folder`` cannot be created or written."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"save_dir {folder}: {existing} is a file, not a folder; choose another "
-                        f"folder with --set save_dir=DIR")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"save_dir {folder}: {existing} is not writable; choose another folder with "
-                        f"--set save_dir=DIR")
-
-
 def start_run_folder(state):
     """Create save_dir, write config.yaml, and open log.jsonl keeping only the epochs before ``state.epoch``."""
     cfg = state.cfg
@@ -531,13 +523,24 @@ def start_run_folder(state):
     return JsonlLogger(log_path)
 
 
-def end_of_interval(state, epoch, logger):
+def epoch_line(record, n_epoch, seconds_left):
+    """The plain status line of a finished epoch, for logs that are files."""
+    loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    return (f"epoch {record['epoch']}/{n_epoch}  step {record['step']}  loss {loss}  lr {record['lr']:.2e}  "
+            f"{record['img_per_s']:.0f} img/s  peak {record['peak_mem_gib']:.2f} GiB  {record['seconds']:.1f} s  "
+            f"{format_duration(seconds_left)} left")
+
+
+def end_of_interval(state, epoch, logger, board):
     """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve."""
     cfg = state.cfg
     if cfg.save_model:
-        save_training_checkpoint(state, epoch)
+        path = save_training_checkpoint(state, epoch)
+        print0(f"checkpoint {path} (epoch {epoch}, step {state.step})")
     if is_main():
-        save_sample_grid(state, epoch)
+        grid = save_sample_grid(state, epoch)
+        print0(f"sample grid {grid}")
+        board.image_file("samples_ema", grid, state.step)
         plot_curves(read_jsonl(logger.path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
                     title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
 
@@ -552,7 +555,8 @@ def train(cfg, args):
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    check_writable(cfg.save_dir)
+    check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)
     if checkpoint is not None:
         restore_training(state, checkpoint, resume_path)
@@ -562,9 +566,11 @@ def train(cfg, args):
                             f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
         print0(f"resuming from {resume_path}: epoch {state.epoch}, step {state.step}")
     logger = start_run_folder(state) if is_main() else None
+    plain = not is_interactive()
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch "
            f"({describe_last_batch(state.data)}), lr {state.base_lr:g}, {state.precision}")
+    first_epoch, started, record = state.epoch, time.perf_counter(), None
     try:
         for epoch in range(state.epoch, cfg.n_epoch):
             if args.max_steps is not None and state.step >= args.max_steps:
@@ -572,14 +578,23 @@ def train(cfg, args):
             record = train_one_epoch(state, epoch, args.max_steps)
             if logger is not None:
                 logger.log(record)
+            board.scalars({key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")},
+                          record["step"], prefix="train/")
+            if plain:  # the time left counts the checkpoints and grids of the epochs so far
+                per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
+                print0(epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1)))
             if record["steps"] < len(state.data):
                 break  # cut short by --max_steps
             state.epoch = epoch + 1
             if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
-                end_of_interval(state, epoch, logger)
+                end_of_interval(state, epoch, logger, board)
     finally:
+        board.close()
         if logger is not None:
             logger.close()
+    loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
+    print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss {loss}, "
+           f"{format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
     return state
 
 

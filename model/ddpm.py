@@ -4,6 +4,8 @@
     loss = diffusion(x0)                          # x0 in [0, 1]
     feats = diffusion.get_feature(x0, t=11)       # {"out_1": (B, C), ...}
     images = diffusion.sample(16, (3, 32, 32))    # DDIM, 100 steps, in [0, 1]
+    images = diffusion.sample(16, (3, 32, 32), mode="DDPM")             # ancestral, n_T steps
+    images = diffusion.sample(16, (3, 32, 32), mode="DDPM", steps=50)   # ancestral over 50 respaced steps
 """
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,18 @@ def make_schedule(beta1, beta2, T, leading_zero):
         "sqrtmab": sqrtmab,
         "ma_over_sqrtmab": (1 - alpha) / sqrtmab,
     }
+
+
+def respaced_timesteps(n_T, steps):
+    """``steps`` timesteps of 1..n_T evenly spaced from 1 to n_T, rounded as improved-diffusion's
+    ``space_timesteps`` rounds them (its 0-based index i is our timestep i + 1), ascending."""
+    if not 2 <= steps <= n_T:
+        raise ValueError(f"respaced ancestral sampling takes 2 to n_T = {n_T} steps, got {steps}")
+    stride, index, taken = (n_T - 1) / (steps - 1), 0.0, set()
+    for _ in range(steps):  # accumulated as there, so the rounding matches
+        taken.add(1 + round(index))
+        index += stride
+    return sorted(taken)
 
 
 def requested_blocks(nn_model, name):
@@ -176,15 +190,16 @@ class DDPM(nn.Module):
         return self.nn_model(x, t_input).to(x.dtype)
 
     @torch.no_grad()
-    def sample(self, n_sample=None, size=None, x_T=None, steps=100, eta=0.0, mode="DDIM", noise=None):
+    def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None):
         """Generate images with the DDIM sampler or the ancestral DDPM sampler.
 
         Args:
             n_sample: number of images (ignored when ``x_T`` is given).
             size: (C, H, W) of one image (ignored when ``x_T`` is given).
             x_T: (B, C, H, W) starting noise; drawn from ``noise`` when None.
-            steps: DDIM steps (mode "DDIM"); the ancestral sampler always takes n_T steps.
-            eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
+            steps: DDIM steps (mode "DDIM", default 100); for mode "DDPM", None runs the original's
+                n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``).
+            eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like); unused by mode "DDPM".
             mode: "DDIM" or "DDPM" (ancestral).
             noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
                 per-step noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
@@ -197,7 +212,12 @@ class DDPM(nn.Module):
         device = self.ddpm_sqrtab.device
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
-        x = self._ddim_loop(x, steps, eta, noise) if mode == "DDIM" else self._ancestral_loop(x, noise)
+        if mode == "DDIM":
+            x = self._ddim_loop(x, 100 if steps is None else steps, eta, noise)
+        elif steps is None:
+            x = self._ancestral_loop(x, noise)
+        else:
+            x = self._respaced_loop(x, steps, noise)
         return (x + 1) / 2
 
     def _ddim_loop(self, x, steps, eta, noise):
@@ -228,4 +248,19 @@ class DDPM(nn.Module):
             x = schedule["oneover_sqrta"][i] * (x - schedule["ma_over_sqrtmab"][i] * eps)
             if i > 1:
                 x = x + schedule["sqrt_beta_t"][i] * noise(x.shape[1:])
+        return x
+
+    def _respaced_loop(self, x, steps, noise):
+        """Ancestral sampling over ``respaced_timesteps(n_T, steps)``, as improved-diffusion's respacing
+        does: between consecutive kept timesteps s < t the step uses alpha = alphabar_t / alphabar_s and
+        beta = 1 - alpha in the original's update (clipped x0, variance beta); no noise at the last step.
+        With steps = n_T this is ``_ancestral_loop`` up to float rounding."""
+        alphabar, sqrtab, sqrtmab = self.ddpm_alphabar_t, self.ddpm_sqrtab, self.ddpm_sqrtmab
+        times = respaced_timesteps(self.n_T, steps)
+        for t, s in zip(times[::-1], ([0] + times[:-1])[::-1]):
+            _, eps = _clipped_prediction(x, self._eps(x, t), sqrtab[t], sqrtmab[t])
+            alpha = alphabar[t] / alphabar[s]
+            x = (x - (1 - alpha) / sqrtmab[t] * eps) / torch.sqrt(alpha)
+            if s > 0:
+                x = x + torch.sqrt(1 - alpha) * noise(x.shape[1:])
         return x

@@ -1,5 +1,6 @@
 """The one registry from config names to classes, and the one loader every script uses."""
 import contextlib
+import os
 
 import torch
 
@@ -62,8 +63,28 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
     if extra:
         raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
                         "network than the config describes (check --config)")
+    check_schedule(diffusion, checkpoint, path)
     diffusion.load_state_dict(state, strict=True)
     return diffusion
+
+
+def _plain(value):
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+
+
+def check_schedule(diffusion, checkpoint, path):
+    """Refuse a diffusion section (n_T, betas, sigmas ...) other than the one the checkpoint was trained
+    with: the weights fit, but the schedule they learnt would silently change (e.g. --set diffusion.n_T=100
+    on a 1000-step model). Checkpoints without a config (the original code's) are not checked."""
+    saved = (checkpoint.get("config") or {}).get("diffusion") or {}
+    for key, trained in saved.items():
+        current = getattr(diffusion, key, None)
+        if current is None or isinstance(trained, (str, bool, dict)):
+            continue
+        if _plain(current) != _plain(trained):
+            raise UserError(f"{path} was trained with diffusion.{key} = {trained}, but the config gives "
+                            f"{current}; the model only knows its training schedule: drop the --set "
+                            f"diffusion.{key} override, or use that run's config")
 
 
 def load_diffusion(cfg, path, weights="ema", device="cpu"):
@@ -83,6 +104,9 @@ def add_checkpoint_args(parser):
 def checkpoint_from_args(cfg, args):
     """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch``."""
     if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or drop "
+                            f"--ckpt to read save_dir/ckpts/model_{{epoch}}.pth by --epoch")
         return args.ckpt
     return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
 

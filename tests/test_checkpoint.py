@@ -85,10 +85,12 @@ def test_bad_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match=f"{truncated} is not a readable PyTorch checkpoint.*truncated"):
         load_checkpoint(truncated)
 
-    text = tmp_path / "notes.pth"
-    text.write_text("hello\n")
-    with pytest.raises(UserError, match=f"{text} is not a readable PyTorch checkpoint"):
+    text = tmp_path / "README.md"  # not damaged, just not a checkpoint: no advice to delete it
+    text.write_text("# hello\n")
+    with pytest.raises(UserError) as error:
         load_checkpoint(text)
+    assert str(error.value) == (f"{text} is not a PyTorch checkpoint (torch.save writes a zip or pickle file); "
+                                f"pass a model_{{epoch}}.pth written by train.py")
 
     listing = tmp_path / "list.pth"
     torch.save([1, 2], listing)

@@ -102,7 +102,7 @@ def test_missing_sections_take_defaults(tmp_path):
     cfg = load_config(path)
     assert cfg.diffusion == EDMConfig()
     assert cfg.save_dir == "./output_small" and config_name(path) == "small"
-    assert (cfg.num_workers, cfg.ckpt_interval, cfg.seed) == (4, 100, 1337)
+    assert (cfg.num_workers, cfg.ckpt_interval, cfg.seed) == (-1, 100, 1337)  # -1: workers from the CPUs
     assert Config(model_type="DDPM", network=cfg.network, batch_size=8, n_epoch=1, lrate=1e-4, warm_epoch=1,
                   ema=0.99, save_dir="x", linear=cfg.linear).diffusion == DDPMConfig()
 

@@ -1,4 +1,5 @@
 """Datasets, transforms and loaders: the synthetic set, folder trees, offline CIFAR, eval sharding."""
+import argparse
 import os
 import urllib.error
 
@@ -8,8 +9,8 @@ from PIL import Image
 from torchvision.datasets import utils as download_utils
 
 from utils.data import (SHAPES, EvalShardSampler, SyntheticImages, add_data_args, build_dataset,
-                        build_loader, probe_train_transform, set_loader_epoch, shard_indices,
-                        train_transform)
+                        build_loader, default_num_workers, probe_train_transform, resolve_num_workers,
+                        set_loader_epoch, shard_indices, train_transform)
 from utils.data import test_transform as eval_transform  # the test_ prefix would make it a test
 from utils.errors import UserError
 
@@ -208,3 +209,26 @@ def test_add_data_args_default():
     parser = add_data_args(argparse.ArgumentParser())
     assert parser.parse_args([]).data_root == "./data"
     assert parser.parse_args(["--data_root", "/x"]).data_root == "/x"
+
+
+def test_default_num_workers_follow_this_processs_share_of_the_cpus(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_num_workers() == 1  # two cores: the process and one worker, no "may freeze" warning
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers() == 4  # at most the original's 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun --nproc_per_node=8 on those 64 cores: 8 each
+    assert default_num_workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_num_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert default_num_workers() == 0
+
+    class Cfg:
+        num_workers = -1
+
+    parser = add_data_args(argparse.ArgumentParser())
+    assert resolve_num_workers(parser.parse_args([]), Cfg) == 0  # the config's default: from the CPUs
+    Cfg.num_workers = 3
+    assert resolve_num_workers(parser.parse_args([]), Cfg) == 3  # the config key overrides
+    assert resolve_num_workers(parser.parse_args(["--num_workers", "2"]), Cfg) == 2  # and the flag overrides both

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.ddpm import DDPM, SCHEDULE_KEYS, make_schedule
+from model.ddpm import DDPM, SCHEDULE_KEYS, make_schedule, respaced_timesteps
 from model.noise import PerImageNoise
 from model.unet import UNet
 
@@ -204,6 +204,44 @@ def test_ddim_with_a_step_count_that_does_not_divide_n_T(golden, ddpm):
     with torch.no_grad():
         expected = reference_ddim(ddpm.nn_model, golden["ddim_schedule"], ddpm.n_T, x_T, times, 0.5, noises)
     torch.testing.assert_close(out, expected, rtol=0, atol=SAMPLER_ATOL)
+
+
+def test_respaced_ancestral_sampling(golden, net):
+    case = golden["ancestral_nT20"]
+    ddpm20 = DDPM(net, betas=golden["diffusion"]["betas"], n_T=case["n_T"]).eval()
+    # all n_T steps respaced are the original's ancestral sampler (the golden case) up to float rounding
+    replayed = Replay(case["noises"][:-1])
+    full = ddpm20.sample(x_T=case["x_T"], mode="DDPM", steps=case["n_T"], noise=replayed)
+    replayed.assert_all_used()
+    torch.testing.assert_close(full, case["out"], rtol=RTOL, atol=1e-4)
+    # improved-diffusion's spacing: both ends kept, evenly spaced, rounded
+    assert respaced_timesteps(20, 5) == [1, 6, 11, 15, 20] and respaced_timesteps(1000, 50)[:3] == [1, 21, 42]
+    assert len(respaced_timesteps(1000, 50)) == 50 and respaced_timesteps(1000, 50)[-1] == 1000
+    calls = []
+    ddpm20.nn_model.register_forward_hook(lambda module, inputs, output: calls.append(round(inputs[1][0].item() * 20)))
+    noises = []
+
+    def recorded(shape):
+        noises.append(torch.randn(case["x_T"].shape[0], *shape, generator=generator))
+        return noises[-1]
+
+    generator = torch.Generator().manual_seed(0)
+    x_T = case["x_T"]
+    out = ddpm20.sample(x_T=x_T, mode="DDPM", steps=5, noise=recorded)
+    assert calls == [20, 15, 11, 6, 1] and len(noises) == 4  # no noise after the last step
+    # the same update written out with the schedule's products: alpha = alphabar_t / alphabar_s
+    alphabar = ddpm20.ddpm_alphabar_t.double()
+    x = x_T.double()
+    with torch.no_grad():
+        for index, (t, s) in enumerate(zip([20, 15, 11, 6, 1], [15, 11, 6, 1, 0])):
+            eps = net(x.float(), torch.full((x.shape[0],), t / 20)).double()
+            x0 = ((x - (1 - alphabar[t]).sqrt() * eps) / alphabar[t].sqrt()).clamp(-1, 1)
+            eps = (x - alphabar[t].sqrt() * x0) / (1 - alphabar[t]).sqrt()
+            alpha = alphabar[t] / alphabar[s]
+            x = (x - (1 - alpha) / (1 - alphabar[t]).sqrt() * eps) / alpha.sqrt()
+            if s > 0:
+                x = x + (1 - alpha).sqrt() * noises[index].double()
+    torch.testing.assert_close(out, ((x + 1) / 2).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_per_image_noise_makes_images_independent_of_the_batch(ddpm):

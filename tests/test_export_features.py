@@ -73,6 +73,7 @@ def test_image_folder_export_keeps_names_and_folder_labels(tmp_path, tiny_run):
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "cats" / "indoor" / "b.PNG")
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "cats" / "a.png")
     (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "grid_0.png")  # sample.py's
     run_cli(tmp_path, checkpoint, "--images", str(folder), "--blocks", "all")
 
     out = tmp_path / "run" / "features" / "model_7_t11_photos"
@@ -88,7 +89,9 @@ def test_image_folder_export_keeps_names_and_folder_labels(tmp_path, tiny_run):
 
 @pytest.mark.parametrize("extra, message", [
     (["--blocks", "out_9"], "--blocks out_9: this network has blocks out_1 .. out_4"),
-    (["--timestep", "5000"], "linear.timestep' must be at most diffusion.n_T (1000)"),
+    (["--timestep", "5000"], "linear.timestep' must be at most diffusion.n_T (1000), got 5000 (from --timestep 5000)"),
+    (["--timestep", "-3"], "must be 0 or positive, got -3 (from --timestep -3)"),
+    (["--out", str(REPO / "README.md")], "README.md is a file, not a folder; pass --out with a writable folder"),
     (["--images", "nowhere"], "--images nowhere: folder not found"),
     (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
 ])

@@ -55,10 +55,12 @@ def folders(tmp_path_factory):
     return root
 
 
-def run_fid(ref, gen, extractor=None, **options):
+def run_fid(ref, gen, extractor=False, **options):
+    """compute_fid with a fresh RandomFeatures (or ``extractor``; None builds pytorch-fid's Inception)."""
     options.setdefault("num_workers", 0)
     return fid.compute_fid(str(ref), gen if isinstance(gen, list) else str(gen),
-                           feature_extractor=extractor or RandomFeatures(), progress=False, **options)
+                           feature_extractor=RandomFeatures() if extractor is False else extractor, progress=False,
+                           **options)
 
 
 def test_value_equals_pytorch_fid_on_the_same_folders(folders, tmp_path, monkeypatch, capsys):
@@ -99,7 +101,7 @@ def test_identical_folders_give_zero(folders, tmp_path):
     assert not os.path.exists(str(folders / "ref") + ".fid_stats.npz")  # '' turns caching off
 
 
-def test_reference_statistics_are_computed_once(folders, tmp_path):
+def test_reference_statistics_are_computed_once(folders, tmp_path, capsys):
     ref = tmp_path / "ref"
     shutil.copytree(folders / "ref", ref)
     extractor = RandomFeatures()
@@ -111,9 +113,57 @@ def test_reference_statistics_are_computed_once(folders, tmp_path):
         assert str(stats["features"]) == "random test network"
     assert run_fid(ref, folders / "gen", extractor) == first
     assert extractor.images_seen == 24 + 20 + 20  # only the generated images again
+    assert "stale" not in capsys.readouterr().out
     shutil.copy(ref / "0.png", ref / "24.png")  # the reference changed: the cache no longer fits
-    with pytest.raises(UserError, match=r"does not match the reference: n_images 24 \(now 25\)"):
-        run_fid(ref, folders / "gen", extractor)
+    value = run_fid(ref, folders / "gen", extractor)
+    assert extractor.images_seen == 24 + 20 + 20 + 25 + 20  # recomputed
+    assert "is stale: the image count changed (24, now 25); the reference images changed; recomputing" \
+        in capsys.readouterr().out
+    assert value == run_fid(ref, folders / "gen", ref_cache="")
+
+
+def test_same_count_of_replaced_images_recomputes(folders, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    shutil.copytree(folders / "ref", ref)
+    first = run_fid(ref, folders / "gen")
+    shutil.copy(folders / "gen" / "3.png", ref / "3.png")  # another image under the same name: still 24 files
+    extractor = RandomFeatures()
+    value = run_fid(ref, folders / "gen", extractor)
+    out = capsys.readouterr().out
+    assert f"FID cache {ref}.fid_stats.npz is stale: the reference images changed; recomputing" in out
+    assert extractor.images_seen == 24 + 20 and value != first
+    assert value == run_fid(ref, folders / "gen", ref_cache="")  # what a fresh computation gives
+    with np.load(str(ref) + ".fid_stats.npz") as stats:  # the cache now holds the new images' fingerprint
+        assert str(stats["files"]) == fid.files_fingerprint(fid.list_images(ref))
+
+
+def test_changed_inception_weights_recompute(folders, tmp_path, monkeypatch, capsys):
+    weights_folder = tmp_path / "hub"
+    weights_folder.mkdir()
+    weights = weights_folder / fid.INCEPTION_WEIGHTS
+    weights.write_bytes(b"first weights")
+    monkeypatch.setattr(fid, "inception_weights_folder", lambda: str(weights_folder))
+    extractor = RandomFeatures()
+    extractor.fid_tag = fid.InceptionPool3.fid_tag
+    monkeypatch.setattr(fid, "load_inception", lambda device: extractor)  # built on first use, as Inception
+    cache = str(tmp_path / "ref.npz")
+    run_fid(folders / "ref", folders / "gen", None, ref_cache=cache)
+    run_fid(folders / "ref", folders / "gen", None, ref_cache=cache)
+    assert extractor.images_seen == 24 + 20 + 20  # the cache served the second run
+    weights.write_bytes(b"other weights, other size")
+    run_fid(folders / "ref", folders / "gen", None, ref_cache=cache)
+    assert extractor.images_seen == 24 + 20 + 20 + 24 + 20
+    out = capsys.readouterr().out
+    assert f"FID cache {cache} is stale: the Inception weights changed; recomputing" in out
+    with np.load(cache) as stats:
+        assert str(stats["weights"]) == f"{fid.INCEPTION_WEIGHTS}:25:{os.stat(weights).st_mtime_ns}"
+
+
+def test_generated_path_is_checked_before_the_reference_statistics(folders, tmp_path):
+    extractor = RandomFeatures()
+    with pytest.raises(UserError, match=r"generated images .*/gen_typo: not a folder or an .npz; pass the pngs/"):
+        run_fid(folders / "ref", tmp_path / "gen_typo", extractor, ref_cache=str(tmp_path / "ref.npz"))
+    assert extractor.images_seen == 0 and not (tmp_path / "ref.npz").exists()
 
 
 def test_dataset_reference_equals_its_png_folder(folders, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+from tests.test_tensorboard import read_scalars
 from model.blocks import Upsample
 from model.models import load_diffusion
 from tests.launch import REPO, run_two_processes
@@ -154,7 +155,7 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
 def cli_argv(tmp_path, checkpoint, *extra):
     sets = [arg for override in TINY_OVERRIDES + [f"save_dir={tmp_path / 'run'}"] for arg in ("--set", override)]
     return ["--config", str(REPO / "config" / "demo.yaml"), *sets, "--ckpt", str(checkpoint), "--device", "cpu",
-            "--epochs", "1", "--warmup_epochs", "0", "--max_images", "16", "--batch_size", "8", *extra]
+            "--epochs", "1", "--max_images", "16", "--batch_size", "8", *extra]
 
 
 def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
@@ -162,9 +163,13 @@ def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
     checkpoint = tmp_path / "model_3.pth"
     save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
     finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint, "--timestep", "21",
-                                                              "--block", "out_3")))
+                                                              "--block", "out_3", "--tensorboard")))
     result = json.loads((tmp_path / "run" / "finetune" / "model_3_t21_out_3.json").read_text())
     assert (result["settings"]["timestep"], result["settings"]["block"], result["test_images"]) == (21, "out_3", 16)
+    assert result["settings"]["warmup_epochs"] == 0  # the default is a tenth of --epochs: none for 1 epoch
+    scalars = read_scalars(tmp_path / "run" / "tb" / "finetune_model_3_t21_out_3")
+    assert scalars["finetune/test_accuracy"] == [(1, pytest.approx(result["test_accuracy"]))]
+    assert scalars["finetune/train_loss"] == [(1, pytest.approx(result["history"][0]["train_loss"]))]
     assert result["finished"] and len(result["history"]) == 1 and result["classes"] == 10
     assert (tmp_path / "run" / "finetune" / "model_3_t21_out_3.state.pth").is_file()
 
@@ -172,12 +177,26 @@ def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--layer_decay", "0"], "--layer_decay 0.0: must be in (0, 1]"),
     (["--warmup_epochs", "3"], "--warmup_epochs 3: must be in 0..--epochs (1)"),
-    (["--block", "out_9"], "linear.blockname' must name an up-path block of this network, out_1 .. out_4"),
+    (["--block", "out_9"], "linear.blockname' must name an up-path block of this network, out_1 .. out_4, "
+                           "got 'out_9' (from --block out_9)"),
+    (["--timestep", "-3"], "must be 0 or positive, got -3 (from --timestep -3)"),
+    (["--out", str(REPO / "README.md")], "README.md is a file, not a folder; pass --out with a writable folder"),
 ])
 def test_cli_errors_name_the_setting(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as stopped:
         finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, tmp_path / "none.pth", *extra)))
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_too_few_images_for_a_batch_names_this_scripts_flag(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    with pytest.raises(SystemExit):
+        finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint, "--max_images", "4")))
+    err = capsys.readouterr().err
+    assert err.endswith("the training set has 4 images, fewer than one batch on every process (8 x 1); "
+                        "lower it with --batch_size\n")
 
 
 def test_two_process_run(tmp_path):

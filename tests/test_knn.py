@@ -216,11 +216,14 @@ def knn_argv(save_dir, checkpoint, extra=()):
             "--max_images", "24", "--batch_size", "8", *extra]
 
 
-def test_cli_single_process_and_two_processes_agree(tmp_path):
+def test_cli_single_process_and_two_processes_agree(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
     knn.main(knn.build_parser().parse_args(knn_argv(tmp_path / "one", checkpoint, ["--grid", "--k", "5"])))
     one = json.loads((tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
+    best = one["best"]  # the best: line has linear.py's format (utils.probe.best_line)
+    assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (24 test images; 24 training images; " \
+        in capsys.readouterr().out
     assert (tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.png").is_file()
     assert (one["world_size"], one["train_images"], one["test_images"]) == (1, 24, 24)
 
@@ -239,5 +242,8 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
         knn.main(knn.build_parser().parse_args(knn_argv(tmp_path, checkpoint, ["--k", "0"])))
     assert stopped.value.code == 2 and "--k 0: must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        knn.main(knn.build_parser().parse_args(knn_argv(tmp_path, checkpoint, ["--k", "25"])))
+    assert "--k 25: larger than the 24 training images; pass --k 24 or less" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         knn.main(knn.build_parser().parse_args(knn_argv(tmp_path, tmp_path / "missing.pth")))
-    assert "missing.pth not found" in capsys.readouterr().err
+    assert "--ckpt " in (err := capsys.readouterr().err) and "missing.pth: file not found" in err

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import linear
+from tests.test_tensorboard import read_scalars
 from model.blocks import Upsample
 from model.ema import make_ema
 from model.models import build_diffusion, feature_dims, load_diffusion
@@ -228,6 +229,7 @@ WORKER = """
 import sys
 import torch
 import linear
+from tests.test_tensorboard import read_scalars
 from model.models import load_diffusion
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
@@ -282,9 +284,21 @@ def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
     table = out[out.index("t \\ block"):].splitlines()
     assert table[0].split() == ["t", "\\", "block", "out_1", "out_2", "out_3", "out_4"]
     assert [line.split()[0] for line in table[1:4]] == ["1", "11", "21"]
-    report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid.json").read_text())
+    report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.json").read_text())
     assert report["test_images"] == 40 and len(report["epochs"]) == 1
-    assert (Path(cfg.save_dir) / "linear" / "model_3_grid.png").is_file()
+    best = report["best"]
+    assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (40 test images)\n" in out
+    assert (Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.png").is_file()
+    # another learning rate is another probe, not a collision; --tag names it; --tensorboard mirrors the log
+    linear.main(linear.build_parser().parse_args(argv + ["--set", "linear.lrate=0.01", "--tensorboard"]))
+    assert (Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.01_bs32.json").is_file()
+    scalars = read_scalars(Path(cfg.save_dir) / "tb" / "linear_model_3_grid_ep1_lr0.01_bs32")
+    assert scalars["linear/lr"] == [(1, pytest.approx(0.01))] and len(scalars["accuracy/11/out_2"]) == 1
+    report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.01_bs32.json").read_text())
+    assert scalars["linear/best_accuracy"][0][1] == pytest.approx(report["best"]["accuracy"])
+    linear.main(linear.build_parser().parse_args(argv + ["--tag", "sweep_a"]))
+    assert (Path(cfg.save_dir) / "linear" / "sweep_a.json").is_file()
+    capsys.readouterr()
 
     with pytest.raises(SystemExit) as exit_info:
         linear.main(linear.build_parser().parse_args(argv[:6] + ["--epoch", "5", "--device", "cpu"]))

@@ -1,4 +1,5 @@
 """The registry and the one model loader: original-layout checkpoints, ours, and clear errors."""
+import argparse
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from model.ddpm import DDPM
 from model.edm import EDM
 from model.ema import make_ema
-from model.models import build_diffusion, count_parameters, load_diffusion, load_weights
+from model.models import build_diffusion, checkpoint_from_args, count_parameters, load_diffusion, load_weights
 from model.unet import UNet
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
@@ -105,3 +106,26 @@ def test_dict_without_model_or_ema_is_rejected(tmp_path):
     save_checkpoint({"weights": torch.zeros(1)}, path)
     with pytest.raises(UserError, match="other.pth: no 'EMA' entry"):
         load_diffusion(cfg, path)
+
+
+def test_a_schedule_other_than_the_trained_one_is_refused(tmp_path):
+    cfg = load_config(ROOT / "config" / "demo.yaml")
+    trained = build_diffusion(cfg)
+    path = tmp_path / "model_0.pth"
+    save_checkpoint({"MODEL": trained.state_dict(), "config": cfg.to_dict()}, path)
+    load_diffusion(cfg, path)  # the same schedule loads
+    shorter = load_config(ROOT / "config" / "demo.yaml", ["diffusion.n_T=100"])
+    with pytest.raises(UserError, match=r"model_0.pth was trained with diffusion.n_T = 1000, but the config gives 100; "
+                                        r"the model only knows its training schedule: drop the --set diffusion.n_T"):
+        load_diffusion(shorter, path)
+    save_checkpoint({"MODEL": trained.state_dict()}, path)  # no config recorded (the original code's): not checked
+    load_diffusion(shorter, path)
+
+
+def test_missing_ckpt_names_the_flag(tmp_path):
+    cfg = load_config(ROOT / "config" / "demo.yaml", [f"save_dir={tmp_path}"])
+    args = argparse.Namespace(ckpt=str(tmp_path / "nope.pth"), epoch=-1)
+    with pytest.raises(UserError) as error:
+        checkpoint_from_args(cfg, args)
+    assert str(error.value).startswith(f"--ckpt {tmp_path / 'nope.pth'}: file not found; pass an existing checkpoint")
+    assert "--epoch" not in str(error.value).split(";")[0]

@@ -15,8 +15,10 @@ import noisy_classifier_WRN as wrn_script
 from model.ddpm import DDPM
 from model.models import build_diffusion
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
+from tests.test_tensorboard import read_scalars
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
+from utils.logging import read_jsonl
 from utils.noisy import (RESULT_FILE, ImageNoiser, draw_comparison, eval_levels, find_results,
                          read_results, write_results)
 from utils.noisy import main as noisy_cli_main
@@ -135,13 +137,19 @@ def workspace(tmp_path_factory):
 def wrn_ddpm_run(workspace):
     """Two epochs of a tiny WRN in DDPM mode, uninterrupted."""
     save_dir = workspace / "output_WRN_DDPM"
-    run_wrn(["--mode", "DDPM", "--epochs", "2", "--warm_epochs", "1", "--save_dir", str(save_dir), *TINY_WRN])
+    run_wrn(["--mode", "DDPM", "--epochs", "2", "--warm_epochs", "1", "--save_dir", str(save_dir), *TINY_WRN,
+             "--tensorboard"])
     return save_dir
 
 
 def test_wrn_ddpm_end_to_end(wrn_ddpm_run, capsys):
     result = read_results(wrn_ddpm_run / RESULT_FILE)
     assert (result["method"], result["mode"], result["label"]) == ("WRN", "DDPM", "WRN-10-1")
+    scalars = read_scalars(wrn_ddpm_run / "tb")  # --tensorboard: the log's numbers and the accuracy per level
+    log = read_jsonl(wrn_ddpm_run / "log.jsonl")
+    assert scalars["noisy/loss"] == [(r["epoch"] + 1, pytest.approx(r["loss"])) for r in log]
+    expected = [(t, pytest.approx(a, abs=1e-4)) for t, a in zip(result["levels"], result["accuracies"])]
+    assert scalars["noisy/test_accuracy_by_level"] == expected
     assert result["levels"] == DDPM_TIMESTEPS and len(result["accuracies"]) == 20
     assert result["n_test_images"] == 256
     # Each accuracy is a whole number of the 256 test images.
@@ -247,7 +255,7 @@ def test_ddae_end_to_end_and_comparison_figure(workspace, model_type, request, c
     assert head["feature_dim"] == 64 and head["blockname"] == "out_2"
 
     # Both methods' results of this mode sit in the workspace: the comparison figure is drawn.
-    compare = workspace / f"noisy_compare_{model_type}.png"
+    compare = out_dir / f"noisy_compare_{model_type}.png"  # in the run folder, not the working folder
     assert compare.stat().st_size > 1000
     assert f"wrote {compare}" in capsys.readouterr().out
     methods = sorted(record["method"] for _, record in find_results(str(workspace), model_type))

@@ -93,18 +93,30 @@ def test_folder_names_follow_the_original():
     assert sample.folder_name("ep400", {"mode": "DDIM", "steps": 100, "eta": 0.0}) == \
         "EMAgenerated_ep400_ddim_steps100_eta0.0"
     assert sample.folder_name("ep400", {"mode": "DDPM", "steps": None, "eta": None}) == "EMAgenerated_ep400_ddpm"
+    assert sample.folder_name("ep400", {"mode": "DDPM", "steps": 50, "eta": None}) == \
+        "EMAgenerated_ep400_ddpm_steps50"
     assert sample.folder_name("ep1999", {"mode": "EDM", "steps": 18, "eta": 1.0}) == \
         "EMAgenerated_ep1999_edm_steps18_eta1.0"
 
 
 def test_defaults_are_the_original_run(ddpm_config, edm_config):
     args = sample.build_parser().parse_args(["--config", "c.yaml"])
-    assert (args.batches, args.batch_size, args.seed, args.mode, args.eta, args.epoch) == (125, 400, 0, "DDIM", 0.0, -1)
+    assert (args.batch_size, args.seed, args.mode, args.epoch) == (400, 0, "DDIM", -1)
     ddpm, edm = load_config(ddpm_config), load_config(edm_config)
-    assert sample.sampler_settings(load_config(REPO / "config" / "DDPM_ddpm.yaml"), "DDIM", None, 0.0) == \
-        {"mode": "DDIM", "steps": 100, "eta": 0.0}
-    assert sample.sampler_settings(edm, "DDIM", None, 0.0) == {"mode": "EDM", "steps": 18, "eta": 0.0}
-    assert sample.sampler_settings(ddpm, "DDPM", 7, 0.5) == {"mode": "DDPM", "steps": None, "eta": None}
+    cifar = load_config(REPO / "config" / "DDPM_ddpm.yaml")
+    assert sample.sample_count(args, cifar) == 50_000  # the original's 125 batches of 400
+    assert sample.sample_count(args, load_config(REPO / "config" / "demo.yaml")) == 400  # not CIFAR: one batch
+    assert sample.sample_count(sample.build_parser().parse_args(["--config", "c", "--batches", "3"]), cifar) == 1200
+    assert sample.sampler_settings(cifar, "DDIM", None, None) == {"mode": "DDIM", "steps": 100, "eta": 0.0}
+    assert sample.sampler_settings(edm, "DDIM", None, None) == {"mode": "EDM", "steps": 18, "eta": 0.0}
+    assert sample.sampler_settings(ddpm, "DDPM", None, None) == {"mode": "DDPM", "steps": None, "eta": None}
+    assert sample.sampler_settings(ddpm, "DDPM", 7, None) == {"mode": "DDPM", "steps": 7, "eta": None}
+    with pytest.raises(UserError, match=r"--eta 0.7: the ancestral sampler \(--mode DDPM\) always draws full noise"):
+        sample.sampler_settings(ddpm, "DDPM", 7, 0.7)
+    with pytest.raises(UserError, match="--steps 1: respaced ancestral sampling takes 2 to n_T = 20 steps"):
+        sample.sampler_settings(ddpm, "DDPM", 1, None)
+    with pytest.raises(UserError, match="^--n_samples -5: pass a positive number of images$"):
+        sample.sample_count(sample.build_parser().parse_args(["--config", "c", "--n_samples", "-5"]), cifar)
     with pytest.raises(UserError, match="--steps 21: DDIM takes 1 to n_T = 20 steps"):
         sample.sampler_settings(ddpm, "DDIM", 21, 0.0)
     with pytest.raises(UserError, match="--mode DDPM is the ancestral sampler of DDPM configs"):
@@ -259,6 +271,15 @@ def test_ancestral_and_edm_samplers(ddpm_config, edm_config):
     noise = PerImageNoise([sample.image_seed(0, i) for i in range(2)], "cpu")
     expected = to_uint8(diffusion.sample(2, (3, 8, 8), mode="DDPM", noise=noise))
     assert torch.equal(torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in range(2)]), expected)
+    # --steps with --mode DDPM: respaced ancestral sampling, in a folder of its own
+    result = run_sample(ddpm_config, "--mode", "DDPM", "--steps", 5, "--n_samples", 2)
+    out = Path(result["out_dir"])
+    assert out.name == "EMAgenerated_ep2_ddpm_steps5"
+    assert json.loads((out / "sampling.json").read_text())["steps"] == 5
+    noise = PerImageNoise([sample.image_seed(0, i) for i in range(2)], "cpu")
+    respaced = to_uint8(diffusion.sample(2, (3, 8, 8), mode="DDPM", steps=5, noise=noise))
+    assert torch.equal(torch.stack([read_pixels(out / "pngs" / f"{i}.png") for i in range(2)]), respaced)
+    assert not torch.equal(respaced, expected)
 
     out = Path(run_sample(edm_config, "--steps", 3, "--eta", 1.0, "--n_samples", 3, "--channels_last")["out_dir"])
     assert out.name == "EMAgenerated_ep2_edm_steps3_eta1.0"

@@ -48,3 +48,20 @@ def _fsync(path, flags):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def check_writable(folder, name, fix):
+    """Fail early, before any work, when ``folder`` cannot be created or written.
+
+    Args:
+        folder: the output folder; it may not exist yet (then its nearest existing parent is checked).
+        name: how the message names it, e.g. "--out" or "save_dir".
+        fix: what the user can do, e.g. "pass --out with a writable folder".
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{name} {folder}: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {folder}: {existing} is not writable; {fix}")

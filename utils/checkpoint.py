@@ -14,6 +14,8 @@ from utils.atomic import atomic_path
 from utils.errors import UserError, describe_error
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
+# The first bytes of a torch.save file: a zip archive (torch >= 1.6) or a pickle (the legacy format).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def save_checkpoint(obj, path):
@@ -53,6 +55,11 @@ def load_checkpoint(path, map_location="cpu"):
             raise UserError(f"checkpoint {path} holds a Python object ({unsupported.group(1)}) "
                             f"besides tensors and plain values; re-save it with tensors and plain "
                             f"values only") from None
+        with open(path, "rb") as file:
+            head = file.read(4)
+        if not head.startswith(TORCH_FILE_MAGIC):  # not damaged: simply some other kind of file
+            raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip or pickle file); "
+                            f"pass a model_{{epoch}}.pth written by train.py") from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it may "
                         f"be truncated or damaged: delete it and use another epoch") from None
     if not isinstance(checkpoint, dict):

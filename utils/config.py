@@ -122,7 +122,7 @@ class Config:
     optim_args: dict = field(default_factory=dict)  # extra optimizer keywords
     ckpt_interval: int = 100        # epochs between checkpoints and sample grids
     seed: int = 1337
-    num_workers: int = 4            # data-loader workers per process
+    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
     # testing
     n_sample: int = 30              # images in each sample grid
     save_dir: str                   # default ./output_<config name>, set by load_config
@@ -171,12 +171,15 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=()):
+def load_config(path, overrides=(), flags=None):
     """Read a YAML config, apply ``KEY=VALUE`` overrides and check it.
 
     Args:
         path: the YAML file.
         overrides: strings ``dotted.key=value``; values are parsed as YAML (``True``, ``1e-4``, ``[1,2]``).
+        flags: ``{dotted.key: (flag, value)}`` for a script's own flags that set a config value, e.g.
+            ``{"linear.timestep": ("--timestep", args.timestep)}``; applied after ``overrides``
+            (entries whose value is None are skipped), and an error about the key names the flag.
 
     Returns:
         A checked ``Config``.
@@ -197,8 +200,10 @@ def load_config(path, overrides=()):
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys (model_type: ..., network: ...), "
                         f"got {_type_name(raw)}")
-    overrides = list(overrides or ())
-    for override in overrides:
+    overrides = [(override, f"--set {override}") for override in overrides or ()]
+    overrides += [(f"{key}={value}", f"{flag} {value}") for key, (flag, value) in (flags or {}).items()
+                  if value is not None]
+    for override, _ in overrides:
         _apply_override(raw, override, path)
     raw.setdefault("save_dir", default_save_dir(path))
     try:
@@ -232,11 +237,12 @@ def _describe_yaml_error(err, text):
 
 
 def _override_note(message, overrides):
-    """Point at the ``--set`` behind a key named in ``message``, if there is one."""
-    for override in overrides:
+    """Point at the flag (``--set`` or a script's own) behind a key named in ``message``, if there is one;
+    ``overrides`` are (KEY=VALUE, what the user typed) pairs, the last one of a key wins."""
+    for override, typed in reversed(overrides):
         key = override.partition("=")[0].strip()
         if f"'{key}'" in message:
-            return f" (from --set {override})"
+            return f" (from {typed})"
     return ""
 
 
@@ -425,7 +431,8 @@ def _check(cfg, path):
     require(cfg.lrate > 0, "lrate", f"must be positive, got {cfg.lrate}")
     require(0.0 < cfg.ema < 1.0, "ema", f"must be in (0, 1), got {cfg.ema}")
     require(cfg.load_epoch >= -1, "load_epoch", f"must be -1 (start fresh) or an epoch, got {cfg.load_epoch}")
-    require(cfg.num_workers >= 0, "num_workers", f"must be 0 or positive, got {cfg.num_workers}")
+    require(cfg.num_workers >= -1, "num_workers", f"must be 0 or positive, or -1 for a number chosen from the "
+                                                  f"CPUs, got {cfg.num_workers}")
     require(cfg.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
     require(cfg.save_dir != "", "save_dir", "must not be empty")
 

@@ -38,17 +38,36 @@ def add_data_args(parser, num_workers=True):
                         help="folder with the datasets (CIFAR is downloaded there when missing)")
     if num_workers:
         parser.add_argument("--num_workers", type=int, default=None,
-                            help="data-loader processes per process (default: the config's num_workers)")
+                            help="data-loader processes per loader (default: the config's num_workers; when "
+                                 "that is -1, as by default, chosen from the CPUs this process may use)")
     return parser
 
 
+MAX_AUTO_WORKERS = 4  # the original's fixed number, now the most chosen automatically
+
+
+def default_num_workers():
+    """Loader workers for a process: its share of the CPUs it may use (os.sched_getaffinity, split
+    among the LOCAL_WORLD_SIZE processes torchrun starts on the machine), minus one for the process
+    itself, at most MAX_AUTO_WORKERS. Two cores give one worker: no "may freeze" warning from torch."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(0, min(MAX_AUTO_WORKERS, cpus // local_processes - 1))
+
+
 def resolve_num_workers(args, cfg):
-    """``--num_workers`` when given, else the config's ``num_workers``."""
-    if args.num_workers is None:
-        return cfg.num_workers
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
-    return args.num_workers
+    """``--num_workers`` when given, else the config's ``num_workers``, else (-1) ``default_num_workers()``."""
+    if args.num_workers is not None:
+        if args.num_workers < 0:
+            raise UserError(f"--num_workers {args.num_workers}: must be 0 or positive")
+        return args.num_workers
+    return default_num_workers() if cfg.num_workers == -1 else cfg.num_workers
 
 
 def _to_float_image():
@@ -397,7 +416,7 @@ def epoch_seed(seed, epoch, rank):
 
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
-                 device=None, drop_last=True):
+                 device=None, drop_last=True, batch_flag="--set batch_size=N"):
     """A DataLoader over this rank's part of ``dataset``.
 
     Training shuffles with a DistributedSampler (one rank is the world-size-1 case); call
@@ -416,13 +435,14 @@ def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, w
         seed: shuffling seed; must be the same on every rank.
         rank, world_size: default to ``utils.distributed.get_rank() / get_world_size()``.
         device: where batches go; memory is pinned for CUDA (default: when CUDA is available).
+        batch_flag: how the user sets ``batch_size`` in this script, for the error message.
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     drop_last = train and drop_last
     if train:
         if drop_last and len(dataset) < batch_size * world_size:
             raise UserError(f"the training set has {len(dataset)} images, fewer than one batch on "
-                            f"every process ({batch_size} x {world_size}); lower batch_size")
+                            f"every process ({batch_size} x {world_size}); lower it with {batch_flag}")
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                      seed=seed, drop_last=drop_last)
     else:

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from utils.atomic import atomic_path
 from utils.errors import UserError, cli_entry
+from utils.progress import iterate
 
 GRID_PADDING = 2  # torchvision's save_image default, used by the original's grids
 
@@ -113,7 +113,7 @@ def export_dataset_pngs(dataset, out_dir, progress=True, workers=4):
         dataset: a map-style dataset of images or of ``(image, label)`` pairs; an image is a PIL
             image, a (C, H, W) uint8 tensor or a float tensor in [0, 1].
         out_dir: created when missing.
-        progress: show a tqdm bar.
+        progress: show progress (utils.progress: a bar on a terminal, plain lines in a log file).
         workers: threads encoding PNGs (zlib releases the GIL, so threads run in parallel).
 
     Returns:
@@ -133,8 +133,8 @@ def export_dataset_pngs(dataset, out_dir, progress=True, workers=4):
         save_png(image, os.path.join(out_dir, f"{index}.png"))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in tqdm(pool.map(write, missing), total=len(missing), unit="img", disable=not progress,
-                      desc=f"PNGs to {out_dir}"):
+        for _ in iterate(pool.map(write, missing), total=len(missing), unit="img", disable=not progress,
+                         desc=f"PNGs to {out_dir}"):
             pass
     return len(missing)
 

@@ -23,6 +23,7 @@ from model.ddpm import make_schedule
 from model.edm import EDM, karras_schedule
 from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines
+from utils.progress import batches
 from utils.probe import EDM_FEATURE_STEPS, AccuracyCounter, save_json, to_device
 
 MODES = ("DDPM", "EDM")
@@ -177,10 +178,16 @@ def accuracy_per_level(classify, loader, levels, device):
         (accuracies in percent, one per level; the number of test images counted).
     """
     counter = AccuracyCounter(len(levels), device)
-    for images, labels in loader:
+    for images, labels in batches(loader, f"testing at {len(levels)} noise levels"):
         images, labels = to_device(images, labels, device)
         counter.update(torch.stack([classify(images, level) for level in levels]), labels)  # (L, B, classes)
     return counter.reduce()
+
+
+def log_levels(board, levels, accuracies):
+    """The test accuracy against the noise level, as one TensorBoard curve (the level is its step)."""
+    for level, accuracy in zip(levels, accuracies):
+        board.scalars({"test_accuracy_by_level": float(accuracy)}, level, prefix="noisy/")
 
 
 def format_table(levels, accuracies, mode, title):
@@ -206,14 +213,15 @@ def write_results(path, method, mode, levels, accuracies, label, n_test_images, 
 
 
 def publish_results(out_dir, compare_root, method, mode, levels, accuracies, label, n_test_images, **extra):
-    """Write ``out_dir``'s result file (``write_results``) and its plot noisy_accuracy.png, and the
-    comparison figure of ``compare_root`` when both methods' results are there (main process only)."""
+    """Write ``out_dir``'s result file (``write_results``) and its plot noisy_accuracy.png, and, when both
+    methods' results are found under ``compare_root``, their comparison figure into ``out_dir`` too (the
+    run folder, not the folder the command ran in; main process only)."""
     path = write_results(os.path.join(out_dir, RESULT_FILE), method, mode, levels, accuracies, label,
                          n_test_images, **extra)
     plot_comparison([{"mode": mode, "label": label, "levels": levels, "accuracies": accuracies}],
                     os.path.join(out_dir, "noisy_accuracy.png"))
     print(f"wrote {path}")
-    compare = draw_comparison(compare_root, mode)
+    compare = draw_comparison(compare_root, mode, comparison_path(out_dir, mode))
     if compare:
         print(f"wrote {compare}")
 
@@ -279,17 +287,17 @@ def find_results(root, mode):
 
 
 def comparison_path(root, mode):
-    """Where the scripts draw the comparison figure: ``root/noisy_compare_{mode}.png``."""
+    """The comparison figure's name in ``root``: ``root/noisy_compare_{mode}.png``."""
     return os.path.join(root, f"noisy_compare_{mode}.png")
 
 
-def draw_comparison(root, mode):
-    """Draw ``comparison_path(root, mode)`` from every result of ``mode`` under ``root`` when
-    both methods are among them; return the figure's path, or None when a method is missing."""
+def draw_comparison(root, mode, path=None):
+    """Draw ``path`` (default ``comparison_path(root, mode)``) from every result of ``mode`` under ``root``
+    when both methods are among them; return the figure's path, or None when a method is missing."""
     found = find_results(root, mode)
     if len({record["method"] for _, record in found}) < 2:
         return None
-    return plot_comparison([record for _, record in found], comparison_path(root, mode))
+    return plot_comparison([record for _, record in found], path or comparison_path(root, mode))
 
 
 def parse_args(argv=None):

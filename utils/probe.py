@@ -22,17 +22,20 @@ from model.models import feature_dims
 from model.noise import PerImageNoise
 from model.speed import compile_function
 from utils.atomic import atomic_path
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, is_main
 from utils.errors import UserError
 from utils.logging import plot_heatmap
+from utils.progress import iterate
 
 # The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule.
 GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
 EDM_FEATURE_STEPS = 18
 
 
-def probe_cells(cfg, grid=False):
+def probe_cells(cfg, grid=False, timestep_flag=None):
     """The timesteps and blocks to probe: the grid (every block) or cfg.linear.timestep / blockname.
+
+    ``timestep_flag`` names the flag that set linear.timestep (e.g. "--timestep") in error messages.
 
     Returns:
         (timesteps, blocks): a list of ints and a list of ``out_k`` names; the probed cells are
@@ -51,9 +54,9 @@ def probe_cells(cfg, grid=False):
         low = 1
     for t in timesteps:
         if not low <= t <= top:
-            source = "--grid" if grid else "linear.timestep"
+            source = "--grid" if grid else timestep_flag or "linear.timestep"
             raise UserError(f"{source}: timestep {t} is outside {low}..{top} ({what}); "
-                            f"{'raise diffusion.n_T' if grid else f'set linear.timestep in {low}..{top}'}")
+                            f"{'raise diffusion.n_T' if grid else f'set {source} in {low}..{top}'}")
     return timesteps, blocks
 
 
@@ -235,7 +238,7 @@ def evaluate_heads(diffusion, heads, loader, device, precision="fp32"):
 
 @torch.no_grad()
 def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=False, precision="fp32",
-                             seed=None):
+                             seed=None, desc=None):
     """Features of every image a loader visits, for every (timestep, block) cell, in the loader's order.
 
     Args:
@@ -247,6 +250,7 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
         seed: None for fresh noise from the global generator; else the image of dataset index i is
             noised with its own generator seeded ``seed + i`` (the same draw at every timestep), so
             the features depend neither on the batch size nor on the number of processes.
+        desc: show the pass's progress under this name (``utils.progress``) on the main process.
 
     Returns:
         (``{(t, name): (N, C)}`` float32 features, (N,) int64 labels), on ``device``; N is the
@@ -255,7 +259,7 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
     indices = list(loader.sampler) if seed is not None else None
     chunks, labels = {}, []
     done = 0
-    for images, batch_labels in loader:
+    for images, batch_labels in iterate(loader, desc=desc, unit="batch", disable=desc is None or not is_main()):
         images, batch_labels = to_device(images, batch_labels, device)
         noise = None
         if seed is not None:
@@ -277,6 +281,20 @@ def probe_tag(checkpoint, timesteps, blocks, grid):
     """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid``."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
+
+
+def best_line(best, test_images, details=""):
+    """The one format of the final ``best:`` line of linear.py and knn.py, e.g.
+    ``best: 11/out_6 88.23% (10000 test images)``."""
+    return f"best: {cell_label(best['timestep'], best['block'])} {best['accuracy']:.2f}% ({test_images} test images" \
+           f"{'; ' + details if details else ''})"
+
+
+def linear_tag(cfg, checkpoint, timesteps, blocks, grid):
+    """Default name of linear.py's files: checkpoint, cells and the settings a sweep varies, so that
+    probes of one checkpoint with other settings never meet, e.g. ``model_1999_grid_ep15_lr0.001_bs128``."""
+    settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_{settings}"
 
 
 def accuracy_table(cells, accuracy):

@@ -1,0 +1,66 @@
+"""--tensorboard: the event files hold log.jsonl's numbers and the sample grids; a missing package is one line."""
+import sys
+
+import pytest
+
+import train
+from tests.test_train import parse, tiny_setup, write_config  # noqa: F401 (tiny_setup is a fixture)
+from utils.errors import UserError
+from utils.logging import read_jsonl
+from utils.tensorboard import open_board
+
+
+def read_events(folder):
+    """The EventAccumulator of the event files in ``folder``, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def read_scalars(folder):
+    """``{tag: [(step, value), ...]}`` of every scalar written into ``folder``."""
+    events = read_events(folder)
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_train_writes_the_log_and_the_sample_grids(tiny_setup, tmp_path, capsys):
+    cfg, args = parse(write_config(tmp_path), tmp_path / "run", "--tensorboard", n_epoch=2, ckpt_interval=1)
+    train.train(cfg, args)
+    log = read_jsonl(tmp_path / "run" / "log.jsonl")
+    folder = tmp_path / "run" / "tb" / "train"
+    scalars = read_scalars(folder)
+    for key in ("loss", "lr", "img_per_s", "peak_mem_gib"):
+        assert scalars[f"train/{key}"] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in log]
+    images = read_events(folder).Images("samples_ema")
+    assert [image.step for image in images] == [8, 16]  # one grid per checkpointed epoch
+    assert (images[0].width, images[0].height) == (10 * 18 + 2, 2 * 18 + 2)  # 10 samples above 10 real images
+
+
+def test_off_by_default_and_on_other_ranks(tmp_path, monkeypatch):
+    assert not open_board(False, tmp_path / "tb").enabled
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    board = open_board(True, tmp_path / "tb")
+    board.scalars({"loss": 1.0}, 0)
+    assert not board.enabled and not (tmp_path / "tb").exists()
+
+
+def test_missing_package_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(UserError) as error:
+        open_board(True, tmp_path / "tb")
+    assert str(error.value) == ("--tensorboard needs the tensorboard package, which is not installed; "
+                                "pip install tensorboard, or drop --tensorboard")
+
+
+def test_missing_package_stops_train_before_any_work(tiny_setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    cfg, args = parse(write_config(tmp_path), tmp_path / "run", "--tensorboard")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install tensorboard" in err
+    assert not (tmp_path / "run" / "ckpts").exists()
