@@ -102,9 +102,8 @@ def checkpoint_from_args(cfg, args):
 def pretrained_dit_path(path):
     """``path`` if the DiT checkpoint is there, else a UserError saying where to get it and put it."""
     if not os.path.isfile(path):
-        name = os.path.basename(path)
-        raise UserError(f"DiT checkpoint {path} not found; download {DIT_URL}{name} (e.g. DiT-XL-2-256x256.pt) "
-                        f"and put it at {path}, or pass --ckpt PATH")
+        raise UserError(f"DiT checkpoint {path} not found; download {DIT_URL}DiT-XL-2-256x256.pt (or another "
+                        f"DiT release) and put it at {path}, or pass --ckpt PATH")
     return path
 
 

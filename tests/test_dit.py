@@ -145,7 +145,7 @@ def test_released_plain_state_dict_loads_through_the_one_loader(tmp_path):
     path = write_tiny_config(tmp_path)
     cfg = load_config(path, allow_dit=True)
     with pytest.raises(UserError, match=rf"DiT checkpoint {tmp_path / 'dit.pt'} not found; download "
-                                        r"https://dl.fbaipublicfiles.com/DiT/models/dit.pt .* and put it at "):
+                                        r"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt .* and put it at "):
         checkpoint_from_args(cfg, Args())
     save_golden_weights(tmp_path / "dit.pt")
     diffusion = load_diffusion(cfg, checkpoint_from_args(cfg, Args()))
