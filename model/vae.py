@@ -14,6 +14,7 @@ from model.amp import autocast
 from utils.errors import UserError, describe_error
 
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def _where_to_get(folder):
@@ -22,10 +23,12 @@ def _where_to_get(folder):
 
 
 def check_vae_folder(folder):
-    """Raise a UserError saying where to get the VAE when ``folder`` has no config.json."""
+    """Raise a UserError saying where to get the VAE when ``folder`` lacks config.json or the weights."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UserError(f"VAE folder {folder} not found (it holds config.json and diffusion_pytorch_model"
-                        f".safetensors); {_where_to_get(folder)}")
+        raise UserError(f"VAE folder {folder} not found (it holds config.json and {WEIGHT_FILES[0]}); "
+                        f"{_where_to_get(folder)}")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise UserError(f"VAE folder {folder} has no {WEIGHT_FILES[0]}; {_where_to_get(folder)}")
 
 
 def load_vae(folder, device="cpu"):
@@ -37,8 +40,10 @@ def load_vae(folder, device="cpu"):
     check_vae_folder(folder)
     try:
         from diffusers import AutoencoderKL
+        from diffusers.utils import logging as diffusers_logging
     except ImportError:
         raise UserError("encoding latents needs diffusers: pip install diffusers") from None
+    diffusers_logging.set_verbosity_error()  # a missing file is our one-line error, not its log lines
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:

@@ -169,7 +169,7 @@ class LatentCache(Dataset):
     def __getitem__(self, index):
         arrays = self._open()
         which = int(torch.randint(len(arrays), ())) if len(arrays) > 1 else 0
-        return torch.from_numpy(np.asarray(arrays[which][index], dtype=np.float32)), self.targets[index]
+        return torch.from_numpy(np.array(arrays[which][index], dtype=np.float32)), self.targets[index]
 
 
 def latent_datasets(cfg, train_copy=None):
