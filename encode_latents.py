@@ -16,13 +16,12 @@ import os
 import time
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from model.amp import add_amp_args, resolve_precision
 from model.vae import check_vae_folder, encode_images, load_vae
 from utils.checkpoint import weights_digest
-from utils.config import add_config_args, load_config
+from utils.config import VAE_DOWNSAMPLING, add_config_args, load_config
 from utils.data import add_data_args, build_dataset, resolve_num_workers, split_batches, test_transform
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
@@ -81,7 +80,11 @@ def encode_copy(vae, dataset, path, copy, cfg, batch_size, precision, num_worker
 def cache_settings(cfg, vae, train_set, test_set, precision):
     """What cache.json records: the identity of the latents and, for the probes, the class names."""
     latents = cfg.latents
-    side = latents.image_size // 8
+    downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+    if downsampling != VAE_DOWNSAMPLING:
+        raise UserError(f"VAE folder {latents.vae}: its latents are 1/{downsampling} of the image side, not "
+                        f"1/{VAE_DOWNSAMPLING} as the DiT configs assume; use {latents.vae} of stabilityai/sd-vae-ft-mse")
+    side = latents.image_size // VAE_DOWNSAMPLING
     return {"dataset": cfg.dataset, "n_train": len(train_set), "n_test": len(test_set), "seed": cfg.seed,
             "source_size": latents.source_size, "crop_padding": latents.crop_padding,
             "image_size": latents.image_size, "scale": latents.scale, "dtype": latents.dtype,
@@ -156,8 +159,7 @@ def main(args):
     check_vae_folder(cfg.latents.vae)  # before any process group or data
     device = init_distributed(args.device)
     try:
-        with torch.no_grad():
-            return run(cfg, args, device)
+        return run(cfg, args, device)
     finally:
         cleanup()
 
