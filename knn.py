@@ -12,10 +12,10 @@ exp(s / 0.07), and the class with the largest sum wins. Nothing is trained, so t
 takes one feature pass over both splits where the linear probe takes 15 epochs.
 
 With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or EDM indices 3, 4, 5 of
-18, every block); without it, linear.timestep / linear.blockname. A DiT config reads cached VAE
-latents: copy 0 of the (augmented) training latents and the test latents. Each process extracts its shard
+18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
 of both splits; the training features are all-gathered and each process classifies its own test
-images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid).
+images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid). A DiT
+config reads cached VAE latents: copy 0 of the (augmented) training latents and the test latents.
 """
 import argparse
 import os

@@ -5,10 +5,11 @@
     python linear.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
-trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 .. 201) at
-once, from one forward pass per batch. A DiT config probes cached VAE latents, each training example
-read from one of its cached copies at random. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid). A
-probe that is stopped resumes from its last finished epoch when run again with the same arguments.
+trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
+at once, from one forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with
+--grid). A probe that is stopped resumes from its last finished epoch when run again with the same
+arguments. A DiT config probes cached VAE latents, each training example read from one of its cached
+copies at random.
 """
 import argparse
 import os
@@ -39,7 +40,7 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
+                        help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18; DiT: five, 41 to 201)")
     add_data_args(parser)
     add_speed_args(parser)
     add_launcher_args(parser)
