@@ -40,7 +40,7 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18; DiT: five, 41 to 201)")
+                        help="probe every block at the grid's timesteps (DDPM 1/11/21, EDM 3/4/5 of 18, DiT 41/81/.../201)")
     add_data_args(parser)
     add_speed_args(parser)
     add_launcher_args(parser)
