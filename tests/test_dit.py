@@ -6,7 +6,7 @@ import torch
 
 from model.dit import DiT, DiTDiffusion, linear_alphas_cumprod
 from model.models import (build_diffusion, checkpoint_from_args, count_parameters, feature_dims, load_diffusion)
-from utils.config import load_config
+from utils.config import load_config, save_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_feature_pass_stops_after_the_deepest_block_needed():
         net.forward_features(g["x"], g["t"], ["out_1"])
 
 
-def test_shipped_configs_build_dit_xl_2():
+def test_shipped_configs_build_dit_xl_2(tmp_path):
     for name, timestep, classes in (("DiT_XL_2_cifar", 121, 10), ("DiT_XL_2_tinyimagenet", 81, 200)):
         cfg = load_config(ROOT / "config" / f"{name}.yaml", allow_dit=True)
         assert (cfg.linear.timestep, cfg.linear.blockname, cfg.classes) == (timestep, "layer-13", classes)
@@ -116,6 +116,8 @@ def test_shipped_configs_build_dit_xl_2():
         assert type(diffusion) is DiTDiffusion and type(diffusion.nn_model) is DiT
         assert count_parameters(diffusion) == 675_129_632  # SPEC §12, pos_embed included
         assert diffusion.nn_model.block_names[-1] == "layer-27"
+    saved = save_config(cfg, tmp_path / "config.yaml")  # as a run folder records it
+    assert load_config(saved, allow_dit=True) == cfg
 
 
 def test_dit_config_errors(tmp_path):
