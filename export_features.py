@@ -3,6 +3,7 @@
     python export_features.py --config config/DDPM_ddpm.yaml --epoch 1999 --split train --blocks out_6 out_9
     python export_features.py --config config/EDM_ddpm.yaml --ckpt model.pth --images my_photos/ --norm
     python export_features.py --config config/TinyImageNet_DDPM_ddpm.yaml --split test --blocks all --precision bf16
+    python export_features.py --config config/DiT_XL_2_cifar.yaml --split test --blocks layer-13 layer-20
 
 The EMA network sees every image once, noised to --timestep (default linear.timestep; image i gets
 its own noise seed, seed + i, so the export does not depend on the batch size) and stops after the
@@ -17,7 +18,8 @@ holds:
     meta.json     checkpoint, timestep, blocks, norm, seed, image count and class names; written
                   last, so a folder with meta.json is complete
 
-It runs in one process on one device.
+A DiT config exports its cached VAE latents (encode_latents.py): the test split, or copy 0 of the
+training split. It runs in one process on one device.
 """
 import argparse
 import os
@@ -37,6 +39,7 @@ from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
+from utils.latents import latent_datasets
 from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import extract_dataset_features, prepare_frozen, probe_cells, save_json
 
@@ -193,7 +196,8 @@ def check_args(args):
 def main(args):
     check_args(args)
     # --timestep is linear.timestep for this run, so the config's own checks cover it.
-    cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep)})
+    cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep)},
+                      allow_dit=True)
     (timestep,), _ = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
     blocks = resolve_blocks(cfg, args.blocks)
     checkpoint = checkpoint_from_args(cfg, args)
@@ -201,8 +205,14 @@ def main(args):
     check_writable(out_dir, "--out" if args.out else "save_dir",
                    "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))
     image_size = cfg.network.image_shape[-1]
+    if args.images and cfg.model_type == "DiT":
+        raise UserError(f"--images with a DiT config: the DiT reads cached VAE latents; export a cached split "
+                        f"(--split train or test) of {cfg.latents.cache_dir}")
     if args.images:
         dataset = ImageFiles(args.images, image_size, args.max_images)
+    elif cfg.model_type == "DiT":
+        train_set, test_set = latent_datasets(cfg, train_copy=0)
+        dataset = limit_images(train_set if args.split == "train" else test_set, args.max_images)
     else:
         dataset = limit_images(build_dataset(cfg.dataset, args.data_root, train=args.split == "train",
                                              transform=test_transform(), image_size=image_size), args.max_images)

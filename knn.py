@@ -1,6 +1,7 @@
 """Weighted k-NN classification on frozen DDAE features, for every (timestep, block) cell at once.
 
     python knn.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --grid
+    python knn.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
     torchrun --nproc_per_node=4 knn.py --config config/CIFAR100_DDPM_ddpm.yaml --precision bf16 --grid
 
 The protocol of DINO's k-NN evaluation: the features of every training and test image are
@@ -13,7 +14,8 @@ takes one feature pass over both splits where the linear probe takes 15 epochs.
 With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or EDM indices 3, 4, 5 of
 18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
 of both splits; the training features are all-gathered and each process classifies its own test
-images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid).
+images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid). A DiT
+config reads cached VAE latents: copy 0 of the (augmented) training latents and the test latents.
 """
 import argparse
 import os
@@ -30,6 +32,7 @@ from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
+from utils.latents import latent_datasets
 from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import (AccuracyCounter, accuracy_table, best_line, extract_dataset_features, format_accuracy_table,
                          plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, synchronize)
@@ -200,16 +203,19 @@ def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
 @cli_entry
 def main(args):
     check_args(args)
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, allow_dit=True)
     timesteps, blocks = probe_cells(cfg, args.grid)
+    if cfg.model_type == "DiT":  # checked before the weights load
+        train_set, test_set = (limit_images(split, args.max_images) for split in latent_datasets(cfg, train_copy=0))
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
-    image_size = cfg.network.image_shape[-1]
     out_dir = os.path.join(cfg.save_dir, "knn")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
-    train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
-                                                      transform=test_transform(), image_size=image_size),
-                                        args.max_images) for train in (True, False))
+    if cfg.model_type != "DiT":
+        image_size = cfg.network.image_shape[-1]
+        train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
+                                                          transform=test_transform(), image_size=image_size),
+                                            args.max_images) for train in (True, False))
     if args.k > len(train_set):
         raise UserError(f"--k {args.k}: larger than the {len(train_set)} training images; pass --k "
                         f"{len(train_set)} or less")

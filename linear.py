@@ -2,13 +2,15 @@
 
     python linear.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
     torchrun --nproc_per_node=4 linear.py --config config/EDM_ddpm.yaml --use_amp --epoch 1999 --grid
+    python linear.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
-trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18) at once, from one
-forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid); the tag
-names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128), or is --tag. A
-probe that is stopped resumes from its last finished epoch when run again with the same arguments.
---tensorboard also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
+trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
+at once, from one forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with
+--grid); the tag names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128),
+or is --tag. A probe that is stopped resumes from its last finished epoch when run again with the same
+arguments. --tensorboard also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
+A DiT config probes cached VAE latents, each training example read from one of its cached copies at random.
 """
 import argparse
 import os
@@ -29,6 +31,7 @@ from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.latents import latent_datasets
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
@@ -42,7 +45,7 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18)")
+                        help="probe every block at the grid's timesteps (DDPM 1/11/21, EDM 3/4/5 of 18, DiT 41/81/.../201)")
     parser.add_argument("--tag", default=None,
                         help="name of the result files in save_dir/linear (default: the checkpoint, the cells "
                              "and the probe's settings, e.g. model_1999_grid_ep15_lr0.001_bs128)")
@@ -195,8 +198,9 @@ def _summary(cfg, heads, history, test_images, world_size, source):
 
 @cli_entry
 def main(args):
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, allow_dit=True)
     timesteps, blocks = probe_cells(cfg, args.grid)
+    latents = latent_datasets(cfg) if cfg.model_type == "DiT" else None  # checked before the weights load
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     num_workers = resolve_num_workers(args, cfg)
@@ -212,11 +216,14 @@ def main(args):
         precision = resolve_precision(args, device)
         configure_backends(args, device)
         diffusion = prepare_frozen(diffusion, device, compile=args.compile)
-        image_size = cfg.network.image_shape[-1]
-        train_set = build_dataset(cfg.dataset, args.data_root, train=True,
-                                  transform=probe_train_transform(image_size), image_size=image_size)
-        test_set = build_dataset(cfg.dataset, args.data_root, train=False, transform=eval_transform(),
-                                 image_size=image_size)
+        if latents:
+            train_set, test_set = latents
+        else:
+            image_size = cfg.network.image_shape[-1]
+            train_set = build_dataset(cfg.dataset, args.data_root, train=True,
+                                      transform=probe_train_transform(image_size), image_size=image_size)
+            test_set = build_dataset(cfg.dataset, args.data_root, train=False, transform=eval_transform(),
+                                     image_size=image_size)
         print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
                f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
         run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,

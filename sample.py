@@ -18,7 +18,6 @@ only the missing images, and sampling.json in the folder stops a run with other 
 mixing its images in.
 """
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -31,11 +30,12 @@ from PIL import Image
 
 from model.amp import add_amp_args, autocast, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
-from model.noise import PerImageNoise
+from model.noise import PerImageNoise, image_seed
 from model.speed import add_speed_args, compile_module, configure_backends
 from utils.atomic import atomic_path
-from utils.checkpoint import CHECKPOINT_NAME
+from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.config import add_config_args, load_config
+from utils.data import split_batches
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -148,31 +148,6 @@ def folder_name(label, sampler):
     return f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
 
 
-def _splitmix64(value):
-    value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2 ** 64
-    return value ^ (value >> 31)
-
-
-def image_seed(seed, index):
-    """The generator seed of image ``index`` in a run with ``seed``.
-
-    A scrambled offset of the run plus the index: distinct for every index of a run even in the low
-    32 bits, which are all that a CPU generator uses, while two runs' ranges practically never meet.
-    """
-    return (_splitmix64(seed) + index) % 2 ** 64
-
-
-def weights_digest(module):
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): which weights made the images."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def grid_range(grid, n_samples):
     return range(grid * IMAGES_PER_GRID, min((grid + 1) * IMAGES_PER_GRID, n_samples))
 
@@ -228,13 +203,6 @@ def prepare_folder(out_dir, settings, n_samples):
         with open(temporary, "w") as file:
             json.dump(dict(settings, n_samples=n_samples), file, indent=1)
     return [i for i in range(n_samples) if f"{i}.png" not in present]
-
-
-def split_batches(indices, batch_size, rank, world_size):
-    """Cut ``indices`` into batches of ``batch_size`` and give each process a contiguous run of whole
-    batches: the batches are the same whatever the number of processes."""
-    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-    return batches[rank * len(batches) // world_size:(rank + 1) * len(batches) // world_size]
 
 
 class GridCollector:

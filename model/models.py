@@ -5,13 +5,15 @@ import os
 import torch
 
 from model.ddpm import DDPM
+from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.unet import UNet
 from utils.checkpoint import load_checkpoint, resolve_checkpoint, strip_module_prefix
 from utils.errors import UserError
 
-MODEL_TYPES = {"DDPM": DDPM, "EDM": EDM}
-NET_TYPES = {"UNet": UNet}
+MODEL_TYPES = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
+NET_TYPES = {"UNet": UNet, "DiT": DiT}
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
 def build_network(cfg):
@@ -24,11 +26,13 @@ def build_diffusion(cfg):
     return MODEL_TYPES[cfg.model_type](build_network(cfg), **cfg.diffusion_kwargs())
 
 
-def diffusion_state_dict(checkpoint, weights="ema"):
+def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
     """Pick the diffusion module's state dict (keys ``nn_model.*``) out of a checkpoint.
 
-    Reads our checkpoints and the original code's ({'MODEL': DDP keys 'module.nn_model.*',
-    'EMA': ema-pytorch state}). ``weights`` is "ema" or "online".
+    Reads our checkpoints, the original code's ({'MODEL': DDP keys 'module.nn_model.*',
+    'EMA': ema-pytorch state}) and a bare network state dict such as facebookresearch/DiT's
+    released files (their EMA weights), recognised by sharing a key with ``network_keys``.
+    ``weights`` is "ema" or "online".
     """
     if weights not in ("ema", "online"):
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
@@ -39,6 +43,8 @@ def diffusion_state_dict(checkpoint, weights="ema"):
         return strip_module_prefix(checkpoint["MODEL"])
     if any(k.startswith(("nn_model.", "module.nn_model.")) for k in checkpoint):
         return strip_module_prefix(checkpoint)  # a bare diffusion state dict
+    if all(torch.is_tensor(v) for v in checkpoint.values()) and not set(checkpoint).isdisjoint(network_keys):
+        return {f"nn_model.{k}": v for k, v in checkpoint.items()}  # a bare network state dict
     raise KeyError("EMA" if weights == "ema" else "MODEL")
 
 
@@ -46,12 +52,14 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
     """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
     naming the file and the first key that does not fit."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    expected = diffusion.state_dict()
+    network_keys = {key.removeprefix("nn_model.") for key in expected}
     try:
-        state = diffusion_state_dict(checkpoint, weights)
+        state = diffusion_state_dict(checkpoint, weights, network_keys)
     except KeyError as missing:
         raise UserError(f"{path}: no {missing} entry; expected a checkpoint written by train.py "
-                        f"(top-level keys MODEL / EMA / opt), found keys {sorted(checkpoint)[:6]}") from None
-    expected = diffusion.state_dict()
+                        f"(top-level keys MODEL / EMA / opt) or the network's state dict, found keys "
+                        f"{sorted(checkpoint)[:6]}") from None
     for key, value in expected.items():
         if key not in state:
             raise UserError(f"{path}: key {key!r} is missing; the checkpoint was made for another "
@@ -102,7 +110,10 @@ def add_checkpoint_args(parser):
 
 
 def checkpoint_from_args(cfg, args):
-    """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch``."""
+    """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch`` (for a
+    DiT config: its ``ckpt``, which must exist)."""
+    if cfg.model_type == "DiT":
+        return pretrained_dit_path(args.ckpt or cfg.ckpt)
     if args.ckpt:
         if not os.path.isfile(args.ckpt):
             raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or drop "
@@ -111,13 +122,21 @@ def checkpoint_from_args(cfg, args):
     return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
 
 
+def pretrained_dit_path(path):
+    """``path`` if the DiT checkpoint is there, else a UserError saying where to get it and put it."""
+    if not os.path.isfile(path):
+        raise UserError(f"DiT checkpoint {path} not found; download {DIT_URL}DiT-XL-2-256x256.pt (or another "
+                        f"DiT release) and put it at {path}, or pass --ckpt PATH")
+    return path
+
+
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
 @torch.no_grad()
 def feature_dims(diffusion, image_shape):
-    """Channel count of every ``out_k`` block, found with one tiny forward pass.
+    """Channel count of every block (UNet ``out_k``, DiT ``layer-k``), found with one tiny forward pass.
 
     The pass runs eagerly even when the network was compiled, so that its batch of one costs no
     compilation of its own and does not make the compiled graph's batch size dynamic.
@@ -129,4 +148,4 @@ def feature_dims(diffusion, image_shape):
         else contextlib.nullcontext()  # torch < 2.6 has no stances
     with torch.no_grad(), eager:
         feats = net.forward_features(x, torch.zeros(1, device=device), net.block_names)
-    return {name: f.shape[1] for name, f in feats.items()}
+    return {name: f.shape[net.feature_axis] for name, f in feats.items()}

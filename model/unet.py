@@ -23,6 +23,8 @@ class UNet(nn.Module):
     requested ones, stopping the network after the deepest.
     """
 
+    feature_axis = 1  # the channels of a (B, C, H, W) activation
+
     def __init__(self, image_shape=(3, 32, 32), n_channels=128, ch_mults=(1, 2, 2, 2),
                  is_attn=(False, True, False, False), dropout=0.1, n_blocks=2,
                  use_res_for_updown=False, augment_dim=0):

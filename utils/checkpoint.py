@@ -3,6 +3,7 @@
 Everything stored is a tensor or a plain Python value, so every file loads with
 ``torch.load(..., weights_only=True)``; that includes the RNG states (see ``capture_rng_state``).
 """
+import hashlib
 import os
 import random
 import re
@@ -66,6 +67,15 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
                         f"pass a model_{{epoch}}.pth file written by training")
     return checkpoint
+
+
+def weights_digest(module):
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): which weights made an output."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def capture_rng_state():

@@ -8,6 +8,10 @@ Scripts use three calls::
 
 ``UNet(**cfg.network)``, ``DDPM(nn_model, **cfg.diffusion)`` and ``EDM(nn_model, **cfg.diffusion)``
 work directly: the network and diffusion sections unpack like dicts.
+
+``model_type: DiT`` files (a pre-trained DiT evaluated on cached VAE latents, SPEC §12) load into a
+``DiTConfig``: no training keys, a DiT ``network`` section, ``ckpt`` and a ``latents`` section. Only
+the scripts that evaluate a DiT accept them (``load_config(..., allow_dit=True)``).
 """
 import dataclasses
 import difflib
@@ -15,14 +19,18 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from utils.atomic import atomic_path
 from utils.errors import UserError
 
-MODEL_TYPES = ("DDPM", "EDM")
-NET_TYPES = ("UNet",)
+MODEL_TYPES = ("DDPM", "EDM", "DiT")
+NET_TYPES = ("UNet",)                 # of the trainable model types; DiT configs use the DiT network
+DIT_SCRIPTS = "linear.py, knn.py, export_features.py and encode_latents.py"
+CACHE_DTYPES = ("float16", "float32")
+VAE_DOWNSAMPLING = 8                  # the SD VAE's latents are 1/8 of the image side
 OPTIMIZERS = ("Adam", "AdamW")
 AUGMENT_LABELS = 9  # labels per image produced by model.augment.AugmentPipe
 
@@ -67,7 +75,8 @@ class EDMConfig(_Section):
     augment_prob: float = 0.0       # probability of each geometric augmentation (0: off)
 
 
-DIFFUSION_CONFIGS = {"DDPM": DDPMConfig, "EDM": EDMConfig}
+# DiT's own diffusion has DDPM's linear schedule (timesteps 0..n_T-1).
+DIFFUSION_CONFIGS = {"DDPM": DDPMConfig, "EDM": EDMConfig, "DiT": DDPMConfig}
 
 
 @dataclass(kw_only=True)
@@ -90,6 +99,47 @@ class NetworkConfig(_Section):
 
 
 @dataclass(kw_only=True)
+class DiTNetworkConfig(_Section):
+    """Keywords of ``model.dit.DiT``; the defaults are DiT-XL/2 for 256x256 images."""
+
+    input_size: int = 32            # latent side
+    patch_size: int = 2
+    in_channels: int = 4            # latent channels
+    hidden_size: int = 1152         # token width
+    depth: int = 28                 # transformer blocks
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0: the label table has the null class
+    num_classes: int = 1000
+    learn_sigma: bool = True
+
+    @property
+    def image_shape(self):
+        """(C, H, W) of the network's input: a latent."""
+        return [self.in_channels, self.input_size, self.input_size]
+
+    @property
+    def block_names(self):
+        """Names of the blocks whose features can be probed: layer-0 .. layer-(depth-1)."""
+        return [f"layer-{k}" for k in range(self.depth)]
+
+
+@dataclass(kw_only=True)
+class LatentConfig(_Section):
+    """The VAE latent cache a DiT is evaluated on (written by encode_latents.py)."""
+
+    vae: str = "pretrained/sd-vae-ft-mse"  # local folder of diffusers' AutoencoderKL
+    cache_dir: str                  # one .npy per training copy plus the test split
+    copies: int = 10                # augmented copies of the training split
+    source_size: int = 32           # side of the dataset's images (CIFAR 32, Tiny ImageNet 64)
+    crop_padding: int = 4           # RandomCrop(source_size, padding) of the training copies
+    image_size: int = 256           # images are resized to this (bilinear) before encoding
+    scale: float = 0.18215          # latent = scale * a draw from the VAE's posterior
+    dtype: str = "float16"          # storage: float16 or float32
+    batch_size: int = 64            # images per VAE call and process
+
+
+@dataclass(kw_only=True)
 class LinearConfig(_Section):
     """Linear probing (and noise-conditional classifier) settings."""
 
@@ -100,9 +150,27 @@ class LinearConfig(_Section):
     blockname: str                  # out_k
 
 
+class _TopLevel:
+    """What every whole config offers the scripts."""
+
+    def network_kwargs(self):
+        """Keywords for the network (``UNet`` or ``DiT``), as a plain dict."""
+        return self.network.to_kwargs()
+
+    def diffusion_kwargs(self):
+        """Keywords for the diffusion wrapper (after the network), as a plain dict."""
+        return self.diffusion.to_kwargs()
+
+    def to_dict(self):
+        """Return the config as plain YAML-ready data, in the file's key order."""
+        return dataclasses.asdict(self)
+
+
 @dataclass(kw_only=True)
-class Config:
+class Config(_TopLevel):
     """A whole experiment: model, training, testing and evaluation settings."""
+
+    SECTIONS: ClassVar[dict] = {"network": NetworkConfig, "linear": LinearConfig}
 
     model_type: str                 # DDPM or EDM
     net_type: str = "UNet"
@@ -134,20 +202,25 @@ class Config:
         if self.diffusion is None and self.model_type in DIFFUSION_CONFIGS:
             self.diffusion = DIFFUSION_CONFIGS[self.model_type]()
 
-    def network_kwargs(self):
-        """Keywords for ``UNet``, as a plain dict."""
-        return self.network.to_kwargs()
 
-    def diffusion_kwargs(self):
-        """Keywords for ``DDPM`` / ``EDM`` (after the network), as a plain dict."""
-        return self.diffusion.to_kwargs()
+@dataclass(kw_only=True)
+class DiTConfig(_TopLevel):
+    """A pre-trained DiT evaluated as a DDAE on cached VAE latents; nothing is trained."""
 
-    def to_dict(self):
-        """Return the config as plain YAML-ready data, in the original's key order."""
-        return dataclasses.asdict(self)
+    SECTIONS: ClassVar[dict] = {"network": DiTNetworkConfig, "latents": LatentConfig, "linear": LinearConfig}
 
-
-SECTIONS = {"network": NetworkConfig, "linear": LinearConfig}
+    model_type: str                 # DiT
+    net_type: str = "DiT"
+    diffusion: DDPMConfig = field(default_factory=DDPMConfig)  # DiT's linear schedule
+    network: DiTNetworkConfig = field(default_factory=DiTNetworkConfig)
+    ckpt: str = "pretrained/DiT-XL-2-256x256.pt"  # facebookresearch/DiT's EMA weights (--ckpt overrides)
+    latents: LatentConfig
+    dataset: str = "cifar"
+    classes: int = 10
+    seed: int = 1337
+    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
+    save_dir: str                   # default ./output_<config name>, set by load_config
+    linear: LinearConfig
 
 
 def config_name(path):
@@ -171,7 +244,7 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=(), flags=None):
+def load_config(path, overrides=(), flags=None, allow_dit=False):
     """Read a YAML config, apply ``KEY=VALUE`` overrides and check it.
 
     Args:
@@ -180,9 +253,11 @@ def load_config(path, overrides=(), flags=None):
         flags: ``{dotted.key: (flag, value)}`` for a script's own flags that set a config value, e.g.
             ``{"linear.timestep": ("--timestep", args.timestep)}``; applied after ``overrides``
             (entries whose value is None are skipped), and an error about the key names the flag.
+        allow_dit: accept ``model_type: DiT`` (a ``DiTConfig``); scripts that cannot evaluate a DiT
+            leave it False and reject such a file with a one-line error.
 
     Returns:
-        A checked ``Config``.
+        A checked ``Config`` (or ``DiTConfig``).
 
     Raises:
         UserError: naming the file and the key at fault.
@@ -206,8 +281,14 @@ def load_config(path, overrides=(), flags=None):
     for override, _ in overrides:
         _apply_override(raw, override, path)
     raw.setdefault("save_dir", default_save_dir(path))
+    cls = Config
+    if raw.get("model_type") == "DiT":
+        if not allow_dit:
+            raise UserError(f"{path}: model_type DiT is a pre-trained network evaluated on cached latents; "
+                            f"use it with {DIT_SCRIPTS}")
+        cls = DiTConfig
     try:
-        cfg = _build(Config, raw, path, prefix="")
+        cfg = _build(cls, raw, path, prefix="")
         _check(cfg, path)
     except UserError as err:
         raise UserError(f"{err}{_override_note(str(err), overrides)}") from None
@@ -288,8 +369,8 @@ def _build(cls, raw, path, prefix):
             continue
         if name == "diffusion":
             values[name] = _build_diffusion(raw, path)
-        elif name in SECTIONS:
-            values[name] = _build(SECTIONS[name], raw[name], path, prefix=f"{name}.")
+        elif name in getattr(cls, "SECTIONS", {}):
+            values[name] = _build(cls.SECTIONS[name], raw[name], path, prefix=f"{name}.")
         else:
             values[name] = _convert(raw[name], fld.type, path, f"{prefix}{name}")
     return cls(**values)
@@ -387,6 +468,8 @@ def _check(cfg, path):
         if not ok:
             raise UserError(f"{path}: key '{key}' {message}")
 
+    if isinstance(cfg, DiTConfig):
+        return _check_dit(cfg, require)
     require(cfg.model_type in MODEL_TYPES, "model_type", f"must be one of {', '.join(MODEL_TYPES)}, "
                                                          f"got {cfg.model_type!r}")
     require(cfg.net_type in NET_TYPES, "net_type", f"must be one of {', '.join(NET_TYPES)}, got {cfg.net_type!r}")
@@ -412,9 +495,7 @@ def _check(cfg, path):
 
     diffusion = cfg.diffusion
     if cfg.model_type == "DDPM":
-        require(diffusion.n_T >= 1, "diffusion.n_T", f"must be at least 1, got {diffusion.n_T}")
-        require(len(diffusion.betas) == 2 and 0.0 < diffusion.betas[0] <= diffusion.betas[1] < 1.0,
-                "diffusion.betas", f"must be [beta_1, beta_T] with 0 < beta_1 <= beta_T < 1, got {diffusion.betas}")
+        _check_linear_schedule(diffusion, require)
     else:
         for key in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
             require(getattr(diffusion, key) > 0, f"diffusion.{key}", f"must be positive, got {getattr(diffusion, key)}")
@@ -431,19 +512,70 @@ def _check(cfg, path):
     require(cfg.lrate > 0, "lrate", f"must be positive, got {cfg.lrate}")
     require(0.0 < cfg.ema < 1.0, "ema", f"must be in (0, 1), got {cfg.ema}")
     require(cfg.load_epoch >= -1, "load_epoch", f"must be -1 (start fresh) or an epoch, got {cfg.load_epoch}")
-    require(cfg.num_workers >= -1, "num_workers", f"must be 0 or positive, or -1 for a number chosen from the "
-                                                  f"CPUs, got {cfg.num_workers}")
+    _check_num_workers(cfg, require)
     require(cfg.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
     require(cfg.save_dir != "", "save_dir", "must not be empty")
+    _check_linear(cfg, require, top=diffusion.n_T if cfg.model_type == "DDPM" else None)
 
+
+def _check_num_workers(cfg, require):
+    require(cfg.num_workers >= -1, "num_workers", f"must be 0 or positive, or -1 for a number chosen from the "
+                                                  f"CPUs, got {cfg.num_workers}")
+
+
+def _check_linear_schedule(diffusion, require):
+    require(diffusion.n_T >= 1, "diffusion.n_T", f"must be at least 1, got {diffusion.n_T}")
+    require(len(diffusion.betas) == 2 and 0.0 < diffusion.betas[0] <= diffusion.betas[1] < 1.0,
+            "diffusion.betas", f"must be [beta_1, beta_T] with 0 < beta_1 <= beta_T < 1, got {diffusion.betas}")
+
+
+def _check_linear(cfg, require, top):
+    """The probe settings; ``top`` is the largest timestep (None: checked later, per model type)."""
     linear = cfg.linear
     for key in ("n_epoch", "batch_size"):
         require(getattr(linear, key) >= 1, f"linear.{key}", f"must be at least 1, got {getattr(linear, key)}")
     require(linear.lrate > 0, "linear.lrate", f"must be positive, got {linear.lrate}")
     require(linear.timestep >= 0, "linear.timestep", f"must be 0 or positive, got {linear.timestep}")
-    if cfg.model_type == "DDPM":
-        require(linear.timestep <= diffusion.n_T, "linear.timestep",
-                f"must be at most diffusion.n_T ({diffusion.n_T}), got {linear.timestep}")
-    blocks = net.block_names
+    if top is not None:
+        require(linear.timestep <= top, "linear.timestep",
+                f"must be at most diffusion.n_T{' - 1' if cfg.model_type == 'DiT' else ''} ({top}), "
+                f"got {linear.timestep}")
+    blocks = cfg.network.block_names
+    kind = "a block" if cfg.model_type == "DiT" else "an up-path block"
     require(linear.blockname in blocks, "linear.blockname",
-            f"must name an up-path block of this network, {blocks[0]} .. {blocks[-1]}, got {linear.blockname!r}")
+            f"must name {kind} of this network, {blocks[0]} .. {blocks[-1]}, got {linear.blockname!r}")
+
+
+def _check_dit(cfg, require):
+    """Checks of a DiTConfig: the network, the latent cache and the probe."""
+    require(cfg.net_type == "DiT", "net_type", f"must be DiT for model_type DiT, got {cfg.net_type!r}")
+    net = cfg.network
+    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+        require(getattr(net, key) >= 1, f"network.{key}", f"must be at least 1, got {getattr(net, key)}")
+    require(net.input_size % net.patch_size == 0, "network.input_size",
+            f"must be a multiple of network.patch_size ({net.patch_size}), got {net.input_size}")
+    require(net.hidden_size % net.num_heads == 0, "network.hidden_size",
+            f"must be a multiple of network.num_heads ({net.num_heads}), got {net.hidden_size}")
+    require(net.mlp_ratio > 0, "network.mlp_ratio", f"must be positive, got {net.mlp_ratio}")
+    require(0.0 <= net.class_dropout_prob < 1.0, "network.class_dropout_prob",
+            f"must be in [0, 1), got {net.class_dropout_prob}")
+    _check_linear_schedule(cfg.diffusion, require)
+
+    latents = cfg.latents
+    for key in ("copies", "source_size", "batch_size"):
+        require(getattr(latents, key) >= 1, f"latents.{key}", f"must be at least 1, got {getattr(latents, key)}")
+    require(latents.crop_padding >= 0, "latents.crop_padding", f"must be 0 or positive, got {latents.crop_padding}")
+    require(latents.image_size == net.input_size * VAE_DOWNSAMPLING, "latents.image_size",
+            f"must be {VAE_DOWNSAMPLING} x network.input_size ({net.input_size * VAE_DOWNSAMPLING}): the VAE's "
+            f"latents are 1/{VAE_DOWNSAMPLING} of the image side; got {latents.image_size}")
+    require(latents.scale > 0, "latents.scale", f"must be positive, got {latents.scale}")
+    require(latents.dtype in CACHE_DTYPES, "latents.dtype",
+            f"must be one of {', '.join(CACHE_DTYPES)}, got {latents.dtype!r}")
+    for key in ("vae", "cache_dir"):
+        require(getattr(latents, key) != "", f"latents.{key}", "must not be empty")
+    require(cfg.ckpt != "", "ckpt", "must not be empty")
+
+    require(cfg.classes >= 1, "classes", f"must be at least 1, got {cfg.classes}")
+    _check_num_workers(cfg, require)
+    require(cfg.save_dir != "", "save_dir", "must not be empty")
+    _check_linear(cfg, require, top=cfg.diffusion.n_T - 1)

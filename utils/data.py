@@ -390,6 +390,13 @@ def shard_indices(num_samples, rank, world_size):
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
 
 
+def split_batches(indices, batch_size, rank, world_size):
+    """Cut ``indices`` into batches of ``batch_size`` and give each process a contiguous run of whole
+    batches: the batches are the same whatever the number of processes."""
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    return batches[rank * len(batches) // world_size:(rank + 1) * len(batches) // world_size]
+
+
 class EvalShardSampler(Sampler):
     """Visit this rank's ``shard_indices`` in order, without the padding DistributedSampler adds.
 

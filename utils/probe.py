@@ -27,8 +27,9 @@ from utils.errors import UserError
 from utils.logging import plot_heatmap
 from utils.progress import iterate
 
-# The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule.
-GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5)}
+# The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule. DiT (our
+# choice, around its probe defaults t = 81 and 121): timesteps out of 0..999.
+GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5), "DiT": (41, 81, 121, 161, 201)}
 EDM_FEATURE_STEPS = 18
 
 
@@ -38,8 +39,8 @@ def probe_cells(cfg, grid=False, timestep_flag=None):
     ``timestep_flag`` names the flag that set linear.timestep (e.g. "--timestep") in error messages.
 
     Returns:
-        (timesteps, blocks): a list of ints and a list of ``out_k`` names; the probed cells are
-        every (timestep, block) pair.
+        (timesteps, blocks): a list of ints and a list of block names (``out_k``, DiT ``layer-k``);
+        the probed cells are every (timestep, block) pair.
 
     Raises:
         UserError: a timestep that the diffusion model of ``cfg`` cannot noise to.
@@ -48,6 +49,9 @@ def probe_cells(cfg, grid=False, timestep_flag=None):
     timesteps = list(GRID_TIMESTEPS[cfg.model_type]) if grid else [cfg.linear.timestep]
     if cfg.model_type == "DDPM":
         top, what = cfg.diffusion.n_T, "diffusion.n_T"
+        low = 0
+    elif cfg.model_type == "DiT":
+        top, what = cfg.diffusion.n_T - 1, "DiT's timesteps, below diffusion.n_T"
         low = 0
     else:
         top, what = EDM_FEATURE_STEPS, f"the EDM feature schedule of {EDM_FEATURE_STEPS} steps"

@@ -1,0 +1,192 @@
+"""The VAE latent cache of a DiT evaluation: written once by encode_latents.py, read from disk by the probes.
+
+    python encode_latents.py --config config/DiT_XL_2_cifar.yaml
+    train_set, test_set = latent_datasets(cfg)   # a random cached copy of each training latent per read
+
+Layout of ``latents.cache_dir``:
+
+    train_{c}.npy                       (N, 4, 32, 32) latents of augmented copy c = 0 .. copies-1
+    test.npy                            (M, 4, 32, 32) latents of the test split, not augmented
+    train_labels.npy, test_labels.npy   int64 labels
+    cache.json                          how the latents were made; a run with other settings stops
+
+Every .npy is a plain NumPy file (float16 or float32) that the probes open memory-mapped, so memory
+stays flat whatever the number of copies. A latent file appears only once complete: it is written
+as ``{name}.partial.npy`` and renamed at the end, so a killed run resumes at the first missing file.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.noise import image_seed
+from utils.atomic import atomic_path
+from utils.errors import UserError
+
+SETTINGS_FILE = "cache.json"
+# Keys of cache.json that decide the bytes of the latents.
+IDENTITY_KEYS = ("dataset", "n_train", "n_test", "seed", "source_size", "crop_padding", "image_size", "scale",
+                 "dtype", "latent_shape", "vae_sha256", "precision")
+COPY_STRIDE = 2 ** 24  # seeds of one copy: image indices below this never meet another copy's seeds
+TEST_COPY = -1
+
+
+def split_name(copy):
+    """File stem of a training copy (0, 1, ...) or of the test split (``TEST_COPY``)."""
+    return "test" if copy == TEST_COPY else f"train_{copy}"
+
+
+def latent_seed(seed, copy, index):
+    """Generator seed of image ``index`` of training copy ``copy`` (``TEST_COPY``: the test split).
+
+    Every (copy, index) of a run gets a distinct seed, also in the low 32 bits that a CPU generator
+    uses, as long as index < 2^24 and fewer than 255 copies.
+    """
+    return image_seed(seed, (copy + 1) * COPY_STRIDE + index)
+
+
+def save_array(array, path):
+    """``np.save`` through a temporary file, so ``path`` is absent or complete."""
+    with atomic_path(path, fix="set latents.cache_dir to a writable folder") as temporary:
+        with open(temporary, "wb") as file:
+            np.save(file, array)
+
+
+def prepare_cache(cache_dir, settings, copies, train_labels, test_labels):
+    """Check ``cache_dir`` against ``settings``, record them and the labels, and list what is missing.
+
+    Returns:
+        the copies still to encode, in order (``TEST_COPY`` for the test split).
+
+    Raises:
+        UserError: the folder holds latents made with other settings, or cannot be written.
+    """
+    settings_path = os.path.join(cache_dir, SETTINGS_FILE)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {cache_dir} ({err.strerror}); set latents.cache_dir to a writable "
+                        f"folder") from None
+    if os.path.isfile(settings_path):
+        recorded = read_settings(cache_dir)
+        wanted = json.loads(json.dumps({key: settings[key] for key in IDENTITY_KEYS}))
+        differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
+        if differing:
+            before = ", ".join(f"{key}={recorded.get(key)}" for key in differing)
+            now = ", ".join(f"{key}={wanted[key]}" for key in differing)
+            raise UserError(f"{cache_dir} holds latents made with {before}, but this run has {now}; set "
+                            f"latents.cache_dir to another folder, or delete that one to start over")
+    elif any(name.endswith(".npy") for name in os.listdir(cache_dir)):
+        raise UserError(f"{cache_dir} holds .npy files but no {SETTINGS_FILE} says how they were made; set "
+                        f"latents.cache_dir to a new folder, or delete that one")
+    with atomic_path(settings_path, fix="set latents.cache_dir to a writable folder") as temporary:
+        with open(temporary, "w") as file:
+            json.dump(settings, file, indent=1)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        save_array(np.asarray(labels, dtype=np.int64), os.path.join(cache_dir, f"{split}_labels.npy"))
+    return [copy for copy in [*range(copies), TEST_COPY]
+            if not os.path.isfile(os.path.join(cache_dir, f"{split_name(copy)}.npy"))]
+
+
+def read_settings(cache_dir):
+    path = os.path.join(cache_dir, SETTINGS_FILE)
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); delete the folder {cache_dir} and encode again") from None
+
+
+def partial_path(cache_dir, copy):
+    return os.path.join(cache_dir, f"{split_name(copy)}.partial.npy")
+
+
+def create_partial(cache_dir, copy, n_images, latent_shape, dtype):
+    """An empty (n_images, *latent_shape) array file for one copy, replacing a stale partial one."""
+    path = partial_path(cache_dir, copy)
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n_images, *latent_shape)).flush()
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({err.strerror or err}); free disk space or set latents.cache_dir "
+                        f"to a writable folder (a rerun keeps the copies already finished)") from None
+
+
+def finish_partial(cache_dir, copy):
+    """Give a completely written copy its final name."""
+    os.replace(partial_path(cache_dir, copy), os.path.join(cache_dir, f"{split_name(copy)}.npy"))
+
+
+class LatentCache(Dataset):
+    """Cached latents of one split, read from disk one item at a time: ``(latent (C, H, W) float32, label)``.
+
+    Args:
+        cache_dir: the folder encode_latents.py wrote.
+        split: "train" or "test".
+        copies: training copies to read (train_0 .. train_{copies-1}).
+        copy: None: each read picks one of the copies at random (torch's generator); an int: that copy.
+
+    The arrays are opened memory-mapped, lazily in each process that reads (data-loader workers
+    included), and are never pickled; nothing but the labels is held in memory.
+    """
+
+    def __init__(self, cache_dir, split, copies=1, copy=None):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        names = [f"train_{c}" for c in range(copies)] if split == "train" else ["test"]
+        if split == "train" and copy is not None:
+            names = [names[copy]]
+        self.paths = [os.path.join(cache_dir, f"{name}.npy") for name in names]
+        for path in self.paths + [os.path.join(cache_dir, f"{split}_labels.npy")]:
+            if not os.path.isfile(path):
+                raise UserError(f"latent cache file {path} not found; encode the latents first: "
+                                f"python encode_latents.py --config <this config>")
+        settings = read_settings(cache_dir)
+        self.targets = np.load(os.path.join(cache_dir, f"{split}_labels.npy")).tolist()
+        self.classes = list(settings.get("classes", []))
+        self.num_classes = settings.get("num_classes", len(self.classes))
+        self._arrays = None
+        for array in self._open():
+            if array.shape[0] != len(self.targets):
+                raise UserError(f"{self.paths[0]}: {array.shape[0]} latents but {len(self.targets)} labels; "
+                                f"delete {cache_dir} and encode again")
+        self.latent_shape = tuple(self._open()[0].shape[1:])
+
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = [np.load(path, mmap_mode="r") for path in self.paths]
+        return self._arrays
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # a memmap would pickle its whole content
+        return state
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        arrays = self._open()
+        which = int(torch.randint(len(arrays), ())) if len(arrays) > 1 else 0
+        return torch.from_numpy(np.array(arrays[which][index], dtype=np.float32)), self.targets[index]
+
+
+def latent_datasets(cfg, train_copy=None):
+    """(training split, test split) of the latent cache of a DiT config.
+
+    Args:
+        cfg: a ``DiTConfig`` (``latents`` and ``network.image_shape`` are read).
+        train_copy: None: every read of a training latent picks one of the cached copies at random
+            (the linear probe); an int: that copy (k-NN, feature export).
+    """
+    cache_dir = cfg.latents.cache_dir
+    if train_copy is not None and not 0 <= train_copy < cfg.latents.copies:
+        raise UserError(f"training copy {train_copy}: the cache has copies 0..{cfg.latents.copies - 1}")
+    train = LatentCache(cache_dir, "train", cfg.latents.copies, train_copy)
+    test = LatentCache(cache_dir, "test")
+    expected = tuple(cfg.network.image_shape)
+    if train.latent_shape != expected:
+        raise UserError(f"{cache_dir} holds latents of shape {train.latent_shape}, but the network takes "
+                        f"{expected}; encode with latents.image_size = 8 x network.input_size")
+    return train, test
