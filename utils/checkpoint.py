@@ -14,6 +14,8 @@ from utils.atomic import atomic_path
 from utils.errors import UserError, describe_error
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
+# The time and signal checkpoint of train.py, replaced at each write; evaluation scripts never list it.
+LATEST_NAME = "latest.pth"
 
 
 def save_checkpoint(obj, path):
@@ -124,6 +126,19 @@ def latest_checkpoint(save_dir):
     """Path of the highest-epoch checkpoint in ``save_dir``, or None when there is none."""
     checkpoints = list_checkpoints(save_dir)
     return checkpoints[max(checkpoints)] if checkpoints else None
+
+
+def latest_path(save_dir):
+    """``save_dir/ckpts/latest.pth``, train.py's checkpoint by time and on signals (possibly mid-epoch)."""
+    return os.path.join(save_dir, "ckpts", LATEST_NAME)
+
+
+def resume_checkpoint(save_dir):
+    """Where training continues from: latest.pth or the highest-epoch model_{epoch}.pth, whichever
+    was written last (None when there is neither)."""
+    candidates = [path for path in (latest_path(save_dir), latest_checkpoint(save_dir))
+                  if path is not None and os.path.isfile(path)]
+    return max(candidates, key=lambda path: os.stat(path).st_mtime_ns, default=None)
 
 
 def resolve_checkpoint(save_dir, epoch, n_epoch=None):
