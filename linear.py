@@ -19,6 +19,7 @@ from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
 from model.speed import add_speed_args, configure_backends
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.checkpoint_clock import agree_to_stop
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
                         set_loader_epoch)
@@ -26,6 +27,7 @@ from utils.data import test_transform as eval_transform
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.probe import (ProbeHeads, accuracy_table, evaluate_heads, extract_grid_features, format_accuracy_table,
                          plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, to_device)
 
@@ -155,6 +157,11 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
             save_checkpoint({"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "rng": rng, "history": history, "test_images": test_images}, state_path)
+        stopped = agree_to_stop(device)
+        if stopped and epoch + 1 < n_epoch:
+            print0(f"stopped on {stopped}: saved {state_path} after epoch {epoch + 1} of {n_epoch}; the same "
+                   f"command continues the probe (exit code {EXIT_REQUEUE})")
+            raise SystemExit(EXIT_REQUEUE)
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)
@@ -207,4 +214,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    with StopSignals():  # SIGTERM / SIGUSR1: stop once the epoch's state is saved
+        main(build_parser().parse_args())

@@ -29,11 +29,13 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
+from utils.checkpoint_clock import agree_to_stop
 from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader, epoch_seed,
                         probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.logging import JsonlLogger
 from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
                          lr_factor, publish_results)
@@ -249,6 +251,13 @@ def run(args, device):
         barrier()
         print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (noised), "
                f"{time.time() - started:.1f} s")
+        stopped = agree_to_stop(device)
+        if stopped and epoch + 1 < args.epochs:
+            print0(f"stopped on {stopped}: saved {checkpoint_path(args.save_dir, epoch)}; the same command "
+                   f"with --resume continues it (exit code {EXIT_REQUEUE})")
+            if logger is not None:
+                logger.close()
+            raise SystemExit(EXIT_REQUEUE)
     if logger is not None:
         logger.close()
 
@@ -258,4 +267,5 @@ def run(args, device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with StopSignals():  # SIGTERM / SIGUSR1: stop once the epoch's checkpoint is saved
+        main(parse_args())
