@@ -231,3 +231,15 @@ def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(linear, "train_one_epoch", original)
     result = probe()  # the same call continues
     assert [record["epoch"] for record in result["epochs"]] == [0, 1]
+
+
+@pytest.mark.parametrize("on_device, workers", [(False, 0), (False, 2), (True, 0)])
+def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(tiny_setup, on_device, workers):
+    from tests.test_train import small_synthetic
+    dataset = small_synthetic("synthetic", None, True, image_size=16)
+    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device)
+    whole = list(data.batches(1))
+    tail = list(data.batches(1, start=3))
+    assert len(tail) == len(whole) - 3
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], tail))  # the same images and flips
+    assert all(torch.equal(a, b) for a, b in zip(whole, data.batches(1)))  # the skip was for one pass only
