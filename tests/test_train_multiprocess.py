@@ -25,7 +25,7 @@ CONFIG = {
 
 # Runs train.py's main under torchrun with test hooks: the data shrunk to IMAGES images, every rank's
 # weights saved right after build_training and at the end of train, and with PROBE_KILL_AT=N rank 1 of
-# torchrun's first attempt killed (SIGKILL) before its step N + 1.
+# torchrun's first attempt killed (SIGKILL) before its step N + 1, with PROBE_SIGTERM_AT=N sent SIGTERM.
 PROBE = textwrap.dedent(f"""
     import os, signal, sys
     sys.path.insert(0, {str(REPO)!r})
@@ -55,10 +55,12 @@ PROBE = textwrap.dedent(f"""
     train.build_dataset, train.build_training, train.train = small_dataset, recording_build, recording_train
     utils.checkpoint_clock.POLL_EVERY = int(os.environ.get("PROBE_POLL_EVERY", utils.checkpoint_clock.POLL_EVERY))
     kill_at, step = int(os.environ.get("PROBE_KILL_AT", -1)), train.train_step
+    sigterm_at = int(os.environ.get("PROBE_SIGTERM_AT", -1))
 
     def killed_step(state, images):
-        if state.step == kill_at and get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            if state.step in (kill_at, sigterm_at):
+                os.kill(os.getpid(), signal.SIGKILL if state.step == kill_at else signal.SIGTERM)
         return step(state, images)
 
     train.train_step = killed_step
@@ -148,3 +150,24 @@ def test_killed_worker_restarted_by_torchrun_ends_like_the_straight_run(two_proc
     records = read_jsonl(tmp_path / "run" / "log.jsonl")
     assert [(r["epoch"], r["steps"], r["loss"]) for r in records] == \
         [(r["epoch"], r["steps"], r["loss"]) for r in read_jsonl(straight_folder / "run" / "log.jsonl")]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM during step 2; the ranks agree at the next poll (step 2), write latest.pth
+    together and both exit with code 75."""
+    config = tmp_path / "tiny_edm.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", "--resume", "auto",
+                               "--ckpt_every_min", "0", cwd=REPO,
+                               env={"PROBE_OUT": str(tmp_path), "PROBE_SIGTERM_AT": "1", "PROBE_POLL_EVERY": "2"})
+    latest = tmp_path / "run" / "ckpts" / "latest.pth"
+    assert f"stopped on a signal to another process: saved {latest}" in result.stdout, result.stderr[-3000:]
+    assert "exitcode  : 75" in result.stderr  # torchrun reports the first worker to end
+    saved = load_checkpoint(latest)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (-1, 2, 2)
+    assert saved["rng"]["world_size"] == len(saved["epoch_loss"]) == 2
+    for rank in (0, 1):  # both left train() after that same step, none waits in a collective
+        final = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
+        assert_same_tensors(final["MODEL"], saved["MODEL"])
