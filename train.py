@@ -508,8 +508,7 @@ def find_resume_checkpoint(cfg, args):
     newest = resume_checkpoint(cfg.save_dir)
     if newest is not None:
         raise UserError(f"save_dir {cfg.save_dir} already holds checkpoints (the newest is {newest}); "
-                        f"pass --resume (or --resume auto) to continue that run, or choose another folder "
-                        f"with --set save_dir=DIR")
+                        f"pass --resume to continue that run, or choose another folder with --set save_dir=DIR")
     return None
 
 
