@@ -158,7 +158,7 @@ def test_second_signal_exits_at_once_even_while_blocked(tmp_path):
     assert process.wait(timeout=10) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 5
     errors = process.stderr.read()
-    assert "SIGUSR1 received: stopping after the current step" in errors
+    assert "SIGUSR1 received: stopping at the next step or epoch boundary, after saving" in errors
     assert "second SIGTERM: exiting at once" in errors
 
 
@@ -171,6 +171,9 @@ def test_signal_handlers_are_restored(tmp_path):
         while signals.requested is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert signals.requested == "SIGTERM"
+        with StopSignals() as inner:  # as train() inside a script's StopSignals
+            assert inner.requested == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.set_wakeup_fd(-1) == -1
 

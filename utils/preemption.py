@@ -36,7 +36,8 @@ _STOP = 0  # not a signal number: tells the watcher thread to end
 class StopSignals:
     """Context manager that turns ``signals`` into a stop request (see the module docstring).
 
-    Outside the main thread nothing is installed and ``requested`` stays None.
+    Outside the main thread nothing is installed and ``requested`` stays None. Inside another
+    StopSignals nothing more is installed either, and ``requested`` is the outer one's.
 
     Args:
         signals: the signals to watch.
@@ -46,12 +47,19 @@ class StopSignals:
     def __init__(self, signals=SIGNALS, repeat_seconds=REPEAT_SECONDS):
         self.signals = tuple(signals)
         self.repeat_seconds = repeat_seconds
-        self.requested = None     # name of the first signal received, e.g. "SIGTERM"
+        self._requested = None
         self._first_time = None
         self._previous = None
+        self._outer = None
+
+    @property
+    def requested(self):
+        """Name of the first signal received, e.g. "SIGTERM"; None before."""
+        return self._outer.requested if self._outer is not None else self._requested
 
     def __enter__(self):
         global _active
+        self._outer = _active
         if threading.current_thread() is not threading.main_thread() or _active is not None:
             return self
         self._read, self._write = os.pipe()
@@ -66,6 +74,7 @@ class StopSignals:
 
     def __exit__(self, *exc_info):
         global _active
+        self._outer = None
         if self._previous is None:
             return
         signal.set_wakeup_fd(self._previous_fd)
@@ -89,9 +98,9 @@ class StopSignals:
 
     def _receive(self, number):
         now = time.monotonic()
-        if self.requested is None:
-            self.requested, self._first_time = number.name, now
-            _say(f"{number.name} received: stopping after the current step and saving; "
+        if self._requested is None:
+            self._requested, self._first_time = number.name, now
+            _say(f"{number.name} received: stopping at the next step or epoch boundary, after saving; "
                  f"send it again to exit at once")
         elif now - self._first_time >= self.repeat_seconds:
             _say(f"second {number.name}: exiting at once, without saving")
