@@ -288,3 +288,36 @@ def test_finetune_and_wrn_stop_on_sigterm_and_the_same_call_continues(tmp_path, 
     wrn_script.main(wrn_script.parse_args(argv))
     assert "resuming from" in capsys.readouterr().out
     assert [r["epoch"] for r in read_jsonl(save_dir / "log.jsonl")] == [0, 1]
+
+
+class Requested:
+    requested = None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_checkpoint_clock_polls_every_few_steps(device):
+    """The collective path, in a one-process group posing as two: gloo decides at the first poll; on
+    CUDA the all-reduce launched at a poll is read at the next one, so the decision comes a poll later."""
+    import torch.distributed as dist
+    from utils.checkpoint_clock import POLL_EVERY, CheckpointClock
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        signals = Requested()
+        clock = CheckpointClock(0, signals, device)
+        clock.world_size = 2
+        first_poll = POLL_EVERY if device == "cpu" else 2 * POLL_EVERY
+        for step in range(1, 3 * POLL_EVERY + 1):
+            if step == 1:
+                signals.requested = "SIGTERM"
+            clock.after_step()
+            assert (clock.save_due, clock.stop_due) == ((True, True) if step >= first_poll else (False, False)), step
+        timed = CheckpointClock(1e-9, Requested(), device)  # rank 0's clock says "now"
+        timed.world_size = 2
+        for _ in range(first_poll):
+            timed.after_step()
+        assert (timed.save_due, timed.stop_due) == (True, False)
+        timed.saved()
+        assert not timed.save_due
+    finally:
+        dist.destroy_process_group()
