@@ -6,7 +6,8 @@
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
 trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18) at once, from one
 forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with --grid). A
-probe that is stopped resumes from its last finished epoch when run again with the same arguments.
+probe that is stopped resumes from its last finished epoch when run again with the same arguments;
+SIGTERM or SIGUSR1 stops it once the epoch's state is saved (exit code 75).
 """
 import argparse
 import os
