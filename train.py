@@ -38,7 +38,8 @@ from model.noise import PerImageNoise
 from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
 from utils.atomic import atomic_path
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_path, list_checkpoints,
-                              load_checkpoint, restore_rng_state, resume_checkpoint, save_checkpoint)
+                              load_checkpoint, remove_stale_temporaries, restore_rng_state, resume_checkpoint,
+                              save_checkpoint)
 from utils.checkpoint_clock import CheckpointClock
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
@@ -658,6 +659,8 @@ def train(cfg, args):
                             f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
         position = f", batch {state.batch} of {len(state.data)}" if state.batch else ""
         print0(f"resuming from {resume_path}: epoch {state.epoch}{position}, step {state.step}")
+    if is_main():
+        remove_stale_temporaries(cfg.save_dir)  # left by writes that a kill -9 cut short
     logger = start_run_folder(state) if is_main() else None
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch "

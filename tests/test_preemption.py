@@ -17,7 +17,7 @@ import train
 from tests.launch import REPO
 from tests.test_train import TINY, assert_same_tensors, run, tiny_setup, write_config  # noqa: F401 (fixture)
 from utils.checkpoint import (LATEST_NAME, checkpoint_path, latest_path, list_checkpoints, load_checkpoint,
-                              resolve_checkpoint, resume_checkpoint, save_checkpoint)
+                              remove_stale_temporaries, resolve_checkpoint, resume_checkpoint, save_checkpoint)
 from utils.logging import read_jsonl
 from utils.preemption import EXIT_REQUEUE, StopSignals
 
@@ -100,6 +100,7 @@ def test_kill_9_three_times_then_resume_auto_is_exact(straight, tmp_path):
     assert len(resumes) == 3
     assert any(f"{LATEST_NAME}: epoch" in line and ", batch " in line for line in resumes), resumes
     assert_same_end(tmp_path / "run", straight)
+    assert not [name for name in os.listdir(tmp_path / "run" / "ckpts") if name.endswith(".tmp")]
 
 
 def test_sigterm_mid_epoch_saves_exits_75_and_resumes_exactly(straight, tmp_path, monkeypatch, capsys):
@@ -185,8 +186,11 @@ def test_latest_is_resumed_when_newer_and_never_listed_for_evaluation(tmp_path):
     latest = latest_path(save_dir)
     save_checkpoint({"epoch": 100, "batch": 3}, latest)
     (save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp").write_bytes(b"half")  # a write that was killed
+    (save_dir / "ckpts" / ".notes.txt").write_text("kept")
     assert list(list_checkpoints(save_dir)) == [0, 100]
     assert resolve_checkpoint(save_dir, -1).endswith("model_100.pth")
+    assert remove_stale_temporaries(save_dir) == [str(save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp")]
+    assert sorted(os.listdir(save_dir / "ckpts")) == [".notes.txt", LATEST_NAME, "model_0.pth", "model_100.pth"]
     stamp = os.stat(latest).st_mtime_ns
     os.utime(checkpoint_path(save_dir, 100), ns=(stamp - 10**9, stamp - 10**9))
     assert resume_checkpoint(save_dir) == latest

@@ -16,6 +16,7 @@ from utils.errors import UserError, describe_error
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
 # The time and signal checkpoint of train.py, replaced at each write; evaluation scripts never list it.
 LATEST_NAME = "latest.pth"
+TEMPORARY_NAME = re.compile(r"^\..+\.pth\.\d+\.tmp$")  # utils.atomic's name while a checkpoint is written
 
 
 def save_checkpoint(obj, path):
@@ -139,6 +140,24 @@ def resume_checkpoint(save_dir):
     candidates = [path for path in (latest_path(save_dir), latest_checkpoint(save_dir))
                   if path is not None and os.path.isfile(path)]
     return max(candidates, key=lambda path: os.stat(path).st_mtime_ns, default=None)
+
+
+def remove_stale_temporaries(save_dir):
+    """Delete the hidden temporaries (``.name.PID.tmp``) that checkpoint writes killed midway left in
+    ``save_dir/ckpts``; each can be as large as a checkpoint. Call it before this run writes any.
+
+    Returns:
+        the paths removed.
+    """
+    folder = os.path.join(save_dir, "ckpts")
+    stale = [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if TEMPORARY_NAME.match(name)]
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def resolve_checkpoint(save_dir, epoch, n_epoch=None):
