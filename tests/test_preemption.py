@@ -254,6 +254,14 @@ def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(tiny_setup, on_
     assert all(torch.equal(a, b) for a, b in zip(whole[3:], tail))  # the same images and flips
     assert all(torch.equal(a, b) for a, b in zip(whole, data.batches(1)))  # the skip was for one pass only
 
+    if not on_device and workers == 0:  # the skipped images are not even read
+        reads = []
+        original = type(dataset).__getitem__
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(dataset), "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+            list(data.batches(1, start=3))
+        assert len(reads) == len(dataset) - 3 * 16
+
 
 def signalled(function):
     """``function``, which first sends this process SIGTERM (as a scheduler would, during an epoch)."""
