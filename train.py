@@ -697,8 +697,8 @@ def train(cfg, args):
         if logger is not None:
             logger.close()
     if state.stopped:
-        print0(f"stopped on {state.stopped}: saved {state.stop_path}; the same command with --resume auto "
-               f"continues the run (exit code {EXIT_REQUEUE})")
+        print0(f"stopped on {state.stopped}: saved {state.stop_path}; run the same command with --resume auto "
+               f"(or --resume) to continue (exit code {EXIT_REQUEUE})")
     return state
 
 
