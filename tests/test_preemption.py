@@ -243,66 +243,26 @@ def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
     assert [record["epoch"] for record in result["epochs"]] == [0, 1]
 
 
-@pytest.mark.parametrize("on_device, workers", [(False, 0), (False, 2), (True, 0)])
-def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(tiny_setup, on_device, workers):
-    from tests.test_train import small_synthetic
-    dataset = small_synthetic("synthetic", None, True, image_size=16)
-    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device)
+@pytest.mark.parametrize("on_device, workers, drop_last", [(False, 0, False), (False, 2, False), (True, 0, False),
+                                                      (False, 0, True), (True, 0, True)])
+def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(on_device, workers, drop_last):
+    """120 images at batch 16: seven full batches and one of 8, kept or dropped."""
+    from utils.data import SyntheticImages
+    dataset = SyntheticImages(n=120, image_size=16, train=True, transform=None)
+    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device,
+                           drop_last=drop_last)
     whole = list(data.batches(1))
     tail = list(data.batches(1, start=3))
-    assert len(tail) == len(whole) - 3
+    assert len(whole) == (7 if drop_last else 8) and len(tail) == len(whole) - 3
     assert all(torch.equal(a, b) for a, b in zip(whole[3:], tail))  # the same images and flips
     assert all(torch.equal(a, b) for a, b in zip(whole, data.batches(1)))  # the skip was for one pass only
-
     if not on_device and workers == 0:  # the skipped images are not even read
         reads = []
         original = type(dataset).__getitem__
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(type(dataset), "__getitem__", lambda self, i: reads.append(i) or original(self, i))
             list(data.batches(1, start=3))
-        assert len(reads) == len(dataset) - 3 * 16
-
-
-def signalled(function):
-    """``function``, which first sends this process SIGTERM (as a scheduler would, during an epoch)."""
-    def wrapper(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return function(*args, **kwargs)
-    return wrapper
-
-
-def test_finetune_and_wrn_stop_on_sigterm_and_the_same_call_continues(tmp_path, monkeypatch, capsys):
-    import finetune
-    import noisy_classifier_WRN as wrn_script
-    from tests.test_finetune import tiny_run, without_timings
-    from tests.test_noisy_classifiers import TINY_WRN
-    cpu = torch.device("cpu")
-
-    monkeypatch.setattr(finetune, "train_one_epoch", signalled(finetune.train_one_epoch))
-    with StopSignals(), pytest.raises(SystemExit) as exit_info:
-        finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "finetune", "tag", resume=True)
-    assert exit_info.value.code == EXIT_REQUEUE
-    state_path = tmp_path / "finetune" / "tag.state.pth"
-    assert f"stopped on SIGTERM: saved {state_path} after epoch 1 of 2" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "finetune")) == ["tag.json", "tag.state.pth"]
-    monkeypatch.undo()
-    resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "finetune", "tag", resume=True)
-    whole = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "whole", "tag")
-    assert without_timings(resumed) == without_timings(whole)
-
-    save_dir = tmp_path / "wrn"
-    argv = ["--mode", "DDPM", "--epochs", "2", "--warm_epochs", "1", "--save_dir", str(save_dir), "--resume",
-            *TINY_WRN]
-    monkeypatch.setattr(wrn_script, "train_one_epoch", signalled(wrn_script.train_one_epoch))
-    with StopSignals(), pytest.raises(SystemExit) as exit_info:
-        wrn_script.main(wrn_script.parse_args(argv))
-    assert exit_info.value.code == EXIT_REQUEUE
-    assert sorted(os.listdir(save_dir / "ckpts")) == ["model_0.pth"]
-    assert [r["epoch"] for r in read_jsonl(save_dir / "log.jsonl")] == [0]
-    monkeypatch.undo()
-    wrn_script.main(wrn_script.parse_args(argv))
-    assert "resuming from" in capsys.readouterr().out
-    assert [r["epoch"] for r in read_jsonl(save_dir / "log.jsonl")] == [0, 1]
+        assert len(reads) == sum(len(batch) for batch in tail)
 
 
 class Requested:
