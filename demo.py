@@ -83,8 +83,7 @@ def main(args):
     if epoch is not None and epoch >= cfg.n_epoch - 1:
         print(f"\n== 1/4 reusing the finished run {checkpoint} (pass --fresh to train again)")
     else:
-        resume = ["--resume"] if checkpoint else []
-        run("1/4 train a tiny DDPM on synthetic images", ["train.py", *common, *resume])
+        run("1/4 train a tiny DDPM on synthetic images", ["train.py", *common, "--resume", "auto"])
         epoch, checkpoint = last_checkpoint(cfg)
 
     sample_dir = os.path.join(cfg.save_dir, f"demo_samples_ep{epoch}")

@@ -40,12 +40,14 @@ from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
 from utils.atomic import check_writable
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint_clock import agree_to_stop
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
                         resolve_num_workers, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.noisy import add_max_images_arg, limit_images, lr_factor
@@ -329,6 +331,11 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
                              "history": history, "test_images": test_images}, state_path)
             save_json(result, os.path.join(out_dir, f"{tag}.json"))
         barrier()
+        stopped = agree_to_stop(device)
+        if stopped and epoch + 1 < settings["epochs"]:
+            print0(f"stopped on {stopped}: saved {state_path} after epoch {epoch + 1} of {settings['epochs']}; "
+                   f"the same command with --resume continues it (exit code {EXIT_REQUEUE})")
+            raise SystemExit(EXIT_REQUEUE)
     if result is None:  # resumed a finished run: nothing left to train
         result = summary(cfg, settings, history, test_images, trainable)
         if is_main():
@@ -391,4 +398,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    with StopSignals():  # SIGTERM / SIGUSR1: stop once the epoch's state is saved
+        main(build_parser().parse_args())

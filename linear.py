@@ -9,7 +9,8 @@ trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; D
 at once, from one forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with
 --grid); the tag names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128),
 or is --tag. A probe that is stopped resumes from its last finished epoch when run again with the same
-arguments. --tensorboard also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
+arguments; SIGTERM or SIGUSR1 stops it once the epoch's state is saved (exit code 75). --tensorboard
+also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
 A DiT config probes cached VAE latents, each training example read from one of its cached copies at random.
 """
 import argparse
@@ -24,6 +25,7 @@ from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims
 from model.speed import add_speed_args, configure_backends
 from utils.atomic import check_writable
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.checkpoint_clock import agree_to_stop
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
                         set_loader_epoch)
@@ -32,6 +34,7 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
                                get_rank, get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
@@ -173,6 +176,11 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
             save_checkpoint({"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "rng": rng, "history": history, "test_images": test_images}, state_path)
+        stopped = agree_to_stop(device)
+        if stopped and epoch + 1 < n_epoch:
+            print0(f"stopped on {stopped}: saved {state_path} after epoch {epoch + 1} of {n_epoch}; the same "
+                   f"command continues the probe (exit code {EXIT_REQUEUE})")
+            raise SystemExit(EXIT_REQUEUE)
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)
@@ -234,4 +242,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    with StopSignals():  # SIGTERM / SIGUSR1: stop once the epoch's state is saved
+        main(build_parser().parse_args())

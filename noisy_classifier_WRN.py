@@ -31,11 +31,13 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
+from utils.checkpoint_clock import agree_to_stop
 from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
                         default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.logging import JsonlLogger
 from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
                          log_levels, lr_factor, publish_results)
@@ -261,6 +263,13 @@ def run(args, device):
                f"{time.time() - started:.1f} s")
         board.scalars({"loss": loss, "train_accuracy": train_acc, "lr": lr_at_step(step - 1)}, epoch + 1,
                       prefix="noisy/")
+        stopped = agree_to_stop(device)
+        if stopped and epoch + 1 < args.epochs:
+            print0(f"stopped on {stopped}: saved {checkpoint_path(args.save_dir, epoch)}; the same command "
+                   f"with --resume continues it (exit code {EXIT_REQUEUE})")
+            if logger is not None:
+                logger.close()
+            raise SystemExit(EXIT_REQUEUE)
     if logger is not None:
         logger.close()
 
@@ -271,4 +280,5 @@ def run(args, device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with StopSignals():  # SIGTERM / SIGUSR1: stop once the epoch's checkpoint is saved
+        main(parse_args())

@@ -6,17 +6,22 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --config config/EDM_ddpmpp.yaml --use_amp                         # on every machine
     python train.py --config config/DDPM_ddpm.yaml --use_amp --resume              # continue the latest checkpoint
+    python train.py --config config/DDPM_ddpm.yaml --use_amp --resume auto         # the same, or start fresh
 
 The run folder (save_dir) receives config.yaml, log.jsonl (one JSON line per epoch), loss.png, and at
 every epoch ep divisible by ckpt_interval (0, 100, ...) and at the last epoch visual/image_ep{ep}_ema.png
 (samples above real images) and ckpts/model_{ep}.pth; with --tensorboard, tb/train/ gets the same
-numbers and the grids. On a terminal each epoch shows a tqdm bar; in a log file (stderr not a terminal)
-it is one plain line per epoch with the time left, a line per checkpoint and a summary at the end.
+numbers and the grids. Every --ckpt_every_min minutes, and on SIGTERM or SIGUSR1, ckpts/latest.pth is
+written at a step boundary, mid-epoch included; after a signal the run exits with code 75
+(utils.preemption.EXIT_REQUEUE), and the same command with --resume auto continues it. On a terminal
+each epoch shows a tqdm bar; in a log file (stderr not a terminal) it is one plain line per epoch with
+the time left, a line per checkpoint and a summary at the end.
 """
 import argparse
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,8 +39,10 @@ from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
 from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
 from utils.atomic import atomic_path, check_writable
-from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_checkpoint,
-                              list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint)
+from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_path, list_checkpoints,
+                              load_checkpoint, remove_stale_temporaries, restore_rng_state, resume_checkpoint,
+                              save_checkpoint)
+from utils.checkpoint_clock import CheckpointClock
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
                         train_transform)
@@ -44,6 +51,7 @@ from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
+from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import format_duration, is_interactive, progress
 from utils.tensorboard import add_tensorboard_arg, open_board
 
@@ -64,10 +72,16 @@ def build_parser():
     add_amp_args(parser)
     add_data_args(parser)
     add_launcher_args(parser)
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                        help="continue a run exactly: alone, from the latest checkpoint in save_dir; "
-                             "with PATH, from that checkpoint file (the config's load_epoch does the same "
-                             "for model_{load_epoch}.pth)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH|auto",
+                        help="continue a run exactly: alone, from the newest checkpoint in save_dir "
+                             "(latest.pth or the last model_{epoch}.pth, whichever was written last); "
+                             "'auto': the same, or a fresh start when there is none (one command line for "
+                             "the first launch and every restart); with PATH, from that checkpoint file "
+                             "(the config's load_epoch does the same for model_{load_epoch}.pth)")
+    parser.add_argument("--ckpt_every_min", type=float, default=30, metavar="M",
+                        help="write save_dir/ckpts/latest.pth every M minutes (fractions allowed), at a step "
+                             "boundary, mid-epoch included, replacing the previous one; 0: only on SIGTERM / "
+                             "SIGUSR1. The model_{epoch}.pth checkpoints are written as before")
     parser.add_argument("--accum", type=int, default=1, metavar="K",
                         help="accumulate gradients over K micro-batches of batch_size per optimizer step. "
                              "K micro-batches emulate K times more GPUs, so the learning rate becomes "
@@ -101,6 +115,8 @@ def check_args(args):
         raise UserError(f"--accum {args.accum}: must be at least 1")
     if args.max_steps is not None and args.max_steps < 0:
         raise UserError(f"--max_steps {args.max_steps}: must be 0 or positive")
+    if not args.ckpt_every_min >= 0:  # also refuses nan
+        raise UserError(f"--ckpt_every_min {args.ckpt_every_min}: must be 0 (off) or a positive number of minutes")
 
 
 def seed_everything(seed):
@@ -159,16 +175,26 @@ class TrainData:
     def __len__(self):
         return len(self.loader)
 
-    def batches(self, epoch):
-        """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device."""
+    def batches(self, epoch, start=0):
+        """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device, from batch
+        ``start`` on (a mid-epoch resume).
+
+        Skipped batches are not loaded, but their flips are drawn, so every later batch is flipped as in
+        an uninterrupted epoch. The loader itself draws nothing random (its transform has no random
+        step), so its workers need no replay.
+        """
         set_loader_epoch(self.loader, epoch)
         flips = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        if self.flip:
+            for _ in range(start):  # only the last batch can be smaller, and it is never skipped
+                torch.rand(self.batch_size, generator=flips, device=self.device)
         if self.images is None:
+            self.loader.sampler.skip(start * self.batch_size)
             source = (images.to(self.device, non_blocking=True) for images, _ in self.loader)
         else:
             order = torch.tensor(list(self.loader.sampler), device=self.device)
             source = (TF.to_dtype(self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],
-                                  torch.float32, scale=True) for i in range(len(self)))
+                                  torch.float32, scale=True) for i in range(start, len(self)))
         for images in source:
             yield self._finish(images, flips)
 
@@ -202,8 +228,12 @@ class TrainState:
     base_lr: float                  # lrate * world_size * accum, before warm-up
     accum: int = 1                  # micro-batches per optimizer step
     compile_mode: str = None        # --compile's mode, None when the network runs eagerly
-    epoch: int = 0                  # the next epoch to run
+    epoch: int = 0                  # the next epoch to run, or the one running
     step: int = 0                   # optimizer steps taken
+    batch: int = 0                  # batches of epoch `epoch` already trained (a mid-epoch resume)
+    epoch_loss: torch.Tensor = None  # with `batch`: this rank's loss sum over those batches
+    stopped: str = None             # the signal that stopped the run, if one did
+    stop_path: str = None           # the checkpoint written before that stop
 
 
 def make_optimizer(cfg, parameters, lr, device):
@@ -308,12 +338,17 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train_one_epoch(state, epoch, max_steps=None):
+def train_one_epoch(state, epoch, max_steps=None, clock=None):
     """Run one epoch (or until ``state.step`` reaches ``max_steps``) with the warmed-up learning rate.
+
+    A mid-epoch resume (``state.batch`` > 0) continues with the epoch's next batch. After every step
+    ``clock`` (a CheckpointClock) may ask for latest.pth, which is written at once unless the step
+    ended the epoch (then the caller writes it after the epoch's own work), and for a stop.
 
     Returns:
         the epoch's log record: epoch, step, steps, loss (mean over steps and ranks), lr,
-        img_per_s (all ranks), peak_mem_gib, seconds.
+        img_per_s (all ranks), peak_mem_gib, seconds; None when the clock stopped the epoch
+        (latest.pth holds it).
     """
     cfg = state.cfg
     lr = state.base_lr * min((epoch + 1) / cfg.warm_epoch, 1.0)
@@ -322,14 +357,18 @@ def train_one_epoch(state, epoch, max_steps=None):
     world_size = get_world_size()
     if state.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(state.device)
+    first = state.batch
     # A bar on a terminal; in a log file only a line every few minutes, the epoch's line comes after it.
-    bar = progress(total=len(state.data), desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
+    bar = progress(total=len(state.data), initial=first, desc=f"epoch {epoch}/{cfg.n_epoch}", unit="step",
                    disable=not is_main(), every_percent=None, final_line=False, dynamic_ncols=True)
     loss_sum = torch.zeros((), device=state.device)
+    if first:  # the batches trained before the resume count in the epoch's loss
+        loss_sum += state.epoch_loss.to(state.device)
+    state.epoch_loss = None
     recent_loss = torch.zeros((), device=state.device)
-    steps = images_seen = 0
+    steps, images_seen = first, 0
     start = time.perf_counter()
-    for images in state.data.batches(epoch):
+    for images in state.data.batches(epoch, start=first):
         if max_steps is not None and state.step >= max_steps:
             break
         loss = train_step(state, images)
@@ -342,6 +381,15 @@ def train_one_epoch(state, epoch, max_steps=None):
             rate = images_seen / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
             recent_loss.zero_()
+        state.batch = steps
+        if clock is not None:
+            clock.after_step()
+            if clock.save_due and steps < len(state.data):
+                save_latest_checkpoint(state, clock, loss_sum)
+                if clock.stop_due:
+                    bar.close()
+                    return None
+    state.batch = 0
     # The epoch's one collective: loss sums and step counts of every rank.
     loss_total, step_total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(steps))])).tolist()
     seconds = time.perf_counter() - start
@@ -361,17 +409,23 @@ def train_one_epoch(state, epoch, max_steps=None):
     return record
 
 
-def save_training_checkpoint(state, epoch):
-    """Write save_dir/ckpts/model_{epoch}.pth atomically (the DESIGN.md layout).
+def save_training_checkpoint(state, epoch, path=None, loss_sum=None):
+    """Write save_dir/ckpts/model_{epoch}.pth (or ``path``) atomically (the DESIGN.md layout).
+
+    ``epoch`` is the last finished epoch. Mid-epoch (``state.batch`` > 0) the file also holds ``batch``,
+    the batches of epoch ``epoch + 1`` already trained, and ``epoch_loss``, every rank's loss sum over
+    them (``loss_sum`` here).
 
     Collective: every rank must call it, as each contributes its RNG state; rank 0 writes.
 
     Returns:
         the path on rank 0, None elsewhere.
     """
-    rng_states = all_gather_object(capture_rng_state())
+    mid_epoch = state.batch > 0
+    gathered = all_gather_object((capture_rng_state(), loss_sum.detach().cpu() if mid_epoch else None))
     if not is_main():
         return None
+    rng_states = [rng for rng, _ in gathered]
     checkpoint = {
         "MODEL": state.diffusion.state_dict(),
         "EMA": state.ema.state_dict(),
@@ -382,8 +436,26 @@ def save_training_checkpoint(state, epoch):
         "rng": {"world_size": len(rng_states), "ranks": rng_states},
         "config": state.cfg.to_dict(),
     }
-    path = checkpoint_path(state.cfg.save_dir, epoch)
+    if mid_epoch:
+        checkpoint["batch"] = state.batch
+        checkpoint["epoch_loss"] = [loss for _, loss in gathered]
+    path = path or checkpoint_path(state.cfg.save_dir, epoch)
     save_checkpoint(checkpoint, path)
+    return path
+
+
+def save_latest_checkpoint(state, clock, loss_sum=None):
+    """Write save_dir/ckpts/latest.pth at this step boundary (collective, like save_training_checkpoint)
+    and restart ``clock``. ``state.epoch`` and ``state.batch`` say where training stands.
+
+    Returns:
+        the path (on every rank).
+    """
+    path = latest_path(state.cfg.save_dir)
+    save_training_checkpoint(state, state.epoch - 1, path, loss_sum)
+    clock.saved()
+    position = f"epoch {state.epoch}, batch {state.batch}" if state.batch else f"end of epoch {state.epoch - 1}"
+    print0(f"checkpoint {path} ({position}, step {state.step})")
     return path
 
 
@@ -414,16 +486,20 @@ def save_sample_grid(state, epoch):
 def find_resume_checkpoint(cfg, args):
     """The checkpoint this run continues from, or None for a fresh run.
 
+    ``--resume`` and ``--resume auto`` take latest.pth or the highest model_{epoch}.pth, whichever was
+    written last; with nothing there, ``auto`` starts fresh.
+
     Raises:
         UserError: --resume with nothing to resume, a load_epoch without its checkpoint, or a
             fresh run into a save_dir that already holds checkpoints.
     """
     folder = os.path.join(cfg.save_dir, "ckpts")
-    if args.resume is True:
-        path = latest_checkpoint(cfg.save_dir)
-        if path is None:
+    if args.resume is True or args.resume == "auto":
+        path = resume_checkpoint(cfg.save_dir)
+        if path is None and args.resume is True:
             raise UserError(f"--resume: no checkpoint to resume in {folder}; start without --resume, "
-                            f"or pass --resume PATH to a checkpoint file")
+                            f"use --resume auto to start fresh when there is none, or pass --resume PATH "
+                            f"to a checkpoint file")
         return path
     if args.resume:
         if not os.path.isfile(args.resume):
@@ -438,10 +514,10 @@ def find_resume_checkpoint(cfg, args):
                             f"model_{cfg.load_epoch}.pth (saved epochs: {found}); set load_epoch to one "
                             f"of them or -1")
         return saved[cfg.load_epoch]
-    if saved:
-        raise UserError(f"save_dir {cfg.save_dir} already holds checkpoints (up to model_{max(saved)}.pth); "
-                        f"pass --resume to continue that run, or choose another folder with "
-                        f"--set save_dir=DIR")
+    newest = resume_checkpoint(cfg.save_dir)
+    if newest is not None:
+        raise UserError(f"save_dir {cfg.save_dir} already holds checkpoints (the newest is {newest}); "
+                        f"pass --resume to continue that run, or choose another folder with --set save_dir=DIR")
     return None
 
 
@@ -494,9 +570,19 @@ def restore_training(state, checkpoint, path):
         state.scaler.load_state_dict(checkpoint["scaler"])
     state.epoch = checkpoint_epoch(checkpoint, path) + 1
     state.step = int(checkpoint.get("step", state.ema_updater.step))  # the original counted EMA updates only
+    rank = get_rank()
+    state.batch = int(checkpoint.get("batch", 0))
+    if state.batch:
+        saved_by = len(checkpoint["epoch_loss"])
+        if saved_by != get_world_size() or state.batch >= len(state.data):
+            raise UserError(f"{path} stopped after batch {state.batch} of epoch {state.epoch}, written by "
+                            f"{saved_by} process(es); a mid-epoch checkpoint continues only with the same "
+                            f"processes, batch_size, --accum and --drop_last (here {get_world_size()} "
+                            f"process(es), {len(state.data)} batches per epoch); resume from a "
+                            f"model_{{epoch}}.pth instead")
+        state.epoch_loss = checkpoint["epoch_loss"][rank]
     rng = checkpoint.get("rng")
     if rng is not None:
-        rank = get_rank()
         if rank < len(rng["ranks"]):
             restore_rng_state(rng["ranks"][rank])
         else:
@@ -532,10 +618,16 @@ def epoch_line(record, n_epoch, seconds_left):
 
 
 def end_of_interval(state, epoch, logger, board):
-    """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve."""
+    """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve.
+
+    Returns:
+        the checkpoint's path on every rank, None when save_model is off.
+    """
     cfg = state.cfg
+    path = None
     if cfg.save_model:
-        path = save_training_checkpoint(state, epoch)
+        save_training_checkpoint(state, epoch)
+        path = checkpoint_path(cfg.save_dir, epoch)
         print0(f"checkpoint {path} (epoch {epoch}, step {state.step})")
     if is_main():
         grid = save_sample_grid(state, epoch)
@@ -543,10 +635,14 @@ def end_of_interval(state, epoch, logger, board):
         board.image_file("samples_ema", grid, state.step)
         plot_curves(read_jsonl(logger.path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
                     title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
+    return path
 
 
 def train(cfg, args):
     """Train ``cfg``'s model as ``args`` ask, from scratch or from a checkpoint.
+
+    SIGTERM and SIGUSR1 stop it at the next step boundary that every rank agrees on, after writing
+    latest.pth; ``state.stopped`` then names the signal and ``state.stop_path`` the checkpoint.
 
     Returns:
         the final TrainState.
@@ -562,39 +658,66 @@ def train(cfg, args):
         restore_training(state, checkpoint, resume_path)
         del checkpoint
         if state.epoch >= cfg.n_epoch:
+            if args.resume == "auto":  # a restart after the run ended: nothing to do, and no error
+                print0(f"{resume_path} ends epoch {state.epoch - 1}, the last of n_epoch {cfg.n_epoch}: "
+                       f"the run is complete")
+                return state
             raise UserError(f"{resume_path} ends epoch {state.epoch - 1}, the last of n_epoch {cfg.n_epoch}: "
                             f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
-        print0(f"resuming from {resume_path}: epoch {state.epoch}, step {state.step}")
+        position = f", batch {state.batch} of {len(state.data)}" if state.batch else ""
+        print0(f"resuming from {resume_path}: epoch {state.epoch}{position}, step {state.step}")
+    if is_main():
+        remove_stale_temporaries(cfg.save_dir)  # left by writes that a kill -9 cut short
     logger = start_run_folder(state) if is_main() else None
     plain = not is_interactive()
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch "
            f"({describe_last_batch(state.data)}), lr {state.base_lr:g}, {state.precision}")
     first_epoch, started, record = state.epoch, time.perf_counter(), None
+    signals = StopSignals()
+    clock = CheckpointClock(args.ckpt_every_min, signals, device)
     try:
-        for epoch in range(state.epoch, cfg.n_epoch):
-            if args.max_steps is not None and state.step >= args.max_steps:
-                break
-            record = train_one_epoch(state, epoch, args.max_steps)
-            if logger is not None:
-                logger.log(record)
-            board.scalars({key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")},
-                          record["step"], prefix="train/")
-            if plain:  # the time left counts the checkpoints and grids of the epochs so far
-                per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
-                print0(epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1)))
-            if record["steps"] < len(state.data):
-                break  # cut short by --max_steps
-            state.epoch = epoch + 1
-            if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
-                end_of_interval(state, epoch, logger, board)
+        with signals:
+            for epoch in range(state.epoch, cfg.n_epoch):
+                if args.max_steps is not None and state.step >= args.max_steps:
+                    break
+                record = train_one_epoch(state, epoch, args.max_steps, clock)
+                if record is None:  # stopped mid-epoch, saved in latest.pth
+                    state.stop_path = latest_path(cfg.save_dir)
+                    break
+                if logger is not None:
+                    logger.log(record)
+                board.scalars({key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")},
+                              record["step"], prefix="train/")
+                if plain:  # the time left counts the checkpoints and grids of the epochs so far
+                    per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
+                    print0(epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1)))
+                if record["steps"] < len(state.data):
+                    break  # cut short by --max_steps
+                state.epoch = epoch + 1
+                saved = None
+                if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
+                    saved = end_of_interval(state, epoch, logger, board)
+                    if saved:
+                        clock.saved()
+                if clock.save_due:  # asked for at the epoch's last step
+                    saved = save_latest_checkpoint(state, clock)
+                if clock.stop_due and state.epoch < cfg.n_epoch:
+                    state.stop_path = saved
+                    break
+            if clock.stop_due and state.stop_path:
+                state.stopped = signals.requested or "a signal to another process"
     finally:
         board.close()
         if logger is not None:
             logger.close()
-    loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
-    print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss {loss}, "
-           f"{format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
+    if state.stopped:
+        print0(f"stopped on {state.stopped}: saved {state.stop_path}; run the same command with --resume auto "
+               f"(or --resume) to continue (exit code {EXIT_REQUEUE})")
+    else:
+        loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
+        print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss "
+               f"{loss}, {format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
     return state
 
 
@@ -602,9 +725,11 @@ def train(cfg, args):
 def main(args):
     cfg = load_config(args.config, args.set)
     try:
-        train(cfg, args)
+        state = train(cfg, args)
     finally:
         cleanup()
+    if state.stopped:
+        sys.exit(EXIT_REQUEUE)
 
 
 if __name__ == "__main__":

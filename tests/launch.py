@@ -10,12 +10,13 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_two_processes(script, *args, cwd, timeout=240, env=None):
+def run_two_processes(script, *args, cwd, timeout=240, env=None, launcher_args=()):
     """``torchrun --standalone --nproc_per_node=2 script *args`` from ``cwd``, with the repository
     importable, one CPU thread per process and none of this process's launcher variables.
 
     Args:
         env: extra environment variables for the processes.
+        launcher_args: more torchrun options, such as ``("--max-restarts", "1")``.
 
     Returns:
         the finished ``subprocess.CompletedProcess`` (text stdout and stderr).
@@ -24,6 +25,7 @@ def run_two_processes(script, *args, cwd, timeout=240, env=None):
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
     environment["OMP_NUM_THREADS"] = "1"
     environment.update(env or {})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *map(str, launcher_args), str(script),
                *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)

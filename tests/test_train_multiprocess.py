@@ -23,13 +23,15 @@ CONFIG = {
     "linear": {"timestep": 4, "blockname": "out_2"},
 }
 
-# Runs train.py's main under torchrun with two test hooks: the data shrunk to IMAGES images, and
-# every rank's weights saved right after build_training and at the end of train.
+# Runs train.py's main under torchrun with test hooks: the data shrunk to IMAGES images, every rank's
+# weights saved right after build_training and at the end of train, and with PROBE_KILL_AT=N rank 1 of
+# torchrun's first attempt killed (SIGKILL) before its step N + 1, with PROBE_SIGTERM_AT=N sent SIGTERM.
 PROBE = textwrap.dedent(f"""
-    import os, sys
+    import os, signal, sys
     sys.path.insert(0, {str(REPO)!r})
     import torch
     import train
+    import utils.checkpoint_clock
     from utils.data import SyntheticImages
     from utils.distributed import get_rank
 
@@ -51,6 +53,17 @@ PROBE = textwrap.dedent(f"""
         return state
 
     train.build_dataset, train.build_training, train.train = small_dataset, recording_build, recording_train
+    utils.checkpoint_clock.POLL_EVERY = int(os.environ.get("PROBE_POLL_EVERY", utils.checkpoint_clock.POLL_EVERY))
+    kill_at, step = int(os.environ.get("PROBE_KILL_AT", -1)), train.train_step
+    sigterm_at = int(os.environ.get("PROBE_SIGTERM_AT", -1))
+
+    def killed_step(state, images):
+        if get_rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            if state.step in (kill_at, sigterm_at):
+                os.kill(os.getpid(), signal.SIGKILL if state.step == kill_at else signal.SIGTERM)
+        return step(state, images)
+
+    train.train_step = killed_step
     train.main(train.parse_args())
 """)
 
@@ -112,3 +125,49 @@ def test_initial_weights_match_a_single_process(two_process_run, monkeypatch):
     assert_same_tensors(single.diffusion.state_dict(), initial[0])
     final = torch.load(folder / "final_rank0.pt", weights_only=True)["MODEL"]
     assert not torch.equal(final["nn_model.image_proj.weight"], initial[0]["nn_model.image_proj.weight"])
+
+
+def test_killed_worker_restarted_by_torchrun_ends_like_the_straight_run(two_process_run, tmp_path):
+    """torchrun --max-restarts 1 with --resume auto: rank 1 dies in epoch 1 (step 8 of 8), both restart
+    from latest.pth, written after step 6 (epoch 1, batch 2 of 4), and end with the straight run's weights."""
+    straight_folder, _ = two_process_run
+    config = tmp_path / "tiny_edm.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", "--resume", "auto",
+                               "--ckpt_every_min", "0.0001", cwd=REPO, launcher_args=("--max-restarts", "1"),
+                               env={"PROBE_OUT": str(tmp_path), "PROBE_KILL_AT": "7", "PROBE_POLL_EVERY": "2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    latest = tmp_path / "run" / "ckpts" / "latest.pth"
+    assert f"resuming from {latest}: epoch 1, batch 2 of 4, step 6" in result.stdout
+    straight = torch.load(straight_folder / "final_rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        restarted = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
+        # The same collectives in the same order: equal bit for bit.
+        assert_same_tensors(straight["MODEL"], restarted["MODEL"])
+        assert_same_tensors(straight["EMA"], restarted["EMA"])
+    records = read_jsonl(tmp_path / "run" / "log.jsonl")
+    assert [(r["epoch"], r["steps"], r["loss"]) for r in records] == \
+        [(r["epoch"], r["steps"], r["loss"]) for r in read_jsonl(straight_folder / "run" / "log.jsonl")]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM during step 2; the ranks agree at the next poll (step 2), write latest.pth
+    together and both exit with code 75."""
+    config = tmp_path / "tiny_edm.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", "--resume", "auto",
+                               "--ckpt_every_min", "0", cwd=REPO,
+                               env={"PROBE_OUT": str(tmp_path), "PROBE_SIGTERM_AT": "1", "PROBE_POLL_EVERY": "2"})
+    latest = tmp_path / "run" / "ckpts" / "latest.pth"
+    assert f"stopped on a signal to another process: saved {latest}" in result.stdout, result.stderr[-3000:]
+    assert "exitcode  : 75" in result.stderr  # torchrun reports the first worker to end
+    saved = load_checkpoint(latest)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (-1, 2, 2)
+    assert saved["rng"]["world_size"] == len(saved["epoch_loss"]) == 2
+    for rank in (0, 1):  # both left train() after that same step, none waits in a collective
+        final = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
+        assert_same_tensors(final["MODEL"], saved["MODEL"])

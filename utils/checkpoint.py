@@ -17,6 +17,9 @@ from utils.errors import UserError, describe_error
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
 # The first bytes of a torch.save file: a zip archive (torch >= 1.6) or a pickle (the legacy format).
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+# The time and signal checkpoint of train.py, replaced at each write; evaluation scripts never list it.
+LATEST_NAME = "latest.pth"
+TEMPORARY_NAME = re.compile(r"^\..+\.pth\.\d+\.tmp$")  # utils.atomic's name while a checkpoint is written
 
 
 def save_checkpoint(obj, path):
@@ -141,6 +144,37 @@ def latest_checkpoint(save_dir):
     """Path of the highest-epoch checkpoint in ``save_dir``, or None when there is none."""
     checkpoints = list_checkpoints(save_dir)
     return checkpoints[max(checkpoints)] if checkpoints else None
+
+
+def latest_path(save_dir):
+    """``save_dir/ckpts/latest.pth``, train.py's checkpoint by time and on signals (possibly mid-epoch)."""
+    return os.path.join(save_dir, "ckpts", LATEST_NAME)
+
+
+def resume_checkpoint(save_dir):
+    """Where training continues from: latest.pth or the highest-epoch model_{epoch}.pth, whichever
+    was written last (None when there is neither)."""
+    candidates = [path for path in (latest_path(save_dir), latest_checkpoint(save_dir))
+                  if path is not None and os.path.isfile(path)]
+    return max(candidates, key=lambda path: os.stat(path).st_mtime_ns, default=None)
+
+
+def remove_stale_temporaries(save_dir):
+    """Delete the hidden temporaries (``.name.PID.tmp``) that checkpoint writes killed midway left in
+    ``save_dir/ckpts``; each can be as large as a checkpoint. Call it before this run writes any.
+
+    Returns:
+        the paths removed.
+    """
+    folder = os.path.join(save_dir, "ckpts")
+    stale = [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if TEMPORARY_NAME.match(name)]
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def resolve_checkpoint(save_dir, epoch, n_epoch=None):

@@ -416,6 +416,24 @@ class EvalShardSampler(Sampler):
         return len(self.indices)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start ``skip(n)`` indices in, for a mid-epoch resume:
+    the skipped images are neither loaded nor transformed. Its length stays the whole shard's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip(self, n):
+        """Leave out the first ``n`` indices of the next pass only."""
+        self._skip = n
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
 def epoch_seed(seed, epoch, rank):
     """Seed of one epoch's random draws on one process (well mixed by numpy's SeedSequence), so a
     resumed run draws exactly what the uninterrupted run would have drawn."""
@@ -450,8 +468,8 @@ def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, w
         if drop_last and len(dataset) < batch_size * world_size:
             raise UserError(f"the training set has {len(dataset)} images, fewer than one batch on "
                             f"every process ({batch_size} x {world_size}); lower it with {batch_flag}")
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=seed, drop_last=drop_last)
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=seed, drop_last=drop_last)
     else:
         sampler = EvalShardSampler(dataset, rank, world_size)
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()

@@ -99,11 +99,32 @@ def init_distributed(device=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if _launched() and not _initialized():
-        if device.type == "cuda":
-            dist.init_process_group(backend="nccl", init_method="env://", device_id=device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        options = {"device_id": device} if device.type == "cuda" else {}
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend=backend, init_method="env://", **options)
         else:
-            dist.init_process_group(backend="gloo", init_method="env://")
+            dist.init_process_group(backend=backend, store=store, rank=get_rank(), world_size=get_world_size(),
+                                    **options)
     return device
+
+
+def _attempt_store():
+    """Under torchrun, its store with a prefix for this restart attempt; None elsewhere.
+
+    torchrun (2.14) hands the restarted workers of ``--max-restarts`` the store of the first attempt,
+    which still holds that attempt's keys: a restarted rank may read a dead peer's address and fail
+    to connect ("Gloo connectFullMesh failed ... Connection refused"). A prefix per attempt, as
+    older torch versions added, keeps every attempt's keys apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), get_world_size(),
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"/ddae/attempt_{attempt}", store)
 
 
 def cleanup():

@@ -50,18 +50,19 @@ class PlainProgress:
         every_seconds: a line at least this often.
         stream: where the lines go (default stdout, flushed).
         final_line: print a line when the loop ends (off when the caller prints its own summary).
+        initial: the count already done (a resumed loop); the rate counts only what follows.
     """
 
     def __init__(self, total=None, desc="", unit="it", disable=False, every_percent=EVERY_PERCENT,
-                 every_seconds=EVERY_SECONDS, stream=None, final_line=True):
+                 every_seconds=EVERY_SECONDS, stream=None, final_line=True, initial=0):
         self.total, self.desc, self.unit, self.disable = total, desc, unit, disable
         self.final_line = final_line
         self.every_percent, self.every_seconds = every_percent, every_seconds
         self.stream = stream
-        self.n = 0
+        self.n = self.initial = initial
         self.postfix = ""
         self.start = self.last_time = _now()
-        self.last_mark = 0  # the last percentage step a line was printed for
+        self.last_mark = int(100 * initial / total // every_percent) if every_percent and total else 0
         self.closed = False
 
     def update(self, n=1):
@@ -83,7 +84,7 @@ class PlainProgress:
         """The status line as it would be printed now."""
         now = _now() if now is None else now
         elapsed = now - self.start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         text = f"{self.desc}: {count} {self.unit}{percent}, {rate:.1f} {self.unit}/s, " \
@@ -109,16 +110,16 @@ class PlainProgress:
 
 
 def progress(total=None, desc="", unit="it", disable=False, interactive=None, every_percent=EVERY_PERCENT,
-             every_seconds=EVERY_SECONDS, final_line=True, **tqdm_options):
+             every_seconds=EVERY_SECONDS, final_line=True, initial=0, **tqdm_options):
     """A tqdm bar when stderr is a terminal (``interactive`` forces the choice), else a ``PlainProgress``.
 
     Both have ``update(n)``, ``set_postfix(**values)``, ``close()``, ``n``, ``disable`` and work as
     context managers. ``tqdm_options`` (``smoothing``, ``dynamic_ncols`` ...) apply to the bar only.
     """
     if is_interactive() if interactive is None else interactive:
-        return tqdm(total=total, desc=desc, unit=unit, disable=disable, **tqdm_options)
+        return tqdm(total=total, desc=desc, unit=unit, disable=disable, initial=initial, **tqdm_options)
     return PlainProgress(total=total, desc=desc, unit=unit, disable=disable, every_percent=every_percent,
-                         every_seconds=every_seconds, final_line=final_line)
+                         every_seconds=every_seconds, final_line=final_line, initial=initial)
 
 
 def iterate(iterable, total=None, **options):

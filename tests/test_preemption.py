@@ -1,0 +1,298 @@
+"""Long runs on shared clusters: kill -9 at random moments and SIGTERM mid-epoch, each followed by the
+same command with --resume auto, end bitwise equal to a run that was never interrupted; a second
+signal exits at once; latest.pth is invisible to the evaluation scripts; the probe stops on a signal."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import linear
+import train
+from tests.launch import REPO
+from tests.test_train import TINY, assert_same_tensors, run, tiny_setup, write_config  # noqa: F401 (fixture)
+from utils.checkpoint import (LATEST_NAME, checkpoint_path, latest_path, list_checkpoints, load_checkpoint,
+                              remove_stale_temporaries, resolve_checkpoint, resume_checkpoint, save_checkpoint)
+from utils.logging import read_jsonl
+from utils.preemption import EXIT_REQUEUE, StopSignals
+
+N_EPOCH = 3  # 8 steps of 16 images per epoch (test_train's 128 synthetic images)
+
+# train.py's main on test_train's 128 synthetic images.
+PROBE = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {str(REPO)!r})
+    import torch
+    import train
+    from tests.test_train import small_synthetic
+
+    torch.set_num_threads(1)
+    train.build_dataset = small_synthetic
+    train.main(train.parse_args())
+""")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_setup, tmp_path_factory):
+    """N_EPOCH epochs in one go, in this process (one thread, as the subprocesses)."""
+    folder = tmp_path_factory.mktemp("straight")
+    run(write_config(folder, n_epoch=N_EPOCH), folder / "run")
+    return folder / "run"
+
+
+def command(tmp_path, *flags):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    config = write_config(tmp_path, n_epoch=N_EPOCH)
+    return [sys.executable, str(probe), "--config", str(config), "--device", "cpu", "--set",
+            f"save_dir={tmp_path / 'run'}", "--resume", "auto", *flags]
+
+
+def environment(**extra):
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def assert_same_end(run_dir, straight_dir):
+    final = f"model_{N_EPOCH - 1}.pth"
+    expected, got = load_checkpoint(straight_dir / "ckpts" / final), load_checkpoint(run_dir / "ckpts" / final)
+    assert_same_tensors(expected["EMA"], got["EMA"])
+    assert_same_tensors(expected["MODEL"], got["MODEL"])
+    assert expected["step"] == got["step"] == N_EPOCH * 8
+    # The epochs cut by the interruptions are logged whole, with the loss of the straight run.
+    logged = [(r["epoch"], r["steps"], r["loss"]) for r in read_jsonl(run_dir / "log.jsonl")]
+    assert logged == [(r["epoch"], r["steps"], r["loss"]) for r in read_jsonl(straight_dir / "log.jsonl")]
+
+
+def saved_step(path):
+    """The step of the checkpoint at ``path`` (replaced atomically, so always whole), -1 without one."""
+    return load_checkpoint(path)["step"] if os.path.exists(path) else -1
+
+
+def test_kill_9_three_times_then_resume_auto_is_exact(straight, tmp_path):
+    """Three attempts are killed, each once its latest.pth has reached a random (seeded) step in the
+    middle of another epoch, and after a random fraction of a step more; two loader workers, whose
+    batches after a resume must be the uninterrupted run's."""
+    moments = random.Random(14)
+    targets = [moments.randint(1, 5), moments.randint(9, 13), moments.randint(17, 19)]  # of 8 steps per epoch
+    argv = command(tmp_path, "--ckpt_every_min", "0.0005", "--num_workers", "2")  # about every step
+    latest = latest_path(tmp_path / "run")
+    outputs = []
+    for attempt, target in enumerate(targets):
+        with open(tmp_path / f"attempt{attempt}.out", "w+") as out:
+            process = subprocess.Popen(argv, cwd=REPO, env=environment(), stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 120
+            while saved_step(latest) < target:
+                assert process.poll() is None and time.monotonic() < deadline, f"attempt {attempt} did not reach step {target}"
+                time.sleep(0.01)
+            time.sleep(moments.uniform(0, 0.03))
+            process.kill()
+            assert process.wait() == -signal.SIGKILL, "the run ended before it was killed"
+            out.seek(0)
+            outputs.append(out.read())
+    finished = subprocess.run(argv, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    resumes = [line for text in outputs[1:] + [finished.stdout] for line in text.splitlines()
+               if line.startswith("resuming from")]
+    assert len(resumes) == 3
+    # On a fast machine a kill may still land after an epoch's end, where model_{epoch}.pth is the newest.
+    assert any(f"{LATEST_NAME}: epoch" in line and ", batch " in line for line in resumes), resumes
+    assert_same_end(tmp_path / "run", straight)
+    assert not [name for name in os.listdir(tmp_path / "run" / "ckpts") if name.endswith(".tmp")]
+
+
+def test_sigterm_mid_epoch_saves_exits_75_and_resumes_exactly(straight, tmp_path, monkeypatch, capsys):
+    """train.py's main in this process, which sends itself SIGTERM during step 12 (epoch 1, batch 4)."""
+    config = write_config(tmp_path, n_epoch=N_EPOCH)
+    argv = ["--config", str(config), "--device", "cpu", "--set", f"save_dir={tmp_path / 'run'}", "--resume", "auto",
+            "--ckpt_every_min", "0"]  # latest.pth only on the signal
+    step = train.train_step
+
+    def signalled_step(state, images):
+        if state.step == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, images)
+
+    monkeypatch.setattr(train, "train_step", signalled_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train.parse_args(argv))
+    assert exit_info.value.code == EXIT_REQUEUE
+    latest = latest_path(tmp_path / "run")
+    assert f"stopped on SIGTERM: saved {latest}" in capsys.readouterr().out
+    saved = load_checkpoint(latest)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (0, 4, 12)  # epoch 0 done, then 4 of 8 batches
+    assert sorted(os.listdir(tmp_path / "run" / "ckpts")) == [LATEST_NAME, "model_0.pth"]  # no temporary file
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")] == [0]
+
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(train.parse_args(argv))  # returns: exit code 0
+    assert f"resuming from {latest}: epoch 1, batch 4 of 8, step 12" in capsys.readouterr().out
+    assert_same_end(tmp_path / "run", straight)
+    train.main(train.parse_args(argv))  # a restart of the finished run does nothing, successfully
+    assert "the run is complete" in capsys.readouterr().out
+
+
+SIGNALLED = textwrap.dedent(f"""
+    import sys, threading
+    sys.path.insert(0, {str(REPO)!r})
+    from utils.preemption import StopSignals
+    with StopSignals(repeat_seconds=0.2) as signals:
+        print("ready", flush=True)
+        threading.Event().wait(60)  # blocked, as in a collective whose peer has died
+""")
+
+
+def test_second_signal_exits_at_once_even_while_blocked(tmp_path):
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED)
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGUSR1)
+    process.send_signal(signal.SIGUSR1)  # a duplicate (launcher and scheduler): counted once
+    time.sleep(0.5)
+    assert process.poll() is None
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5
+    errors = process.stderr.read()
+    assert "SIGUSR1 received: stopping at the next step or epoch boundary, after saving" in errors
+    assert "second SIGTERM: exiting at once" in errors
+
+
+def test_signal_handlers_are_restored(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while signals.requested is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert signals.requested == "SIGTERM"
+        with StopSignals() as inner:  # as train() inside a script's StopSignals
+            assert inner.requested == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.set_wakeup_fd(-1) == -1
+
+
+def test_latest_is_resumed_when_newer_and_never_listed_for_evaluation(tmp_path):
+    save_dir = tmp_path / "run"
+    for epoch in (0, 100):
+        save_checkpoint({"epoch": epoch}, checkpoint_path(save_dir, epoch))
+    latest = latest_path(save_dir)
+    save_checkpoint({"epoch": 100, "batch": 3}, latest)
+    (save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp").write_bytes(b"half")  # a write that was killed
+    (save_dir / "ckpts" / ".notes.txt").write_text("kept")
+    assert list(list_checkpoints(save_dir)) == [0, 100]
+    assert resolve_checkpoint(save_dir, -1).endswith("model_100.pth")
+    assert remove_stale_temporaries(save_dir) == [str(save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp")]
+    assert sorted(os.listdir(save_dir / "ckpts")) == [".notes.txt", LATEST_NAME, "model_0.pth", "model_100.pth"]
+    stamp = os.stat(latest).st_mtime_ns
+    os.utime(checkpoint_path(save_dir, 100), ns=(stamp - 10**9, stamp - 10**9))
+    assert resume_checkpoint(save_dir) == latest
+    os.utime(checkpoint_path(save_dir, 100), ns=(stamp + 10**9, stamp + 10**9))
+    assert resume_checkpoint(save_dir) == checkpoint_path(save_dir, 100)
+    assert resume_checkpoint(tmp_path / "empty") is None
+
+
+def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup, tmp_path, capsys):
+    config = write_config(tmp_path, n_epoch=1)
+    state = run(config, tmp_path / "run", "--resume", "auto", "--max_steps", "2")
+    assert state.step == 2 and not (tmp_path / "run" / "ckpts").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train.parse_args(["--config", str(config), "--device", "cpu", "--ckpt_every_min", "-1"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --ckpt_every_min -1.0: must be 0 (off) or a positive number of minutes")
+
+
+def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
+    from tests.test_linear import CPU, make_checkpoint, make_config, small_sets
+    from model.models import load_diffusion
+    from utils.probe import prepare_frozen, probe_cells
+    cfg, _ = make_config(tmp_path)
+    checkpoint = make_checkpoint(cfg, 3)
+    timesteps, blocks = [11], ["out_2"]
+    train_set, test_set = small_sets()
+    original = linear.train_one_epoch
+
+    def signalled_epoch(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the first epoch
+        return original(*args, **kwargs)
+
+    def probe():
+        diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
+        return linear.run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, CPU, tmp_path / "out",
+                                "probe")
+
+    monkeypatch.setattr(linear, "train_one_epoch", signalled_epoch)
+    with StopSignals(), pytest.raises(SystemExit) as exit_info:
+        probe()
+    assert exit_info.value.code == EXIT_REQUEUE
+    assert load_checkpoint(tmp_path / "out" / "probe.state.pth")["epoch"] == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["probe.state.pth"]  # no half file, no result yet
+    monkeypatch.setattr(linear, "train_one_epoch", original)
+    result = probe()  # the same call continues
+    assert [record["epoch"] for record in result["epochs"]] == [0, 1]
+
+
+@pytest.mark.parametrize("on_device, workers, drop_last", [(False, 0, False), (False, 2, False), (True, 0, False),
+                                                      (False, 0, True), (True, 0, True)])
+def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(on_device, workers, drop_last):
+    """120 images at batch 16: seven full batches and one of 8, kept or dropped."""
+    from utils.data import SyntheticImages
+    dataset = SyntheticImages(n=120, image_size=16, train=True, transform=None)
+    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device,
+                           drop_last=drop_last)
+    whole = list(data.batches(1))
+    tail = list(data.batches(1, start=3))
+    assert len(whole) == (7 if drop_last else 8) and len(tail) == len(whole) - 3
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], tail))  # the same images and flips
+    assert all(torch.equal(a, b) for a, b in zip(whole, data.batches(1)))  # the skip was for one pass only
+    if not on_device and workers == 0:  # the skipped images are not even read
+        reads = []
+        original = type(dataset).__getitem__
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(dataset), "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+            list(data.batches(1, start=3))
+        assert len(reads) == sum(len(batch) for batch in tail)
+
+
+class Requested:
+    requested = None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_checkpoint_clock_polls_every_few_steps(device):
+    """The collective path, in a one-process group posing as two: gloo decides at the first poll; on
+    CUDA the all-reduce launched at a poll is read at the next one, so the decision comes a poll later."""
+    import torch.distributed as dist
+    from utils.checkpoint_clock import POLL_EVERY, CheckpointClock
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        signals = Requested()
+        clock = CheckpointClock(0, signals, device)
+        clock.world_size = 2
+        first_poll = POLL_EVERY if device == "cpu" else 2 * POLL_EVERY
+        for step in range(1, 3 * POLL_EVERY + 1):
+            if step == 1:
+                signals.requested = "SIGTERM"
+            clock.after_step()
+            assert (clock.save_due, clock.stop_due) == ((True, True) if step >= first_poll else (False, False)), step
+        timed = CheckpointClock(1e-9, Requested(), device)  # rank 0's clock says "now"
+        timed.world_size = 2
+        for _ in range(first_poll):
+            timed.after_step()
+        assert (timed.save_due, timed.stop_due) == (True, False)
+        timed.saved()
+        assert not timed.save_due
+    finally:
+        dist.destroy_process_group()
