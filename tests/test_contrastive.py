@@ -8,7 +8,7 @@ import torch
 import contrastive
 from contrastive import alignment, checkpoint_epochs, find_checkpoints, measure, uniformity
 from model.models import load_diffusion
-from tests.test_linear import make_checkpoint, make_config
+from tests.helpers import make_checkpoint, make_config
 from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
 from utils.probe import extract_features, prepare_frozen

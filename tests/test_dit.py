@@ -6,56 +6,16 @@ import torch
 
 from model.dit import DiT, DiTDiffusion, linear_alphas_cumprod
 from model.models import (build_diffusion, checkpoint_from_args, count_parameters, feature_dims, load_diffusion)
+from tests.helpers import golden_dit, save_golden_weights, write_tiny_config
 from utils.config import load_config, save_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden" / "dit_tiny.pt"
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-# The golden DiT, as a DiT config; latents of 8x8 come from 64x64 images.
-TINY_DIT_CONFIG = """\
-model_type: DiT
-network: {{input_size: 8, patch_size: 2, in_channels: 4, hidden_size: 64, depth: 3, num_heads: 4}}
-ckpt: {ckpt}
-latents:
-  vae: {vae}
-  cache_dir: {cache_dir}
-  copies: 2
-  source_size: 16
-  image_size: 64
-  dtype: {dtype}
-  batch_size: 16
-dataset: synthetic
-classes: 10
-num_workers: 0
-save_dir: {save_dir}
-linear: {{n_epoch: 2, batch_size: 32, timestep: 121, blockname: layer-1}}
-"""
-
-
-def golden():
-    return torch.load(GOLDEN, weights_only=True)
-
-
-def write_tiny_config(folder, ckpt=None, vae=None, cache_dir=None, dtype="float16", name="tiny_dit.yaml"):
-    """A DiT config of the golden network's shape whose files all live under ``folder``."""
-    folder = Path(folder)
-    path = folder / name
-    path.write_text(TINY_DIT_CONFIG.format(ckpt=ckpt or folder / "dit.pt", vae=vae or folder / "vae",
-                                           cache_dir=cache_dir or folder / "cache", dtype=dtype,
-                                           save_dir=folder / "run"))
-    return path
-
-
-def save_golden_weights(path):
-    """The golden state dict as a plain file, the layout of facebookresearch/DiT's releases."""
-    torch.save(golden()["state_dict"], path)
-    return path
 
 
 def test_network_matches_golden():
-    g = golden()
+    g = golden_dit()
     net = DiT(**g["kwargs"]).eval()
     torch.testing.assert_close(net.pos_embed.data, g["state_dict"]["pos_embed"], rtol=0, atol=1e-6)  # fixed sin-cos
     net.load_state_dict(g["state_dict"], strict=True)
@@ -71,7 +31,7 @@ def test_network_matches_golden():
 
 
 def test_schedule_and_feature_match_golden():
-    g = golden()
+    g = golden_dit()
     diffusion = DiTDiffusion(DiT(**g["kwargs"])).eval()
     diffusion.nn_model.load_state_dict(g["state_dict"])
     assert diffusion.alphas_cumprod.dtype == torch.float64
@@ -90,7 +50,7 @@ def test_schedule_and_feature_match_golden():
 
 
 def test_feature_pass_stops_after_the_deepest_block_needed():
-    g = golden()
+    g = golden_dit()
     net = DiT(**g["kwargs"]).eval()
     net.load_state_dict(g["state_dict"])
     called = []
@@ -151,14 +111,14 @@ def test_released_plain_state_dict_loads_through_the_one_loader(tmp_path):
         checkpoint_from_args(cfg, Args())
     save_golden_weights(tmp_path / "dit.pt")
     diffusion = load_diffusion(cfg, checkpoint_from_args(cfg, Args()))
-    g = golden()
+    g = golden_dit()
     with torch.no_grad():
         torch.testing.assert_close(diffusion.nn_model(g["x"], g["t"], g["y"]), g["out"], **TOL)
     assert feature_dims(diffusion, cfg.network.image_shape) == {f"layer-{k}": 64 for k in range(3)}
 
     other = Args()
     other.ckpt = str(tmp_path / "other.pt")
-    state = golden()["state_dict"]
+    state = golden_dit()["state_dict"]
     state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:96]
     torch.save(state, other.ckpt)
     with pytest.raises(UserError, match=r"other.pt: key 'nn_model.blocks.0.attn.qkv.weight' has shape \(96, 64\)"):

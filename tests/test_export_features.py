@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import export_features
-from tests.test_knn import REPO, TINY_OVERRIDES, tiny_config, tiny_diffusion
+from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
+from tests.launch import REPO
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages
 from utils.errors import UserError

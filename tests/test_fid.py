@@ -10,27 +10,11 @@ import torch
 from torch import nn
 
 import fid
+from tests.helpers import FID_DIMS as DIMS
+from tests.helpers import RandomFeatures
 from utils.data import SyntheticImages
 from utils.errors import UserError
 from utils.images import export_dataset_pngs
-
-DIMS = 16
-
-
-class RandomFeatures(nn.Module):
-    """A fixed random conv net standing in for Inception: (B, 3, H, W) in [0, 1] -> (B, DIMS)."""
-
-    fid_tag = "random test network"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, DIMS, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1))
-        self.images_seen = 0
-
-    def forward(self, images):
-        self.images_seen += images.shape[0]
-        return self.net(images).flatten(1)  # (B, DIMS)
 
 
 class FakeInceptionV3(nn.Module):

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import finetune
-from tests.test_tensorboard import read_scalars
 from model.blocks import Upsample
 from model.models import load_diffusion
+from tests.helpers import TINY_OVERRIDES, read_scalars, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
-from tests.test_knn import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform

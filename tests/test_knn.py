@@ -9,25 +9,13 @@ import torch.nn.functional as F
 
 import knn
 from model.models import build_diffusion, count_parameters
+from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
 from utils.probe import (accuracy_table, extract_dataset_features, extract_grid_features, format_accuracy_table,
                          plot_accuracy_heatmap, probe_cells)
-
-TINY_OVERRIDES = ["network.image_shape=[3,16,16]", "linear.blockname=out_2", "linear.batch_size=8",
-                  "num_workers=0"]
-
-
-def tiny_config(save_dir, extra=()):
-    """config/demo.yaml shrunk to 16x16 images (4 blocks: out_1, out_2 at 8x8; out_3, out_4 at 16x16)."""
-    return load_config(REPO / "config" / "demo.yaml", TINY_OVERRIDES + [f"save_dir={save_dir}", *extra])
-
-
-def tiny_diffusion(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_diffusion(cfg).eval().requires_grad_(False)
 
 
 def tiny_images(n, train, seed=0):

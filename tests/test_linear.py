@@ -8,66 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import linear
-from tests.test_tensorboard import read_scalars
 from model.blocks import Upsample
-from model.ema import make_ema
 from model.models import build_diffusion, feature_dims, load_diffusion
+from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import run_two_processes
-from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from utils.config import load_config
-from utils.data import SyntheticImages, build_loader, probe_train_transform
+from utils.checkpoint import load_checkpoint
+from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
 from utils.probe import (ProbeHeads, count_correct, evaluate_heads, extract_features, extract_grid_features,
                          feature_pass_throughput, prepare_frozen, probe_cells)
-
-CPU = torch.device("cpu")
-
-TINY_CONFIG = """\
-model_type: {model_type}
-network:
-  image_shape: [3, 8, 8]
-  n_channels: 32
-  ch_mults: [1, 1]
-  is_attn: [False, True]
-  dropout: 0.1
-  n_blocks: 1
-dataset: synthetic
-batch_size: 32
-n_epoch: 4
-lrate: 1.0e-4
-warm_epoch: 1
-ema: 0.999
-num_workers: 0
-linear:
-  n_epoch: 2
-  batch_size: 32
-  lrate: 1.0e-3
-  timestep: {timestep}
-  blockname: out_2
-"""
-
-
-def make_config(folder, model_type="DDPM", timestep=None, overrides=()):
-    """A tiny config (8x8 images, 4 probe blocks) whose save_dir is ``folder/run``."""
-    timestep = timestep if timestep is not None else (11 if model_type == "DDPM" else 4)
-    path = Path(folder) / f"tiny_{model_type}.yaml"
-    path.write_text(TINY_CONFIG.format(model_type=model_type, timestep=timestep))
-    return load_config(path, [f"save_dir={Path(folder) / 'run'}", *overrides]), path
-
-
-def make_checkpoint(cfg, epoch, seed=0):
-    """save_dir/ckpts/model_{epoch}.pth in the training layout, with freshly initialised weights."""
-    torch.manual_seed(seed)
-    diffusion = build_diffusion(cfg)
-    ema = make_ema(diffusion, cfg.ema)
-    path = checkpoint_path(cfg.save_dir, epoch)
-    save_checkpoint({"MODEL": diffusion.state_dict(), "EMA": ema.state_dict(), "epoch": epoch}, path)
-    return path
-
-
-def small_sets(n_train=128, n_test=64):
-    return (SyntheticImages(n_train, image_size=8, seed=1, transform=probe_train_transform(8)),
-            SyntheticImages(n_test, image_size=8, seed=1, train=False))
 
 
 def test_probe_cells(tmp_path):
@@ -229,7 +178,6 @@ WORKER = """
 import sys
 import torch
 import linear
-from tests.test_tensorboard import read_scalars
 from model.models import load_diffusion
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform

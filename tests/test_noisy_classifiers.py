@@ -14,8 +14,8 @@ import noisy_classifier_DDAE as ddae_script
 import noisy_classifier_WRN as wrn_script
 from model.ddpm import DDPM
 from model.models import build_diffusion
+from tests.helpers import read_scalars
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
-from tests.test_tensorboard import read_scalars
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.logging import read_jsonl

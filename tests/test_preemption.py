@@ -15,7 +15,7 @@ import torch
 import linear
 import train
 from tests.launch import REPO
-from tests.test_train import TINY, assert_same_tensors, run, tiny_setup, write_config  # noqa: F401 (fixture)
+from tests.helpers import CPU, assert_same_tensors, make_checkpoint, make_config, run, small_sets, write_config
 from utils.checkpoint import (LATEST_NAME, checkpoint_path, latest_path, list_checkpoints, load_checkpoint,
                               remove_stale_temporaries, resolve_checkpoint, resume_checkpoint, save_checkpoint)
 from utils.logging import read_jsonl
@@ -29,7 +29,7 @@ PROBE = textwrap.dedent(f"""
     sys.path.insert(0, {str(REPO)!r})
     import torch
     import train
-    from tests.test_train import small_synthetic
+    from tests.helpers import small_synthetic
 
     torch.set_num_threads(1)
     train.build_dataset = small_synthetic
@@ -214,9 +214,8 @@ def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup,
 
 
 def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
-    from tests.test_linear import CPU, make_checkpoint, make_config, small_sets
     from model.models import load_diffusion
-    from utils.probe import prepare_frozen, probe_cells
+    from utils.probe import prepare_frozen
     cfg, _ = make_config(tmp_path)
     checkpoint = make_checkpoint(cfg, 3)
     timesteps, blocks = [11], ["out_2"]

@@ -5,7 +5,7 @@ import re
 from tqdm import tqdm
 
 import train
-from tests.test_train import parse, tiny_setup, write_config  # noqa: F401 (tiny_setup is a fixture)
+from tests.helpers import parse, write_config
 from utils import progress as progress_module
 from utils.progress import PlainProgress, batches, format_duration, progress
 

@@ -328,7 +328,7 @@ def test_bf16_autocast_stays_close_to_fp32(model_type, ddpm_config, edm_config):
 
 def test_fid_flag_scores_the_run(ddpm_config, tmp_path, monkeypatch, capsys):
     import fid
-    from tests.test_fid import RandomFeatures
+    from tests.helpers import RandomFeatures
 
     monkeypatch.setattr(fid, "load_inception", lambda device: RandomFeatures())  # no Inception weights here
     reference = Path(run_sample(ddpm_config, "--n_samples", 6, "--steps", 2, "--seed", 1,

@@ -4,25 +4,10 @@ import sys
 import pytest
 
 import train
-from tests.test_train import parse, tiny_setup, write_config  # noqa: F401 (tiny_setup is a fixture)
+from tests.helpers import parse, read_events, read_scalars, write_config
 from utils.errors import UserError
 from utils.logging import read_jsonl
 from utils.tensorboard import open_board
-
-
-def read_events(folder):
-    """The EventAccumulator of the event files in ``folder``, loaded."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    return events
-
-
-def read_scalars(folder):
-    """``{tag: [(step, value), ...]}`` of every scalar written into ``folder``."""
-    events = read_events(folder)
-    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_train_writes_the_log_and_the_sample_grids(tiny_setup, tmp_path, capsys):

@@ -5,67 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import train
 from model.models import diffusion_state_dict
+from tests.helpers import IMAGES, assert_same_tensors, parse, run, small_synthetic, write_config
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-IMAGES = 128      # synthetic training images: 8 steps of 16 per epoch
-N_SAMPLE = 10     # one grid row of samples above one row of real images
-TINY = {
-    "model_type": "DDPM",
-    "diffusion": {"n_T": 20, "betas": [1.0e-4, 0.02]},  # 20 DDIM steps per sample grid
-    "network": {"image_shape": [3, 16, 16], "n_channels": 32, "ch_mults": [1, 2], "is_attn": [False, True],
-                "dropout": 0.1, "n_blocks": 1},
-    "dataset": "synthetic", "batch_size": 16, "n_epoch": 2, "lrate": 1.0e-3, "warm_epoch": 2, "ema": 0.99,
-    "num_workers": 0, "n_sample": N_SAMPLE, "save_dir": "unset",
-    "linear": {"timestep": 11, "blockname": "out_2"},
-}
-
-
-def small_synthetic(name, root, train, transform=None, image_size=None):
-    """build_dataset, shrunk to IMAGES images so that an epoch takes a second."""
-    return SyntheticImages(n=IMAGES, image_size=image_size, train=train, transform=transform)
-
-
-@pytest.fixture(scope="module")
-def tiny_setup():
-    """Small synthetic data in place of the 2,000-image default."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "build_dataset", small_synthetic)
-        yield
-
-
-def write_config(folder, **changes):
-    config = {**TINY, **changes}
-    path = Path(folder) / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def parse(config, save_dir, *flags, **overrides):
-    sets = [f"save_dir={save_dir}"] + [f"{key}={value}" for key, value in overrides.items()]
-    argv = ["--config", str(config), "--device", "cpu", *flags]
-    for override in sets:
-        argv += ["--set", override]
-    args = train.parse_args(argv)
-    return load_config(args.config, args.set), args
-
-
-def run(config, save_dir, *flags, **overrides):
-    return train.train(*parse(config, save_dir, *flags, **overrides))
-
-
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
