@@ -28,7 +28,6 @@ stopped (on the same device type): every epoch seeds its own noise, dropout, cro
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +38,13 @@ from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precisio
 from model.blocks import Upsample
 from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
 from utils.atomic import check_writable
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.checkpoint_clock import agree_to_stop
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
-                        resolve_num_workers, set_loader_epoch, test_transform)
-from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
-                               init_distributed, is_main, print0)
+from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
+                        test_transform)
+from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
+from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.preemption import EXIT_REQUEUE, StopSignals
+from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.noisy import add_max_images_arg, limit_images, lr_factor
@@ -56,6 +53,8 @@ from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_d
 # Settings a saved state must share with the run that resumes it.
 RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
                "layer_decay", "label_smoothing", "seed", "world_size", "dataset", "max_images")
+RESUME_MISMATCH = ("{path} was trained with {key}={saved!r}, not {wanted!r}; rerun with the same settings to resume "
+                   "it, or pass --out for a new run")
 
 
 def build_parser():
@@ -188,13 +187,11 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, 
     """One pass over this process's training shard.
 
     Returns:
-        (next step, summed loss, correct predictions, images seen) of this process; the sums stay
-        on the device, so the GPU never waits for the host.
+        (next step, this process's ``EpochTotals``); the sums stay on the device, so the GPU never
+        waits for the host.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    totals = EpochTotals(device)
     for images, labels in batches(loader, "fine-tuning"):
         images, labels = to_device(images, labels, device)
         for group in optimizer.param_groups:
@@ -206,11 +203,9 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
-        seen += labels.shape[0]
+        totals.add(loss, logits, labels)
         step += 1
-    return step, loss_sum, correct, seen
+    return step, totals
 
 
 @torch.no_grad()
@@ -225,17 +220,6 @@ def evaluate(classifier, loader, device, precision):
         counter.update(logits.float()[None], labels)  # (1, B, classes)
     (accuracy,), total = counter.reduce()
     return accuracy, total
-
-
-def load_state(path, settings):
-    """A saved state, checked against this run's settings."""
-    state = load_checkpoint(path)
-    saved = state.get("settings", {})
-    for key in RESUME_KEYS:
-        if saved.get(key) != settings[key]:
-            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, not {settings[key]!r}; "
-                            f"rerun with the same settings to resume it, or pass --out for a new run")
-    return state
 
 
 def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir, tag, precision="fp32",
@@ -273,15 +257,16 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     optimizer = torch.optim.AdamW(groups, lr=settings["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = make_grad_scaler(device, precision)
 
+    loop = EpochLoop(settings["epochs"], device, board=board, prefix="finetune/",
+                     how="the same command with --resume continues it")
     history, start_epoch, step, test_images = [], 0, 0, None
-    if resume and os.path.isfile(state_path):
-        state = load_state(state_path, settings)
+    state = loop.resume(state_path if resume else None, settings, RESUME_MISMATCH, keys=RESUME_KEYS)
+    if state is not None:
         classifier.load_state_dict(state["model"])
         optimizer.load_state_dict(state["opt"])
         if state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         history, start_epoch, step, test_images = state["history"], state["epoch"], state["step"], state["test_images"]
-        print0(f"resuming {state_path}: {start_epoch} of {settings['epochs']} epochs done")
     elif resume:
         print0(f"--resume: no saved state at {state_path}; starting fresh")
 
@@ -304,38 +289,28 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     print0(f"fine-tuning {trainable:,} of {count_parameters(classifier):,} parameters at t={settings['timestep']}, "
            f"{settings['block']}: {len(train_set)} training images, {world_size} process(es), {precision}")
     result = None
-    for epoch in range(start_epoch, settings["epochs"]):
-        started = time.perf_counter()
-        torch.manual_seed(epoch_seed(settings["seed"], epoch, rank))
-        set_loader_epoch(train_loader, epoch)
-        step, loss_sum, correct, seen = train_one_epoch(model, train_loader, optimizer, scaler, lr_at_step, step,
-                                                        device, precision, settings["label_smoothing"])
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                             torch.tensor(float(seen), dtype=torch.float64, device=device)])).cpu()
+    for epoch in loop.epochs(start_epoch, train_loader, seed=settings["seed"]):
+        step, totals = train_one_epoch(model, train_loader, optimizer, scaler, lr_at_step, step, device, precision,
+                                       settings["label_smoothing"])
+        train_loss, train_accuracy, images = totals.reduce()
         torch.manual_seed(settings["seed"] + rank)  # the same test noise after every epoch
         test_accuracy, test_images = evaluate(classifier, test_loader, device, precision)
-        seconds = time.perf_counter() - started
-        history.append({"epoch": epoch, "lr": lr_at_step(step - 1), "train_loss": (totals[0] / totals[2]).item(),
-                        "train_accuracy": (100 * totals[1] / totals[2]).item(), "test_accuracy": test_accuracy,
+        seconds = loop.seconds
+        history.append({"epoch": epoch, "lr": lr_at_step(step - 1), "train_loss": train_loss,
+                        "train_accuracy": train_accuracy, "test_accuracy": test_accuracy,
                         "seconds": round(seconds, 2)})
-        print0(f"epoch {epoch + 1}/{settings['epochs']}  loss {history[-1]['train_loss']:.4f}  "
-               f"train {history[-1]['train_accuracy']:.2f}%  test {test_accuracy:.2f}%  "
-               f"({int(totals[2]) / seconds:.0f} img/s)")
-        board.scalars({key: history[-1][key] for key in ("train_loss", "train_accuracy", "test_accuracy", "lr")}
-                      | {"img_per_s": int(totals[2]) / seconds}, epoch + 1, prefix="finetune/")
+        loop.log(epoch + 1, f"epoch {epoch + 1}/{settings['epochs']}  loss {train_loss:.4f}  "
+                            f"train {train_accuracy:.2f}%  test {test_accuracy:.2f}%  ({images / seconds:.0f} img/s)",
+                 {key: history[-1][key] for key in ("train_loss", "train_accuracy", "test_accuracy", "lr")}
+                 | {"img_per_s": images / seconds})
         result = summary(cfg, settings, history, test_images, trainable)
+        loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "step": step,
+                               "model": classifier.state_dict(), "opt": optimizer.state_dict(),
+                               "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                               "history": history, "test_images": test_images})
         if is_main():
-            save_checkpoint({"settings": settings, "epoch": epoch + 1, "step": step, "model": classifier.state_dict(),
-                             "opt": optimizer.state_dict(),
-                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "history": history, "test_images": test_images}, state_path)
             save_json(result, os.path.join(out_dir, f"{tag}.json"))
-        barrier()
-        stopped = agree_to_stop(device)
-        if stopped and epoch + 1 < settings["epochs"]:
-            print0(f"stopped on {stopped}: saved {state_path} after epoch {epoch + 1} of {settings['epochs']}; "
-                   f"the same command with --resume continues it (exit code {EXIT_REQUEUE})")
-            raise SystemExit(EXIT_REQUEUE)
+        loop.stop_if_asked(epoch, state_path)
     if result is None:  # resumed a finished run: nothing left to train
         result = summary(cfg, settings, history, test_images, trainable)
         if is_main():

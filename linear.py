@@ -15,7 +15,6 @@ A DiT config probes cached VAE latents, each training example read from one of i
 """
 import argparse
 import os
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,17 +23,15 @@ from model.amp import add_amp_args, resolve_precision
 from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
 from model.speed import add_speed_args, configure_backends
 from utils.atomic import check_writable
-from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from utils.checkpoint_clock import agree_to_stop
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
-                        set_loader_epoch)
+from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers
 from utils.data import test_transform as eval_transform
-from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup,
-                               get_rank, get_world_size, init_distributed, is_main, print0)
+from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
+                               init_distributed, is_main, print0)
+from utils.epochs import EpochLoop, every_rank_rng
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
-from utils.preemption import EXIT_REQUEUE, StopSignals
+from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
@@ -91,17 +88,6 @@ def _settings(cfg, heads, world_size):
             "lrate": cfg.linear.lrate, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": world_size}
 
 
-def _load_state(path, settings):
-    state = load_checkpoint(path)
-    saved = state.get("settings", {})
-    changed = [key for key in settings if saved.get(key) != settings[key]]
-    if changed:
-        key = changed[0]
-        raise UserError(f"{path} holds a probe with {key}={saved.get(key)!r}, not {settings[key]!r}; "
-                        f"run with the same settings to resume it, or delete it to start over")
-    return state
-
-
 def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
               num_workers=0, heatmap=False, source=None, board=None):
     """Train and test the linear heads of every (timestep, block) cell; resumable per epoch.
@@ -135,15 +121,15 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
 
     settings = _settings(cfg, heads, world_size)
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
+    loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe")
     history, start_epoch, test_images = [], 0, None
-    if os.path.isfile(state_path):
-        state = _load_state(state_path, settings)
+    state = loop.resume(state_path, settings, "{path} holds a probe with {key}={saved!r}, not {wanted!r}; run "
+                                              "with the same settings to resume it, or delete it to start over")
+    if state is not None:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"][rank])
         history, start_epoch, test_images = state["history"], state["epoch"], state["test_images"]
-        print0(f"resuming {state_path}: {start_epoch} of {n_epoch} epochs done")
 
     model = heads
     if world_size > 1:
@@ -153,34 +139,26 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     test_loader = build_loader(test_set, cfg.linear.batch_size, train=False, num_workers=num_workers,
                                seed=cfg.seed, device=device)
     labels = heads.labels
-    for epoch in range(start_epoch, n_epoch):
-        started = time.perf_counter()
-        set_loader_epoch(train_loader, epoch)
+    for epoch in loop.epochs(start_epoch, train_loader):
         lr = optimizer.param_groups[0]["lr"]
         loss_sum, images_seen = train_one_epoch(diffusion, heads, model, optimizer, train_loader, device, precision)
         scheduler.step()
         totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(images_seen)], device=device)])).cpu()
         train_loss = (totals[:-1] / totals[-1]).tolist()
         accuracy, test_images = evaluate_heads(diffusion, heads, test_loader, device, precision)
-        seconds = time.perf_counter() - started
+        seconds = loop.seconds
         history.append({"epoch": epoch, "lr": lr, "seconds": seconds,
                         "train_loss": dict(zip(labels, train_loss)), "test_accuracy": dict(zip(labels, accuracy))})
         best = max(range(len(labels)), key=accuracy.__getitem__)
-        print0(f"epoch {epoch + 1}/{n_epoch}  lr {lr:.2e}  loss {sum(train_loss) / len(labels):.4f}  "
-               f"best {labels[best]} {accuracy[best]:.2f}%  ({int(totals[-1]) / seconds:.0f} train img/s)")
-        board.scalars({"loss": sum(train_loss) / len(labels), "lr": lr, "img_per_s": int(totals[-1]) / seconds,
-                       "best_accuracy": accuracy[best]}, epoch + 1, prefix="linear/")
+        loss, rate = sum(train_loss) / len(labels), int(totals[-1]) / seconds
+        loop.log(epoch + 1, f"epoch {epoch + 1}/{n_epoch}  lr {lr:.2e}  loss {loss:.4f}  best {labels[best]} "
+                            f"{accuracy[best]:.2f}%  ({rate:.0f} train img/s)",
+                 {"loss": loss, "lr": lr, "img_per_s": rate, "best_accuracy": accuracy[best]})
         board.scalars(dict(zip(labels, accuracy)), epoch + 1, prefix="accuracy/")
-        rng = all_gather_object(capture_rng_state())
-        if is_main():
-            save_checkpoint({"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": rng, "history": history, "test_images": test_images}, state_path)
-        stopped = agree_to_stop(device)
-        if stopped and epoch + 1 < n_epoch:
-            print0(f"stopped on {stopped}: saved {state_path} after epoch {epoch + 1} of {n_epoch}; the same "
-                   f"command continues the probe (exit code {EXIT_REQUEUE})")
-            raise SystemExit(EXIT_REQUEUE)
+        loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": every_rank_rng(), "history": history, "test_images": test_images})
+        loop.stop_if_asked(epoch, state_path)
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)

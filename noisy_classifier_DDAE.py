@@ -19,7 +19,6 @@ save_dir/tb/noisy_DDAE_ep{epoch}/.
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +31,11 @@ from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims
 from model.speed import add_speed_args, configure_backends
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from utils.config import add_config_args, config_name, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
-                        set_loader_epoch)
+from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers
 from utils.data import test_transform as eval_transform
-from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_rank, get_world_size,
-                               init_distributed, is_main, print0)
+from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
+from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.logging import JsonlLogger
 from utils.noisy import (EDM_STEPS, accuracy_per_level, add_max_images_arg, eval_levels, format_table,
                          limit_images, log_levels, publish_results)
 from utils.probe import extract_features, prepare_frozen, to_device
@@ -97,11 +94,9 @@ def max_level(cfg):
 
 
 def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, device, precision):
-    """One pass over the training shard; returns (summed loss, correct, images) of this process."""
+    """One pass over the training shard; returns this process's ``EpochTotals``."""
     head.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    totals = EpochTotals(device)
     for images, labels in batches(loader, "training"):
         images, labels = to_device(images, labels, device)
         levels = torch.randint(1, top_level + 1, (labels.shape[0],), device=device)  # (B,)
@@ -111,10 +106,8 @@ def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, de
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * labels.numel()
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
-        seen += labels.numel()
-    return loss_sum, correct, seen
+        totals.add(loss, logits, labels)
+    return totals
 
 
 def evaluate(diffusion, head, loader, levels, blockname, device, precision):
@@ -178,25 +171,18 @@ def run(cfg, args, checkpoint, device):
 
     print0(f"DDAE {config_name(args.config)} ({checkpoint}), feature {blockname} (d = {feature_dim}), "
            f"{cfg.model_type}, {len(train_set)} training images, {world_size} process(es), {precision}")
-    logger = JsonlLogger(os.path.join(out_dir, "log.jsonl")) if is_main() else None
+    loop = EpochLoop(linear.n_epoch, device, board=board, prefix="noisy/", log_path=os.path.join(out_dir, "log.jsonl"))
     torch.manual_seed(cfg.seed + rank)
-    for epoch in range(linear.n_epoch):
-        started = time.time()
-        set_loader_epoch(train_loader, epoch)
-        loss_sum, correct, seen = train_one_epoch(diffusion, trained, train_loader, optimizer, blockname,
-                                                  max_level(cfg), device, precision)
+    for epoch in loop.epochs(0, train_loader):
+        totals = train_one_epoch(diffusion, trained, train_loader, optimizer, blockname, max_level(cfg), device,
+                                 precision)
         scheduler.step()
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                             torch.tensor(seen, dtype=torch.float64, device=device)]))
-        loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
-        if logger is not None:
-            logger.log(epoch=epoch, loss=loss, train_acc=train_acc, seconds=round(time.time() - started, 2))
-        print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (random levels), "
-               f"{time.time() - started:.1f} s")
-        board.scalars({"loss": loss, "train_accuracy": train_acc, "lr": scheduler.get_last_lr()[0]}, epoch + 1,
-                      prefix="noisy/")
-    if logger is not None:
-        logger.close()
+        loss, train_acc, _ = totals.reduce()
+        loop.log(epoch + 1, f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (random levels), "
+                            f"{loop.seconds:.1f} s",
+                 {"loss": loss, "train_accuracy": train_acc, "lr": scheduler.get_last_lr()[0]},
+                 {"epoch": epoch, "loss": loss, "train_acc": train_acc, "seconds": round(loop.seconds, 2)})
+    loop.close()
 
     accuracies, n_test_images = evaluate(diffusion, head, test_loader, levels, blockname, device, precision)
     label = f"DDAE {config_name(args.config)} {run_tag(checkpoint)} {blockname}"

@@ -21,7 +21,6 @@ the same device; with loader workers, the crops and flips after a resume differ.
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
 from model.wrn import WideResNet
-from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                              save_checkpoint)
-from utils.checkpoint_clock import agree_to_stop
+from utils.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, save_checkpoint
 from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
-                        default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
-from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
-                               get_world_size, init_distributed, is_main, print0)
+                        default_num_workers, probe_train_transform, test_transform)
+from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed,
+                               is_main, print0)
+from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.preemption import EXIT_REQUEUE, StopSignals
-from utils.logging import JsonlLogger
+from utils.preemption import StopSignals
 from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
                          log_levels, lr_factor, publish_results)
 from utils.progress import batches
@@ -119,14 +116,11 @@ def prepare_resume(args):
     return latest
 
 
-def load_resume_state(path, args, model, optimizer, scaler):
+def load_resume_state(loop, path, args, model, optimizer, scaler):
     """Load a checkpoint into the model, optimizer and scaler; return (next epoch, step)."""
-    checkpoint = load_checkpoint(path)
-    saved = checkpoint.get("settings", {})
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(args, key):
-            raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(args, key)}; "
-                            f"pass --{key} {saved[key]} or choose another --save_dir")
+    checkpoint = loop.resume(path, run_settings(args), "{path} was trained with --{key} {saved}, not {wanted}; "
+                             "pass --{key} {saved} or choose another --save_dir", keys=RESUME_KEYS, lenient=True,
+                             done=lambda state: state["epoch"] + 1)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["opt"])
     if checkpoint.get("scaler") is not None:
@@ -147,11 +141,9 @@ def save_epoch_checkpoint(args, epoch, step, model, optimizer, scaler):
 
 
 def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, device, precision):
-    """One pass over the training shard; returns (next step, summed loss, correct, images) of this process."""
+    """One pass over the training shard; returns (next step, this process's ``EpochTotals``)."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    totals = EpochTotals(device)
     for images, labels in batches(loader, "training"):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -165,11 +157,9 @@ def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach() * labels.numel()
-        correct += (logits.detach().argmax(dim=1) == labels).sum()
-        seen += labels.numel()
+        totals.add(loss, logits, labels)
         step += 1
-    return step, loss_sum, correct, seen
+    return step, totals
 
 
 def evaluate(model, loader, noiser, device, precision):
@@ -227,10 +217,13 @@ def run(args, device):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = make_grad_scaler(device, precision)
+    board = open_board(args.tensorboard, os.path.join(args.save_dir, "tb"))
+    log_path = os.path.join(args.save_dir, "log.jsonl")
+    loop = EpochLoop(args.epochs, device, board=board, prefix="noisy/", log_path=log_path,
+                     how="the same command with --resume continues it")
     start_epoch, step = 0, 0
     if resume_from is not None:
-        start_epoch, step = load_resume_state(resume_from, args, model, optimizer, scaler)
-        print0(f"resuming from {resume_from}: epoch {start_epoch} of {args.epochs}")
+        start_epoch, step = load_resume_state(loop, resume_from, args, model, optimizer, scaler)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
 
@@ -241,37 +234,23 @@ def run(args, device):
     def lr_at_step(index):
         return args.lr * lr_factor(index, total_steps, warm_steps)
 
-    logger = JsonlLogger(os.path.join(args.save_dir, "log.jsonl")) if is_main() else None
-    board = open_board(args.tensorboard, os.path.join(args.save_dir, "tb"))
     print0(f"{wrn_label(args)} ({sum(p.numel() for p in model.parameters()):,} parameters), {args.mode}, "
            f"{len(train_set)} training images, {world_size} process(es), {precision}")
-    for epoch in range(start_epoch, args.epochs):
-        started = time.time()
-        torch.manual_seed(epoch_seed(args.seed, epoch, rank))
-        set_loader_epoch(train_loader, epoch)
-        step, loss_sum, correct, seen = train_one_epoch(trained, train_loader, noiser, optimizer, scaler,
-                                                        lr_at_step, step, device, precision)
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                             torch.tensor(seen, dtype=torch.float64, device=device)]))
-        loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+    for epoch in loop.epochs(start_epoch, train_loader, seed=args.seed):
+        step, totals = train_one_epoch(trained, train_loader, noiser, optimizer, scaler, lr_at_step, step, device,
+                                       precision)
+        loss, train_acc, _ = totals.reduce()
         if is_main():
             save_epoch_checkpoint(args, epoch, step, model, optimizer, scaler)
-            logger.log(epoch=epoch, step=step, loss=loss, train_acc=train_acc, lr=lr_at_step(step - 1),
-                       seconds=round(time.time() - started, 2))
+        lr = lr_at_step(step - 1)
+        loop.log(epoch + 1, f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (noised), "
+                            f"{loop.seconds:.1f} s",
+                 {"loss": loss, "train_accuracy": train_acc, "lr": lr},
+                 {"epoch": epoch, "step": step, "loss": loss, "train_acc": train_acc, "lr": lr,
+                  "seconds": round(loop.seconds, 2)})
         barrier()
-        print0(f"epoch {epoch}: loss {loss:.4f}, train acc {train_acc:.2f}% (noised), "
-               f"{time.time() - started:.1f} s")
-        board.scalars({"loss": loss, "train_accuracy": train_acc, "lr": lr_at_step(step - 1)}, epoch + 1,
-                      prefix="noisy/")
-        stopped = agree_to_stop(device)
-        if stopped and epoch + 1 < args.epochs:
-            print0(f"stopped on {stopped}: saved {checkpoint_path(args.save_dir, epoch)}; the same command "
-                   f"with --resume continues it (exit code {EXIT_REQUEUE})")
-            if logger is not None:
-                logger.close()
-            raise SystemExit(EXIT_REQUEUE)
-    if logger is not None:
-        logger.close()
+        loop.stop_if_asked(epoch, checkpoint_path(args.save_dir, epoch))
+    loop.close()
 
     torch.manual_seed(args.seed + rank)
     accuracies, n_test_images = evaluate(model, test_loader, noiser, device, precision)
