@@ -48,6 +48,7 @@ from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, 
                         train_transform)
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
+from utils.epochs import EpochLoop, stop_line
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
@@ -591,7 +592,11 @@ def restore_training(state, checkpoint, path):
 
 
 def start_run_folder(state):
-    """Create save_dir, write config.yaml, and open log.jsonl keeping only the epochs before ``state.epoch``."""
+    """Create save_dir, write config.yaml, and rewrite log.jsonl keeping only the epochs before ``state.epoch``.
+
+    Returns:
+        the path of log.jsonl.
+    """
     cfg = state.cfg
     log_path = os.path.join(cfg.save_dir, "log.jsonl")
     try:
@@ -606,7 +611,7 @@ def start_run_folder(state):
     except OSError as err:
         raise UserError(f"cannot write into save_dir {cfg.save_dir} ({err.strerror}); choose a writable "
                         f"folder with --set save_dir=DIR") from None
-    return JsonlLogger(log_path)
+    return log_path
 
 
 def epoch_line(record, n_epoch, seconds_left):
@@ -617,7 +622,7 @@ def epoch_line(record, n_epoch, seconds_left):
             f"{format_duration(seconds_left)} left")
 
 
-def end_of_interval(state, epoch, logger, board):
+def end_of_interval(state, epoch, log_path, board):
     """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve.
 
     Returns:
@@ -633,7 +638,7 @@ def end_of_interval(state, epoch, logger, board):
         grid = save_sample_grid(state, epoch)
         print0(f"sample grid {grid}")
         board.image_file("samples_ema", grid, state.step)
-        plot_curves(read_jsonl(logger.path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
+        plot_curves(read_jsonl(log_path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
                     title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
     return path
 
@@ -668,7 +673,8 @@ def train(cfg, args):
         print0(f"resuming from {resume_path}: epoch {state.epoch}{position}, step {state.step}")
     if is_main():
         remove_stale_temporaries(cfg.save_dir)  # left by writes that a kill -9 cut short
-    logger = start_run_folder(state) if is_main() else None
+    log_path = start_run_folder(state) if is_main() else None
+    loop = EpochLoop(cfg.n_epoch, device, board=board, prefix="train/", log_path=log_path)
     plain = not is_interactive()
     print0(f"training {cfg.model_type} on {cfg.dataset}: {get_world_size()} process(es) on {device.type}, "
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch "
@@ -685,19 +691,18 @@ def train(cfg, args):
                 if record is None:  # stopped mid-epoch, saved in latest.pth
                     state.stop_path = latest_path(cfg.save_dir)
                     break
-                if logger is not None:
-                    logger.log(record)
-                board.scalars({key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")},
-                              record["step"], prefix="train/")
+                line = None
                 if plain:  # the time left counts the checkpoints and grids of the epochs so far
                     per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
-                    print0(epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1)))
+                    line = epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1))
+                scalars = {key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")}
+                loop.log(record["step"], line, scalars, record)
                 if record["steps"] < len(state.data):
                     break  # cut short by --max_steps
                 state.epoch = epoch + 1
                 saved = None
                 if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
-                    saved = end_of_interval(state, epoch, logger, board)
+                    saved = end_of_interval(state, epoch, log_path, board)
                     if saved:
                         clock.saved()
                 if clock.save_due:  # asked for at the epoch's last step
@@ -709,11 +714,10 @@ def train(cfg, args):
                 state.stopped = signals.requested or "a signal to another process"
     finally:
         board.close()
-        if logger is not None:
-            logger.close()
+        loop.close()
     if state.stopped:
-        print0(f"stopped on {state.stopped}: saved {state.stop_path}; run the same command with --resume auto "
-               f"(or --resume) to continue (exit code {EXIT_REQUEUE})")
+        print0(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or --resume) to "
+                                                         "continue"))
     else:
         loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
         print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss "
