@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from model.amp import add_amp_args, resolve_precision
 from model.models import load_diffusion
 from utils.checkpoint import list_checkpoints
+from utils.cli import add_amp_args, resolve_precision
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers
 from utils.data import test_transform as eval_transform

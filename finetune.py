@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.amp import autocast, make_grad_scaler
 from model.blocks import Upsample
-from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
+from model.models import count_parameters, feature_dims, load_diffusion
 from utils.atomic import check_writable
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.checkpoint_clock import agree_to_stop
+from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, resolve_precision
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
                         resolve_num_workers, set_loader_epoch, test_transform)

@@ -24,10 +24,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from model.amp import add_amp_args, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from model.models import load_diffusion
 from utils.atomic import check_writable
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0

@@ -20,12 +20,12 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from model.models import feature_dims, load_diffusion
 from utils.atomic import check_writable
 from utils.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.checkpoint_clock import agree_to_stop
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
                         set_loader_epoch)

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, resolve_precision
 from model.blocks import TimeEmbedding
-from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from model.models import feature_dims, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, config_name, load_config
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
                         set_loader_epoch)

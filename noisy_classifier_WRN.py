@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.amp import autocast, make_grad_scaler
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                               save_checkpoint)
 from utils.checkpoint_clock import agree_to_stop
+from utils.cli import add_amp_args, resolve_precision
 from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
                         default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,

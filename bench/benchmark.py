@@ -33,11 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from model.amp import autocast, resolve_precision  # noqa: E402
+from model.amp import autocast  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
-from model.speed import configure_backends  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
+from utils.cli import configure_backends, resolve_precision  # noqa: E402
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
