@@ -30,14 +30,14 @@ from PIL import Image
 
 from model.amp import autocast
 from model.models import load_diffusion
-from model.noise import PerImageNoise, image_seed
+from model.noise import PerImageNoise
 from model.speed import compile_module
 from utils.atomic import atomic_path
 from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import split_batches
+from utils.data import image_seed, split_batches
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry

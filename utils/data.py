@@ -440,6 +440,22 @@ def epoch_seed(seed, epoch, rank):
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
 
 
+def _splitmix64(value):
+    value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return value ^ (value >> 31)
+
+
+def image_seed(seed, index):
+    """The generator seed of image ``index`` in a run with ``seed``.
+
+    A scrambled offset of the run plus the index: distinct for every index of a run even in the low
+    32 bits, which are all that a CPU generator uses, while two runs' ranges practically never meet.
+    """
+    return (_splitmix64(seed) + index) % 2 ** 64
+
+
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
                  device=None, drop_last=True, batch_flag="--set batch_size=N"):
     """A DataLoader over this rank's part of ``dataset``.
