@@ -36,11 +36,11 @@ from utils.atomic import atomic_path, check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        resolve_num_workers, test_transform)
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
-from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import extract_dataset_features, prepare_frozen, probe_cells, save_json
 
 IMAGE_SUFFIXES = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)

@@ -43,15 +43,15 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.checkpoint_clock import agree_to_stop
 from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, resolve_precision
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, probe_train_transform,
-                        resolve_num_workers, set_loader_epoch, test_transform)
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, epoch_seed, limit_images,
+                        probe_train_transform, resolve_num_workers, set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import batches
+from utils.schedule import lr_factor
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
-from utils.noisy import add_max_images_arg, limit_images, lr_factor
 from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
 # Settings a saved state must share with the run that resumes it.

@@ -29,11 +29,11 @@ from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
-from utils.noisy import add_max_images_arg, limit_images
 from utils.probe import (AccuracyCounter, accuracy_table, best_line, extract_dataset_features, format_accuracy_table,
                          plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, synchronize)
 

@@ -33,16 +33,17 @@ from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoin
                               save_checkpoint)
 from utils.checkpoint_clock import agree_to_stop
 from utils.cli import add_amp_args, resolve_precision
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
-                        default_num_workers, epoch_seed, probe_train_transform, set_loader_epoch, test_transform)
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, add_max_images_arg, build_dataset,
+                        build_loader, default_num_workers, epoch_seed, limit_images, probe_train_transform,
+                        set_loader_epoch, test_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.noisy import MODES, ImageNoiser, accuracy_per_level, format_table, log_levels, publish_results
 from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.logging import JsonlLogger
-from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
-                         log_levels, lr_factor, publish_results)
 from utils.progress import batches
+from utils.schedule import lr_factor
 from utils.tensorboard import add_tensorboard_arg, open_board
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.

@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
@@ -438,6 +438,23 @@ def epoch_seed(seed, epoch, rank):
     """Seed of one epoch's random draws on one process (well mixed by numpy's SeedSequence), so a
     resumed run draws exactly what the uninterrupted run would have drawn."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
+def add_max_images_arg(parser):
+    parser.add_argument("--max_images", type=int, default=0,
+                        help="use only the first N images of each split (quick checks); 0: all")
+    return parser
+
+
+def limit_images(dataset, max_images):
+    """The first ``max_images`` items of ``dataset`` (all when 0), keeping ``num_classes``."""
+    if max_images < 0:
+        raise UserError(f"--max_images {max_images}: must be 0 (all images) or a positive count")
+    if max_images == 0 or max_images >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(max_images))
+    subset.num_classes = dataset.num_classes
+    return subset
 
 
 def _splitmix64(value):

@@ -12,12 +12,10 @@ figure can also be drawn by hand from any result files of one mode:
 import argparse
 import glob
 import json
-import math
 import os
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from model.ddpm import make_schedule
 from model.edm import EDM, karras_schedule
@@ -132,33 +130,6 @@ class ImageNoiser:
         if self.mode == "DDPM":
             return self.noise_ddpm(x, index, noise)
         return self.noise_edm(x, self.sigmas[index], noise)
-
-
-def lr_factor(step, total_steps, warm_steps):
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
-    ``warm_steps`` steps, then a cosine from 1 to 0 at ``total_steps`` (the WRN baseline and
-    finetune.py)."""
-    if step < warm_steps:
-        return (step + 1) / warm_steps
-    progress = (step - warm_steps) / max(1, total_steps - warm_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def add_max_images_arg(parser):
-    parser.add_argument("--max_images", type=int, default=0,
-                        help="use only the first N images of each split (quick checks); 0: all")
-    return parser
-
-
-def limit_images(dataset, max_images):
-    """The first ``max_images`` items of ``dataset`` (all when 0), keeping ``num_classes``."""
-    if max_images < 0:
-        raise UserError(f"--max_images {max_images}: must be 0 (all images) or a positive count")
-    if max_images == 0 or max_images >= len(dataset):
-        return dataset
-    subset = Subset(dataset, range(max_images))
-    subset.num_classes = dataset.num_classes
-    return subset
 
 
 @torch.no_grad()
