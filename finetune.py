@@ -35,6 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from evaluation.accuracy import AccuracyCounter
+from evaluation.cells import probe_cells
+from evaluation.frozen import to_device, use_channels_last
+from evaluation.report import probe_tag
 from model.amp import autocast, make_grad_scaler
 from model.blocks import Upsample
 from model.models import count_parameters, feature_dims, load_diffusion
@@ -48,11 +52,11 @@ from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
+from utils.logging import save_json
 from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import batches
 from utils.schedule import lr_factor
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
-from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
 # Settings a saved state must share with the run that resumes it.
 RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from evaluation.features import extract_features
+from evaluation.frozen import prepare_frozen, to_device
 from model.blocks import TimeEmbedding
 from model.models import feature_dims, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -40,7 +42,6 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_r
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
 from utils.noisy import EDM_STEPS, accuracy_per_level, eval_levels, format_table, log_levels, publish_results
-from utils.probe import extract_features, prepare_frozen, to_device
 from utils.progress import batches
 from utils.tensorboard import add_tensorboard_arg, open_board
 

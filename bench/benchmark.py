@@ -33,6 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
+from evaluation.cells import probe_cells  # noqa: E402
+from evaluation.frozen import prepare_frozen  # noqa: E402
+from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
 from model.amp import autocast  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
@@ -42,8 +45,7 @@ from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
-from utils.logging import plot_curves  # noqa: E402
-from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, save_json, synchronize  # noqa: E402
+from utils.logging import plot_curves, save_json  # noqa: E402
 
 PARTS = ("train", "sample", "probe", "parity", "profile")
 

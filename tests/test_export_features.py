@@ -8,10 +8,10 @@ from PIL import Image
 
 import export_features
 from tests.test_knn import REPO, TINY_OVERRIDES, tiny_config, tiny_diffusion
+from evaluation.features import extract_grid_features
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages
 from utils.errors import UserError
-from utils.probe import extract_grid_features
 
 
 @pytest.fixture

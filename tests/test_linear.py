@@ -13,12 +13,16 @@ from model.blocks import Upsample
 from model.ema import make_ema
 from model.models import build_diffusion, feature_dims, load_diffusion
 from tests.launch import run_two_processes
+from evaluation.accuracy import count_correct
+from evaluation.cells import probe_cells
+from evaluation.features import extract_features, extract_grid_features
+from evaluation.frozen import prepare_frozen
+from evaluation.heads import ProbeHeads, evaluate_heads
+from evaluation.throughput import feature_pass_throughput
 from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader, probe_train_transform
 from utils.errors import UserError
-from utils.probe import (ProbeHeads, count_correct, evaluate_heads, extract_features, extract_grid_features,
-                         feature_pass_throughput, prepare_frozen, probe_cells)
 
 CPU = torch.device("cpu")
 
@@ -234,7 +238,7 @@ from model.models import load_diffusion
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
 from utils.distributed import cleanup, init_distributed
-from utils.probe import prepare_frozen
+from evaluation.frozen import prepare_frozen
 
 torch.set_num_threads(1)
 config, checkpoint, out_dir = sys.argv[1:4]

@@ -17,12 +17,14 @@ import os
 import torch
 from torch import nn
 
+from evaluation.accuracy import AccuracyCounter
+from evaluation.frozen import to_device
 from model.ddpm import make_schedule
 from model.edm import EDM, karras_schedule
+from utils.config import EDM_FEATURE_STEPS
 from utils.errors import UserError, cli_entry
-from utils.logging import plot_lines
+from utils.logging import plot_lines, save_json
 from utils.progress import batches
-from utils.probe import EDM_FEATURE_STEPS, AccuracyCounter, save_json, to_device
 
 MODES = ("DDPM", "EDM")
 METHODS = ("WRN", "DDAE")
