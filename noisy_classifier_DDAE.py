@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.features import extract_features
 from evaluation.frozen import prepare_frozen, to_device
+from evaluation.noisy import accuracy_per_level
 from model.blocks import TimeEmbedding
 from model.models import feature_dims, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -41,7 +42,7 @@ from utils.distributed import (add_launcher_args, all_reduce_sum, cleanup, get_r
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.logging import JsonlLogger
-from utils.noisy import EDM_STEPS, accuracy_per_level, eval_levels, format_table, log_levels, publish_results
+from utils.noisy import EDM_STEPS, eval_levels, format_table, log_levels, publish_results
 from utils.progress import batches
 from utils.tensorboard import add_tensorboard_arg, open_board
 

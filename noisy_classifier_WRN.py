@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from evaluation.noisy import ImageNoiser, accuracy_per_level
 from model.amp import autocast, make_grad_scaler
 from model.wrn import WideResNet
 from utils.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
@@ -39,7 +40,7 @@ from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, add_max
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
-from utils.noisy import MODES, ImageNoiser, accuracy_per_level, format_table, log_levels, publish_results
+from utils.noisy import MODES, format_table, log_levels, publish_results
 from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.logging import JsonlLogger
 from utils.progress import batches

@@ -16,11 +16,11 @@ from model.ddpm import DDPM
 from model.models import build_diffusion
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from tests.test_tensorboard import read_scalars
+from evaluation.noisy import ImageNoiser
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.logging import read_jsonl
-from utils.noisy import (RESULT_FILE, ImageNoiser, draw_comparison, eval_levels, find_results,
-                         read_results, write_results)
+from utils.noisy import RESULT_FILE, draw_comparison, eval_levels, find_results, read_results, write_results
 from utils.noisy import main as noisy_cli_main
 from utils.noisy import parse_args as noisy_cli_args
 
