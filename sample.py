@@ -313,7 +313,7 @@ def write_missing_grids(out_dir, n_samples, rank=0, world_size=1):
 
 
 def prepare_network(diffusion, compile_mode, channels_last):
-    """Put the network in the layout and (``compile_mode``: a model.speed mode, or None) compiled form
+    """Put the network in the layout and (``compile_mode``: a utils.cli.COMPILE_MODES mode, or None) compiled form
     that sampling runs it in."""
     if channels_last:
         diffusion.nn_model.to(memory_format=torch.channels_last)

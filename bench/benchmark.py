@@ -7,7 +7,7 @@
 
 Every number comes from the code users run: train.py's ``build_training`` and ``train_step`` on its
 data path, sample.py's network preparation and ``draw_images`` with per-image noise, and
-utils.probe's grid feature pass. The weights are freshly initialised and the training images are
+evaluation.features' grid feature pass. The weights are freshly initialised and the training images are
 the built-in synthetic set (pass --real_data for the config's dataset): the time a 32x32 step takes
 does not depend on what the pixels show. Each variant runs its warm-up (torch.compile and cuDNN
 tuning happen there), then its timed steps, with a device synchronisation at the two ends only.
@@ -86,7 +86,7 @@ class EvalVariant:
     precision: str
     large_batch: bool = True        # the part's large batch, else its original batch
     channels_last: bool = True      # sampling only: probe passes take prepare_frozen's layout
-    compile_mode: str = None        # a model.speed compile mode, None for eager
+    compile_mode: str = None        # a utils.cli.COMPILE_MODES mode, None for eager
     cudnn_benchmark: bool = False
 
     @property

@@ -19,7 +19,7 @@ def prepare_frozen(diffusion, device, compile=None):
     layout that is fastest there (``use_channels_last``).
 
     Args:
-        compile: None, or a ``model.speed`` compile mode (True means "default") for the network's
+        compile: None, or a ``utils.cli.COMPILE_MODES`` mode (True means "default") for the network's
             ``forward_features`` (what ``get_feature`` calls); the first batches then take a while
             longer (minutes on a CPU).
     """

@@ -1,4 +1,4 @@
-"""model/speed.py and utils/cli.py: --compile [MODE] and --cudnn_benchmark reach torch the same way from every script."""
+"""model/speed.py, utils/cli.py: --compile [MODE] and --cudnn_benchmark reach torch the same way from every script."""
 import argparse
 
 import pytest
