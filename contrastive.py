@@ -13,16 +13,18 @@ import os
 
 import torch
 
-from model.amp import add_amp_args, resolve_precision
+from evaluation.cells import probe_cells
+from evaluation.features import extract_features
+from evaluation.frozen import prepare_frozen, to_device
 from model.models import load_diffusion
 from utils.checkpoint import list_checkpoints
+from utils.cli import add_amp_args, resolve_precision
 from utils.config import add_config_args, load_config
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers
 from utils.data import test_transform as eval_transform
 from utils.distributed import add_launcher_args, all_reduce_sum, cleanup, get_rank, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
-from utils.logging import plot_lines
-from utils.probe import extract_features, prepare_frozen, probe_cells, save_json, to_device
+from utils.logging import plot_lines, save_json
 from utils.progress import batches
 
 

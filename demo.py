@@ -17,11 +17,11 @@ import time
 
 import torch
 
+from evaluation.report import linear_tag
 from model.models import build_diffusion
 from utils.checkpoint import list_checkpoints, save_checkpoint
 from utils.config import load_config
 from utils.errors import UserError, cli_entry
-from utils.probe import linear_tag
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(ROOT, "config", "demo.yaml")

@@ -18,17 +18,17 @@ import time
 import numpy as np
 from torch.utils.data import DataLoader
 
-from model.amp import add_amp_args, resolve_precision
 from model.vae import check_vae_folder, encode_images, load_vae
 from utils.checkpoint import weights_digest
+from utils.cli import add_amp_args, resolve_precision
 from utils.config import VAE_DOWNSAMPLING, add_config_args, load_config
-from utils.data import add_data_args, build_dataset, resolve_num_workers, split_batches, test_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, limit_images, resolve_num_workers,
+                        split_batches, test_transform)
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.latents import (COPY_STRIDE, TEST_COPY, create_partial, finish_partial, latent_seed, partial_path,
                            prepare_cache, split_name)
-from utils.noisy import add_max_images_arg, limit_images
 
 
 def build_parser():

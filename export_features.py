@@ -31,17 +31,20 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from model.amp import add_amp_args, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from evaluation.cells import probe_cells
+from evaluation.features import extract_dataset_features
+from evaluation.frozen import prepare_frozen
+from model.models import load_diffusion
 from utils.atomic import atomic_path, check_writable
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        resolve_num_workers, test_transform)
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
-from utils.noisy import add_max_images_arg, limit_images
-from utils.probe import extract_dataset_features, prepare_frozen, probe_cells, save_json
+from utils.logging import save_json
 
 IMAGE_SUFFIXES = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
 SAMPLE_GRID = re.compile(r"^grid_\d+\.png$")  # sample.py's grids of 400 samples beside pngs/
@@ -121,7 +124,7 @@ def export_features(diffusion, dataset, timestep, blocks, device, out_dir, preci
     """Extract the features of every image of ``dataset`` and write them to ``out_dir``.
 
     Args:
-        diffusion: the frozen model (see ``utils.probe.prepare_frozen``).
+        diffusion: the frozen model (see ``evaluation.frozen.prepare_frozen``).
         dataset: yields (image in [0, 1], label); with a ``files`` attribute, files.txt is written.
         timestep: the noise level (DDPM timestep or EDM index).
         blocks: block names; one (N, C) array each.

@@ -34,21 +34,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from evaluation.accuracy import AccuracyCounter
+from evaluation.cells import probe_cells
+from evaluation.frozen import to_device, use_channels_last
+from evaluation.report import probe_tag
+from model.amp import autocast, make_grad_scaler
 from model.blocks import Upsample
-from model.models import add_checkpoint_args, checkpoint_from_args, count_parameters, feature_dims, load_diffusion
+from model.models import count_parameters, feature_dims, load_diffusion
 from utils.atomic import check_writable
+from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, resolve_precision
 from utils.config import add_config_args, load_config
-from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
-                        test_transform)
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        probe_train_transform, resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
+from utils.logging import save_json
 from utils.preemption import StopSignals
 from utils.progress import batches
+from utils.schedule import lr_factor
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
-from utils.noisy import add_max_images_arg, limit_images, lr_factor
-from utils.probe import AccuracyCounter, probe_cells, probe_tag, save_json, to_device, use_channels_last
 
 # Settings a saved state must share with the run that resumes it.
 RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",

@@ -24,18 +24,23 @@ import time
 import torch
 import torch.distributed as dist
 
-from model.amp import add_amp_args, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from evaluation.accuracy import AccuracyCounter
+from evaluation.cells import probe_cells
+from evaluation.features import extract_dataset_features
+from evaluation.frozen import prepare_frozen
+from evaluation.report import accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag
+from evaluation.throughput import synchronize
+from model.models import load_diffusion
 from utils.atomic import check_writable
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers, test_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
-from utils.noisy import add_max_images_arg, limit_images
-from utils.probe import (AccuracyCounter, accuracy_table, best_line, extract_dataset_features, format_accuracy_table,
-                         plot_accuracy_heatmap, prepare_frozen, probe_cells, probe_tag, save_json, synchronize)
+from utils.logging import save_json
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -149,9 +154,9 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
 
     Args:
         cfg: the config (``model_type`` and ``classes`` are read).
-        diffusion: the frozen model (see ``utils.probe.prepare_frozen``).
+        diffusion: the frozen model (see ``evaluation.frozen.prepare_frozen``).
         train_set, test_set: datasets without augmentation.
-        timesteps, blocks: the cells are every pair (see ``utils.probe.probe_cells``).
+        timesteps, blocks: the cells are every pair (see ``evaluation.cells.probe_cells``).
         device: this process's device.
         out_dir, tag: the results go to ``out_dir/{tag}.json`` (and ``{tag}.png``).
         precision: autocast precision of the feature pass.

@@ -19,24 +19,27 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from evaluation.cells import probe_cells
+from evaluation.features import extract_grid_features
+from evaluation.frozen import prepare_frozen, to_device
+from evaluation.heads import ProbeHeads, evaluate_heads
+from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
+from model.models import feature_dims, load_diffusion
 from utils.atomic import check_writable
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers
-from utils.data import test_transform as eval_transform
+from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
+                        test_transform as eval_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, every_rank_rng
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
+from utils.logging import save_json
 from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
-from utils.probe import (ProbeHeads, accuracy_table, best_line, evaluate_heads, extract_grid_features,
-                         format_accuracy_table, linear_tag, plot_accuracy_heatmap, prepare_frozen, probe_cells,
-                         save_json, to_device)
 
 
 def build_parser():
@@ -94,9 +97,9 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
 
     Args:
         cfg: the config (``linear``, ``classes``, ``seed``, ``network.image_shape`` are read).
-        diffusion: the frozen model (see ``utils.probe.prepare_frozen``).
+        diffusion: the frozen model (see ``evaluation.frozen.prepare_frozen``).
         train_set, test_set: datasets with the probe's training and test transforms.
-        timesteps, blocks: the probed cells are every pair (see ``utils.probe.probe_cells``).
+        timesteps, blocks: the probed cells are every pair (see ``evaluation.cells.probe_cells``).
         device: this process's device.
         out_dir: folder of ``{tag}.json``, ``{tag}.png`` and the resume state ``{tag}.state.pth``.
         tag: name of this probe's files.

@@ -25,20 +25,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, resolve_precision
+from evaluation.features import extract_features
+from evaluation.frozen import prepare_frozen, to_device
+from evaluation.noisy import accuracy_per_level
 from model.blocks import TimeEmbedding
-from model.models import add_checkpoint_args, checkpoint_from_args, feature_dims, load_diffusion
-from model.speed import add_speed_args, configure_backends
+from model.models import feature_dims, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, config_name, load_config
-from utils.data import add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers
-from utils.data import test_transform as eval_transform
+from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+                        probe_train_transform, resolve_num_workers, test_transform as eval_transform)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.noisy import (EDM_STEPS, accuracy_per_level, add_max_images_arg, eval_levels, format_table,
-                         limit_images, log_levels, publish_results)
-from utils.probe import extract_features, prepare_frozen, to_device
+from utils.noisy import EDM_STEPS, eval_levels, format_table, log_levels, publish_results
 from utils.progress import batches
 from utils.tensorboard import add_tensorboard_arg, open_board
 

@@ -26,19 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from evaluation.noisy import ImageNoiser, accuracy_per_level
+from model.amp import autocast, make_grad_scaler
 from model.wrn import WideResNet
 from utils.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, save_checkpoint
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, build_dataset, build_loader,
-                        default_num_workers, probe_train_transform, test_transform)
-from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed,
-                               is_main, print0)
+from utils.cli import add_amp_args, resolve_precision
+from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, add_max_images_arg, build_dataset,
+                        build_loader, default_num_workers, limit_images, probe_train_transform, test_transform)
+from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
+                               print0)
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
+from utils.noisy import MODES, format_table, log_levels, publish_results
 from utils.preemption import StopSignals
-from utils.noisy import (MODES, ImageNoiser, accuracy_per_level, add_max_images_arg, format_table, limit_images,
-                         log_levels, lr_factor, publish_results)
 from utils.progress import batches
+from utils.schedule import lr_factor
 from utils.tensorboard import add_tensorboard_arg, open_board
 
 # Flags a checkpoint must agree with to be resumed: they define the network and what it learns.

@@ -28,14 +28,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.amp import add_amp_args, autocast, resolve_precision
-from model.models import add_checkpoint_args, checkpoint_from_args, load_diffusion
-from model.noise import PerImageNoise, image_seed
-from model.speed import add_speed_args, compile_module, configure_backends
+from model.amp import autocast
+from model.models import load_diffusion
+from model.noise import PerImageNoise
+from model.speed import compile_module
 from utils.atomic import atomic_path
 from utils.checkpoint import CHECKPOINT_NAME, weights_digest
+from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
+                       resolve_precision)
 from utils.config import add_config_args, load_config
-from utils.data import split_batches
+from utils.data import image_seed, split_batches
 from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -311,7 +313,7 @@ def write_missing_grids(out_dir, n_samples, rank=0, world_size=1):
 
 
 def prepare_network(diffusion, compile_mode, channels_last):
-    """Put the network in the layout and (``compile_mode``: a model.speed mode, or None) compiled form
+    """Put the network in the layout and (``compile_mode``: a utils.cli.COMPILE_MODES mode, or None) compiled form
     that sampling runs it in."""
     if channels_last:
         diffusion.nn_model.to(memory_format=torch.channels_last)

@@ -33,16 +33,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import functional as TF
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.amp import autocast, make_grad_scaler
 from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
-from model.speed import add_speed_args, compile_module, configure_backends, mark_step_begin
+from model.speed import compile_module, mark_step_begin
 from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_path, list_checkpoints,
                               load_checkpoint, remove_stale_temporaries, restore_rng_state, resume_checkpoint,
                               save_checkpoint)
 from utils.checkpoint_clock import CheckpointClock
+from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_precision
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
                         train_transform)

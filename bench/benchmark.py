@@ -7,7 +7,7 @@
 
 Every number comes from the code users run: train.py's ``build_training`` and ``train_step`` on its
 data path, sample.py's network preparation and ``draw_images`` with per-image noise, and
-utils.probe's grid feature pass. The weights are freshly initialised and the training images are
+evaluation.features' grid feature pass. The weights are freshly initialised and the training images are
 the built-in synthetic set (pass --real_data for the config's dataset): the time a 32x32 step takes
 does not depend on what the pixels show. Each variant runs its warm-up (torch.compile and cuDNN
 tuning happen there), then its timed steps, with a device synchronisation at the two ends only.
@@ -33,17 +33,19 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-from model.amp import autocast, resolve_precision  # noqa: E402
+from evaluation.cells import probe_cells  # noqa: E402
+from evaluation.frozen import prepare_frozen  # noqa: E402
+from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
+from model.amp import autocast  # noqa: E402
 from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
-from model.speed import configure_backends  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
+from utils.cli import configure_backends, resolve_precision  # noqa: E402
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
-from utils.logging import plot_curves  # noqa: E402
-from utils.probe import feature_pass_throughput, prepare_frozen, probe_cells, save_json, synchronize  # noqa: E402
+from utils.logging import plot_curves, save_json  # noqa: E402
 
 PARTS = ("train", "sample", "probe", "parity", "profile")
 
@@ -84,7 +86,7 @@ class EvalVariant:
     precision: str
     large_batch: bool = True        # the part's large batch, else its original batch
     channels_last: bool = True      # sampling only: probe passes take prepare_frozen's layout
-    compile_mode: str = None        # a model.speed compile mode, None for eager
+    compile_mode: str = None        # a utils.cli.COMPILE_MODES mode, None for eager
     cudnn_benchmark: bool = False
 
     @property

@@ -23,12 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import knn  # noqa: E402
 import linear  # noqa: E402
+from evaluation.cells import probe_cells  # noqa: E402
+from evaluation.frozen import prepare_frozen  # noqa: E402
 from model.models import build_diffusion  # noqa: E402
 from model.vae import augment  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.data import SyntheticImages  # noqa: E402
 from utils.latents import TEST_COPY, latent_datasets, latent_seed, prepare_cache, split_name  # noqa: E402
-from utils.probe import prepare_frozen, probe_cells  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "dit_tiny.pt")

@@ -1,6 +1,5 @@
 """The one registry from config names to classes, and the one loader every script uses."""
 import contextlib
-import os
 
 import torch
 
@@ -8,12 +7,11 @@ from model.ddpm import DDPM
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.unet import UNet
-from utils.checkpoint import load_checkpoint, resolve_checkpoint, strip_module_prefix
+from utils.checkpoint import load_checkpoint, strip_module_prefix
 from utils.errors import UserError
 
 MODEL_TYPES = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
 NET_TYPES = {"UNet": UNet, "DiT": DiT}
-DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
 def build_network(cfg):
@@ -99,35 +97,6 @@ def load_diffusion(cfg, path, weights="ema", device="cpu"):
     """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode."""
     diffusion = load_weights(build_diffusion(cfg), path, weights)
     return diffusion.to(device).eval().requires_grad_(False)
-
-
-def add_checkpoint_args(parser):
-    """``--epoch`` (the original's flag) and ``--ckpt`` (any checkpoint file) for evaluation scripts."""
-    parser.add_argument("--epoch", type=int, default=-1,
-                        help="use save_dir/ckpts/model_{epoch}.pth; -1 means n_epoch - 1")
-    parser.add_argument("--ckpt", default=None,
-                        help="checkpoint file to evaluate instead of --epoch (ours or the original code's)")
-
-
-def checkpoint_from_args(cfg, args):
-    """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch`` (for a
-    DiT config: its ``ckpt``, which must exist)."""
-    if cfg.model_type == "DiT":
-        return pretrained_dit_path(args.ckpt or cfg.ckpt)
-    if args.ckpt:
-        if not os.path.isfile(args.ckpt):
-            raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or drop "
-                            f"--ckpt to read save_dir/ckpts/model_{{epoch}}.pth by --epoch")
-        return args.ckpt
-    return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
-
-
-def pretrained_dit_path(path):
-    """``path`` if the DiT checkpoint is there, else a UserError saying where to get it and put it."""
-    if not os.path.isfile(path):
-        raise UserError(f"DiT checkpoint {path} not found; download {DIT_URL}DiT-XL-2-256x256.pt (or another "
-                        f"DiT release) and put it at {path}, or pass --ckpt PATH")
-    return path
 
 
 def count_parameters(module):

@@ -40,22 +40,6 @@ class PerImageNoise:
         return self(x.shape[1:], dtype=x.dtype).to(x.device)
 
 
-def _splitmix64(value):
-    value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2 ** 64
-    return value ^ (value >> 31)
-
-
-def image_seed(seed, index):
-    """The generator seed of image ``index`` in a run with ``seed``.
-
-    A scrambled offset of the run plus the index: distinct for every index of a run even in the low
-    32 bits, which are all that a CPU generator uses, while two runs' ranges practically never meet.
-    """
-    return (_splitmix64(seed) + index) % 2 ** 64
-
-
 def global_noise(batch_size, device, dtype=torch.float32):
     """The default noise source: ``torch.randn`` of ``(batch_size, *shape)`` with the global generator."""
     def draw(shape):

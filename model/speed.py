@@ -11,35 +11,9 @@ the default mode.
 """
 import torch
 
-from utils.distributed import print0
+from utils.cli import COMPILE_MODES
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-FEATURE_PASS = "torch.compile the feature pass (faster on GPUs after a slow first batch)"
-
-
-def add_speed_args(parser, compile_help=FEATURE_PASS):
-    """``--compile [MODE]`` and ``--cudnn_benchmark``; ``compile_help`` says what gets compiled (by
-    default the frozen network's feature pass, as in the evaluation scripts)."""
-    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                        metavar="MODE",
-                        help=f"{compile_help}. MODE is one of {', '.join(COMPILE_MODES)}; --compile alone is "
-                             f"default. reduce-overhead and max-autotune add CUDA graphs on GPUs")
-    parser.add_argument("--cudnn_benchmark", action="store_true",
-                        help="let cuDNN time its convolution algorithms on the first batch of each shape and "
-                             "keep the fastest (GPU speed; results stop being bitwise repeatable between runs)")
-
-
-def configure_backends(args, device):
-    """Apply ``--cudnn_benchmark`` for this process (a no-op off CUDA), and warn about a
-    ``--channels_last`` that will slow a CPU run down."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(getattr(args, "cudnn_benchmark", False))
-    elif getattr(args, "channels_last", False):
-        print0(f"note: --channels_last makes GroupNorm several times slower on {device.type} "
-               f"(bench/README.md); it pays on GPUs only")
 
 
 def _mode_argument(mode):

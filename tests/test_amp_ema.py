@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.amp import add_amp_args, autocast, make_grad_scaler, resolve_precision
+from model.amp import autocast, make_grad_scaler
 from model.ema import SyncFreeEMA, make_ema
+from utils.cli import add_amp_args, resolve_precision
 
 
 def parse(*argv):

@@ -7,11 +7,12 @@ import torch
 
 import contrastive
 from contrastive import alignment, checkpoint_epochs, find_checkpoints, measure, uniformity
+from evaluation.features import extract_features
+from evaluation.frozen import prepare_frozen
 from model.models import load_diffusion
 from tests.helpers import make_checkpoint, make_config
 from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
-from utils.probe import extract_features, prepare_frozen
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "contrastive.pt"
 CPU = torch.device("cpu")

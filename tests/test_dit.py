@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from model.dit import DiT, DiTDiffusion, linear_alphas_cumprod
-from model.models import (build_diffusion, checkpoint_from_args, count_parameters, feature_dims, load_diffusion)
+from model.models import build_diffusion, count_parameters, feature_dims, load_diffusion
 from tests.helpers import golden_dit, save_golden_weights, write_tiny_config
+from utils.cli import checkpoint_from_args
 from utils.config import load_config, save_config
 from utils.errors import UserError
 

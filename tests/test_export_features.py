@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 
 import export_features
+from evaluation.features import extract_grid_features
 from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from tests.launch import REPO
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages
 from utils.errors import UserError
-from utils.probe import extract_grid_features
 
 
 @pytest.fixture

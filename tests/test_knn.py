@@ -11,11 +11,12 @@ import knn
 from model.models import build_diffusion, count_parameters
 from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
+from evaluation.cells import probe_cells
+from evaluation.features import extract_dataset_features, extract_grid_features
+from evaluation.report import accuracy_table, format_accuracy_table, plot_accuracy_heatmap
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
-from utils.probe import (accuracy_table, extract_dataset_features, extract_grid_features, format_accuracy_table,
-                         plot_accuracy_heatmap, probe_cells)
 
 
 def tiny_images(n, train, seed=0):
@@ -209,7 +210,7 @@ def test_cli_single_process_and_two_processes_agree(tmp_path, capsys):
     checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
     knn.main(knn.build_parser().parse_args(knn_argv(tmp_path / "one", checkpoint, ["--grid", "--k", "5"])))
     one = json.loads((tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
-    best = one["best"]  # the best: line has linear.py's format (utils.probe.best_line)
+    best = one["best"]  # the best: line has linear.py's format (evaluation.report.best_line)
     assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (24 test images; 24 training images; " \
         in capsys.readouterr().out
     assert (tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.png").is_file()

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import train
+from evaluation.features import extract_features
 from model.models import build_diffusion
 from utils.config import load_config
 from utils.data import SyntheticImages
-from utils.probe import extract_features
 
 DEMO = str(Path(__file__).resolve().parents[1] / "config" / "demo.yaml")
 STEPS = 40            # of 64 images: about 15 s on one CPU thread

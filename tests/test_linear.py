@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import linear
+from evaluation.accuracy import count_correct
+from evaluation.cells import probe_cells
+from evaluation.features import extract_features, extract_grid_features
+from evaluation.frozen import prepare_frozen
+from evaluation.heads import ProbeHeads, evaluate_heads
+from evaluation.throughput import feature_pass_throughput
 from model.blocks import Upsample
 from model.models import build_diffusion, feature_dims, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
@@ -15,8 +21,6 @@ from tests.launch import run_two_processes
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
-from utils.probe import (ProbeHeads, count_correct, evaluate_heads, extract_features, extract_grid_features,
-                         feature_pass_throughput, prepare_frozen, probe_cells)
 
 
 def test_probe_cells(tmp_path):
@@ -182,7 +186,7 @@ from model.models import load_diffusion
 from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
 from utils.distributed import cleanup, init_distributed
-from utils.probe import prepare_frozen
+from evaluation.frozen import prepare_frozen
 
 torch.set_num_threads(1)
 config, checkpoint, out_dir = sys.argv[1:4]

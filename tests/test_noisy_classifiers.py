@@ -12,6 +12,7 @@ from torch import nn
 
 import noisy_classifier_DDAE as ddae_script
 import noisy_classifier_WRN as wrn_script
+from evaluation.noisy import ImageNoiser
 from model.ddpm import DDPM
 from model.models import build_diffusion
 from tests.helpers import read_scalars
@@ -19,10 +20,8 @@ from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.logging import read_jsonl
-from utils.noisy import (RESULT_FILE, ImageNoiser, draw_comparison, eval_levels, find_results,
-                         read_results, write_results)
-from utils.noisy import main as noisy_cli_main
-from utils.noisy import parse_args as noisy_cli_args
+from utils.noisy import (RESULT_FILE, draw_comparison, eval_levels, find_results, main as noisy_cli_main,
+                         parse_args as noisy_cli_args, read_results, write_results)
 
 GOLDEN = Path(__file__).parent / "golden"
 DDPM_TIMESTEPS = [1, 51, 101, 151, 201, 251, 301, 351, 401, 451, 501, 551, 601, 651, 701, 751, 801, 851, 901, 951]

@@ -215,7 +215,7 @@ def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup,
 
 def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
     from model.models import load_diffusion
-    from utils.probe import prepare_frozen
+    from evaluation.frozen import prepare_frozen
     cfg, _ = make_config(tmp_path)
     checkpoint = make_checkpoint(cfg, 3)
     timesteps, blocks = [11], ["out_2"]

@@ -1,4 +1,4 @@
-"""model/speed.py: --compile [MODE] and --cudnn_benchmark reach torch the same way from every script."""
+"""model/speed.py, utils/cli.py: --compile [MODE] and --cudnn_benchmark reach torch the same way from every script."""
 import argparse
 
 import pytest
@@ -11,10 +11,11 @@ import linear
 import noisy_classifier_DDAE
 import sample
 import train
+from evaluation.frozen import prepare_frozen
 from model import speed
 from model.models import build_diffusion, feature_dims
+from utils.cli import configure_backends
 from utils.config import load_config
-from utils.probe import prepare_frozen
 
 TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
         "network.image_shape=[3,8,8]", "dataset=synthetic", "batch_size=4", "diffusion.n_T=20"]
@@ -90,18 +91,18 @@ def test_cuda_graphs_only_with_their_modes_on_cuda(monkeypatch):
 
 def test_cudnn_benchmark_follows_the_flag_on_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    speed.configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cpu"))
+    configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cpu"))
     assert torch.backends.cudnn.benchmark is False
-    speed.configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cuda"))
+    configure_backends(argparse.Namespace(cudnn_benchmark=True), torch.device("cuda"))
     assert torch.backends.cudnn.benchmark is True
-    speed.configure_backends(argparse.Namespace(cudnn_benchmark=False), torch.device("cuda"))
+    configure_backends(argparse.Namespace(cudnn_benchmark=False), torch.device("cuda"))
     assert torch.backends.cudnn.benchmark is False
 
 
 def test_channels_last_on_a_cpu_gets_a_note(capsys):
-    speed.configure_backends(argparse.Namespace(channels_last=True, cudnn_benchmark=False), torch.device("cpu"))
+    configure_backends(argparse.Namespace(channels_last=True, cudnn_benchmark=False), torch.device("cpu"))
     assert "--channels_last makes GroupNorm several times slower on cpu" in capsys.readouterr().out
-    speed.configure_backends(argparse.Namespace(channels_last=False, cudnn_benchmark=False), torch.device("cpu"))
+    configure_backends(argparse.Namespace(channels_last=False, cudnn_benchmark=False), torch.device("cpu"))
     assert capsys.readouterr().out == ""
 
 

@@ -20,6 +20,7 @@ TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 # The time and signal checkpoint of train.py, replaced at each write; evaluation scripts never list it.
 LATEST_NAME = "latest.pth"
 TEMPORARY_NAME = re.compile(r"^\..+\.pth\.\d+\.tmp$")  # utils.atomic's name while a checkpoint is written
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
 def save_checkpoint(obj, path):
@@ -208,6 +209,14 @@ def resolve_checkpoint(save_dir, epoch, n_epoch=None):
         raise UserError(f"no checkpoint for epoch {epoch} in {folder}; saved epochs: {saved}; "
                         f"pass --epoch with one of them")
     return checkpoints[epoch]
+
+
+def pretrained_dit_path(path):
+    """``path`` if the DiT checkpoint is there, else a UserError saying where to get it and put it."""
+    if not os.path.isfile(path):
+        raise UserError(f"DiT checkpoint {path} not found; download {DIT_URL}DiT-XL-2-256x256.pt (or another "
+                        f"DiT release) and put it at {path}, or pass --ckpt PATH")
+    return path
 
 
 def strip_module_prefix(state_dict):

@@ -31,6 +31,7 @@ NET_TYPES = ("UNet",)                 # of the trainable model types; DiT config
 DIT_SCRIPTS = "linear.py, knn.py, export_features.py and encode_latents.py"
 CACHE_DTYPES = ("float16", "float32")
 VAE_DOWNSAMPLING = 8                  # the SD VAE's latents are 1/8 of the image side
+EDM_FEATURE_STEPS = 18                # an EDM linear.timestep indexes this many steps of its feature schedule
 OPTIMIZERS = ("Adam", "AdamW")
 AUGMENT_LABELS = 9  # labels per image produced by model.augment.AugmentPipe
 

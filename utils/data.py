@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
@@ -438,6 +438,39 @@ def epoch_seed(seed, epoch, rank):
     """Seed of one epoch's random draws on one process (well mixed by numpy's SeedSequence), so a
     resumed run draws exactly what the uninterrupted run would have drawn."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
+def add_max_images_arg(parser):
+    parser.add_argument("--max_images", type=int, default=0,
+                        help="use only the first N images of each split (quick checks); 0: all")
+    return parser
+
+
+def limit_images(dataset, max_images):
+    """The first ``max_images`` items of ``dataset`` (all when 0), keeping ``num_classes``."""
+    if max_images < 0:
+        raise UserError(f"--max_images {max_images}: must be 0 (all images) or a positive count")
+    if max_images == 0 or max_images >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(max_images))
+    subset.num_classes = dataset.num_classes
+    return subset
+
+
+def _splitmix64(value):
+    value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return value ^ (value >> 31)
+
+
+def image_seed(seed, index):
+    """The generator seed of image ``index`` in a run with ``seed``.
+
+    A scrambled offset of the run plus the index: distinct for every index of a run even in the low
+    32 bits, which are all that a CPU generator uses, while two runs' ranges practically never meet.
+    """
+    return (_splitmix64(seed) + index) % 2 ** 64
 
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,

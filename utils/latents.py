@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from model.noise import image_seed
 from utils.atomic import atomic_path
+from utils.data import image_seed
 from utils.errors import UserError
 
 SETTINGS_FILE = "cache.json"

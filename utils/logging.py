@@ -79,6 +79,14 @@ def read_jsonl(path):
     return records
 
 
+def save_json(obj, path):
+    """Write ``obj`` as indented JSON through a temporary file, so readers never see half a file."""
+    with atomic_path(path, fix="choose a writable save_dir") as temporary:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(obj, file, indent=1)
+            file.write("\n")
+
+
 def _new_figure(size=(6.4, 4.2)):
     figure = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(figure)
