@@ -24,7 +24,7 @@ from utils.cli import add_amp_args, resolve_precision
 from utils.config import VAE_DOWNSAMPLING, add_config_args, load_config
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, limit_images, resolve_num_workers,
                         split_batches, test_transform)
-from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
+from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.latents import (COPY_STRIDE, TEST_COPY, create_partial, finish_partial, latent_seed, partial_path,
@@ -116,17 +116,9 @@ def run(cfg, args, device):
                         f"of utils/latents.py cover fewer")
     vae = load_vae(latents.vae, device)
     settings = cache_settings(cfg, vae, train_set, test_set, precision)
-    plan = None
-    if is_main():
-        try:
-            plan = {"missing": prepare_cache(latents.cache_dir, settings, latents.copies, split_labels(train_set),
-                                             split_labels(test_set))}
-        except UserError as err:
-            plan = {"error": str(err)}
-    plan = all_gather_object(plan)[0]  # rank 0's answer, and a barrier: the folder is ready
-    if "error" in plan:
-        raise UserError(plan["error"])
-    missing = plan["missing"]
+    # Rank 0 prepares the folder; every rank then knows what is missing.
+    missing = decide_on_main(lambda: prepare_cache(latents.cache_dir, settings, latents.copies,
+                                                   split_labels(train_set), split_labels(test_set)))
     print0(f"encoding {len(missing)} of {latents.copies + 1} latent files ({len(train_set)} training and "
            f"{len(test_set)} test images, {precision}, {get_world_size()} x {device.type}) into {latents.cache_dir}")
     num_workers = resolve_num_workers(args, cfg)

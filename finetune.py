@@ -38,7 +38,7 @@ from evaluation.accuracy import AccuracyCounter
 from evaluation.cells import probe_cells
 from evaluation.frozen import to_device, use_channels_last
 from evaluation.report import probe_tag
-from model.amp import autocast, make_grad_scaler
+from model.amp import autocast, make_grad_scaler, scaled_step
 from model.blocks import Upsample
 from model.models import count_parameters, feature_dims, load_diffusion
 from utils.atomic import check_writable
@@ -204,10 +204,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_at_step, step, device, 
         with autocast(device, precision):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        scaled_step(loss, optimizer, scaler)
         totals.add(loss, logits, labels)
         step += 1
     return step, totals

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.noisy import ImageNoiser, accuracy_per_level
-from model.amp import autocast, make_grad_scaler
+from model.amp import autocast, make_grad_scaler, scaled_step
 from model.wrn import WideResNet
 from utils.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, save_checkpoint
 from utils.cli import add_amp_args, resolve_precision
@@ -155,10 +155,7 @@ def train_one_epoch(model, loader, noiser, optimizer, scaler, lr_at_step, step, 
         with autocast(device, precision):
             logits = model(x_noisy, conditioning)
         loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        scaled_step(loss, optimizer, scaler)
         totals.add(loss, logits, labels)
         step += 1
     return step, totals

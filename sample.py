@@ -38,7 +38,7 @@ from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkp
                        resolve_precision)
 from utils.config import add_config_args, load_config
 from utils.data import image_seed, split_batches
-from utils.distributed import (add_launcher_args, all_gather_object, barrier, cleanup, get_rank, get_world_size,
+from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
@@ -353,22 +353,16 @@ def run(args, device):
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.network.image_shape)
 
-    plan = None
-    if is_main():
+    def prepare():
         settings = dict(
             weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
             image_shape=list(image_shape), **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
-        try:
-            plan = {"missing": prepare_folder(out_dir, settings, n_samples)}
-        except UserError as err:
-            plan = {"error": str(err)}
-    plan = all_gather_object(plan)[0]  # rank 0's answer, and a barrier: the folder is ready
-    if "error" in plan:
-        raise UserError(plan["error"])
-    missing = plan["missing"]
+        return prepare_folder(out_dir, settings, n_samples)
+
+    missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
     rank, world_size = get_rank(), get_world_size()
     batches = split_batches(missing, args.batch_size, rank, world_size)
     described = describe_sampler(sampler, getattr(cfg.diffusion, "n_T", None))

@@ -21,3 +21,12 @@ def autocast(device, precision):
 def make_grad_scaler(device, precision):
     """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def scaled_step(loss, optimizer, scaler):
+    """One plain optimizer step on ``loss``: zero the gradients, backpropagate through ``scaler``
+    (a no-op scale unless fp16), step (skipped by the scaler on inf/nan gradients) and update the scale."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

@@ -81,6 +81,7 @@ WORKER = """
 import argparse, json
 import torch
 from utils import distributed
+from utils.errors import UserError
 
 args = distributed.add_launcher_args(argparse.ArgumentParser()).parse_args()
 device = distributed.init_distributed(args.device)
@@ -90,9 +91,23 @@ assert args.local_rank == rank == distributed.get_local_rank()
 mean = distributed.all_reduce_mean(torch.tensor([float(rank), 10.0 * (rank + 1)]))
 total = distributed.all_reduce_sum(torch.tensor([rank + 1]))
 gathered = distributed.all_gather_object({"rank": rank, "name": f"p{rank}"})
+decided = distributed.decide_on_main(lambda: f"decided by rank {rank}")
+
+
+def refuse():
+    raise UserError(f"refused by rank {rank}")
+
+
+try:
+    distributed.decide_on_main(refuse)
+    refused = None
+except UserError as err:
+    refused = str(err)
+refusals = distributed.all_gather_object(refused)  # every rank raised rank 0's error, none hangs
 distributed.barrier()
 distributed.print0(json.dumps({"world": world, "device": str(device), "mean": mean.tolist(),
-                               "sum": total.tolist(), "gathered": gathered}))
+                               "sum": total.tolist(), "gathered": gathered, "decided": decided,
+                               "refusals": refusals}))
 distributed.cleanup()
 assert distributed.all_gather_object(rank) == [rank]
 """
@@ -107,4 +122,5 @@ def test_two_process_gloo_run(tmp_path):
     assert len(lines) == 1, result.stdout
     report = json.loads(lines[0])
     assert report == {"world": 2, "device": "cpu", "mean": [0.5, 15.0], "sum": [3],
-                      "gathered": [{"rank": 0, "name": "p0"}, {"rank": 1, "name": "p1"}]}
+                      "gathered": [{"rank": 0, "name": "p0"}, {"rank": 1, "name": "p1"}],
+                      "decided": "decided by rank 0", "refusals": ["refused by rank 0"] * 2}

@@ -164,6 +164,24 @@ def all_gather_object(obj):
     return gathered
 
 
+def decide_on_main(decide):
+    """Run ``decide()`` on rank 0 only and return its result on every rank (a barrier, too).
+
+    A ``UserError`` raised by ``decide`` is raised on every rank, so that all of them stop with the
+    same one-line message instead of the others waiting in the next collective.
+    """
+    answer = None
+    if is_main():
+        try:
+            answer = {"value": decide()}
+        except UserError as err:
+            answer = {"error": str(err)}
+    answer = all_gather_object(answer)[0]
+    if "error" in answer:
+        raise UserError(answer["error"])
+    return answer["value"]
+
+
 class _LocalRankAction(argparse.Action):
     """Store ``--local-rank`` and make it visible as LOCAL_RANK, as older launchers set only the flag."""
 
