@@ -8,10 +8,13 @@
 #   speed   (default) the GPU-only tests, then the speed figures issues 7 and 4 still lack
 #   ddpmpp  the DDPM++ network's training speed with CUDA graphs
 #   parity  the 2,000-step loss-parity check; size PARITY_STEPS from the fp32 row of the speed stage
+#   dit     issue 15 part 7: DiT-XL/2's feature pass at batch 128 and 1024 in bf16 (eager, then
+#           compiled) and the SD VAE's encode at 256x256 (bf16, fp32), bench/dit_speed.py, in DIT_S (240) s
 #
 # .whl/ must hold the wheels of ema_pytorch and pytorch_fid, and of pytest and its dependencies
-# (README.md in this folder says how to fetch them); the machine has torch, torchvision, numpy, tqdm
-# and pyyaml. What comes back under $OUT:
+# (README.md in this folder says how to fetch them); the dit stage also needs diffusers' wheel
+# (diffusers==0.42.1: its huggingface-hub>=1.32 and safetensors>=0.8 are met by the image's 1.33.0 and
+# 0.8.0). The machine has torch, torchvision, numpy, tqdm and pyyaml. What comes back under $OUT:
 #   cuda_tests.log       python -m pytest tests/test_cuda.py: the GPU-only checks (speed stage)
 #   device_run.log       every line printed, written as it goes (the tables are printed again at the end)
 #   <step>.md            one table per benchmark step, copied after each step (parity: and its curves)
@@ -19,6 +22,7 @@
 # The benchmark rewrites its table after each variant and starts no variant once its --time_budget_s
 # is spent, so a step cut short by its time cap still leaves its finished rows.
 # Rehearsal on a CPU (under a minute): OUT=/tmp/rehearsal STEPS=2 SAMPLE_BATCH=4 EXTRA=--quick bash bench/device_run.sh
+# and for the dit stage:              OUT=/tmp/rehearsal_dit STAGES=dit EXTRA=--quick bash bench/device_run.sh
 #
 # The first H200 run (bench/results/h200-2026-11-26/) measured the faithful, bf16 and compiled
 # variants. The speed stage measures what that run left open, most important first. Estimates from
@@ -32,14 +36,21 @@
 #   ddpm_eval      DDIM-100 at batch SAMPLE_BATCH with CUDA graphs (~40 s of compilation + a 2-step
 #                  and a 100-step batch, ~10 s), then the probe pass with CUDA graphs (~40 s)       ~ 110
 #   edm_sample     Heun-18 with CUDA graphs (~40 s + ~5 s)                                          ~ 60
+# The dit stage (no GPU figure yet; these are guesses from DiT-XL/2's ~190 GFLOP per image up to
+# layer-13 and the SD VAE encoder's FLOPs at 256x256): imports and building both networks on the GPU
+# ~15 s; DiT eager batch 128 and 1024, 3 warm-up + 10 timed batches each ~15 s; VAE bf16, fp32 (the
+# slow one) and bf16 channels_last, batch 64, 2 + 5 batches each ~15 s; then DiT at batch 1024 compiled,
+# ~60-120 s of compilation. Its variants start only in the first DIT_S - 100 s, so the compiled one
+# gets at least 100 s; a cut leaves the eager rows.
 # Each step has a cap, keeps a reserve for the steps after it, and is skipped when less than its
 # minimum is left (a compiled variant cut off mid-compilation would leave no row at all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bench_out}
 TOTAL_S=${TOTAL_S:-540}          # wall seconds for the steps together
-STAGES=${STAGES:-speed}          # speed, ddpmpp or parity (see above)
+STAGES=${STAGES:-speed}          # speed, ddpmpp, parity or dit (see above)
 PARITY_STEPS=${PARITY_STEPS:-2000}
+DIT_S=${DIT_S:-240}             # the dit stage's cap
 PARITY_VARIANT=${PARITY_VARIANT:-graphs}  # the fast variant held against fp32 (graphs = fast + CUDA graphs)
 STEPS=${STEPS:-60}               # timed training steps per variant
 SAMPLE_BATCH=${SAMPLE_BATCH:-1000}
@@ -76,7 +87,8 @@ limit() {
     echo "$limit"
 }
 
-# step NAME CAP_S RESERVE_S MIN_S LATE_S CONFIG [benchmark flags]: run the benchmark for at most CAP_S
+# step NAME CAP_S RESERVE_S MIN_S LATE_S CONFIG [benchmark flags]: run the benchmark (BENCH_SCRIPT,
+# default bench/benchmark.py; it takes --config, --out, --time_budget_s) for at most CAP_S
 # seconds and never into the RESERVE_S kept for later steps; skip it when fewer than MIN_S are left;
 # start no variant in its last LATE_S.
 step() {
@@ -88,7 +100,7 @@ step() {
         return
     fi
     say "== $name: at most $limit s ($(left) s left of TOTAL_S=$TOTAL_S)"
-    timeout -k 5 "$limit" python3 bench/benchmark.py --config "$config" --out "$RESULTS/$name.md" \
+    timeout -k 5 "$limit" python3 "${BENCH_SCRIPT:-bench/benchmark.py}" --config "$config" --out "$RESULTS/$name.md" \
         --time_budget_s $(( limit - late > 1 ? limit - late : 1 )) "$@" $EXTRA 2>&1 | tee -a "$LOG"
     cp "$RESULTS/$name.md" "$OUT/" 2>/dev/null
     cp "$RESULTS/${name}_curves.png" "$OUT/" 2>/dev/null
@@ -121,8 +133,16 @@ case "$STAGES" in
             --sample_batch "$SAMPLE_BATCH" --sample_batches 1 --probe_variants bf16_large_graphs --probe_batches 10
         step edm_sample 60 0 45 0 config/EDM_ddpm.yaml --only sample --sample_variants bf16_graphs \
             --sample_batch "$SAMPLE_BATCH" --sample_batches 1 ;;
+    dit)
+        # diffusers for the VAE: the image lacks it; its own needs (huggingface-hub, safetensors, ...) are there
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_dit \
+                .whl/diffusers-*.whl && export PYTHONPATH=/tmp/site_dit:$PYTHONPATH \
+            || say "installing .whl/diffusers-*.whl failed: the vae rows will say diffusers is missing"
+        python3 -c "import diffusers, huggingface_hub; print('diffusers', diffusers.__version__, '| huggingface_hub',
+            huggingface_hub.__version__)" 2>&1 | tee -a "$LOG"
+        BENCH_SCRIPT=bench/dit_speed.py step dit "$DIT_S" 0 60 100 config/DiT_XL_2_cifar.yaml --only dit,vae ;;
     *)
-        say "STAGES=$STAGES: use speed, ddpmpp or parity"; exit 2 ;;
+        say "STAGES=$STAGES: use speed, ddpmpp, parity or dit"; exit 2 ;;
 esac
 
 say "== done in $(( SECONDS - start )) s"
