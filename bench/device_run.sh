@@ -36,12 +36,12 @@
 #   ddpm_eval      DDIM-100 at batch SAMPLE_BATCH with CUDA graphs (~40 s of compilation + a 2-step
 #                  and a 100-step batch, ~10 s), then the probe pass with CUDA graphs (~40 s)       ~ 110
 #   edm_sample     Heun-18 with CUDA graphs (~40 s + ~5 s)                                          ~ 60
-# The dit stage (no GPU figure yet; these are guesses from DiT-XL/2's ~190 GFLOP per image up to
-# layer-13 and the SD VAE encoder's FLOPs at 256x256): imports and building both networks on the GPU
-# ~15 s; DiT eager batch 128 and 1024, 3 warm-up + 10 timed batches each ~15 s; VAE bf16, fp32 (the
-# slow one) and bf16 channels_last, batch 64, 2 + 5 batches each ~15 s; then DiT at batch 1024 compiled,
-# ~60-120 s of compilation. Its variants start only in the first DIT_S - 100 s, so the compiled one
-# gets at least 100 s; a cut leaves the eager rows.
+# The dit stage (no GPU figure yet; guesses from FLOPs counted on the CPU: DiT-XL/2 up to layer-13
+# 114 GFLOP per image, the SD VAE's encoder 271 GFLOP per 256x256 image): imports and building both
+# networks on the GPU ~15 s; DiT eager at batch 128 and 1024, 3 warm-up + 10 timed batches, ~15 s;
+# VAE bf16, fp32 (the slow one) and bf16 channels_last at batch 64, 2 + 5 batches each, ~15 s; then
+# DiT at batch 1024 compiled, ~60-120 s of compilation. Its variants start only in the first
+# DIT_S - 100 s, so the compiled one gets at least 100 s; a cut leaves the eager rows.
 # Each step has a cap, keeps a reserve for the steps after it, and is skipped when less than its
 # minimum is left (a compiled variant cut off mid-compilation would leave no row at all).
 set -uo pipefail

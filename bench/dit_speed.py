@@ -16,6 +16,7 @@ This is bench/benchmark.py's harness (variants, time budget, one row per variant
 tables rewritten after every variant); only the two jobs are new.
 """
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -179,7 +180,7 @@ def bench_vae(context, name):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise UserError("the vae part needs diffusers: pip install diffusers (on the device: the wheel in .whl/)")
+        raise UserError("the vae part needs diffusers: pip install diffusers (on the device: the wheel in .whl/)") from None
     settings, device, cfg = context.settings, context.device, context.settings.cfg
     variant = VAE_VARIANTS[name]
     precision = resolve_precision(argparse.Namespace(precision=variant.precision, use_amp=False), device)
@@ -241,7 +242,7 @@ def make_header(args, settings, device, peak):
         "config": config_name(args.config) + (" (--quick: tiny networks)" if settings.quick else ""),
         "device": benchmark.device_name(device),
         "torch": torch.__version__ + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""),
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dit": f"DiT depth {net.depth}, width {net.hidden_size}, patch {net.patch_size} on "
                f"{'x'.join(map(str, net.image_shape))} latents, random weights; blocks up to "

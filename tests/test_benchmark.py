@@ -211,3 +211,54 @@ def test_bad_arguments_are_one_line_user_errors(flags, message):
     args = benchmark.build_parser().parse_args(["--config", str(DEMO), *flags])
     with pytest.raises(UserError, match="^" + re.escape(message)):
         benchmark.settings_from_args(args, torch.device("cpu"))
+
+
+DIT_SPEED = ROOT / "bench" / "dit_speed.py"
+
+
+def test_dit_speed_quick_run_measures_the_feature_pass_and_the_vae_encode(tmp_path):
+    """bench/dit_speed.py --quick (issue 15, part 7, rehearsed on the CPU): every row a real measurement."""
+    out = tmp_path / "dit.md"
+    result = subprocess.run([sys.executable, str(DIT_SPEED), "--quick", "--device", "cpu", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    markdown = out.read_text()
+    assert "## DiT feature pass" in markdown and "## VAE encode" in markdown
+    assert "(--quick: tiny networks)" in results["header"]["config"]
+
+    dit = {row["variant"]: row for row in results["dit"]}
+    assert list(dit) == ["bf16", "bf16_large", "bf16_large_compile"]  # the compiled one last
+    assert [dit[name]["batch"] for name in dit] == [4, 8, 8]  # quick: the probe's batch 4, the large one 8
+    for row in dit.values():
+        assert row["status"] == "ok", row
+        assert row["precision"] == "bf16"
+        assert row["cell"] == "t=121, layer-1"  # the config's timestep; quick's 2-block network
+        assert row["latent_shape"] == [4, 4, 4]
+        assert row["feature_shape"] == [row["batch"], 32]  # (B, hidden_size) from the probes' extract_features
+        assert row["images"] == 2 * row["batch"]  # 2 timed batches in quick mode
+        assert math.isfinite(row["img_s"]) and row["img_s"] > 0
+        assert row["timed_s"] == pytest.approx(row["images"] / row["img_s"], rel=1e-12)
+        assert 0 < row["timed_s"] < row["wall_s"]  # the timed batches are inside the variant's wall time
+        assert row["gflop_per_image"] > 0 and row["peak_gib"] > 0
+        assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
+    assert dit["bf16_large_compile"]["note"].startswith("compile off")
+
+    vae = {row["variant"]: row for row in results["vae"]}
+    assert list(vae) == ["bf16", "fp32", "bf16_channels_last"]
+    assert [vae[name]["precision"] for name in vae] == ["bf16", "fp32", "bf16"]
+    for row in vae.values():
+        assert row["status"] == "ok", row
+        assert row["batch"] == 2 and row["images"] == 2  # one timed batch of 2
+        assert row["image_shape"] == [3, 32, 32] and row["latent_shape"] == [4, 4, 4]  # downsampling 8
+        assert math.isfinite(row["img_s"]) and row["img_s"] > 0
+        assert row["img_s"] == pytest.approx(row["images"] / row["timed_s"], rel=1e-12)
+        assert 0 < row["timed_s"] < row["wall_s"]
+        assert row["gflop_per_image"] > 0 and row["peak_gib"] > 0
+
+
+def test_dit_speed_refuses_a_unet_config(tmp_path):
+    result = subprocess.run([sys.executable, str(DIT_SPEED), "--device", "cpu", "--config", str(DEMO),
+                             "--out", str(tmp_path / "dit.md")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "measures a DiT config" in result.stderr + result.stdout
