@@ -55,7 +55,7 @@ from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
 from utils.preemption import EXIT_REQUEUE, StopSignals
 from utils.progress import format_duration, is_interactive, progress
-from utils.tensorboard import Board, add_tensorboard_arg, open_board
+from utils.tensorboard import add_tensorboard_arg, open_board
 
 CLIP_NORM = 1.0
 SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # DDIM steps / Heun steps of the sample grids
@@ -658,10 +658,7 @@ def train(cfg, args):
     resume_path = find_resume_checkpoint(cfg, args)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
-    # A missing package fails here, before any work; a finished run (below) trains nothing and gets no
-    # event file (every requeue of it with --resume auto would add an empty one).
-    finished = checkpoint is not None and checkpoint_epoch(checkpoint, resume_path) + 1 >= cfg.n_epoch
-    board = Board() if finished else open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)
     if checkpoint is not None:
         restore_training(state, checkpoint, resume_path)
