@@ -29,6 +29,7 @@ from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_ma
 from utils.errors import UserError, cli_entry
 from utils.latents import (COPY_STRIDE, TEST_COPY, create_partial, finish_partial, latent_seed, partial_path,
                            prepare_cache, split_name)
+from utils.progress import iterate
 
 
 def build_parser():
@@ -68,7 +69,10 @@ def encode_copy(vae, dataset, path, copy, cfg, batch_size, precision, num_worker
     array = np.load(path, mmap_mode="r+")
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     padding = None if copy == TEST_COPY else latents.crop_padding
-    for indices, (images, _) in zip(batches, loader):
+    # A bar on a terminal, a line every 10% in a log file (utils/progress.py), as the other long passes.
+    shown = iterate(loader, total=len(batches), desc=f"encoding {split_name(copy)}", unit="batch",
+                    disable=not is_main())
+    for (images, _), indices in zip(shown, batches):  # the bar first: its end prints the last line
         seeds = [latent_seed(cfg.seed, copy, index) for index in indices]
         encoded = encode_images(vae, images, seeds, latents.scale, latents.image_size, padding, precision)
         array[indices[0]:indices[-1] + 1] = encoded.numpy().astype(array.dtype)  # batches are index runs

@@ -139,10 +139,11 @@ def run(cfg, args, checkpoint, device):
     precision = resolve_precision(args, device)
     linear, blockname = cfg.linear, cfg.linear.blockname
     out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
-    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
     if cfg.model_type == "DDPM" and cfg.diffusion.n_T < 20:
         raise UserError(f"{args.config}: key 'diffusion.n_T' is {cfg.diffusion.n_T}; the noisy classifier "
                         f"reports 20 timesteps and needs n_T >= 20")
+    # After the input checks: --tensorboard creates its folder at once.
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
     levels = eval_levels(cfg.model_type, n_T=getattr(cfg.diffusion, "n_T", 1000))
 
     image_size = cfg.network.image_shape[1]

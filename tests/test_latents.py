@@ -196,3 +196,12 @@ def test_missing_or_mismatched_files_are_one_line_errors(tmp_path, pretrained, c
     assert f"{tmp_path / 'cache'} holds latents made with seed=1337, but this run has seed=5" in err
     err = run_cli(export_features, argv + ["--images", str(tmp_path)], capsys)
     assert "--images with a DiT config" in err
+
+
+def test_encoding_reports_progress_in_a_log_file(tmp_path, pretrained, capsys):
+    """With stderr not a terminal (pytest's capture), each copy's pass prints plain progress lines."""
+    encode(make_config(tmp_path, pretrained), max_images=16)
+    lines = capsys.readouterr().out.splitlines()
+    for name in ("train_0", "train_1", "test"):
+        assert f"encoding {name}: 2/2 batch (100%)" in "\n".join(lines), lines
+    assert not any("\r" in line for line in lines)

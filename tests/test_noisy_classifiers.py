@@ -295,3 +295,15 @@ def test_wrn_two_processes_count_every_test_image_once(tmp_path):
     record = read_results(tmp_path / "run" / RESULT_FILE)
     assert record["n_test_images"] == 129 and len(record["accuracies"]) == 18
     assert all(abs(a * 129 / 100 - round(a * 129 / 100)) < 1e-3 for a in record["accuracies"])
+
+
+def test_ddae_refuses_a_short_schedule_before_writing_anything(workspace, capsys):
+    config, checkpoint = write_tiny_config(workspace, "DDPM")
+    save_dir = workspace / "output_short_schedule"
+    with pytest.raises(SystemExit) as stopped:
+        ddae_script.main(ddae_script.parse_args(["--config", str(config), "--ckpt", str(checkpoint), "--tensorboard",
+                                                 "--set", "diffusion.n_T=10", "--set", f"save_dir={save_dir}",
+                                                 "--device", "cpu"]))
+    assert stopped.value.code == 2
+    assert "needs n_T >= 20" in capsys.readouterr().err
+    assert not save_dir.exists()  # --tensorboard's folder is not created for a run that never starts

@@ -49,3 +49,26 @@ def test_missing_package_stops_train_before_any_work(tiny_setup, tmp_path, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install tensorboard" in err
     assert not (tmp_path / "run" / "ckpts").exists()
+
+
+def test_restarting_a_finished_run_adds_no_event_file(tiny_setup, tmp_path, capsys):
+    config = write_config(tmp_path)
+    train.train(*parse(config, tmp_path / "run", "--tensorboard", "--resume", "auto", n_epoch=1))
+    folder = tmp_path / "run" / "tb" / "train"
+    written = sorted(folder.iterdir())
+    assert len(written) == 1
+    train.train(*parse(config, tmp_path / "run", "--tensorboard", "--resume", "auto", n_epoch=1))  # a requeue
+    assert "the run is complete" in capsys.readouterr().out
+    assert sorted(folder.iterdir()) == written
+
+
+def test_a_board_that_logs_nothing_writes_no_event_file(tmp_path):
+    """A rerun of a finished probe (or of a finished training) logs nothing: no empty event file."""
+    board = open_board(True, tmp_path / "tb")
+    assert board.enabled
+    board.close()
+    assert list((tmp_path / "tb").iterdir()) == []
+    board = open_board(True, tmp_path / "tb")
+    board.scalars({"loss": 1.0}, 0)
+    board.close()
+    assert len(list((tmp_path / "tb").iterdir())) == 1

@@ -28,18 +28,28 @@ def add_tensorboard_arg(parser):
 
 
 class Board:
-    """A TensorBoard event writer, or nothing at all when ``writer`` is None."""
+    """A TensorBoard event writer, or nothing at all when ``writer`` and ``open_writer`` are None.
 
-    def __init__(self, writer=None):
+    With ``open_writer`` the writer (and so its event file) is made at the first write: a run that
+    logs nothing, such as the restart of a finished one, leaves no empty event file behind.
+    """
+
+    def __init__(self, writer=None, open_writer=None):
         self.writer = writer
+        self._open_writer = open_writer
 
     @property
     def enabled(self):
-        return self.writer is not None
+        return self.writer is not None or self._open_writer is not None
+
+    def _ready(self):
+        if self.writer is None and self._open_writer is not None:
+            self.writer, self._open_writer = self._open_writer(), None
+        return self.writer
 
     def scalars(self, values, step, prefix=""):
         """One scalar per entry of ``values`` whose value is a number (None and others are skipped)."""
-        if self.writer is None:
+        if self._ready() is None:
             return
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -48,7 +58,7 @@ class Board:
 
     def image_file(self, tag, path, step):
         """The PNG at ``path`` (a sample grid) as an image."""
-        if self.writer is None:
+        if self._ready() is None:
             return
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
@@ -56,6 +66,7 @@ class Board:
         self.writer.flush()
 
     def close(self):
+        self._open_writer = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -75,8 +86,8 @@ def open_board(enabled, log_dir):
         raise UserError(f"--tensorboard needs the tensorboard package, which is not installed; "
                         f"{INSTALL}, or drop --tensorboard") from None
     try:
-        os.makedirs(log_dir, exist_ok=True)
-        return Board(SummaryWriter(log_dir=log_dir))
+        os.makedirs(log_dir, exist_ok=True)  # a folder that cannot be made fails here, before any work
     except OSError as err:
         raise UserError(f"--tensorboard: cannot write {log_dir} ({err.strerror}); choose a writable "
                         f"save_dir") from None
+    return Board(open_writer=lambda: SummaryWriter(log_dir=log_dir))
