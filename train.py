@@ -118,7 +118,7 @@ def check_args(args):
     if args.max_steps is not None and args.max_steps < 0:
         raise UserError(f"--max_steps {args.max_steps}: must be 0 or positive")
     if not args.ckpt_every_min >= 0:  # also refuses nan
-        raise UserError(f"--ckpt_every_min {args.ckpt_every_min}: must be 0 (off) or a positive number of minutes")
+        raise UserError(f"--ckpt_every_min {args.ckpt_every_min:g}: must be 0 (off) or a positive number of minutes")
 
 
 def seed_everything(seed):

@@ -210,7 +210,7 @@ def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup,
         train.main(train.parse_args(["--config", str(config), "--device", "cpu", "--ckpt_every_min", "-1"]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --ckpt_every_min -1.0: must be 0 (off) or a positive number of minutes")
+        "error: --ckpt_every_min -1: must be 0 (off) or a positive number of minutes")
 
 
 def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
