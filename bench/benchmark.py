@@ -279,9 +279,14 @@ def forward_flops(cfg):
         return list(PAPER_GFLOP.values())[index][0] * 1e9, "reference table"
     net = build_network(cfg).eval()
     x = torch.zeros(1, *cfg.network.image_shape)
+    return count_flops(lambda: net(x, torch.zeros(1))), "FlopCounterMode"
+
+
+def count_flops(function):
+    """FLOPs (matrix products and convolutions) of one call of ``function``."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x, torch.zeros(1))
-    return float(counter.get_total_flops()), "FlopCounterMode"
+        function()
+    return float(counter.get_total_flops())
 
 
 def training_flops(cfg):
@@ -447,18 +452,26 @@ def bench_probe(context, name):
     timesteps, blocks = probe_cells(cfg, grid=True)
     configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
     diffusion = prepare_frozen(build_diffusion(cfg), device, compile=variant.compile_mode if compiled else None)
-    warmup = 3 if compiled or not settings.quick else 1
-    start = time.perf_counter()
-    img_s = feature_pass_throughput(diffusion, timesteps, blocks, tuple(cfg.network.image_shape), batch_size=batch,
-                                    precision=precision, n_batches=settings.probe_batches, warmup=warmup)
-    total_seconds = time.perf_counter() - start
+    img_s, compile_s = timed_feature_pass(diffusion, timesteps, blocks, tuple(cfg.network.image_shape), batch,
+                                          precision, settings.probe_batches, compiled, settings.quick)
     return {
         "precision": precision, "batch": batch, "cells": f"{len(timesteps)} t x {len(blocks)} blocks",
         "img_s": img_s, "peak_gib": train.peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * len(timesteps), context.peak),
-        "compile_s": _steady_excess(total_seconds - settings.probe_batches * batch / img_s, warmup, batch / img_s),
+        "compile_s": compile_s,
         "note": _compile_note(variant.compiles, compiled, device),
     }
+
+
+def timed_feature_pass(diffusion, timesteps, blocks, image_shape, batch, precision, n_batches, compiled, quick):
+    """``feature_pass_throughput`` timed as a whole: (img/s of the timed batches, seconds the warm-up took
+    beyond as many steady batches, i.e. compilation and autotuning)."""
+    warmup = 3 if compiled or not quick else 1
+    start = time.perf_counter()
+    img_s = feature_pass_throughput(diffusion, timesteps, blocks, image_shape, batch_size=batch, precision=precision,
+                                    n_batches=n_batches, warmup=warmup)
+    total_seconds = time.perf_counter() - start
+    return img_s, _steady_excess(total_seconds - n_batches * batch / img_s, warmup, batch / img_s)
 
 
 def loss_parity(context):

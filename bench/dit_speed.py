@@ -26,14 +26,14 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # benchmark.py beside this file; it puts the project's root on the path
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import benchmark  # noqa: E402
 import train  # noqa: E402
-from benchmark import EvalVariant, _steady_excess, _split_names, markdown_table, run_job  # noqa: E402
+from benchmark import (EvalVariant, _split_names, count_flops, markdown_table, run_job,
+                       timed_feature_pass)  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
 from evaluation.frozen import prepare_frozen, to_device  # noqa: E402
-from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
+from evaluation.throughput import synchronize  # noqa: E402
 from model.models import build_diffusion, count_parameters  # noqa: E402
 from model.vae import encode_images  # noqa: E402
 from utils.cli import resolve_precision  # noqa: E402
@@ -135,13 +135,6 @@ def settings_from_args(args, device):
     return settings
 
 
-def count_flops(function):
-    """FLOPs (matrix products and convolutions) of one call of ``function``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        function()
-    return float(counter.get_total_flops())
-
-
 def bench_dit(context, name):
     """The probes' feature pass of the config's DiT at its default cell: img/s at one batch size."""
     settings, device, cfg = context.settings, context.device, context.settings.cfg
@@ -157,11 +150,8 @@ def bench_dit(context, name):
     flops = count_flops(lambda: extract_features(diffusion, one, t, [block], precision=precision))
     if compiled:
         diffusion = prepare_frozen(diffusion, device, compile=variant.compile_mode)
-    warmup = 3 if compiled or not settings.quick else 1
-    start = time.perf_counter()
-    img_s = feature_pass_throughput(diffusion, [t], [block], image_shape, batch_size=batch, precision=precision,
-                                    n_batches=settings.dit_batches, warmup=warmup)
-    total_seconds = time.perf_counter() - start
+    img_s, compile_s = timed_feature_pass(diffusion, [t], [block], image_shape, batch, precision,
+                                          settings.dit_batches, compiled, settings.quick)
     latents, _ = to_device(torch.rand(batch, *image_shape), torch.zeros(0), device)
     feature = extract_features(diffusion, latents, t, [block], precision=precision)[block]
     images = batch * settings.dit_batches
@@ -170,7 +160,7 @@ def bench_dit(context, name):
         "feature_shape": list(feature.shape), "images": images, "timed_s": images / img_s, "img_s": img_s,
         "peak_gib": train.peak_memory_gib(device), "gflop_per_image": flops / 1e9,
         "mfu_pct": benchmark._mfu(img_s, flops, context.peak),
-        "compile_s": _steady_excess(total_seconds - images / img_s, warmup, batch / img_s),
+        "compile_s": compile_s,
         "note": benchmark._compile_note(variant.compiles, compiled, device),
     }
 
