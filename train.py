@@ -42,7 +42,7 @@ from utils.atomic import atomic_path, check_writable
 from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_path, latest_path, list_checkpoints,
                               load_checkpoint, remove_stale_temporaries, restore_rng_state, resume_checkpoint,
                               save_checkpoint)
-from utils.checkpoint_clock import CheckpointClock
+from utils.checkpoint_clock import OTHER_RANK, CheckpointClock
 from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_precision
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
@@ -712,7 +712,7 @@ def train(cfg, args):
                     state.stop_path = saved
                     break
             if clock.stop_due and state.stop_path:
-                state.stopped = signals.requested or "a signal to another process"
+                state.stopped = signals.requested or OTHER_RANK
     finally:
         board.close()
         loop.close()

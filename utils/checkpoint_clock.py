@@ -16,6 +16,7 @@ from utils import preemption
 from utils.distributed import get_world_size, is_main
 
 POLL_EVERY = 10  # steps between two agreements when several processes run
+OTHER_RANK = "a signal to another process"  # the stop's cause on a rank that received no signal itself
 
 
 class CheckpointClock:
@@ -98,5 +99,5 @@ def agree_to_stop(device):
     flag = torch.full((1,), float(mine is not None), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
-        return mine or "a signal to another process"
+        return mine or OTHER_RANK
     return None
