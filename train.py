@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
                         train_transform)
-from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
+from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, stop_line
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
-from utils.preemption import EXIT_REQUEUE, StopSignals
+from utils.preemption import StopSignals, exit_stopped
 from utils.progress import format_duration, is_interactive, progress
 from utils.tensorboard import add_tensorboard_arg, open_board
 
@@ -713,13 +712,11 @@ def train(cfg, args):
                     break
             if clock.stop_due and state.stop_path:
                 state.stopped = signals.requested or OTHER_RANK
+                barrier()  # rank 0 has written latest.pth: no rank exits 75 before the save is whole
     finally:
         board.close()
         loop.close()
-    if state.stopped:
-        print0(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or --resume) to "
-                                                         "continue"))
-    else:
+    if not state.stopped:
         loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
         print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss "
                f"{loss}, {format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
@@ -734,7 +731,8 @@ def main(args):
     finally:
         cleanup()
     if state.stopped:
-        sys.exit(EXIT_REQUEUE)
+        exit_stopped(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or "
+                                                               "--resume) to continue"), rank=get_rank())
 
 
 if __name__ == "__main__":
