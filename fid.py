@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry, describe_error
+from utils.preemption import StopSignals
 from utils.progress import iterate
 
 # pytorch-fid and torchvision are imported where they are used: they take seconds to import, and
@@ -384,4 +385,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="nothing of this run is kept but cached reference statistics; the same command "
+                             "computes the FID again"):
+        main(build_parser().parse_args())

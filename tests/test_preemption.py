@@ -356,3 +356,53 @@ def test_checkpoint_clock_polls_every_few_steps(device):
         assert not timed.save_due
     finally:
         dist.destroy_process_group()
+
+
+# Runs each script named on its command line as __main__, with its arguments' parsing replaced by a SIGTERM
+# to itself and a wait, as if the signal came in the middle of the work; prints each exit code.
+SIGNALLED_SCRIPTS = textwrap.dedent(f"""
+    import argparse, io, json, os, runpy, signal, sys, time
+    from contextlib import redirect_stdout
+    sys.path.insert(0, {str(REPO)!r})
+
+    def parse_args(self, args=None, namespace=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    argparse.ArgumentParser.parse_args = parse_args
+    results = {{}}
+    for script in sys.argv[1:]:
+        started, out = time.monotonic(), io.StringIO()
+        try:
+            with redirect_stdout(out):
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as end:
+            results[os.path.basename(script)] = [end.code, out.getvalue(), time.monotonic() - started]
+    print(json.dumps(results))
+""")
+AT_ONCE = {
+    "sample.py": "the images written so far are kept, and the same command writes only the missing ones",
+    "fid.py": "nothing of this run is kept but cached reference statistics; the same command computes the FID again",
+    "knn.py": "nothing is saved mid-way; the same command runs the feature pass and the k-NN again",
+    "export_features.py": "nothing is saved mid-way; the same command extracts the features again",
+    "encode_latents.py": "the finished copies are kept; the same command encodes the unfinished copy again",
+    "noisy_classifier_DDAE.py": "nothing is saved mid-way; the same command trains the heads again from the start",
+}
+
+
+def test_scripts_without_a_mid_way_save_stop_at_once_with_75_and_say_what_is_redone(tmp_path):
+    """The README's SIGTERM table for the scripts that have nothing to save mid-way (the others: train.py,
+    linear.py and the epoch loops, tested above and in test_train_multiprocess)."""
+    import json
+    probe = tmp_path / "signalled.py"
+    probe.write_text(SIGNALLED_SCRIPTS)
+    result = subprocess.run([sys.executable, str(probe), *[str(REPO / script) for script in AT_ONCE]], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ends = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(ends) == sorted(AT_ONCE)
+    for script, (code, out, seconds) in ends.items():
+        assert code == EXIT_REQUEUE, script
+        assert out.strip().splitlines()[-1] == f"stopped on SIGTERM: {AT_ONCE[script]} (exit code 75)"
+        assert seconds < 20, script  # at once, not after the 30 s wait
+    assert "Traceback" not in result.stderr
