@@ -225,6 +225,9 @@ def main(args):
     if args.k > len(train_set):
         raise UserError(f"--k {args.k}: larger than the {len(train_set)} training images; pass --k "
                         f"{len(train_set)} or less")
+    if args.k == len(train_set):
+        print0(f"note: --k {args.k} is the whole training set: every test image is voted on by all of it, "
+               f"weighted by similarity only")
 
     device = init_distributed(args.device)
     try:
