@@ -29,6 +29,7 @@ from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_ma
 from utils.errors import UserError, cli_entry
 from utils.latents import (COPY_STRIDE, TEST_COPY, create_partial, finish_partial, latent_seed, partial_path,
                            prepare_cache, split_name)
+from utils.preemption import StopSignals
 from utils.progress import iterate
 
 
@@ -161,4 +162,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="the finished copies are kept; the same command encodes the unfinished copy again"):
+        main(build_parser().parse_args())

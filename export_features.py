@@ -45,6 +45,7 @@ from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
 from utils.logging import save_json
+from utils.preemption import StopSignals
 
 IMAGE_SUFFIXES = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
 SAMPLE_GRID = re.compile(r"^grid_\d+\.png$")  # sample.py's grids of 400 samples beside pngs/
@@ -237,4 +238,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="nothing is saved mid-way; the same command extracts the features again"):
+        main(build_parser().parse_args())

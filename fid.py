@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from utils.atomic import atomic_path
 from utils.distributed import DEVICE_CHOICES, resolve_device
 from utils.errors import UserError, cli_entry, describe_error
+from utils.preemption import StopSignals
 from utils.progress import iterate
 
 # pytorch-fid and torchvision are imported where they are used: they take seconds to import, and
@@ -102,7 +103,8 @@ def _default_workers():
 
 
 @torch.no_grad()
-def activations(dataset, feature_extractor, device, batch_size=50, num_workers=None, progress=True):
+def activations(dataset, feature_extractor, device, batch_size=50, num_workers=None, progress=True,
+                desc="FID features"):
     """Features of every image of ``dataset``, batch by batch in order, as pytorch-fid computes them.
 
     Args:
@@ -111,6 +113,7 @@ def activations(dataset, feature_extractor, device, batch_size=50, num_workers=N
         device: where the extractor runs.
         batch_size: images per forward pass.
         num_workers: loader processes (default min(8, CPUs), as pytorch-fid).
+        desc: the progress lines' prefix (names the image set).
 
     Returns:
         (N, D) float64 numpy array.
@@ -118,7 +121,7 @@ def activations(dataset, feature_extractor, device, batch_size=50, num_workers=N
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_last=False,
                         num_workers=_default_workers() if num_workers is None else num_workers)
     features = []
-    for batch in iterate(loader, desc="FID features", unit="batch", disable=not progress):
+    for batch in iterate(loader, desc=desc, unit="batch", disable=not progress):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         features.append(feature_extractor(images.to(device)).float().cpu().numpy())
     return np.concatenate(features).astype(np.float64)
@@ -128,6 +131,10 @@ def statistics(features):
     """Mean (D,) and covariance (D, D) of (N, D) features, as pytorch-fid computes them."""
     if features.shape[0] < 2:
         raise UserError(f"FID needs at least 2 images, got {features.shape[0]}")
+    if features.shape[0] < features.shape[1]:
+        print(f"note: {features.shape[0]} images for {features.shape[1]} features: their covariance is "
+              f"singular and the FID biased upwards; compare it only with FIDs of as many images "
+              f"(the papers use 50,000)", flush=True)
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
@@ -272,12 +279,13 @@ def reference_statistics(ref, features, cache, data_root, options):
     extractor = features()
     if is_dataset:
         mu, sigma, n_images = dataset_statistics(ref[len(DATASET_PREFIX):], data_root, extractor,
-                                                 features.device, **options)
+                                                 features.device, desc=f"FID features of {ref}", **options)
     else:
         if len(files) < 2:
-            raise UserError(f"reference folder {ref} holds {len(files)} images; FID needs a folder of images "
+            found = f"{len(files)} image{'' if len(files) == 1 else 's'}"
+            raise UserError(f"reference folder {ref} holds {found}; FID needs a folder of images "
                             f"(e.g. the 50,000 CIFAR-10 PNGs from extract_cifar10_pngs.ipynb)")
-        mu, sigma = files_statistics(files, extractor, features.device, **options)
+        mu, sigma = files_statistics(files, extractor, features.device, desc=f"FID features of {ref}", **options)
         n_images = len(files)
     if cache:
         try:
@@ -317,8 +325,10 @@ def generated_statistics(gen, features, options):
     else:
         files = list(gen)
     if len(files) < 2:
-        raise UserError(f"generated images {gen}: {len(files)} images found; FID needs at least 2")
-    return files_statistics(files, features(), features.device, **options)
+        raise UserError(f"generated images {gen}: {len(files)} image{'' if len(files) == 1 else 's'} found; "
+                        f"FID needs at least 2")
+    name = gen if isinstance(gen, (str, os.PathLike)) else f"{len(files)} generated images"
+    return files_statistics(files, features(), features.device, desc=f"FID features of {name}", **options)
 
 
 def compute_fid(ref, gen, feature_extractor=None, device="cpu", batch_size=50, num_workers=None,
@@ -384,4 +394,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="nothing of this run is kept but cached reference statistics; the same command "
+                             "computes the FID again"):
+        main(build_parser().parse_args())

@@ -301,7 +301,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
         history.append({"epoch": epoch, "lr": lr_at_step(step - 1), "train_loss": train_loss,
                         "train_accuracy": train_accuracy, "test_accuracy": test_accuracy,
                         "seconds": round(seconds, 2)})
-        loop.log(epoch + 1, f"epoch {epoch + 1}/{settings['epochs']}  loss {train_loss:.4f}  "
+        loop.log(epoch + 1, f"epoch {epoch}/{settings['epochs']}  loss {train_loss:.4f}  "
                             f"train {train_accuracy:.2f}%  test {test_accuracy:.2f}%  ({images / seconds:.0f} img/s)",
                  {key: history[-1][key] for key in ("train_loss", "train_accuracy", "test_accuracy", "lr")}
                  | {"img_per_s": images / seconds})

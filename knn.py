@@ -41,6 +41,7 @@ from utils.distributed import add_launcher_args, cleanup, get_world_size, init_d
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
 from utils.logging import save_json
+from utils.preemption import StopSignals
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -224,6 +225,9 @@ def main(args):
     if args.k > len(train_set):
         raise UserError(f"--k {args.k}: larger than the {len(train_set)} training images; pass --k "
                         f"{len(train_set)} or less")
+    if args.k == len(train_set):
+        print0(f"note: --k {args.k} is the whole training set: every test image is voted on by all of it, "
+               f"weighted by similarity only")
 
     device = init_distributed(args.device)
     try:
@@ -245,4 +249,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="nothing is saved mid-way; the same command runs the feature pass and the k-NN "
+                             "again"):
+        main(build_parser().parse_args())

@@ -154,7 +154,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
                         "train_loss": dict(zip(labels, train_loss)), "test_accuracy": dict(zip(labels, accuracy))})
         best = max(range(len(labels)), key=accuracy.__getitem__)
         loss, rate = sum(train_loss) / len(labels), int(totals[-1]) / seconds
-        loop.log(epoch + 1, f"epoch {epoch + 1}/{n_epoch}  lr {lr:.2e}  loss {loss:.4f}  best {labels[best]} "
+        loop.log(epoch + 1, f"epoch {epoch}/{n_epoch}  lr {lr:.2e}  loss {loss:.4f}  best {labels[best]} "
                             f"{accuracy[best]:.2f}%  ({rate:.0f} train img/s)",
                  {"loss": loss, "lr": lr, "img_per_s": rate, "best_accuracy": accuracy[best]})
         board.scalars(dict(zip(labels, accuracy)), epoch + 1, prefix="accuracy/")

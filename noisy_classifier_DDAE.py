@@ -40,6 +40,7 @@ from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_si
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
 from utils.noisy import EDM_STEPS, eval_levels, format_table, log_levels, publish_results
+from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.tensorboard import add_tensorboard_arg, open_board
 
@@ -203,4 +204,6 @@ def run(cfg, args, checkpoint, device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="nothing is saved mid-way; the same command trains the heads again from the start"):
+        main(parse_args())

@@ -42,6 +42,7 @@ from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_ma
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
+from utils.preemption import StopSignals
 from utils.progress import progress as progress_bar
 
 IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
@@ -399,4 +400,7 @@ def report_fid(args, result, device):
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    # SIGTERM / SIGUSR1: stop at once with exit code 75, saying what the same command redoes
+    with StopSignals(at_once="the images written so far are kept, and the same command writes only the missing"
+                             " ones"):
+        main(build_parser().parse_args())

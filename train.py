@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_
 from utils.config import add_config_args, load_config, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
                         train_transform)
-from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
+from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, stop_line
 from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
-from utils.preemption import EXIT_REQUEUE, StopSignals
+from utils.preemption import StopSignals, exit_stopped
 from utils.progress import format_duration, is_interactive, progress
 from utils.tensorboard import add_tensorboard_arg, open_board
 
@@ -75,8 +74,9 @@ def build_parser():
     add_data_args(parser)
     add_launcher_args(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH|auto",
-                        help="continue a run exactly: alone, from the newest checkpoint in save_dir "
-                             "(latest.pth or the last model_{epoch}.pth, whichever was written last); "
+                        help="continue a run exactly: alone, from the furthest checkpoint in save_dir "
+                             "(latest.pth or the last model_{epoch}.pth, whichever stores the later epoch, "
+                             "batch and step); "
                              "'auto': the same, or a fresh start when there is none (one command line for "
                              "the first launch and every restart); with PATH, from that checkpoint file "
                              "(the config's load_epoch does the same for model_{load_epoch}.pth)")
@@ -234,6 +234,9 @@ class TrainState:
     step: int = 0                   # optimizer steps taken
     batch: int = 0                  # batches of epoch `epoch` already trained (a mid-epoch resume)
     epoch_loss: torch.Tensor = None  # with `batch`: this rank's loss sum over those batches
+    epoch_seconds: float = None     # with `batch`: the seconds spent on those batches before the resume
+    epoch_started: float = None     # perf_counter() at which the running epoch (its earlier part included) began
+    settings: dict = None           # epoch_settings(): what decides the epoch's batches
     stopped: str = None             # the signal that stopped the run, if one did
     stop_path: str = None           # the checkpoint written before that stop
 
@@ -288,7 +291,49 @@ def build_training(cfg, args, device):
     return TrainState(cfg=cfg, device=device, precision=precision, diffusion=diffusion, model=model,
                       optimizer=make_optimizer(cfg, diffusion.parameters(), base_lr, device),
                       scaler=make_grad_scaler(device, precision), ema=ema, ema_updater=SyncFreeEMA(ema),
-                      data=data, base_lr=base_lr, accum=args.accum, compile_mode=args.compile)
+                      data=data, base_lr=base_lr, accum=args.accum, compile_mode=args.compile,
+                      settings=epoch_settings(cfg, args, world_size))
+
+
+def epoch_settings(cfg, args, world_size):
+    """The settings that decide which images each batch of an epoch holds: a mid-epoch latest.pth
+    continues only with the same ones (a model_{epoch}.pth with any)."""
+    return {"processes": world_size, "batch_size": cfg.batch_size, "accum": args.accum,
+            "drop_last": bool(args.drop_last)}
+
+
+def setting_fix(key, saved):
+    """How to run with the setting ``key`` a mid-epoch checkpoint was ``saved`` with."""
+    if key == "processes":
+        return f"launch {saved} process(es) in all (torchrun --nproc_per_node x --nnodes)"
+    if key == "batch_size":
+        return f"pass --set batch_size={saved}"
+    if key == "accum":
+        return f"pass --accum {saved}"
+    return "pass --drop_last" if saved else "leave out --drop_last"
+
+
+def check_mid_epoch_settings(checkpoint, path, settings):
+    """Refuse, before any work, to continue a mid-epoch checkpoint with other ``epoch_settings``: the
+    epoch's remaining batches would not be the ones it left. Files written before the checkpoint recorded
+    its settings are checked on what they hold (processes, the config's batch_size).
+
+    Raises:
+        UserError: naming the setting, the saved and the new value, and the fix.
+    """
+    if not checkpoint.get("batch"):
+        return
+    saved = checkpoint.get("settings")
+    if saved is None:
+        saved = {"processes": len(checkpoint.get("epoch_loss", ())) or None,
+                 "batch_size": (checkpoint.get("config") or {}).get("batch_size")}
+    position = f"batch {checkpoint['batch']} of epoch {int(checkpoint.get('epoch', -1)) + 1}"
+    for key, wanted in settings.items():
+        if saved.get(key) is not None and saved[key] != wanted:
+            raise UserError(f"{path} stopped mid-epoch ({position}) with {key} {saved[key]}, and this run has "
+                            f"{key} {wanted}: the rest of that epoch would not be the batches it left; "
+                            f"{setting_fix(key, saved[key])}, or continue from a model_{{epoch}}.pth with "
+                            f"--resume PATH")
 
 
 def describe_last_batch(data):
@@ -370,6 +415,8 @@ def train_one_epoch(state, epoch, max_steps=None, clock=None):
     recent_loss = torch.zeros((), device=state.device)
     steps, images_seen = first, 0
     start = time.perf_counter()
+    # The epoch's clock includes the part trained before a mid-epoch resume (older files: estimated below).
+    state.epoch_started = start - (state.epoch_seconds or 0.0)
     for images in state.data.batches(epoch, start=first):
         if max_steps is not None and state.step >= max_steps:
             break
@@ -394,7 +441,12 @@ def train_one_epoch(state, epoch, max_steps=None, clock=None):
     state.batch = 0
     # The epoch's one collective: loss sums and step counts of every rank.
     loss_total, step_total = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(steps))])).tolist()
-    seconds = time.perf_counter() - start
+    now = time.perf_counter()
+    seconds = now - state.epoch_started
+    if first and state.epoch_seconds is None and steps > first:  # a file without the time: at this part's pace
+        seconds = (now - start) * steps / (steps - first)
+    images_seen += first * state.data.batch_size * world_size  # the skipped batches are never the short last one
+    state.epoch_seconds = None
     record = {
         "epoch": epoch,
         "step": state.step,
@@ -441,6 +493,8 @@ def save_training_checkpoint(state, epoch, path=None, loss_sum=None):
     if mid_epoch:
         checkpoint["batch"] = state.batch
         checkpoint["epoch_loss"] = [loss for _, loss in gathered]
+        checkpoint["epoch_seconds"] = time.perf_counter() - state.epoch_started
+        checkpoint["settings"] = state.settings
     path = path or checkpoint_path(state.cfg.save_dir, epoch)
     save_checkpoint(checkpoint, path)
     return path
@@ -488,8 +542,8 @@ def save_sample_grid(state, epoch):
 def find_resume_checkpoint(cfg, args):
     """The checkpoint this run continues from, or None for a fresh run.
 
-    ``--resume`` and ``--resume auto`` take latest.pth or the highest model_{epoch}.pth, whichever was
-    written last; with nothing there, ``auto`` starts fresh.
+    ``--resume`` and ``--resume auto`` take latest.pth or the highest model_{epoch}.pth, whichever got
+    further (``utils.checkpoint.resume_checkpoint``); with nothing there, ``auto`` starts fresh.
 
     Raises:
         UserError: --resume with nothing to resume, a load_epoch without its checkpoint, or a
@@ -583,6 +637,7 @@ def restore_training(state, checkpoint, path):
                             f"process(es), {len(state.data)} batches per epoch); resume from a "
                             f"model_{{epoch}}.pth instead")
         state.epoch_loss = checkpoint["epoch_loss"][rank]
+        state.epoch_seconds = checkpoint.get("epoch_seconds")
     rng = checkpoint.get("rng")
     if rng is not None:
         if rank < len(rng["ranks"]):
@@ -623,6 +678,23 @@ def epoch_line(record, n_epoch, seconds_left):
             f"{format_duration(seconds_left)} left")
 
 
+def done_line(state, first_epoch, record, seconds):
+    """The summary of a run that ended (not stopped): the epochs it trained, a last one cut short by
+    --max_steps, the step, the last loss and the time."""
+    cfg = state.cfg
+    if record is None:
+        trained = "no epoch trained"
+    else:
+        last = record["epoch"]
+        trained = f"epoch {last}" if last == first_epoch else f"epochs {first_epoch}..{last}"
+        trained += f" of {cfg.n_epoch}"
+        if record["steps"] < len(state.data):
+            trained += f" (epoch {last} cut short by --max_steps after {record['steps']} of {len(state.data)} steps)"
+    loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
+    return (f"done: {trained}, step {state.step}, last loss {loss}, {format_duration(seconds)}; "
+            f"run folder {cfg.save_dir}")
+
+
 def end_of_interval(state, epoch, log_path, board):
     """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve.
 
@@ -657,6 +729,8 @@ def train(cfg, args):
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_mid_epoch_settings(checkpoint, resume_path, epoch_settings(cfg, args, get_world_size()))
     check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)
@@ -681,6 +755,8 @@ def train(cfg, args):
            f"{len(state.data)} steps of {state.data.batch_size} images per process and epoch "
            f"({describe_last_batch(state.data)}), lr {state.base_lr:g}, {state.precision}")
     first_epoch, started, record = state.epoch, time.perf_counter(), None
+    # Epochs this run trains, for the time left: a resumed epoch counts only its remaining part.
+    resumed_part = state.batch / len(state.data)
     signals = StopSignals()
     clock = CheckpointClock(args.ckpt_every_min, signals, device)
     try:
@@ -694,7 +770,7 @@ def train(cfg, args):
                     break
                 line = None
                 if plain:  # the time left counts the checkpoints and grids of the epochs so far
-                    per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
+                    per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch - resumed_part)
                     line = epoch_line(record, cfg.n_epoch, per_epoch * (cfg.n_epoch - epoch - 1))
                 scalars = {key: record[key] for key in ("loss", "lr", "img_per_s", "peak_mem_gib")}
                 loop.log(record["step"], line, scalars, record)
@@ -713,16 +789,12 @@ def train(cfg, args):
                     break
             if clock.stop_due and state.stop_path:
                 state.stopped = signals.requested or OTHER_RANK
+                barrier()  # rank 0 has written latest.pth: no rank exits 75 before the save is whole
     finally:
         board.close()
         loop.close()
-    if state.stopped:
-        print0(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or --resume) to "
-                                                         "continue"))
-    else:
-        loss = "n/a" if record is None or record["loss"] is None else f"{record['loss']:.4f}"
-        print0(f"done: epochs {first_epoch}..{state.epoch - 1} of {cfg.n_epoch}, step {state.step}, last loss "
-               f"{loss}, {format_duration(time.perf_counter() - started)}; run folder {cfg.save_dir}")
+    if not state.stopped:
+        print0(done_line(state, first_epoch, record, time.perf_counter() - started))
     return state
 
 
@@ -734,7 +806,8 @@ def main(args):
     finally:
         cleanup()
     if state.stopped:
-        sys.exit(EXIT_REQUEUE)
+        exit_stopped(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or "
+                                                               "--resume) to continue"), rank=get_rank())
 
 
 if __name__ == "__main__":

@@ -46,12 +46,40 @@ def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
     raise KeyError("EMA" if weights == "ema" else "MODEL")
 
 
+# A key only each kind of network has, and how to evaluate a checkpoint of that kind.
+NETWORK_MARKS = {
+    "DiT": ("x_embedder.proj.weight", "a config with model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in "
+                                      "linear.py, knn.py or export_features.py"),
+    "UNet": ("image_proj.weight", "the DDPM or EDM config it was trained with (e.g. config/DDPM_ddpm.yaml)"),
+}
+
+
+def network_kind(keys):
+    """"DiT" or "UNet" when ``keys`` (a state dict's, with or without "nn_model."/"module." prefixes) hold
+    that network's mark, else None."""
+    names = {key.removeprefix("module.").removeprefix("ema_model.").removeprefix("nn_model.") for key in keys}
+    return next((kind for kind, (mark, _) in NETWORK_MARKS.items() if mark in names), None)
+
+
+def other_network(checkpoint, diffusion, path):
+    """A UserError when the checkpoint holds the other kind of network than ``diffusion``, else None."""
+    state = checkpoint.get("EMA") or checkpoint.get("MODEL") or checkpoint
+    held, wanted = network_kind(state), network_kind(diffusion.state_dict())
+    if held and wanted and held != wanted:
+        return UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
+                         f"with {NETWORK_MARKS[held][1]}")
+    return None
+
+
 def load_weights(diffusion, path, weights="ema", checkpoint=None):
     """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
     naming the file and the first key that does not fit."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
+    mismatch = other_network(checkpoint, diffusion, path)
+    if mismatch is not None:
+        raise mismatch
     try:
         state = diffusion_state_dict(checkpoint, weights, network_keys)
     except KeyError as missing:

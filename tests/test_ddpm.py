@@ -288,3 +288,29 @@ def test_bad_arguments_are_rejected(ddpm):
         ddpm.sample(steps=2)
     with pytest.raises(ValueError, match="1001"):
         ddpm.get_feature(torch.zeros(1, 3, 16, 16), 1001)
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network that keeps the conditioning it is called with and predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+        self.conditioning = []
+
+    def forward(self, x, conditioning, *rest):
+        self.conditioning.append(conditioning.detach().flatten())
+        return x * self.scale
+
+
+def test_default_training_timesteps_are_uniform_over_1_to_n_T():
+    """DDPM.forward without ``t`` trains on t = 1..n_T (SPEC), each as often, never on t = 0."""
+    n_T, draws = 10, 20000
+    net = RecordingNet()
+    torch.manual_seed(0)
+    DDPM(net, n_T=n_T)(torch.rand(draws, 1, 1, 1))
+    t = net.conditioning[0] * n_T  # the network sees t / n_T
+    assert torch.allclose(t, t.round(), atol=1e-4)
+    counts = torch.bincount(t.round().long(), minlength=n_T + 1)
+    assert counts[0] == 0 and len(counts) == n_T + 1  # never 0, never above n_T
+    assert (counts[1:] - draws / n_T).abs().max() < 0.1 * draws / n_T  # uniform: 2000 +- 5 standard deviations

@@ -124,3 +124,23 @@ def test_released_plain_state_dict_loads_through_the_one_loader(tmp_path):
     torch.save(state, other.ckpt)
     with pytest.raises(UserError, match=r"other.pt: key 'nn_model.blocks.0.attn.qkv.weight' has shape \(96, 64\)"):
         load_diffusion(cfg, checkpoint_from_args(cfg, other))
+
+
+def test_a_dit_under_a_unet_config_and_the_reverse_name_the_network_and_the_config(tmp_path):
+    from tests.helpers import make_checkpoint, make_config
+    from utils.errors import UserError
+
+    dit_file = save_golden_weights(tmp_path / "dit.pt")
+    unet_cfg, _ = make_config(tmp_path)
+    with pytest.raises(UserError) as refused:
+        load_diffusion(unet_cfg, dit_file)
+    assert str(refused.value) == (
+        f"{dit_file} holds a DiT network, but the config describes a UNet; evaluate it with a config with "
+        f"model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in linear.py, knn.py or export_features.py")
+    unet_file = make_checkpoint(unet_cfg, 3)  # a train.py checkpoint
+    dit_cfg = load_config(write_tiny_config(tmp_path), allow_dit=True)
+    with pytest.raises(UserError) as refused:
+        load_diffusion(dit_cfg, unet_file)
+    assert str(refused.value) == (
+        f"{unet_file} holds a UNet network, but the config describes a DiT; evaluate it with the DDPM or EDM "
+        f"config it was trained with (e.g. config/DDPM_ddpm.yaml)")

@@ -155,3 +155,31 @@ def test_sample_shape_with_default_noise(edm):
     torch.manual_seed(0)
     out = edm.sample(2, (3, 16, 16), steps=2)
     assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float64
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network that keeps the noise conditioning it is called with and predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+        self.conditioning = []
+
+    def forward(self, x, c_noise, aug=None):
+        self.conditioning.append(c_noise.detach().flatten())
+        return x * self.scale
+
+
+def test_default_training_sigmas_are_log_normal_with_p_mean_and_p_std():
+    """EDM.forward without ``rnd_normal`` draws ln(sigma) ~ N(p_mean, p_std^2) per image (SPEC; the network
+    sees c_noise = ln(sigma) / 4)."""
+    draws = 20000
+    net = RecordingNet()
+    torch.manual_seed(0)
+    EDM(net, p_mean=-1.2, p_std=1.2)(torch.rand(draws, 1, 1, 1))
+    log_sigma = net.conditioning[0].double() * 4
+    assert log_sigma.shape == (draws,) and log_sigma.unique().numel() > 0.99 * draws  # one draw per image
+    assert abs(log_sigma.mean().item() - (-1.2)) < 0.05  # standard error 0.0085
+    assert abs(log_sigma.std().item() - 1.2) < 0.05      # standard error 0.006
+    # Normal, not some other law with these moments: 68% within one standard deviation.
+    assert abs(((log_sigma + 1.2).abs() < 1.2).double().mean().item() - 0.6827) < 0.02

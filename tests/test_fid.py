@@ -42,9 +42,9 @@ def folders(tmp_path_factory):
 def run_fid(ref, gen, extractor=False, **options):
     """compute_fid with a fresh RandomFeatures (or ``extractor``; None builds pytorch-fid's Inception)."""
     options.setdefault("num_workers", 0)
+    options.setdefault("progress", False)
     return fid.compute_fid(str(ref), gen if isinstance(gen, list) else str(gen),
-                           feature_extractor=RandomFeatures() if extractor is False else extractor, progress=False,
-                           **options)
+                           feature_extractor=RandomFeatures() if extractor is False else extractor, **options)
 
 
 def test_value_equals_pytorch_fid_on_the_same_folders(folders, tmp_path, monkeypatch, capsys):
@@ -210,10 +210,22 @@ def test_bad_paths_are_user_errors(folders, tmp_path):
         run_fid(tmp_path / "missing", folders / "gen")
     (tmp_path / "one").mkdir()
     shutil.copy(folders / "gen" / "0.png", tmp_path / "one" / "0.png")
-    with pytest.raises(UserError, match="1 images found; FID needs at least 2"):
+    with pytest.raises(UserError, match="1 image found; FID needs at least 2"):
         run_fid(folders / "ref", tmp_path / "one", ref_cache="")
     with pytest.raises(UserError, match="statistics file not found"):
         run_fid(tmp_path / "none.npz", folders / "gen")
     np.savez(tmp_path / "small.npz", mu=np.zeros(3), sigma=np.eye(3))
     with pytest.raises(UserError, match="have 3 dimensions but the generated ones 16"):
         run_fid(tmp_path / "small.npz", folders / "gen")
+
+
+def test_progress_names_the_image_set_and_few_images_get_a_note(folders, capsys):
+    run_fid(folders / "ref", folders / "gen", ref_cache="", progress=True)
+    out = capsys.readouterr().out
+    assert f"FID features of {folders / 'ref'}: " in out and f"FID features of {folders / 'gen'}: " in out
+    assert "note:" not in out  # 20 and 24 images for 16 features
+    files = sorted(Path(folders / "gen").glob("*.png"))[:8]
+    run_fid(folders / "ref", files, ref_cache="")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"note: 8 images for {DIMS} features: their covariance is singular and the FID biased upwards; compare "
+        f"it only with FIDs of as many images (the papers use 50,000)")

@@ -107,16 +107,23 @@ def test_kill_9_three_times_then_resume_auto_is_exact(straight, tmp_path):
 
 
 def test_sigterm_mid_epoch_saves_exits_75_and_resumes_exactly(straight, tmp_path, monkeypatch, capsys):
-    """train.py's main in this process, which sends itself SIGTERM during step 12 (epoch 1, batch 4)."""
+    """train.py's main in this process, which sends itself SIGTERM during step 12 (epoch 1, batch 4).
+    Epoch 1's steps take 0.5 s each, before and after the resume: its log line and record count both
+    parts, and the time left is estimated from the half epoch trained since the resume."""
     config = write_config(tmp_path, n_epoch=N_EPOCH)
     argv = ["--config", str(config), "--device", "cpu", "--set", f"save_dir={tmp_path / 'run'}", "--resume", "auto",
             "--ckpt_every_min", "0"]  # latest.pth only on the signal
     step = train.train_step
 
+    def slow_step(state, images):
+        if 8 <= state.step < 16:  # epoch 1
+            time.sleep(0.5)
+        return step(state, images)
+
     def signalled_step(state, images):
         if state.step == 11:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(state, images)
+        return slow_step(state, images)
 
     monkeypatch.setattr(train, "train_step", signalled_step)
     with pytest.raises(SystemExit) as exit_info:
@@ -126,15 +133,67 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_exactly(straight, tmp_path
     assert f"stopped on SIGTERM: saved {latest}" in capsys.readouterr().out
     saved = load_checkpoint(latest)
     assert (saved["epoch"], saved["batch"], saved["step"]) == (0, 4, 12)  # epoch 0 done, then 4 of 8 batches
+    assert saved["epoch_seconds"] >= 2.0  # steps 8..11
+    assert saved["settings"] == {"processes": 1, "batch_size": 16, "accum": 1, "drop_last": False}
     assert sorted(os.listdir(tmp_path / "run" / "ckpts")) == [LATEST_NAME, "model_0.pth"]  # no temporary file
     assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")] == [0]
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "train_step", slow_step)
     train.main(train.parse_args(argv))  # returns: exit code 0
-    assert f"resuming from {latest}: epoch 1, batch 4 of 8, step 12" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming from {latest}: epoch 1, batch 4 of 8, step 12" in out
     assert_same_end(tmp_path / "run", straight)
+    epoch_1 = read_jsonl(tmp_path / "run" / "log.jsonl")[1]
+    assert epoch_1["seconds"] >= 4.0  # both halves of the epoch, not the resumed one only
+    assert abs(epoch_1["img_per_s"] * epoch_1["seconds"] - 128) < 2  # all 128 images of the epoch
+    line = next(line for line in out.splitlines() if line.startswith(f"epoch 1/{N_EPOCH}"))
+    hours, minutes, seconds = map(int, line.rsplit(" left", 1)[0].split()[-1].split(":"))
+    assert hours * 3600 + minutes * 60 + seconds >= 3.5  # one more epoch at the pace of a whole one: >= 4 s
     train.main(train.parse_args(argv))  # a restart of the finished run does nothing, successfully
     assert "the run is complete" in capsys.readouterr().out
+
+
+def test_mid_epoch_checkpoint_refuses_other_batch_settings_before_any_work(tiny_setup, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A latest.pth written at batch 3 of epoch 0 continues only with the same batch_size, --accum and
+    --drop_last (and processes); each change is one line naming it, both values and the fix."""
+    config = write_config(tmp_path, n_epoch=N_EPOCH)
+    save_dir = tmp_path / "run"
+    argv = ["--config", str(config), "--device", "cpu", "--set", f"save_dir={save_dir}", "--resume", "auto",
+            "--ckpt_every_min", "0"]
+    step = train.train_step
+
+    def signalled_step(state, images):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, images)
+
+    monkeypatch.setattr(train, "train_step", signalled_step)
+    with pytest.raises(SystemExit):
+        train.main(train.parse_args(argv))
+    latest = latest_path(save_dir)
+    capsys.readouterr()
+
+    def refused(*flags):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(train.parse_args(argv + list(flags)))
+        assert exit_info.value.code == 2
+        captured = capsys.readouterr()
+        assert "training" not in captured.out  # refused before building anything
+        return captured.err.strip()
+
+    position = f"error: {latest} stopped mid-epoch (batch 3 of epoch 0) with"
+    assert refused("--set", "batch_size=8") == (
+        f"{position} batch_size 16, and this run has batch_size 8: the rest of that epoch would not be the "
+        f"batches it left; pass --set batch_size=16, or continue from a model_{{epoch}}.pth with --resume PATH")
+    assert refused("--accum", "2").startswith(f"{position} accum 1, and this run has accum 2")
+    assert "; leave out --drop_last, or" in refused("--drop_last")
+    # A file written before the settings were recorded: its config's batch_size still decides.
+    legacy = load_checkpoint(latest)
+    del legacy["settings"]
+    save_checkpoint(legacy, latest)
+    assert refused("--set", "batch_size=32").startswith(f"{position} batch_size 16, and this run has batch_size 32")
+    assert load_checkpoint(latest)["step"] == 3  # untouched
 
 
 SIGNALLED = textwrap.dedent(f"""
@@ -182,23 +241,25 @@ def test_signal_handlers_are_restored(tmp_path):
     assert signal.set_wakeup_fd(-1) == -1
 
 
-def test_latest_is_resumed_when_newer_and_never_listed_for_evaluation(tmp_path):
+def test_resume_takes_the_furthest_checkpoint_by_its_step_not_its_file_time(tmp_path):
     save_dir = tmp_path / "run"
-    for epoch in (0, 100):
-        save_checkpoint({"epoch": epoch}, checkpoint_path(save_dir, epoch))
+    for epoch in (0, 2):
+        save_checkpoint({"epoch": epoch, "step": 8 * (epoch + 1)}, checkpoint_path(save_dir, epoch))
     latest = latest_path(save_dir)
-    save_checkpoint({"epoch": 100, "batch": 3}, latest)
+    save_checkpoint({"epoch": 1, "batch": 3, "step": 19}, latest)  # stale: epoch 2 came after it
     (save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp").write_bytes(b"half")  # a write that was killed
     (save_dir / "ckpts" / ".notes.txt").write_text("kept")
-    assert list(list_checkpoints(save_dir)) == [0, 100]
-    assert resolve_checkpoint(save_dir, -1).endswith("model_100.pth")
+    assert list(list_checkpoints(save_dir)) == [0, 2]
+    assert resolve_checkpoint(save_dir, -1).endswith("model_2.pth")
     assert remove_stale_temporaries(save_dir) == [str(save_dir / "ckpts" / f".{LATEST_NAME}.123.tmp")]
-    assert sorted(os.listdir(save_dir / "ckpts")) == [".notes.txt", LATEST_NAME, "model_0.pth", "model_100.pth"]
-    stamp = os.stat(latest).st_mtime_ns
-    os.utime(checkpoint_path(save_dir, 100), ns=(stamp - 10**9, stamp - 10**9))
+    assert sorted(os.listdir(save_dir / "ckpts")) == [".notes.txt", LATEST_NAME, "model_0.pth", "model_2.pth"]
+    # After `cp -r` (no -p) the stale latest.pth may be the newest file: its stored step still loses.
+    stamp = os.stat(checkpoint_path(save_dir, 2)).st_mtime_ns
+    os.utime(latest, ns=(stamp + 10**9, stamp + 10**9))
+    assert resume_checkpoint(save_dir) == checkpoint_path(save_dir, 2)
+    save_checkpoint({"epoch": 2, "batch": 1, "step": 25}, latest)  # further, though written before by the clock
+    os.utime(latest, ns=(stamp - 10**9, stamp - 10**9))
     assert resume_checkpoint(save_dir) == latest
-    os.utime(checkpoint_path(save_dir, 100), ns=(stamp + 10**9, stamp + 10**9))
-    assert resume_checkpoint(save_dir) == checkpoint_path(save_dir, 100)
     assert resume_checkpoint(tmp_path / "empty") is None
 
 
@@ -295,3 +356,53 @@ def test_checkpoint_clock_polls_every_few_steps(device):
         assert not timed.save_due
     finally:
         dist.destroy_process_group()
+
+
+# Runs each script named on its command line as __main__, with its arguments' parsing replaced by a SIGTERM
+# to itself and a wait, as if the signal came in the middle of the work; prints each exit code.
+SIGNALLED_SCRIPTS = textwrap.dedent(f"""
+    import argparse, io, json, os, runpy, signal, sys, time
+    from contextlib import redirect_stdout
+    sys.path.insert(0, {str(REPO)!r})
+
+    def parse_args(self, args=None, namespace=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    argparse.ArgumentParser.parse_args = parse_args
+    results = {{}}
+    for script in sys.argv[1:]:
+        started, out = time.monotonic(), io.StringIO()
+        try:
+            with redirect_stdout(out):
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as end:
+            results[os.path.basename(script)] = [end.code, out.getvalue(), time.monotonic() - started]
+    print(json.dumps(results))
+""")
+AT_ONCE = {
+    "sample.py": "the images written so far are kept, and the same command writes only the missing ones",
+    "fid.py": "nothing of this run is kept but cached reference statistics; the same command computes the FID again",
+    "knn.py": "nothing is saved mid-way; the same command runs the feature pass and the k-NN again",
+    "export_features.py": "nothing is saved mid-way; the same command extracts the features again",
+    "encode_latents.py": "the finished copies are kept; the same command encodes the unfinished copy again",
+    "noisy_classifier_DDAE.py": "nothing is saved mid-way; the same command trains the heads again from the start",
+}
+
+
+def test_scripts_without_a_mid_way_save_stop_at_once_with_75_and_say_what_is_redone(tmp_path):
+    """The README's SIGTERM table for the scripts that have nothing to save mid-way (the others: train.py,
+    linear.py and the epoch loops, tested above and in test_train_multiprocess)."""
+    import json
+    probe = tmp_path / "signalled.py"
+    probe.write_text(SIGNALLED_SCRIPTS)
+    result = subprocess.run([sys.executable, str(probe), *[str(REPO / script) for script in AT_ONCE]], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ends = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(ends) == sorted(AT_ONCE)
+    for script, (code, out, seconds) in ends.items():
+        assert code == EXIT_REQUEUE, script
+        assert out.strip().splitlines()[-1] == f"stopped on SIGTERM: {AT_ONCE[script]} (exit code 75)"
+        assert seconds < 20, script  # at once, not after the 30 s wait
+    assert "Traceback" not in result.stderr

@@ -1,13 +1,16 @@
 """train.py under torchrun with two CPU processes (gloo): DDP keeps the ranks identical, the learning
 rate scales with the world size, and the run starts from the weights a single process would build."""
+import signal
+import subprocess
 import textwrap
+import time
 
 import pytest
 import torch
 import yaml
 
 import train
-from tests.launch import REPO, run_two_processes
+from tests.launch import REPO, run_two_processes, two_process_command
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.data import SyntheticImages
@@ -154,20 +157,67 @@ def test_killed_worker_restarted_by_torchrun_ends_like_the_straight_run(two_proc
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     """Rank 1 alone gets SIGTERM during step 2; the ranks agree at the next poll (step 2), write latest.pth
-    together and both exit with code 75."""
+    together and both exit with code 75; utils.launch (the README's torchrun) ends with 75 and the stop
+    line, where plain torchrun ends with 1 and a traceback."""
     config = tmp_path / "tiny_edm.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "save_dir": str(tmp_path / "run")}))
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     result = run_two_processes(probe, "--config", config, "--device", "cpu", "--resume", "auto",
-                               "--ckpt_every_min", "0", cwd=REPO,
+                               "--ckpt_every_min", "0", cwd=REPO, launcher="utils.launch",
                                env={"PROBE_OUT": str(tmp_path), "PROBE_SIGTERM_AT": "1", "PROBE_POLL_EVERY": "2"})
     latest = tmp_path / "run" / "ckpts" / "latest.pth"
-    assert f"stopped on a signal to another process: saved {latest}" in result.stdout, result.stderr[-3000:]
-    assert "exitcode  : 75" in result.stderr  # torchrun reports the first worker to end
+    line = f"stopped on a signal to another process: saved {latest}"
+    assert result.returncode == 75, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith(line)  # the launcher's last line
+    assert "Traceback" not in result.stderr and "FAILED" not in result.stderr
     saved = load_checkpoint(latest)
     assert (saved["epoch"], saved["batch"], saved["step"]) == (-1, 2, 2)
     assert saved["rng"]["world_size"] == len(saved["epoch_loss"]) == 2
     for rank in (0, 1):  # both left train() after that same step, none waits in a collective
         final = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
         assert_same_tensors(final["MODEL"], saved["MODEL"])
+
+
+def test_sigterm_to_the_launcher_saves_and_exits_75(tmp_path):
+    """SIGTERM to utils.launch (as srun or a scheduler sends it): torchrun passes it to both workers,
+    which save latest.pth at an agreed step; the launcher exits with 75 and one line, no traceback."""
+    config = tmp_path / "tiny_edm.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "n_epoch": 200, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    command, env = two_process_command(probe, "--config", config, "--device", "cpu", "--ckpt_every_min", "0",
+                                       launcher="utils.launch",
+                                       env={"PROBE_OUT": str(tmp_path), "PROBE_POLL_EVERY": "2"})
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and log.read_text().strip()):  # an epoch done: training is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    latest = tmp_path / "run" / "ckpts" / "latest.pth"
+    assert process.returncode == 75, out[-3000:] + err[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"stopped on SIGTERM: saved {latest}")
+    assert "Traceback" not in err
+    assert load_checkpoint(latest)["step"] >= 4
+
+
+CRASH = textwrap.dedent("""
+    import os, time
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("a crash on rank 1")
+    time.sleep(30)  # rank 0 is still working when torchrun ends it
+""")
+
+
+def test_a_crashing_worker_is_not_a_clean_stop(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    result = run_two_processes(script, cwd=tmp_path, launcher="utils.launch")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "RuntimeError: a crash on rank 1" in result.stderr  # the worker's own traceback stays
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: worker rank 1 failed (exit code 1); its own output above says why (exit code 1)")

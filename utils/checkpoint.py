@@ -152,12 +152,35 @@ def latest_path(save_dir):
     return os.path.join(save_dir, "ckpts", LATEST_NAME)
 
 
+def checkpoint_position(path):
+    """How far the training checkpoint at ``path`` got: ``(epoch, batch, step)``, where epoch is the last
+    finished one (from the file, else its name model_{epoch}.pth), batch the batches of the next epoch
+    already trained (mid-epoch latest.pth; else 0) and step the optimizer steps (-1 when not stored).
+
+    The file is memory-mapped, so only its small entries are read, not the weights.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an older (non-zip) file, or a damaged one: the full load says which
+        checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(path)  # raises the one-line error
+    epoch = checkpoint.get("epoch")
+    if epoch is None:
+        match = CHECKPOINT_NAME.match(os.path.basename(path))
+        epoch = int(match.group(1)) if match else -1
+    return int(epoch), int(checkpoint.get("batch", 0)), int(checkpoint.get("step", -1))
+
+
 def resume_checkpoint(save_dir):
-    """Where training continues from: latest.pth or the highest-epoch model_{epoch}.pth, whichever
-    was written last (None when there is neither)."""
+    """Where training continues from: latest.pth or the highest-epoch model_{epoch}.pth, whichever got
+    further by what it stores (epoch, then batch within the next epoch, then step), never by file times,
+    which a copy without ``cp -p`` resets. None when there is neither."""
     candidates = [path for path in (latest_path(save_dir), latest_checkpoint(save_dir))
                   if path is not None and os.path.isfile(path)]
-    return max(candidates, key=lambda path: os.stat(path).st_mtime_ns, default=None)
+    if len(candidates) < 2:
+        return candidates[0] if candidates else None
+    return max(candidates, key=checkpoint_position)  # a tie keeps latest.pth: the same training state
 
 
 def remove_stale_temporaries(save_dir):

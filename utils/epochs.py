@@ -27,14 +27,15 @@ from utils.data import epoch_seed, set_loader_epoch
 from utils.distributed import all_gather_object, all_reduce_sum, barrier, get_rank, is_main, print0
 from utils.errors import UserError
 from utils.logging import JsonlLogger
-from utils.preemption import EXIT_REQUEUE
+from utils.preemption import exit_stopped
 from utils.tensorboard import Board
 
 
 def stop_line(signal, path, how, position=""):
     """The last line of a run stopped on ``signal`` after saving ``path`` (at ``position``, e.g.
-    " after epoch 3 of 15"); ``how`` tells how to continue."""
-    return f"stopped on {signal}: saved {path}{position}; {how} (exit code {EXIT_REQUEUE})"
+    " after epoch 3 of 15"); ``how`` tells how to continue. ``utils.preemption.exit_stopped`` prints it
+    with the exit code."""
+    return f"stopped on {signal}: saved {path}{position}; {how}"
 
 
 def every_rank_rng():
@@ -158,9 +159,9 @@ class EpochLoop:
         says so and exits with ``EXIT_REQUEUE`` (75), unless that was the last epoch. A collective."""
         stopped = agree_to_stop(self.device)
         if stopped and epoch + 1 < self.n_epoch:
-            print0(stop_line(stopped, path, self.how, f" after epoch {epoch + 1} of {self.n_epoch}"))
             self.close()
-            raise SystemExit(EXIT_REQUEUE)
+            exit_stopped(stop_line(stopped, path, self.how, f" after epoch {epoch + 1} of {self.n_epoch}"),
+                         rank=get_rank())
 
     def close(self):
         """Close log.jsonl (the board belongs to the caller)."""

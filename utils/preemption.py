@@ -15,9 +15,20 @@ workers again.
 The signals are watched by a thread reading Python's wakeup file descriptor, not by the main thread,
 so the second signal works even while the main thread waits in a collective whose peer has died.
 Processes forked meanwhile (DataLoader workers) ignore the signals: the main process ends them.
+
+A script with nothing to save mid-way (sampling, a feature pass, FID) stops at once instead:
+
+    with StopSignals(at_once="the rerun writes only the missing images"):
+        ...
+
+There the first signal raises ``Stopped`` in the main thread (at the next Python instruction, so files
+being written atomically are cleaned up), and leaving the block prints "stopped on SIGTERM: <at_once>"
+and exits with ``EXIT_REQUEUE``. Every clean stop ends through ``exit_stopped``, which also leaves a stop
+record for ``utils.launch`` (the torchrun wrapper) when it runs under one.
 """
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -28,6 +39,13 @@ import time
 EXIT_REQUEUE = 75
 REPEAT_SECONDS = 1.0
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by utils.launch for its workers: a folder where a worker that stops cleanly leaves its last line.
+STOP_RECORD_ENV = "DDAE_STOP_RECORD"
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by a ``StopSignals(at_once=...)`` on the first signal (its name in
+    ``args[0]``). A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
 
 _active = None  # the installed StopSignals of this process
 _STOP = 0  # not a signal number: tells the watcher thread to end
@@ -42,11 +60,16 @@ class StopSignals:
     Args:
         signals: the signals to watch.
         repeat_seconds: a second signal sooner than this after the first counts as the same one.
+        at_once: None: only record the request (the caller polls ``requested``). A text: stop at
+            once (``Stopped`` in the main thread), then print "stopped on SIGNAL: <at_once>" and exit
+            with ``EXIT_REQUEUE``; it says what the rerun of the same command redoes.
     """
 
-    def __init__(self, signals=SIGNALS, repeat_seconds=REPEAT_SECONDS):
+    def __init__(self, signals=SIGNALS, repeat_seconds=REPEAT_SECONDS, at_once=None):
         self.signals = tuple(signals)
         self.repeat_seconds = repeat_seconds
+        self.at_once = at_once
+        self._raised = False
         self._requested = None
         self._first_time = None
         self._previous = None
@@ -65,18 +88,31 @@ class StopSignals:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         # A Python-level handler must exist for the interpreter to report the signal on the wakeup fd.
-        self._previous = {number: signal.signal(number, _ignore) for number in self.signals}
+        handler = self._raise if self.at_once is not None else _ignore
+        self._previous = {number: signal.signal(number, handler) for number in self.signals}
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._watcher = threading.Thread(target=self._watch, name="stop-signals", daemon=True)
         self._watcher.start()
         _active = self
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, kind, value, traceback):
         global _active
         self._outer = None
         if self._previous is None:
             return
+        self._uninstall()
+        if kind is Stopped:
+            exit_stopped(f"stopped on {value.args[0]}: {self.at_once}")
+
+    def _raise(self, number, frame):
+        """The main thread's handler with ``at_once``: unwind to ``__exit__`` (once)."""
+        if not self._raised:
+            self._raised = True
+            raise Stopped(signal.Signals(number).name)
+
+    def _uninstall(self):
+        global _active
         signal.set_wakeup_fd(self._previous_fd)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
@@ -100,11 +136,36 @@ class StopSignals:
         now = time.monotonic()
         if self._requested is None:
             self._requested, self._first_time = number.name, now
-            _say(f"{number.name} received: stopping at the next step or epoch boundary, after saving; "
-                 f"send it again to exit at once")
+            when = "now" if self.at_once is not None else "at the next step or epoch boundary, after saving"
+            _say(f"{number.name} received: stopping {when}; send it again to exit at once")
         elif now - self._first_time >= self.repeat_seconds:
             _say(f"second {number.name}: exiting at once, without saving")
             os._exit(128 + number)
+
+
+def exit_stopped(line, rank=None):
+    """End a run that stopped cleanly on a signal: ``line`` (which says what was saved and what the rerun
+    does) printed on the main process with "(exit code 75)", a stop record for ``utils.launch`` when
+    running under it, then ``SystemExit(EXIT_REQUEUE)``."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    line = f"{line} (exit code {EXIT_REQUEUE})"
+    if rank == 0:
+        print(line, flush=True)
+    write_stop_record(line, rank)
+    raise SystemExit(EXIT_REQUEUE)
+
+
+def write_stop_record(line, rank):
+    """Leave ``line`` in the folder named by $DDAE_STOP_RECORD (set by utils.launch), as ``stop.RANK``."""
+    folder = os.environ.get(STOP_RECORD_ENV)
+    if not folder:
+        return
+    try:
+        with open(os.path.join(folder, f"stop.{rank}"), "w") as file:
+            file.write(line + "\n")
+    except OSError as err:  # the launcher's folder is gone: the exit code still says it
+        print(f"note: cannot write the stop record into {folder} ({err.strerror})", file=sys.stderr, flush=True)
 
 
 def requested():
