@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import knn
-from model.models import build_diffusion, count_parameters
+from model.models import build_diffusion, count_parameters, load_config
 from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
 from evaluation.cells import probe_cells
 from evaluation.features import extract_dataset_features, extract_grid_features
 from evaluation.report import accuracy_table, format_accuracy_table, plot_accuracy_heatmap
 from utils.checkpoint import save_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
 
 

@@ -15,7 +15,7 @@ from evaluation.frozen import prepare_frozen
 from evaluation.heads import ProbeHeads, evaluate_heads
 from evaluation.throughput import feature_pass_throughput
 from model.blocks import Upsample
-from model.models import build_diffusion, feature_dims, load_diffusion
+from model.models import build_diffusion, feature_dims, load_config, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import run_two_processes
 from utils.checkpoint import load_checkpoint
@@ -183,7 +183,6 @@ import sys
 import torch
 import linear
 from model.models import load_diffusion
-from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
 from utils.distributed import cleanup, init_distributed
 from evaluation.frozen import prepare_frozen
@@ -214,7 +213,7 @@ def test_two_processes_count_every_test_image_once(tmp_path):
 
     # At t = 0 the features carry no noise, so the same heads must score the same on one process.
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
-    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), [0], ["out_2", "out_4"], cfg.classes)
+    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), [0], ["out_2", "out_4"], cfg.classes)
     heads.load_state_dict(_heads_of(out_dir / "probe.state.pth"))
     test_set = SyntheticImages(101, image_size=8, seed=1, train=False)
     loader = build_loader(test_set, 32, train=False, rank=0, world_size=1)

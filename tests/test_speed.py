@@ -13,9 +13,8 @@ import sample
 import train
 from evaluation.frozen import prepare_frozen
 from model import speed
-from model.models import build_diffusion, feature_dims
+from model.models import build_diffusion, feature_dims, load_config
 from utils.cli import configure_backends
-from utils.config import load_config
 
 TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
         "network.image_shape=[3,8,8]", "dataset=synthetic", "batch_size=4", "diffusion.n_T=20"]

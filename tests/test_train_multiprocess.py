@@ -8,8 +8,8 @@ import yaml
 
 import train
 from tests.launch import REPO, run_two_processes
+from model.models import load_config
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 
