@@ -37,7 +37,7 @@ from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args
-from utils.data import image_seed, split_batches
+from utils.data import DATASETS, FID_SAMPLES, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -51,8 +51,6 @@ SETTINGS_FILE = "sampling.json"
 IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
-FID_SAMPLES = 50_000    # the default count for the real datasets: the FID protocol's number
-FID_DATASETS = ("cifar", "cifar10", "cifar100", "tinyimagenet")
 
 
 def build_parser():
@@ -69,8 +67,9 @@ def build_parser():
     parser.add_argument("--eta", type=float, default=None,
                         help="stochasticity: DDIM eta or EDM churn, 0 to 1 (default 0; not for --mode DDPM)")
     parser.add_argument("--batches", type=int, default=None,
-                        help=f"number of {IMAGES_PER_GRID}-image batches (default: {FID_SAMPLES:,} images for "
-                             f"{', '.join(FID_DATASETS)}, else one batch)")
+                        help=f"number of {IMAGES_PER_GRID}-image batches (default: the dataset's FID count, {FID_SAMPLES:,} "
+                             f"for {', '.join(n for n, s in DATASETS.items() if s.fid_samples == FID_SAMPLES)}; "
+                             f"else one batch)")
     parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (overrides --batches)")
     parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
     parser.add_argument("--batch_size", type=int, default=IMAGES_PER_GRID,
@@ -104,7 +103,7 @@ def sample_count(args, cfg):
         if args.batches < 1:
             raise UserError(f"--batches {args.batches}: pass a positive number of {IMAGES_PER_GRID}-image batches")
         return args.batches * IMAGES_PER_GRID
-    return FID_SAMPLES if cfg.dataset in FID_DATASETS else IMAGES_PER_GRID
+    return DATASETS[cfg.dataset].fid_samples if cfg.dataset in DATASETS else IMAGES_PER_GRID
 
 
 def describe_sampler(sampler, n_T=None):

@@ -46,7 +46,7 @@ from utils.checkpoint_clock import OTHER_RANK, CheckpointClock
 from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_precision
 from utils.config import add_config_args, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
-                        train_transform)
+                        train_transform, uint8_images)
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, stop_line
@@ -124,18 +124,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def uint8_images(dataset):
-    """The whole dataset as one (N, C, H, W) uint8 tensor."""
-    stored = getattr(dataset, "images", None)  # the synthetic dataset keeps its images
-    if torch.is_tensor(stored) and stored.dtype == torch.uint8 and stored.dim() == 4:
-        return stored
-    stored = getattr(dataset, "data", None)  # torchvision's CIFAR: (N, H, W, C) uint8 array
-    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.ndim == 4:
-        return torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous()
-    # Any other dataset: decode each image once; its [0, 1] floats come from 8-bit pixels.
-    return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
 
 
 class TrainData:

@@ -33,9 +33,8 @@ def test_probe_cells(tmp_path):
 
 
 def test_probe_cells_reject_timesteps_outside_the_schedule(tmp_path):
-    edm, _ = make_config(tmp_path, "EDM", timestep=19)
-    with pytest.raises(UserError, match=r"linear.timestep: timestep 19 is outside 1..18"):
-        probe_cells(edm)
+    with pytest.raises(UserError, match=r"key 'linear.timestep' must be in 1..18 \(the EDM feature schedule"):
+        make_config(tmp_path, "EDM", timestep=19)  # the config's own check, before any script runs
     short, _ = make_config(tmp_path, overrides=["diffusion.n_T=10", "linear.timestep=5"])
     with pytest.raises(UserError, match=r"--grid: timestep 11 is outside 0..10 \(diffusion.n_T\)"):
         probe_cells(short, grid=True)
@@ -182,7 +181,7 @@ WORKER = """
 import sys
 import torch
 import linear
-from model.models import load_diffusion
+from model.models import load_config, load_diffusion
 from utils.data import SyntheticImages, probe_train_transform
 from utils.distributed import cleanup, init_distributed
 from evaluation.frozen import prepare_frozen
