@@ -24,6 +24,7 @@ from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
 from utils.config import settings_of
 from utils.errors import UserError
+from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
 NETWORKS = {"UNet": UNet, "DiT": DiT}
@@ -78,7 +79,8 @@ def _check_probe(cfg, require):
 def load_config(path, overrides=(), flags=None, allow_dit=False):
     """``utils.config.load_config`` (same arguments) with the ``network`` and ``diffusion`` sections
     checked against the classes that ``net_type`` and ``model_type`` name."""
-    return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe)
+    return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
+                              kinds={"DiT": DiTConfig})
 
 
 def on_latents(cfg):

@@ -1,20 +1,12 @@
-"""Typed YAML configs: load a file, apply ``--set`` overrides, check every key before any work starts.
+"""Typed YAML configs, the generic part: YAML, ``--set``, the keys every model shares, the error text.
 
-This module is the generic part: YAML, ``--set``, the training keys every model shares and the error
-text. The ``network`` and ``diffusion`` sections belong to the classes that take them: their keys are
-the keyword parameters of the class's constructor (with its annotations and defaults), and the class
-checks their values in ``check_settings``. ``model.models.load_config`` tells this module which classes
-a file names; scripts call that one::
+The ``network`` and ``diffusion`` sections belong to the classes that take them (their constructor's
+keywords, checked by their ``check_settings``); ``model.models.load_config`` names those classes, and
+scripts call it::
 
     add_config_args(parser)                       # --config PATH, --set KEY=VALUE (repeatable)
     cfg = load_config(args.config, args.set)      # model.models: a checked Config, or a one-line UserError
     save_config(cfg, run_dir / "config.yaml")     # the resolved config next to the checkpoints
-
-``UNet(**cfg.network)`` and ``DDPM(nn_model, **cfg.diffusion)`` work directly: sections unpack like dicts.
-
-``model_type: DiT`` files (a pre-trained DiT evaluated on cached VAE latents, SPEC §12) load into a
-``DiTConfig``: no training keys, a DiT ``network`` section, ``ckpt`` and a ``latents`` section. Only
-the scripts that evaluate a DiT accept them (``load_config(..., allow_dit=True)``).
 """
 import copy
 import dataclasses
@@ -30,11 +22,10 @@ import yaml
 
 from utils.atomic import atomic_path
 from utils.errors import UserError
-from utils.latents import LatentSettings
 
-DIT_SCRIPTS = "linear.py, knn.py, export_features.py and encode_latents.py"
 OPTIMIZERS = ("Adam", "AdamW")
 REQUIRED = inspect.Parameter.empty    # a constructor parameter without a default: a required key
+SCALARS = {int: "an int", float: "a number", bool: "True or False", str: "a string", dict: "a mapping"}
 
 
 class Settings(dict):
@@ -46,19 +37,22 @@ class Settings(dict):
         except KeyError:
             raise AttributeError(key) from None
 
-    def to_kwargs(self):
-        """Return the settings as a plain dict (lists copied)."""
+    def to_kwargs(self):  # a plain dict, lists copied
         return copy.deepcopy(dict(self))
 
 
 def settings_of(cls, skip=0):
-    """The YAML keys of a model part: ``{name: (type or None, default or REQUIRED)}`` from the keyword
-    parameters of ``cls``'s constructor after the first ``skip`` (a diffusion's network). The type is
-    the annotation, else the default's; None accepts any YAML value."""
+    """The YAML keys of a class: ``{name: (type or None, default or REQUIRED)}`` from a dataclass's fields,
+    or else from the keyword parameters of its constructor after the first ``skip`` (a diffusion's
+    network). The type is the annotation, else the default's; None accepts any YAML value."""
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__)
     except Exception:  # unresolvable annotations: fall back to the defaults' types
         hints = {}
+    if dataclasses.is_dataclass(cls):
+        return {f.name: (hints.get(f.name), f.default_factory() if f.default_factory is not dataclasses.MISSING
+                         else REQUIRED if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)}
     spec = {}
     for param in list(inspect.signature(cls).parameters.values())[skip:]:
         if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -67,12 +61,8 @@ def settings_of(cls, skip=0):
 
 
 def _type_of(default):
-    if isinstance(default, (bool, int, float, str, dict)):
-        return type(default)
-    if isinstance(default, (list, tuple)) and default and len({type(v) for v in default}) == 1 \
-            and isinstance(default[0], (bool, int, float, str)):
-        return list[type(default[0])]
-    return None
+    items = {type(v) for v in default} if isinstance(default, (list, tuple)) else set()
+    return type(default) if type(default) in SCALARS else list[items.pop()] if len(items) == 1 else None
 
 
 @dataclass(kw_only=True)
@@ -93,16 +83,14 @@ class _TopLevel:
     # The model parts: section -> the key naming its class (model.models resolves the name).
     PARTS: ClassVar[dict] = {"diffusion": "model_type", "network": "net_type"}
 
-    def network_kwargs(self):
-        """Keywords for the network, as a plain dict."""
+    def network_kwargs(self):  # keywords of the network, a plain dict
         return self.network.to_kwargs()
 
-    def diffusion_kwargs(self):
-        """Keywords for the diffusion wrapper (after the network), as a plain dict."""
+    def diffusion_kwargs(self):  # keywords of the diffusion wrapper after the network, a plain dict
         return self.diffusion.to_kwargs()
 
     def to_dict(self):
-        """Return the config as plain YAML-ready data, in the file's key order."""
+        """The config as plain YAML-ready data, in the file's key order."""
         return {key: dict(value) if isinstance(value, dict) else value
                 for key, value in dataclasses.asdict(self).items()}
 
@@ -140,26 +128,6 @@ class Config(_TopLevel):
     linear: LinearConfig
 
 
-@dataclass(kw_only=True)
-class DiTConfig(_TopLevel):
-    """A pre-trained DiT evaluated as a DDAE on cached VAE latents; nothing is trained."""
-
-    SECTIONS: ClassVar[dict] = {"latents": LatentSettings, "linear": LinearConfig}
-
-    model_type: str                 # DiT
-    net_type: str = "DiT"
-    diffusion: dict = field(default_factory=Settings)  # DiT's linear schedule
-    network: dict = field(default_factory=Settings)    # default: DiT-XL/2
-    ckpt: str = "pretrained/DiT-XL-2-256x256.pt"  # facebookresearch/DiT's EMA weights (--ckpt overrides)
-    latents: dict
-    dataset: str = "cifar"
-    classes: int = 10
-    seed: int = 1337
-    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
-    save_dir: str                   # default ./output_<config name>, set by load_config
-    linear: LinearConfig
-
-
 def config_name(path):
     """Return the name of a config file: its stem (``config/EDM_ddpm.yaml`` -> ``EDM_ddpm``)."""
     return Path(path).stem
@@ -181,27 +149,20 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None):
-    """Read a YAML config, apply ``KEY=VALUE`` overrides and check it (scripts call
-    ``model.models.load_config``, which supplies ``parts`` and ``check``).
+def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None):
+    """Read a YAML config, apply ``KEY=VALUE`` overrides and check it; a ``Config`` (or one of ``kinds``),
+    or a UserError naming the file and the key. Scripts call ``model.models.load_config``.
 
     Args:
-        path: the YAML file.
         overrides: strings ``dotted.key=value``; values are parsed as YAML (``True``, ``1e-4``, ``[1,2]``).
         flags: ``{dotted.key: (flag, value)}`` for a script's own flags that set a config value, e.g.
-            ``{"linear.timestep": ("--timestep", args.timestep)}``; applied after ``overrides``
-            (entries whose value is None are skipped), and an error about the key names the flag.
-        allow_dit: accept ``model_type: DiT`` (a ``DiTConfig``); scripts that cannot evaluate a DiT
-            leave it False and reject such a file with a one-line error.
-        parts: ``parts(section, name, path) -> (cls, skip)``: the class whose constructor takes the
-            section (``network`` for net_type ``name``, ...) and how many leading parameters are not keys.
-        check: ``check(cfg, require)``: the model parts' own checks, run after the generic ones.
-
-    Returns:
-        A checked ``Config`` (or ``DiTConfig``).
-
-    Raises:
-        UserError: naming the file and the key at fault.
+            ``{"linear.timestep": ("--timestep", args.timestep)}``, applied after ``overrides`` (None
+            values skipped); an error about the key names the flag.
+        allow_dit: accept the ``kinds`` (``model_type: DiT``); other scripts reject such a file.
+        parts: ``parts(section, name, path) -> (cls, skip)``: the class taking a section (``network`` for
+            net_type ``name``, ...) and how many of its leading parameters are not keys.
+        check: ``check(cfg, require)``: the model's own checks, after the generic ones.
+        kinds: ``{model_type: top-level config class}`` for files that are not a training ``Config``.
     """
     path = Path(path)
     if not path.is_file():
@@ -211,8 +172,7 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"{path}: {_describe_yaml_error(err, text)}") from None
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys (model_type: ..., network: ...), "
                         f"got {_type_name(raw)}")
@@ -222,12 +182,9 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
     for override, _ in overrides:
         _apply_override(raw, override, path)
     raw.setdefault("save_dir", default_save_dir(path))
-    cls = Config
-    if raw.get("model_type") == "DiT":
-        if not allow_dit:
-            raise UserError(f"{path}: model_type DiT is a pre-trained network evaluated on cached latents; "
-                            f"use it with {DIT_SCRIPTS}")
-        cls = DiTConfig
+    cls = (kinds or {}).get(raw.get("model_type"), Config)
+    if cls is not Config and not allow_dit:
+        raise UserError(f"{path}: model_type {raw['model_type']} is {cls.WHAT}; use it with {cls.SCRIPTS}")
 
     def require(ok, key, message):
         if not ok:
@@ -235,7 +192,7 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
 
     try:
         owners = []  # the classes of the sections, each checks its own values
-        cfg = _build(cls, raw, path, prefix="", parts=parts, owners=owners)
+        cfg = cls(**_build(cls, raw, path, parts=parts, owners=owners))
         _check(cfg, require)
         for owner in owners:
             if hasattr(owner, "check_settings"):
@@ -248,12 +205,10 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
 
 
 def save_config(cfg, path):
-    """Write the resolved config as YAML, never leaving a partial file (see utils.atomic);
-    ``load_config`` of the file gives back an equal Config."""
-    path = Path(path)
-    with atomic_path(path, what="the config ") as temporary:
+    """Write the resolved config as YAML atomically (utils.atomic); loading the file gives back an equal Config."""
+    with atomic_path(Path(path), what="the config ") as temporary:
         Path(temporary).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
-    return path
+    return Path(path)
 
 
 def _describe_yaml_error(err, text):
@@ -272,11 +227,8 @@ def _describe_yaml_error(err, text):
 def _override_note(message, overrides):
     """Point at the flag (``--set`` or a script's own) behind a key named in ``message``, if there is one;
     ``overrides`` are (KEY=VALUE, what the user typed) pairs, the last one of a key wins."""
-    for override, typed in reversed(overrides):
-        key = override.partition("=")[0].strip()
-        if f"'{key}'" in message:
-            return f" (from {typed})"
-    return ""
+    typed = [typed for override, typed in overrides if f"'{override.partition('=')[0].strip()}'" in message]
+    return f" (from {typed[-1]})" if typed else ""
 
 
 def _apply_override(raw, override, path):
@@ -303,130 +255,78 @@ def _apply_override(raw, override, path):
     node[leaf] = value
 
 
-def _build(cls, raw, path, prefix, parts=None, owners=None):
-    """Make a ``cls`` from the mapping ``raw``, checking keys and types; ``prefix`` names its section."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: key '{prefix.rstrip('.')}' must be a section of keys, got {_type_name(raw)} "
-                        f"{raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise UserError(f"{path}: unknown key '{prefix}{key}'{_suggest(key, fields, prefix)}")
-    values = {}
-    for name, fld in fields.items():
-        if name in getattr(cls, "PARTS", {}) and (name in raw or fld.default_factory is not dataclasses.MISSING):
-            kind_key = cls.PARTS[name]
-            kind = values.get(kind_key, fields[kind_key].default)
-            part, skip = parts(name, kind, path)
-            owners.append(part)
-            values[name] = _build_part(part, raw.get(name, {}), path, name, f" for {kind_key} {kind}", skip)
-        elif name not in raw:
-            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-                raise UserError(f"{path}: missing required key '{prefix}{name}'; add it to the file "
-                                f"or pass --set {prefix}{name}=VALUE")
-        elif name in getattr(cls, "SECTIONS", {}):
-            owners.append(cls.SECTIONS[name])
-            values[name] = _build_part(cls.SECTIONS[name], raw[name], path, name, "", 0)
-        else:
-            values[name] = _convert(raw[name], fld.type, path, f"{prefix}{name}")
-    return cls(**values)
-
-
-def _build_part(cls, raw, path, section, what, skip):
-    """The ``Settings`` of section ``section`` for the model part ``cls`` (see ``settings_of``)."""
+def _build(cls, raw, path, section="", what="", skip=0, parts=None, owners=None):
+    """The checked ``Settings`` of ``cls`` (see ``settings_of``) from the mapping ``raw``; its ``SECTIONS``
+    and ``PARTS`` (named by another key, resolved by ``parts``) are built in turn, their classes listed in
+    ``owners``. ``section`` names it in messages, ``what`` says for which model part."""
+    where = f"{section}." if section else ""
     if not isinstance(raw, dict):
         raise UserError(f"{path}: key '{section}' must be a section of keys, got {_type_name(raw)} {raw!r}")
     spec = settings_of(cls, skip)
     for key in raw:
         if key not in spec:
-            raise UserError(f"{path}: unknown key '{section}.{key}'{what}{_suggest(key, spec, section + '.')}")
+            raise UserError(f"{path}: unknown key '{where}{key}'{what}{_suggest(key, spec, where)}")
     values = Settings()
     for name, (annotation, default) in spec.items():
-        if name in raw:
-            values[name] = _convert(raw[name], annotation, path, f"{section}.{name}") \
-                if _checkable(annotation) else raw[name]
-        elif default is REQUIRED:
-            raise UserError(f"{path}: missing required key '{section}.{name}'{what}; add it to the file "
-                            f"or pass --set {section}.{name}=VALUE")
-        else:
+        if name not in raw and default is REQUIRED:
+            raise UserError(f"{path}: missing required key '{where}{name}'{what}; add it to the file "
+                            f"or pass --set {where}{name}=VALUE")
+        if name in getattr(cls, "PARTS", {}):
+            kind = values[cls.PARTS[name]]
+            part, part_skip = parts(name, kind, path)
+            owners.append(part)
+            values[name] = _build(part, raw.get(name, {}), path, name, f" for {cls.PARTS[name]} {kind}", part_skip)
+        elif name not in raw:
             values[name] = list(default) if isinstance(default, tuple) else copy.deepcopy(default)
+        elif name in getattr(cls, "SECTIONS", {}):
+            owners.append(cls.SECTIONS[name])
+            values[name] = _build(cls.SECTIONS[name], raw[name], path, name)
+        else:
+            values[name] = _convert(raw[name], annotation, path, where + name) if _checkable(annotation) else raw[name]
     return values
 
 
 def _checkable(annotation):
-    if typing.get_origin(annotation) is list:
-        return typing.get_args(annotation)[0] in (int, float, bool, str)
-    return annotation in (int, float, bool, str, dict)
+    return (typing.get_args(annotation) or [None])[0] in SCALARS if typing.get_origin(annotation) is list \
+        else annotation in SCALARS
 
 
 def _suggest(key, known, prefix):
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; known keys: {', '.join(prefix + k for k in known)}"
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(prefix + k for k in known)}"
 
 
 def _type_name(value):
     return type(value).__name__
 
 
-def _describe_type(annotation):
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        return f"a list of {item.__name__}s"
-    return {int: "an int", float: "a number", bool: "True or False", str: "a string", dict: "a mapping"}[annotation]
-
-
 def _convert(value, annotation, path, key):
-    """Return ``value`` as ``annotation`` (int, float, bool, str, dict or list of those), or raise."""
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(path, key, annotation, value)
-        try:
-            return [_convert_scalar(item, item_type) for item in value]
-        except (TypeError, ValueError):
-            raise _type_error(path, key, annotation, value) from None
+    """``value`` as ``annotation`` (one of SCALARS or a list of them), or a UserError naming the key."""
+    is_list = typing.get_origin(annotation) is list
+    kind = typing.get_args(annotation)[0] if is_list else annotation
     try:
-        return _convert_scalar(value, annotation)
+        if is_list and not isinstance(value, (list, tuple)):
+            raise TypeError(kind)
+        return [_scalar(item, kind) for item in value] if is_list else _scalar(value, kind)
     except (TypeError, ValueError):
-        raise _type_error(path, key, annotation, value) from None
+        hint = "; quote it" if kind is str and isinstance(value, (int, float, bool)) else \
+            f"; write {int(value)}" if kind is int and isinstance(value, float) and value.is_integer() else ""
+        described = f"a list of {kind.__name__}s" if is_list else SCALARS[kind]
+        raise UserError(f"{path}: key '{key}' must be {described}, got {_type_name(value)} {value!r}{hint}") from None
 
 
-def _convert_scalar(value, annotation):
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-4 (no dot) as a string; it still means a number here.
-            number = float(value)
-            if math.isfinite(number):
+def _scalar(value, kind):
+    if isinstance(value, bool) == (kind is bool):  # YAML's True is no number, and 1 is no bool
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            if math.isfinite(number := float(value)):
                 return number
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif annotation is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        elif kind is float and isinstance(value, (int, float)):
+            return float(value)
+        elif kind is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
-    raise TypeError(annotation)
-
-
-def _type_error(path, key, annotation, value):
-    hint = ""
-    if annotation is str and isinstance(value, (int, float, bool)):
-        hint = "; quote it"
-    elif annotation is int and isinstance(value, float) and value.is_integer():
-        hint = f"; write {int(value)}"
-    return UserError(f"{path}: key '{key}' must be {_describe_type(annotation)}, got {_type_name(value)} "
-                     f"{value!r}{hint}")
+        elif kind in (bool, int, str) and isinstance(value, kind):
+            return value
+    raise TypeError(kind)
 
 
 def _check(cfg, require):

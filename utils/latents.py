@@ -16,13 +16,15 @@ as ``{name}.partial.npy`` and renamed at the end, so a killed run resumes at the
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from utils.atomic import atomic_path
+from utils.config import LinearConfig, Settings, _TopLevel
 from utils.data import image_seed
 from utils.errors import UserError
 
@@ -66,6 +68,31 @@ IDENTITY_KEYS = ("dataset", "n_train", "n_test", "seed", "source_size", "crop_pa
                  "dtype", "latent_shape", "vae_sha256", "precision")
 COPY_STRIDE = 2 ** 24  # seeds of one copy: image indices below this never meet another copy's seeds
 TEST_COPY = -1
+
+
+@dataclass(kw_only=True)
+class DiTConfig(_TopLevel):
+    """``model_type: DiT``: a pre-trained DiT evaluated as a DDAE on cached VAE latents (SPEC §12); nothing is
+    trained. Only the scripts that evaluate a DiT accept it (``load_config(..., allow_dit=True)``)."""
+
+    WHAT: ClassVar[str] = "a pre-trained network evaluated on cached latents"
+    SCRIPTS: ClassVar[str] = "linear.py, knn.py, export_features.py and encode_latents.py"
+
+    SECTIONS: ClassVar[dict] = {"latents": LatentSettings, "linear": LinearConfig}
+
+    model_type: str                 # DiT
+    net_type: str = "DiT"
+    diffusion: dict = field(default_factory=Settings)  # DiT's linear schedule
+    network: dict = field(default_factory=Settings)    # default: DiT-XL/2
+    ckpt: str = "pretrained/DiT-XL-2-256x256.pt"  # facebookresearch/DiT's EMA weights (--ckpt overrides)
+    latents: dict
+    dataset: str = "cifar"
+    classes: int = 10
+    seed: int = 1337
+    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
+    save_dir: str                   # default ./output_<config name>, set by load_config
+    linear: LinearConfig
+
 
 
 def split_name(copy):
