@@ -68,7 +68,8 @@ def build_parser():
     add_checkpoint_args(parser)
     parser.add_argument("--timestep", type=int, default=None,
                         help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
-    parser.add_argument("--block", default=None, help="the block the head reads, e.g. out_6 (default: linear.blockname)")
+    parser.add_argument("--block", default=None,
+                        help="the block the head reads, e.g. out_6 (default: linear.blockname)")
     parser.add_argument("--epochs", type=int, default=50, help="training epochs over the training split")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (after warm-up)")
     parser.add_argument("--weight_decay", type=float, default=0.05,

@@ -67,8 +67,8 @@ def build_parser():
     parser.add_argument("--eta", type=float, default=None,
                         help="stochasticity: DDIM eta or EDM churn, 0 to 1 (default 0; not for --mode DDPM)")
     parser.add_argument("--batches", type=int, default=None,
-                        help=f"number of {IMAGES_PER_GRID}-image batches (default: the dataset's FID count, {FID_SAMPLES:,} "
-                             f"for {', '.join(n for n, s in DATASETS.items() if s.fid_samples == FID_SAMPLES)}; "
+                        help=f"number of {IMAGES_PER_GRID}-image batches (default: the dataset's FID count, "
+                             f"{FID_SAMPLES:,} for {', '.join(n for n, s in DATASETS.items() if s.fid_samples > 400)}; "
                              f"else one batch)")
     parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (overrides --batches)")
     parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")

@@ -145,7 +145,8 @@ def test_own_network_by_import_path_trains_samples_and_is_probed(tmp_path):
     grid = result(tmp_path / "run" / "linear", "*grid*.json")["accuracy"]
     assert sorted(grid) == ["1", "11", "21"] and all(sorted(row) == ["tok_1", "tok_2"] for row in grid.values())
     run(knn, "--config", config, "--device", "cpu", "--num_workers", 0, "--grid", "--k", 4)
-    assert all(sorted(row) == ["tok_1", "tok_2"] for row in result(tmp_path / "run" / "knn", "*grid*.json")["accuracy"].values())
+    grid = result(tmp_path / "run" / "knn", "*grid*.json")["accuracy"]
+    assert all(sorted(row) == ["tok_1", "tok_2"] for row in grid.values())
     run(finetune, "--config", config, "--device", "cpu", "--num_workers", 0, "--epochs", 1, "--batch_size", 16,
         "--block", "tok_1", "--out", tmp_path / "ft")
     assert result(tmp_path / "ft", "*.json")["epochs_done"] == 1
@@ -209,8 +210,10 @@ def write_folder(root, side=80):
 
 @pytest.mark.parametrize("dataset", ["nchw", "folder"])
 def test_64px_datasets_train_identically_with_and_without_gpu_data(tmp_path, monkeypatch, dataset):
-    monkeypatch.setitem(data.DATASETS, "nchw", DatasetSpec(lambda root, train, transform, _: NCHWImages(train, transform),
-                                                           2, 64, layout="NCHW"))
+    def nchw(root, train, transform, image_size):
+        return NCHWImages(train, transform)
+
+    monkeypatch.setitem(data.DATASETS, "nchw", DatasetSpec(nchw, 2, 64, layout="NCHW"))  # as STL10 stores it
     write_folder(tmp_path / "images")
     config = write_config(tmp_path, dataset=dataset, batch_size=8,
                           network={"image_shape": [3, 64, 64], "n_channels": 32, "ch_mults": [1, 2],
