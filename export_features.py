@@ -63,7 +63,8 @@ def build_parser():
     parser.add_argument("--timestep", type=int, default=None,
                         help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
-                        help="blocks to export, e.g. out_6 out_9, or 'all' (default: linear.blockname)")
+                        help="blocks to export, e.g. out_6 out_9 (a UNet also has in_k and mid), or 'all' "
+                             "(default: linear.blockname)")
     parser.add_argument("--norm", action="store_true", help="L2-normalise every feature vector")
     parser.add_argument("--out", default=None, help="output folder (default: under save_dir/features)")
     parser.add_argument("--batch_size", type=int, default=None,
@@ -177,7 +178,7 @@ def resolve_blocks(cfg, requested):
         return list(available)
     for name in requested:
         if name not in available:
-            raise UserError(f"--blocks {name}: this network has blocks {available[0]} .. {available[-1]} "
+            raise UserError(f"--blocks {name}: this network has blocks {', '.join(available)} "
                             f"(or pass 'all')")
     return list(dict.fromkeys(requested))
 

@@ -235,7 +235,7 @@ def make_header(args, settings, device, peak):
         "command": "python " + shlex.join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dit": f"DiT depth {net.depth}, width {net.hidden_size}, patch {net.patch_size} on "
-               f"{'x'.join(map(str, net.image_shape))} latents, random weights; blocks up to "
+               f"{'x'.join(map(str, cfg.image_shape))} latents, random weights; blocks up to "
                f"{cfg.linear.blockname} run, null label",
         "vae": f"AutoencoderKL, block_out_channels {list(settings.vae_config['block_out_channels'])} "
                f"({'tiny' if settings.quick else 'sd-vae-ft-mse'}), random weights, at "
