@@ -16,10 +16,10 @@ import torch
 from evaluation.cells import probe_cells
 from evaluation.features import extract_features
 from evaluation.frozen import prepare_frozen, to_device
-from model.models import load_diffusion
+from model.models import block_names, load_config, load_diffusion
 from utils.checkpoint import list_checkpoints
 from utils.cli import add_amp_args, resolve_precision
-from utils.config import add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import add_data_args, build_dataset, build_loader, resolve_num_workers
 from utils.data import test_transform as eval_transform
 from utils.distributed import add_launcher_args, all_reduce_sum, cleanup, get_rank, init_distributed, is_main, print0
@@ -116,7 +116,7 @@ def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir
     """
     out_dir = cfg.save_dir if out_dir is None else out_dir
     (timestep,), _ = probe_cells(cfg)
-    blocks = cfg.network.block_names
+    blocks = block_names(cfg, grid=True)
     loader = build_loader(dataset, cfg.linear.batch_size, train=False, num_workers=num_workers, device=device)
     epochs = sorted(checkpoints)
     history = {block: {"alignment": [], "uniformity": []} for block in blocks}
@@ -159,7 +159,7 @@ def main(args):
     device = init_distributed(args.device)
     try:
         precision = resolve_precision(args, device)
-        image_size = cfg.network.image_shape[-1]
+        image_size = cfg.image_shape[-1]
         dataset = build_dataset(cfg.dataset, args.data_root, train=True, transform=eval_transform(),
                                 image_size=image_size)
         run_contrastive(cfg, checkpoints, dataset, device, precision, num_workers=resolve_num_workers(args, cfg))

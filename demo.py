@@ -18,9 +18,8 @@ import time
 import torch
 
 from evaluation.report import linear_tag
-from model.models import build_diffusion
+from model.models import build_diffusion, load_config
 from utils.checkpoint import list_checkpoints, save_checkpoint
-from utils.config import load_config
 from utils.errors import UserError, cli_entry
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -19,16 +19,17 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from model.vae import check_vae_folder, encode_images, load_vae
+from model.models import load_config
 from utils.checkpoint import weights_digest
 from utils.cli import add_amp_args, resolve_precision
-from utils.config import VAE_DOWNSAMPLING, add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, limit_images, resolve_num_workers,
                         split_batches, test_transform)
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
-from utils.latents import (COPY_STRIDE, TEST_COPY, create_partial, finish_partial, latent_seed, partial_path,
-                           prepare_cache, split_name)
+from utils.latents import (COPY_STRIDE, TEST_COPY, VAE_DOWNSAMPLING, create_partial, finish_partial, latent_seed,
+                           partial_path, prepare_cache, split_name)
 from utils.preemption import StopSignals
 from utils.progress import iterate
 
@@ -150,7 +151,7 @@ def run(cfg, args, device):
 def main(args):
     check_args(args)
     cfg = load_config(args.config, args.set, allow_dit=True)
-    if cfg.model_type != "DiT":
+    if not hasattr(cfg, "latents"):
         raise UserError(f"{args.config}: model_type {cfg.model_type}; encode_latents.py makes the latents of a "
                         f"DiT config (model_type: DiT), e.g. config/DiT_XL_2_cifar.yaml")
     check_vae_folder(cfg.latents.vae)  # before any process group or data

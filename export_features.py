@@ -34,11 +34,11 @@ from torchvision.transforms import v2
 from evaluation.cells import probe_cells
 from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
-from model.models import load_diffusion
+from model.models import block_names, load_config, load_diffusion, on_latents
 from utils.atomic import atomic_path, check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         resolve_num_workers, test_transform)
 from utils.distributed import DEVICE_CHOICES, resolve_device
@@ -64,7 +64,8 @@ def build_parser():
     parser.add_argument("--timestep", type=int, default=None,
                         help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
-                        help="blocks to export, e.g. out_6 out_9, or 'all' (default: linear.blockname)")
+                        help="blocks to export, e.g. out_6 out_9 (a UNet also has in_k and mid), or 'all' "
+                             "(default: linear.blockname)")
     parser.add_argument("--norm", action="store_true", help="L2-normalise every feature vector")
     parser.add_argument("--out", default=None, help="output folder (default: under save_dir/features)")
     parser.add_argument("--batch_size", type=int, default=None,
@@ -171,14 +172,14 @@ def write_text_atomically(path, text):
 
 def resolve_blocks(cfg, requested):
     """The blocks of ``--blocks``: the config's linear.blockname by default, every block for 'all'."""
-    available = cfg.network.block_names
+    available = block_names(cfg)
     if requested is None:
         return [cfg.linear.blockname]
     if requested == ["all"]:
         return list(available)
     for name in requested:
         if name not in available:
-            raise UserError(f"--blocks {name}: this network has blocks {available[0]} .. {available[-1]} "
+            raise UserError(f"--blocks {name}: this network has blocks {', '.join(available)} "
                             f"(or pass 'all')")
     return list(dict.fromkeys(requested))
 
@@ -208,13 +209,13 @@ def main(args):
     out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)
     check_writable(out_dir, "--out" if args.out else "save_dir",
                    "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))
-    image_size = cfg.network.image_shape[-1]
-    if args.images and cfg.model_type == "DiT":
+    image_size = cfg.image_shape[-1]
+    if args.images and on_latents(cfg):
         raise UserError(f"--images with a DiT config: the DiT reads cached VAE latents; export a cached split "
                         f"(--split train or test) of {cfg.latents.cache_dir}")
     if args.images:
         dataset = ImageFiles(args.images, image_size, args.max_images)
-    elif cfg.model_type == "DiT":
+    elif on_latents(cfg):
         train_set, test_set = latent_datasets(cfg, train_copy=0)
         dataset = limit_images(train_set if args.split == "train" else test_set, args.max_images)
     else:

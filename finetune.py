@@ -15,9 +15,9 @@ Recipe: AdamW (betas 0.9, 0.999; weight decay on convolution and linear weights 
 warm-up then cosine decay to zero, updated every step; cross-entropy with label smoothing; random
 crops (padded by 1/8 of the side: 4 pixels at 32x32) and horizontal flips; the config's dropout.
 With --layer_decay d < 1 the learning rate of a stage is multiplied by d ** (its distance from the
-head), counting stages in the order the network runs them: the input convolution with the time
-embedding, each down-path module, the middle block, then each up-path module up to --block; the
-head gets the full rate.
+head), counting stages in the order the network runs them (a UNet: the input convolution with the time
+embedding, each down-path module, the middle block, then each up-path module up to --block; a network
+without ``stages(block)`` is one stage); the head gets the full rate.
 --lr is the peak rate of the run and --batch_size is per process; neither is scaled by the number
 of processes.
 
@@ -39,11 +39,10 @@ from evaluation.cells import probe_cells
 from evaluation.frozen import to_device, use_channels_last
 from evaluation.report import probe_tag
 from model.amp import autocast, make_grad_scaler, scaled_step
-from model.blocks import Upsample
-from model.models import count_parameters, feature_dims, load_diffusion
+from model.models import count_parameters, feature_dims, load_config, load_diffusion
 from utils.atomic import check_writable
 from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, resolve_precision
-from utils.config import add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         probe_train_transform, resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
@@ -69,7 +68,8 @@ def build_parser():
     add_checkpoint_args(parser)
     parser.add_argument("--timestep", type=int, default=None,
                         help="noise level: DDPM timestep or EDM index of 18 (default: linear.timestep)")
-    parser.add_argument("--block", default=None, help="the block the head reads, out_k (default: linear.blockname)")
+    parser.add_argument("--block", default=None,
+                        help="the block the head reads, e.g. out_6 (default: linear.blockname)")
     parser.add_argument("--epochs", type=int, default=50, help="training epochs over the training split")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (after warm-up)")
     parser.add_argument("--weight_decay", type=float, default=0.05,
@@ -142,24 +142,13 @@ class DDAEClassifier(nn.Module):
 
 
 def network_stages(net, block):
-    """The modules that compute ``block``, grouped in the order the network runs them.
+    """The modules that compute ``block``, grouped in the order the network runs them: the network's
+    ``stages(block)`` when it has one (the UNet does), else one stage, the whole network.
 
     Returns:
-        ``[(name, [modules])]``: "embedding" (input convolution and time embedding), "down.i" for
-        every down-path module, "middle", and "up.i" for the up-path modules up to ``block``
-        (upsamplers included).
+        ``[(name, [modules])]``.
     """
-    stages = [("embedding", [net.image_proj, net.time_emb])]
-    stages += [(f"down.{i}", [module]) for i, module in enumerate(net.down)]
-    stages.append(("middle", [net.middle]))
-    blocks_left = net.block_names.index(block) + 1
-    for i, module in enumerate(net.up):
-        stages.append((f"up.{i}", [module]))
-        if not isinstance(module, Upsample):
-            blocks_left -= 1
-            if blocks_left == 0:
-                break
-    return stages
+    return net.stages(block) if hasattr(net, "stages") else [("network", [net])]
 
 
 def parameter_groups(classifier, weight_decay, layer_decay):
@@ -229,7 +218,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     """Fine-tune and test; resumable per epoch.
 
     Args:
-        cfg: the config (``classes`` and ``network.image_shape`` are read).
+        cfg: the config (``classes`` and ``image_shape`` are read).
         diffusion: the pre-trained model, on any device (it is moved and trained in place).
         train_set, test_set: datasets with the training and test transforms.
         settings: the run's settings (every key of ``RESUME_KEYS``), recorded in every output.
@@ -252,7 +241,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     diffusion = diffusion.to(device)
     if use_channels_last(device):
         diffusion = diffusion.to(memory_format=torch.channels_last)
-    dims = feature_dims(diffusion, cfg.network.image_shape)
+    dims = feature_dims(diffusion, cfg.image_shape)
     classifier = DDAEClassifier(diffusion, settings["timestep"], settings["block"], dims[settings["block"]],
                                 cfg.classes).to(device)
     groups = parameter_groups(classifier, settings["weight_decay"], settings["layer_decay"])
@@ -275,8 +264,10 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     model = classifier
     if world_size > 1:
         # The only buffers are the noise schedules, equal everywhere: no need to broadcast them every step.
+        # A network without stages trains whole, and its blocks after ``block`` get no gradient.
         model = DistributedDataParallel(classifier, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        broadcast_buffers=False,
+                                        find_unused_parameters=not hasattr(diffusion.nn_model, "stages"))
     batch_size = settings["batch_size"]
     train_loader = build_loader(train_set, batch_size, train=True, num_workers=num_workers, seed=settings["seed"],
                                 device=device, batch_flag="--batch_size")
@@ -351,7 +342,7 @@ def main(args):
     tag = finetune_tag(checkpoint, timestep, block)
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
-    image_size = cfg.network.image_shape[-1]
+    image_size = cfg.image_shape[-1]
     train_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=True,
                                            transform=probe_train_transform(image_size), image_size=image_size),
                              args.max_images)

@@ -30,11 +30,11 @@ from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag
 from evaluation.throughput import synchronize
-from model.models import load_diffusion
+from model.models import load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
@@ -55,6 +55,8 @@ def build_parser():
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
                         help="every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18), as linear.py --grid")
+    parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
+                        help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                         help="a neighbour of cosine similarity s votes with weight exp(s / temperature)")
@@ -210,15 +212,15 @@ def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
 def main(args):
     check_args(args)
     cfg = load_config(args.config, args.set, allow_dit=True)
-    timesteps, blocks = probe_cells(cfg, args.grid)
-    if cfg.model_type == "DiT":  # checked before the weights load
+    timesteps, blocks = probe_cells(cfg, args.grid, blocks=args.blocks)
+    if on_latents(cfg):  # checked before the weights load
         train_set, test_set = (limit_images(split, args.max_images) for split in latent_datasets(cfg, train_copy=0))
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     out_dir = os.path.join(cfg.save_dir, "knn")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
-    if cfg.model_type != "DiT":
-        image_size = cfg.network.image_shape[-1]
+    if not on_latents(cfg):
+        image_size = cfg.image_shape[-1]
         train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
                                                           transform=test_transform(), image_size=image_size),
                                             args.max_images) for train in (True, False))
@@ -239,7 +241,7 @@ def main(args):
                f"{precision}")
         run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
                 out_dir=out_dir,
-                tag=knn_tag(checkpoint, timesteps, blocks, args.grid, args.k, args.temperature),
+                tag=knn_tag(checkpoint, timesteps, blocks, args.grid and not args.blocks, args.k, args.temperature),
                 precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
                 num_workers=resolve_num_workers(args, cfg),
                 k=args.k, temperature=args.temperature, seed=cfg.seed if args.seed is None else args.seed,

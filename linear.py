@@ -24,11 +24,11 @@ from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.heads import ProbeHeads, evaluate_heads
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
-from model.models import feature_dims, load_diffusion
+from model.models import feature_dims, load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args, load_config
+from utils.config import add_config_args
 from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
                         test_transform as eval_transform)
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
@@ -48,7 +48,10 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe every block at the grid's timesteps (DDPM 1/11/21, EDM 3/4/5 of 18, DiT 41/81/.../201)")
+                        help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21, "
+                             "EDM 3/4/5 of 18, DiT 41/81/.../201)")
+    parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
+                        help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--tag", default=None,
                         help="name of the result files in save_dir/linear (default: the checkpoint, the cells "
                              "and the probe's settings, e.g. model_1999_grid_ep15_lr0.001_bs128)")
@@ -96,7 +99,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     """Train and test the linear heads of every (timestep, block) cell; resumable per epoch.
 
     Args:
-        cfg: the config (``linear``, ``classes``, ``seed``, ``network.image_shape`` are read).
+        cfg: the config (``linear``, ``classes``, ``seed``, ``image_shape`` are read).
         diffusion: the frozen model (see ``evaluation.frozen.prepare_frozen``).
         train_set, test_set: datasets with the probe's training and test transforms.
         timesteps, blocks: the probed cells are every pair (see ``evaluation.cells.probe_cells``).
@@ -116,7 +119,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     board = board or Board()
     n_epoch = cfg.linear.n_epoch
     torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
-    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes).to(device)
+    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes).to(device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate * world_size,
                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
@@ -188,14 +191,14 @@ def _summary(cfg, heads, history, test_images, world_size, source):
 @cli_entry
 def main(args):
     cfg = load_config(args.config, args.set, allow_dit=True)
-    timesteps, blocks = probe_cells(cfg, args.grid)
-    latents = latent_datasets(cfg) if cfg.model_type == "DiT" else None  # checked before the weights load
+    timesteps, blocks = probe_cells(cfg, args.grid, blocks=args.blocks)
+    latents = latent_datasets(cfg) if on_latents(cfg) else None  # checked before the weights load
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     num_workers = resolve_num_workers(args, cfg)
     out_dir = os.path.join(cfg.save_dir, "linear")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
-    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, args.grid)
+    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, args.grid and not args.blocks)
     if os.sep in tag or (os.altsep and os.altsep in tag):
         raise UserError(f"--tag {tag}: a file name, without folders; pass a plain name")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"linear_{tag}"))
@@ -208,7 +211,7 @@ def main(args):
         if latents:
             train_set, test_set = latents
         else:
-            image_size = cfg.network.image_shape[-1]
+            image_size = cfg.image_shape[-1]
             train_set = build_dataset(cfg.dataset, args.data_root, train=True,
                                       transform=probe_train_transform(image_size), image_size=image_size)
             test_set = build_dataset(cfg.dataset, args.data_root, train=False, transform=eval_transform(),

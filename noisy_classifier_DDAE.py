@@ -29,17 +29,17 @@ from evaluation.features import extract_features
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.noisy import accuracy_per_level
 from model.blocks import TimeEmbedding
-from model.models import feature_dims, load_diffusion
+from model.models import diffusion_class, feature_dims, load_config, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args, config_name, load_config
+from utils.config import add_config_args, config_name
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         probe_train_transform, resolve_num_workers, test_transform as eval_transform)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.noisy import EDM_STEPS, eval_levels, format_table, log_levels, publish_results
+from utils.noisy import eval_levels, format_table, log_levels, publish_results
 from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.tensorboard import add_tensorboard_arg, open_board
@@ -92,7 +92,7 @@ def run_tag(checkpoint):
 
 def max_level(cfg):
     """Training draws levels uniformly in 1..max_level: DDPM timesteps, or EDM schedule indices."""
-    return cfg.diffusion.n_T if cfg.model_type == "DDPM" else EDM_STEPS
+    return diffusion_class(cfg.model_type).feature_timesteps(cfg.diffusion)[1]
 
 
 def train_one_epoch(diffusion, head, loader, optimizer, blockname, top_level, device, precision):
@@ -140,14 +140,15 @@ def run(cfg, args, checkpoint, device):
     precision = resolve_precision(args, device)
     linear, blockname = cfg.linear, cfg.linear.blockname
     out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
-    if cfg.model_type == "DDPM" and cfg.diffusion.n_T < 20:
+    try:
+        levels = eval_levels(cfg.model_type, n_T=cfg.diffusion.get("n_T", 1000))
+    except ValueError:
         raise UserError(f"{args.config}: key 'diffusion.n_T' is {cfg.diffusion.n_T}; the noisy classifier "
-                        f"reports 20 timesteps and needs n_T >= 20")
+                        f"reports 20 timesteps and needs n_T >= 20") from None
     # After the input checks: --tensorboard creates its folder at once.
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
-    levels = eval_levels(cfg.model_type, n_T=getattr(cfg.diffusion, "n_T", 1000))
 
-    image_size = cfg.network.image_shape[1]
+    image_size = cfg.image_shape[1]
     train_set = limit_images(build_dataset(cfg.dataset, args.data_root, True, probe_train_transform(image_size),
                                            image_size=image_size), args.max_images)
     test_set = limit_images(build_dataset(cfg.dataset, args.data_root, False, eval_transform(),
@@ -164,7 +165,7 @@ def run(cfg, args, checkpoint, device):
     configure_backends(args, device)
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device,
                                compile=args.compile)
-    feature_dim = feature_dims(diffusion, cfg.network.image_shape)[blockname]
+    feature_dim = feature_dims(diffusion, cfg.image_shape)[blockname]
     torch.manual_seed(cfg.seed)  # the same head on every process
     head = NoiseConditionalHead(feature_dim, cfg.classes).to(device)
     trained = DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None) \
@@ -196,9 +197,7 @@ def run(cfg, args, checkpoint, device):
         save_checkpoint({"head": head.state_dict(), "feature_dim": feature_dim, "blockname": blockname,
                          "checkpoint": os.path.abspath(checkpoint)}, os.path.join(out_dir, "head.pth"))
         # The noise level of each index under this config's schedule (get_feature's levels).
-        extra = {}
-        if cfg.model_type == "EDM":
-            extra["sigmas"] = diffusion.schedule(EDM_STEPS).flip(0)[levels].tolist()
+        extra = diffusion.level_record(levels)
         publish_results(out_dir, os.path.dirname(os.path.abspath(cfg.save_dir)), "DDAE", cfg.model_type, levels,
                         accuracies, label, n_test_images, **extra)
 

@@ -31,7 +31,7 @@ from model.amp import autocast, make_grad_scaler, scaled_step
 from model.wrn import WideResNet
 from utils.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, save_checkpoint
 from utils.cli import add_amp_args, resolve_precision
-from utils.data import (DATASET_NAMES, NATIVE_IMAGE_SIZE, add_data_args, add_max_images_arg, build_dataset,
+from utils.data import (DATASETS, add_data_args, add_max_images_arg, build_dataset,
                         build_loader, default_num_workers, limit_images, probe_train_transform, test_transform)
 from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
                                print0)
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=MODES, required=True,
                         help="DDPM: t ~ U{1..1000}, conditioning t/1000; EDM: ln sigma ~ N(-1.2, 1.2), "
                              "conditioning ln sigma")
-    parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="cifar")
     add_data_args(parser, num_workers=False)
     parser.add_argument("--image_size", type=int, default=None,
                         help="image side; the dataset's own size by default (32 for synthetic)")
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     if args.save_dir is None:
         args.save_dir = f"./output_WRN_{args.mode}"
     if args.image_size is None:
-        args.image_size = NATIVE_IMAGE_SIZE.get(args.dataset, 32)
+        args.image_size = DATASETS[args.dataset].image_size or 32
     return args
 
 

@@ -29,15 +29,15 @@ import torch
 from PIL import Image
 
 from model.amp import autocast
-from model.models import load_diffusion
+from model.models import diffusion_class, load_config, load_diffusion
 from model.noise import PerImageNoise
 from model.speed import compile_module
 from utils.atomic import atomic_path
 from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args, load_config
-from utils.data import image_seed, split_batches
+from utils.config import add_config_args
+from utils.data import DATASETS, FID_SAMPLES, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.errors import UserError, cli_entry
@@ -52,8 +52,6 @@ SETTINGS_FILE = "sampling.json"
 IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
-FID_SAMPLES = 50_000    # the default count for the real datasets: the FID protocol's number
-FID_DATASETS = ("cifar", "cifar10", "cifar100", "tinyimagenet")
 
 
 def build_parser():
@@ -70,8 +68,9 @@ def build_parser():
     parser.add_argument("--eta", type=float, default=None,
                         help="stochasticity: DDIM eta or EDM churn, 0 to 1 (default 0; not for --mode DDPM)")
     parser.add_argument("--batches", type=int, default=None,
-                        help=f"number of {IMAGES_PER_GRID}-image batches (default: {FID_SAMPLES:,} images for "
-                             f"{', '.join(FID_DATASETS)}, else one batch)")
+                        help=f"number of {IMAGES_PER_GRID}-image batches (default: the dataset's FID count, "
+                             f"{FID_SAMPLES:,} for {', '.join(n for n, s in DATASETS.items() if s.fid_samples > 400)}; "
+                             f"else one batch)")
     parser.add_argument("--n_samples", type=int, default=None, help="exact number of images (overrides --batches)")
     parser.add_argument("--seed", type=int, default=0, help="image i is a function of (seed, i)")
     parser.add_argument("--batch_size", type=int, default=IMAGES_PER_GRID,
@@ -89,31 +88,9 @@ def build_parser():
 
 
 def sampler_settings(cfg, mode, steps, eta):
-    """The sampler a run uses: {"mode": "DDIM" | "DDPM" | "EDM", "steps": int or None, "eta": float or None}."""
-    if cfg.model_type == "EDM":
-        if mode == "DDPM":
-            raise UserError("--mode DDPM is the ancestral sampler of DDPM configs; EDM configs sample with "
-                            "Heun (drop --mode)")
-        steps = 18 if steps is None else steps
-        if steps < 2:
-            raise UserError(f"--steps {steps}: the EDM sampler needs at least 2 steps")
-        mode = "EDM"
-    elif mode == "DDIM":
-        steps = 100 if steps is None else steps
-        if not 1 <= steps <= cfg.diffusion.n_T:
-            raise UserError(f"--steps {steps}: DDIM takes 1 to n_T = {cfg.diffusion.n_T} steps")
-    else:  # ancestral: full noise at every step; n_T steps, or --steps respaced ones
-        if eta is not None:
-            raise UserError(f"--eta {eta}: the ancestral sampler (--mode DDPM) always draws full noise; drop --eta, "
-                            f"or use --mode DDIM --eta {eta}")
-        if steps is not None and not 2 <= steps <= cfg.diffusion.n_T:
-            raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {cfg.diffusion.n_T} "
-                            f"steps (or drop --steps for all n_T)")
-        return {"mode": "DDPM", "steps": steps, "eta": None}
-    eta = 0.0 if eta is None else eta
-    if not 0.0 <= eta <= 1.0:
-        raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
-    return {"mode": mode, "steps": steps, "eta": float(eta)}
+    """The sampler a run uses: {"mode": "DDIM" | "DDPM" | "EDM", "steps": int or None, "eta": float or None},
+    as the diffusion kind decides from the flags."""
+    return diffusion_class(cfg.model_type).sampler_settings(cfg.diffusion, mode, steps, eta)
 
 
 def sample_count(args, cfg):
@@ -127,7 +104,7 @@ def sample_count(args, cfg):
         if args.batches < 1:
             raise UserError(f"--batches {args.batches}: pass a positive number of {IMAGES_PER_GRID}-image batches")
         return args.batches * IMAGES_PER_GRID
-    return FID_SAMPLES if cfg.dataset in FID_DATASETS else IMAGES_PER_GRID
+    return DATASETS[cfg.dataset].fid_samples if cfg.dataset in DATASETS else IMAGES_PER_GRID
 
 
 def describe_sampler(sampler, n_T=None):
@@ -246,11 +223,7 @@ def _write_pngs(folder, indices, pixels):
 
 def draw_images(diffusion, sampler, noise, n, image_shape):
     """One batch from the sampler of ``sampler`` with the noise source ``noise``; (B, C, H, W) in [0, 1]."""
-    if sampler["mode"] == "EDM":
-        return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], noise=noise)
-    if sampler["mode"] == "DDPM":
-        return diffusion.sample(n, image_shape, steps=sampler["steps"], mode="DDPM", noise=noise)
-    return diffusion.sample(n, image_shape, steps=sampler["steps"], eta=sampler["eta"], mode="DDIM", noise=noise)
+    return diffusion.sample(n, image_shape, noise=noise, **sampler)
 
 
 def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
@@ -352,7 +325,7 @@ def run(args, device):
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
-    image_shape = tuple(cfg.network.image_shape)
+    image_shape = tuple(cfg.image_shape)
 
     def prepare():
         settings = dict(

@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from model.amp import autocast, make_grad_scaler
 from model.ema import SyncFreeEMA, make_ema
-from model.models import build_diffusion, load_weights
+from model.models import build_diffusion, load_config, load_weights
 from model.noise import PerImageNoise
 from model.speed import compile_module, mark_step_begin
 from utils.atomic import atomic_path, check_writable
@@ -43,9 +43,9 @@ from utils.checkpoint import (CHECKPOINT_NAME, capture_rng_state, checkpoint_pat
                               save_checkpoint)
 from utils.checkpoint_clock import OTHER_RANK, CheckpointClock
 from utils.cli import add_amp_args, add_speed_args, configure_backends, resolve_precision
-from utils.config import add_config_args, load_config, save_config
+from utils.config import add_config_args, save_config
 from utils.data import (add_data_args, build_dataset, build_loader, epoch_seed, resolve_num_workers, set_loader_epoch,
-                        train_transform)
+                        train_transform, uint8_images)
 from utils.distributed import (add_launcher_args, all_gather_object, all_reduce_sum, barrier, cleanup, get_rank,
                                get_world_size, init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, stop_line
@@ -57,7 +57,6 @@ from utils.progress import format_duration, is_interactive, progress
 from utils.tensorboard import add_tensorboard_arg, open_board
 
 CLIP_NORM = 1.0
-SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # DDIM steps / Heun steps of the sample grids
 GRID_ROW = 10
 PROGRESS_EVERY = 50  # steps between progress-bar refreshes, the only host syncs inside an epoch
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
@@ -125,18 +124,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def uint8_images(dataset):
-    """The whole dataset as one (N, C, H, W) uint8 tensor."""
-    stored = getattr(dataset, "images", None)  # the synthetic dataset keeps its images
-    if torch.is_tensor(stored) and stored.dtype == torch.uint8 and stored.dim() == 4:
-        return stored
-    stored = getattr(dataset, "data", None)  # torchvision's CIFAR: (N, H, W, C) uint8 array
-    if isinstance(stored, np.ndarray) and stored.dtype == np.uint8 and stored.ndim == 4:
-        return torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous()
-    # Any other dataset: decode each image once; its [0, 1] floats come from 8-bit pixels.
-    return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
 
 
 class TrainData:
@@ -270,7 +257,7 @@ def build_training(cfg, args, device):
     batch_size = cfg.batch_size * args.accum
     dataset = build_dataset(cfg.dataset, args.data_root, train=True,
                             transform=train_transform(flip=False),  # TrainData flips on the device
-                            image_size=cfg.network.image_shape[1])
+                            image_size=cfg.image_shape[1])
     num_workers = resolve_num_workers(args, cfg)
     data = TrainData(dataset, batch_size, device, seed=cfg.seed, flip=cfg.flip, num_workers=num_workers,
                      on_device=args.gpu_data, channels_last=args.channels_last, drop_last=args.drop_last)
@@ -523,12 +510,9 @@ def save_sample_grid(state, epoch):
     and the global random state (and so training) is untouched.
     """
     cfg = state.cfg
-    steps = SAMPLER_STEPS[cfg.model_type]
-    if cfg.model_type == "DDPM":
-        steps = min(steps, cfg.diffusion.n_T)
     noise = PerImageNoise(range(cfg.n_sample), state.device)
     with autocast(state.device, state.precision):
-        samples = state.ema.ema_model.sample(cfg.n_sample, cfg.network.image_shape, steps=steps, noise=noise)
+        samples = state.ema.ema_model.sample(cfg.n_sample, cfg.image_shape, noise=noise)  # default sampler
     grid = torch.cat([samples.float().clamp(0, 1).cpu(), state.data.first_images(cfg.n_sample)])
     path = os.path.join(cfg.save_dir, "visual", f"image_ep{epoch}_ema.png")
     try:

@@ -37,11 +37,11 @@ from evaluation.cells import probe_cells  # noqa: E402
 from evaluation.frozen import prepare_frozen  # noqa: E402
 from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
 from model.amp import autocast  # noqa: E402
-from model.models import build_diffusion, build_network, count_parameters  # noqa: E402
+from model.models import build_diffusion, build_network, count_parameters, load_config  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.cli import configure_backends, resolve_precision  # noqa: E402
-from utils.config import add_config_args, config_name, load_config  # noqa: E402
+from utils.config import add_config_args, config_name  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
@@ -278,7 +278,7 @@ def forward_flops(cfg):
     if index is not None:
         return list(PAPER_GFLOP.values())[index][0] * 1e9, "reference table"
     net = build_network(cfg).eval()
-    x = torch.zeros(1, *cfg.network.image_shape)
+    x = torch.zeros(1, *cfg.image_shape)
     return count_flops(lambda: net(x, torch.zeros(1))), "FlopCounterMode"
 
 
@@ -411,7 +411,7 @@ def bench_sampling(context, name):
     diffusion = build_diffusion(cfg).to(device).eval().requires_grad_(False)
     configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
     sample.prepare_network(diffusion, variant.compile_mode if compiled else None, variant.channels_last)
-    image_shape = tuple(cfg.network.image_shape)
+    image_shape = tuple(cfg.image_shape)
 
     def one_batch(index, steps):
         seeds = [sample.image_seed(0, i) for i in range(index * batch, (index + 1) * batch)]
@@ -452,7 +452,7 @@ def bench_probe(context, name):
     timesteps, blocks = probe_cells(cfg, grid=True)
     configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
     diffusion = prepare_frozen(build_diffusion(cfg), device, compile=variant.compile_mode if compiled else None)
-    img_s, compile_s = timed_feature_pass(diffusion, timesteps, blocks, tuple(cfg.network.image_shape), batch,
+    img_s, compile_s = timed_feature_pass(diffusion, timesteps, blocks, tuple(cfg.image_shape), batch,
                                           precision, settings.probe_batches, compiled, settings.quick)
     return {
         "precision": precision, "batch": batch, "cells": f"{len(timesteps)} t x {len(blocks)} blocks",

@@ -34,10 +34,10 @@ from benchmark import (EvalVariant, _split_names, count_flops, markdown_table, r
 from evaluation.features import extract_features  # noqa: E402
 from evaluation.frozen import prepare_frozen, to_device  # noqa: E402
 from evaluation.throughput import synchronize  # noqa: E402
-from model.models import build_diffusion, count_parameters  # noqa: E402
+from model.models import build_diffusion, count_parameters, load_config  # noqa: E402
 from model.vae import encode_images  # noqa: E402
 from utils.cli import resolve_precision  # noqa: E402
-from utils.config import config_name, load_config  # noqa: E402
+from utils.config import config_name  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 
@@ -143,7 +143,7 @@ def bench_dit(context, name):
     precision = resolve_precision(argparse.Namespace(precision=variant.precision, use_amp=False), device)
     batch = settings.dit_large_batch if variant.large_batch else settings.dit_batch
     t, block = cfg.linear.timestep, cfg.linear.blockname
-    image_shape = tuple(cfg.network.image_shape)
+    image_shape = tuple(cfg.image_shape)
     with torch.device(device):  # DiT-XL/2's 675M parameters initialise in a second there, not on the host
         diffusion = prepare_frozen(build_diffusion(cfg), device)
     one, _ = to_device(torch.rand(1, *image_shape), torch.zeros(0), device)
@@ -235,7 +235,7 @@ def make_header(args, settings, device, peak):
         "command": "python " + shlex.join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dit": f"DiT depth {net.depth}, width {net.hidden_size}, patch {net.patch_size} on "
-               f"{'x'.join(map(str, net.image_shape))} latents, random weights; blocks up to "
+               f"{'x'.join(map(str, cfg.image_shape))} latents, random weights; blocks up to "
                f"{cfg.linear.blockname} run, null label",
         "vae": f"AutoencoderKL, block_out_channels {list(settings.vae_config['block_out_channels'])} "
                f"({'tiny' if settings.quick else 'sd-vae-ft-mse'}), random weights, at "

@@ -25,9 +25,8 @@ import knn  # noqa: E402
 import linear  # noqa: E402
 from evaluation.cells import probe_cells  # noqa: E402
 from evaluation.frozen import prepare_frozen  # noqa: E402
-from model.models import build_diffusion  # noqa: E402
+from model.models import build_diffusion, load_config  # noqa: E402
 from model.vae import augment  # noqa: E402
-from utils.config import load_config  # noqa: E402
 from utils.data import SyntheticImages  # noqa: E402
 from utils.latents import TEST_COPY, latent_datasets, latent_seed, prepare_cache, split_name  # noqa: E402
 

@@ -1,44 +1,48 @@
 """Which (timestep, block) cells a probe evaluates: the config's one cell, or the grid.
 
     timesteps, blocks = probe_cells(cfg, grid=True)   # the cells are every (t, block) pair
+    timesteps, blocks = probe_cells(cfg, grid=True, blocks="in_3,mid,out_6")   # --blocks
 """
-from utils.config import EDM_FEATURE_STEPS
+from model.models import block_names, diffusion_class
 from utils.errors import UserError
 
-# The original's --grid: DDPM timesteps out of n_T, EDM indices into the 18-step schedule. DiT (our
-# choice, around its probe defaults t = 81 and 121): timesteps out of 0..999.
-GRID_TIMESTEPS = {"DDPM": (1, 11, 21), "EDM": (3, 4, 5), "DiT": (41, 81, 121, 161, 201)}
 
+def probe_cells(cfg, grid=False, timestep_flag=None, blocks=None):
+    """The timesteps and blocks to probe: the grid or cfg.linear.timestep / blockname.
 
-def probe_cells(cfg, grid=False, timestep_flag=None):
-    """The timesteps and blocks to probe: the grid (every block) or cfg.linear.timestep / blockname.
+    The grid's timesteps are the diffusion kind's ``probe_grid`` (the original's for DDPM and EDM) and
+    its blocks the network's ``grid_blocks`` (a UNet's out_k), or ``blocks``. ``timestep_flag`` names
+    the flag that set linear.timestep (e.g. "--timestep") in error messages.
 
-    ``timestep_flag`` names the flag that set linear.timestep (e.g. "--timestep") in error messages.
+    Args:
+        blocks: None, or block names (``--blocks``: a list of strings, each may be comma-separated)
+            that replace the grid's blocks (with ``grid``) or linear.blockname.
 
     Returns:
-        (timesteps, blocks): a list of ints and a list of block names (``out_k``, DiT ``layer-k``);
-        the probed cells are every (timestep, block) pair.
+        (timesteps, blocks): a list of ints and a list of block names; the probed cells are every
+        (timestep, block) pair.
 
     Raises:
-        UserError: a timestep that the diffusion model of ``cfg`` cannot noise to.
+        UserError: a timestep that the diffusion model of ``cfg`` cannot noise to, or an unknown block.
     """
-    blocks = cfg.network.block_names if grid else [cfg.linear.blockname]
-    timesteps = list(GRID_TIMESTEPS[cfg.model_type]) if grid else [cfg.linear.timestep]
-    if cfg.model_type == "DDPM":
-        top, what = cfg.diffusion.n_T, "diffusion.n_T"
-        low = 0
-    elif cfg.model_type == "DiT":
-        top, what = cfg.diffusion.n_T - 1, "DiT's timesteps, below diffusion.n_T"
-        low = 0
+    kind = diffusion_class(cfg.model_type)
+    if blocks is not None:
+        blocks = [blocks] if isinstance(blocks, str) else blocks
+        names = list(dict.fromkeys(name.strip() for text in blocks for name in text.split(",") if name.strip()))
+        known = block_names(cfg)
+        unknown = [name for name in names if name not in known] or ([] if names else [",".join(blocks)])
+        if unknown:
+            raise UserError(f"--blocks: unknown block {unknown[0]!r}; this network has {', '.join(known)}")
     else:
-        top, what = EDM_FEATURE_STEPS, f"the EDM feature schedule of {EDM_FEATURE_STEPS} steps"
-        low = 1
+        names = block_names(cfg, grid=True) if grid else [cfg.linear.blockname]
+    timesteps = list(kind.probe_grid) if grid else [cfg.linear.timestep]
+    low, top, what = kind.feature_timesteps(cfg.diffusion)
     for t in timesteps:
         if not low <= t <= top:
             source = "--grid" if grid else timestep_flag or "linear.timestep"
             raise UserError(f"{source}: timestep {t} is outside {low}..{top} ({what}); "
                             f"{'raise diffusion.n_T' if grid else f'set {source} in {low}..{top}'}")
-    return timesteps, blocks
+    return timesteps, names
 
 
 def cell_label(t, block):

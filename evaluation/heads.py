@@ -1,6 +1,6 @@
 """Linear heads trained together, one per probed (timestep, block) cell, and their test accuracy.
 
-    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), timesteps, blocks, cfg.classes)
+    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes)
     logits = heads([features[cell] for cell in heads.cells])   # (n_cells, B, classes)
 """
 import torch

@@ -10,9 +10,10 @@ from utils.logging import plot_heatmap
 
 
 def probe_tag(checkpoint, timesteps, blocks, grid):
-    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid``."""
+    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid`` (the
+    default grid), ``model_1999_t11_out_6`` or ``model_1999_t1-11-21_in_3-mid`` (chosen blocks)."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    return f"{stem}_grid" if grid else f"{stem}_t{timesteps[0]}_{blocks[0]}"
+    return f"{stem}_grid" if grid else f"{stem}_t{'-'.join(map(str, timesteps))}_{'-'.join(blocks)}"
 
 
 def best_line(best, test_images, details=""):

@@ -12,41 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.noise import noise_like, starting_noise
-
-SCHEDULE_KEYS = ("alpha_t", "oneover_sqrta", "sqrt_beta_t", "alphabar_t", "sqrtab", "sqrtmab", "ma_over_sqrtmab")
-
-
-def make_schedule(beta1, beta2, T, leading_zero):
-    """The noise schedule of betas linear from ``beta1`` to ``beta2``, as (T + 1,) float32 tensors.
-
-    Args:
-        beta1, beta2: first and last beta.
-        T: number of diffusion steps.
-        leading_zero: True for the "DDPM" schedule (beta_0 = 0, then T betas, so alphabar_0 = 1);
-            False for the "DDIM" schedule (T + 1 betas from beta1 to beta2).
-
-    Returns:
-        dict of the entries in SCHEDULE_KEYS. ``ma_over_sqrtmab`` is (1 - alpha) / sqrt(1 - alphabar),
-        NaN at t = 0 of the DDPM schedule, which no sampler reads.
-    """
-    # float32 throughout, alphabar as exp(cumsum(log alpha)): this reproduces the original's values
-    # (a float64 computation differs from them by up to 1e-4 relative in sqrtmab at small t).
-    if leading_zero:
-        beta = torch.cat([torch.zeros(1), torch.linspace(beta1, beta2, T)])
-    else:
-        beta = torch.linspace(beta1, beta2, T + 1)
-    alpha = 1 - beta
-    alphabar = torch.exp(torch.cumsum(torch.log(alpha), dim=0))
-    sqrtmab = torch.sqrt(1 - alphabar)
-    return {
-        "alpha_t": alpha,
-        "oneover_sqrta": 1 / torch.sqrt(alpha),
-        "sqrt_beta_t": torch.sqrt(beta),
-        "alphabar_t": alphabar,
-        "sqrtab": torch.sqrt(alphabar),
-        "sqrtmab": sqrtmab,
-        "ma_over_sqrtmab": (1 - alpha) / sqrtmab,
-    }
+from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule  # noqa: F401 (make_schedule: re-exported)
+from utils.errors import UserError
 
 
 def respaced_timesteps(n_T, steps):
@@ -62,20 +29,30 @@ def respaced_timesteps(n_T, steps):
 
 
 def requested_blocks(nn_model, name):
-    """The block names a ``get_feature(name=...)`` call needs: all for None, else ``name`` as a list."""
+    """The block names a ``get_feature(name=...)`` call needs: ``name`` as a list, or for None the network's
+    ``grid_blocks`` if it has them (a UNet's out_k, the original's features), else all its blocks."""
     if name is None:
-        return list(nn_model.block_names)
+        return list(getattr(nn_model, "grid_blocks", nn_model.block_names))
     return [name] if isinstance(name, str) else list(name)
 
 
-def pool_features(activations, name, norm):
-    """Average (B, C, H, W) activations over H and W into float32 (B, C) features, optionally
-    L2-normalised; return the one feature when ``name`` is a string, else the dict."""
+def pool_features(activations, name, norm, feature_axis=1):
+    """Average activations over every axis but the batch and ``feature_axis`` (H and W of (B, C, H, W),
+    T of (B, T, D)) into float32 (B, C) features, optionally L2-normalised; return the one feature when
+    ``name`` is a string, else the dict."""
     features = {}
     for key, activation in activations.items():
-        feature = activation.float().mean(dim=(2, 3))  # (B, C)
+        axis = feature_axis % activation.dim()
+        feature = activation.float().mean(dim=[d for d in range(1, activation.dim()) if d != axis])  # (B, C)
         features[key] = F.normalize(feature, dim=1) if norm else feature
     return features[name] if isinstance(name, str) else features
+
+
+def check_steps_and_betas(diffusion, require):
+    """The ``n_T`` and ``betas`` keys of a diffusion section (DDPM, DiT)."""
+    require(diffusion.n_T >= 1, "diffusion.n_T", f"must be at least 1, got {diffusion.n_T}")
+    require(len(diffusion.betas) == 2 and 0.0 < diffusion.betas[0] <= diffusion.betas[1] < 1.0,
+            "diffusion.betas", f"must be [beta_1, beta_T] with 0 < beta_1 <= beta_T < 1, got {diffusion.betas}")
 
 
 def _per_sample(values, t):
@@ -98,20 +75,63 @@ class DDPM(nn.Module):
             also needs ``forward_features(x, t, names)`` and ``block_names`` (see model/unet.py).
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
+        schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's) or "cosine".
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. The two schedules ("DDPM" for
-    training, features and ancestral sampling; "DDIM" for the DDIM sampler) are non-persistent
-    buffers, so the state dict holds only ``nn_model.*``.
+    training, features and ancestral sampling; "DDIM" for the DDIM sampler: the original's linear one
+    has its own, a cosine model samples with its training schedule) are non-persistent buffers, so the
+    state dict holds only ``nn_model.*``.
     """
 
-    def __init__(self, nn_model, betas=(1e-4, 0.02), n_T=1000):
+    probe_grid = (1, 11, 21)  # the original's --grid timesteps
+
+    def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear"):
         super().__init__()
         self.nn_model = nn_model
         self.n_T = int(n_T)
         self.betas = tuple(float(b) for b in betas)
+        self.schedule = schedule
         for prefix, leading_zero in (("ddpm", True), ("ddim", False)):
-            for key, value in make_schedule(*self.betas, self.n_T, leading_zero).items():
+            for key, value in make_schedule(*self.betas, self.n_T, leading_zero, schedule).items():
                 self.register_buffer(f"{prefix}_{key}", value, persistent=False)
+
+    @staticmethod
+    def check_settings(cfg, require):
+        """Checks of the ``diffusion`` section, at config load."""
+        diffusion = cfg.diffusion
+        require(diffusion.schedule in SCHEDULES, "diffusion.schedule",
+                f"must be one of {', '.join(SCHEDULES)}, got {diffusion.schedule!r}")
+        check_steps_and_betas(diffusion, require)
+
+    @staticmethod
+    def feature_timesteps(settings):
+        """(lowest, highest, what) timestep ``get_feature`` takes."""
+        return 0, settings["n_T"], "diffusion.n_T"
+
+    @staticmethod
+    def sampler_settings(settings, mode, steps, eta):
+        """The sampler of sample.py's --mode/--steps/--eta: {"mode", "steps", "eta"} for ``sample``."""
+        n_T = settings["n_T"]
+        if mode == "DDIM":
+            steps = 100 if steps is None else steps
+            if not 1 <= steps <= n_T:
+                raise UserError(f"--steps {steps}: DDIM takes 1 to n_T = {n_T} steps")
+            eta = 0.0 if eta is None else eta
+            if not 0.0 <= eta <= 1.0:
+                raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
+            return {"mode": mode, "steps": steps, "eta": float(eta)}
+        # ancestral: full noise at every step; n_T steps, or --steps respaced ones
+        if eta is not None:
+            raise UserError(f"--eta {eta}: the ancestral sampler (--mode DDPM) always draws full noise; drop --eta, "
+                            f"or use --mode DDIM --eta {eta}")
+        if steps is not None and not 2 <= steps <= n_T:
+            raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {n_T} "
+                            f"steps (or drop --steps for all n_T)")
+        return {"mode": "DDPM", "steps": steps, "eta": None}
+
+    def level_record(self, levels):
+        """What a noise level index means, for result files: nothing beyond the timestep itself."""
+        return {}
 
     @property
     def ddpm_schedule(self):
@@ -171,7 +191,7 @@ class DDPM(nn.Module):
             x0: (B, C, H, W) clean images in [0, 1].
             t: int or (B,) integer tensor: the timestep(s) to noise to, in 0..n_T.
             name: one block name ("out_6") to get only its feature, a list of names to get a dict of
-                those, or None for every block. The network stops after the deepest one needed.
+                those, or None for the grid blocks (a UNet's out_k). The network stops after the deepest one needed.
             norm: L2-normalise each feature vector.
             noise: (B, C, H, W) tensor, a noise source, or None for fresh noise.
 
@@ -182,7 +202,7 @@ class DDPM(nn.Module):
         t = self._timesteps(t, x.shape[0], x.device)
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
-        return pool_features(activations, name, norm)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis)
 
     def _eps(self, x, t):
         """The network's noise prediction at integer timestep ``t`` for the whole batch, in x's dtype."""
@@ -197,7 +217,7 @@ class DDPM(nn.Module):
             n_sample: number of images (ignored when ``x_T`` is given).
             size: (C, H, W) of one image (ignored when ``x_T`` is given).
             x_T: (B, C, H, W) starting noise; drawn from ``noise`` when None.
-            steps: DDIM steps (mode "DDIM", default 100); for mode "DDPM", None runs the original's
+            steps: DDIM steps (mode "DDIM", default 100 or n_T if fewer); for mode "DDPM", None runs the original's
                 n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``).
             eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like); unused by mode "DDPM".
             mode: "DDIM" or "DDPM" (ancestral).
@@ -213,7 +233,7 @@ class DDPM(nn.Module):
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
         if mode == "DDIM":
-            x = self._ddim_loop(x, 100 if steps is None else steps, eta, noise)
+            x = self._ddim_loop(x, min(100, self.n_T) if steps is None else steps, eta, noise)
         elif steps is None:
             x = self._ancestral_loop(x, noise)
         else:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.ddpm import requested_blocks
+from model.ddpm import check_steps_and_betas, pool_features, requested_blocks
 from model.noise import noise_like
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP
@@ -175,14 +175,16 @@ class DiT(nn.Module):
 
     feature_axis = -1  # the channels of a (B, T, D) activation
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
         self.in_channels = in_channels
+        self.image_shape = (in_channels, input_size, input_size)  # (C, H, W) of a latent
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -197,6 +199,20 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.block_names = [f"layer-{k}" for k in range(depth)]
+
+    @staticmethod
+    def check_settings(cfg, require):
+        """Cross-key checks of the ``network`` section, at config load."""
+        net = cfg.network
+        for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            require(net[key] >= 1, f"network.{key}", f"must be at least 1, got {net[key]}")
+        require(net.input_size % net.patch_size == 0, "network.input_size",
+                f"must be a multiple of network.patch_size ({net.patch_size}), got {net.input_size}")
+        require(net.hidden_size % net.num_heads == 0, "network.hidden_size",
+                f"must be a multiple of network.num_heads ({net.num_heads}), got {net.hidden_size}")
+        require(net.mlp_ratio > 0, "network.mlp_ratio", f"must be positive, got {net.mlp_ratio}")
+        require(0.0 <= net.class_dropout_prob < 1.0, "network.class_dropout_prob",
+                f"must be in [0, 1), got {net.class_dropout_prob}")
 
     @property
     def null_class(self):
@@ -264,10 +280,14 @@ class DiTDiffusion(nn.Module):
         betas: (first, last) beta of the linear schedule over 1000 steps.
         n_T: number of diffusion steps; timesteps are 0..n_T-1.
 
-    The schedule is a non-persistent buffer, so the state dict holds only ``nn_model.*``.
+    The schedule is a non-persistent buffer, so the state dict holds only ``nn_model.*``. It works on
+    cached VAE latents (``on_latents``): the scripts read ``utils.latents.latent_datasets(cfg)``.
     """
 
-    def __init__(self, nn_model, betas=(1e-4, 0.02), n_T=1000):
+    on_latents = True
+    probe_grid = (41, 81, 121, 161, 201)  # our choice, around DiT's probe defaults t = 81 and 121
+
+    def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000):
         super().__init__()
         self.nn_model = nn_model
         self.n_T = int(n_T)
@@ -277,6 +297,16 @@ class DiTDiffusion(nn.Module):
         # float64 square roots, cast to float32 when indexed, as the original's q_sample does
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt(), persistent=False)
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt(), persistent=False)
+
+    @staticmethod
+    def check_settings(cfg, require):
+        """Checks of the ``diffusion`` section, at config load."""
+        check_steps_and_betas(cfg.diffusion, require)
+
+    @staticmethod
+    def feature_timesteps(settings):
+        """(lowest, highest, what) timestep ``get_feature`` takes."""
+        return 0, settings["n_T"] - 1, "DiT's timesteps, below diffusion.n_T"
 
     def _timesteps(self, t, batch_size, device):
         if isinstance(t, int):
@@ -309,8 +339,4 @@ class DiTDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise_like(noise, x0))
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(x_t, t, names)
-        features = {}
-        for key, activation in activations.items():
-            feature = activation.float().mean(dim=1)  # (B, D)
-            features[key] = F.normalize(feature, dim=1) if norm else feature
-        return features[name] if isinstance(name, str) else features
+        return pool_features(activations, name, norm, self.nn_model.feature_axis)  # (B, D): averaged over T

@@ -12,6 +12,10 @@ from torch import nn
 
 from model.ddpm import pool_features, requested_blocks
 from model.noise import noise_like, starting_noise
+from utils.errors import UserError
+from utils.noisy import EDM_STEPS
+
+AUGMENT_LABELS = 9  # labels per image produced by model.augment.AugmentPipe
 
 
 def karras_schedule(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -45,8 +49,12 @@ class EDM(nn.Module):
     ``nn_model.*``.
     """
 
-    def __init__(self, nn_model, sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80,
-                 rho=7, S_min=0.01, S_max=1, S_noise=1.007, augment_prob=0.0):
+    probe_grid = (3, 4, 5)  # the original's --grid: indices into the FEATURE_STEPS-step schedule
+    FEATURE_STEPS = EDM_STEPS  # a feature timestep (linear.timestep) indexes this many steps of the schedule
+
+    def __init__(self, nn_model, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_min: float = 0.01,
+                 S_max: float = 1.0, S_noise: float = 1.007, augment_prob: float = 0.0):
         super().__init__()
         self.nn_model = nn_model
         self.sigma_data = float(sigma_data)
@@ -60,6 +68,44 @@ class EDM(nn.Module):
             self.augment_pipe = AugmentPipe(self.augment_prob)
         else:
             self.augment_pipe = None
+
+    @staticmethod
+    def check_settings(cfg, require):
+        """Checks of the ``diffusion`` section, at config load."""
+        diffusion = cfg.diffusion
+        for key in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
+            require(diffusion[key] > 0, f"diffusion.{key}", f"must be positive, got {diffusion[key]}")
+        require(diffusion.sigma_min < diffusion.sigma_max, "diffusion.sigma_min",
+                f"must be below diffusion.sigma_max ({diffusion.sigma_max}), got {diffusion.sigma_min}")
+        require(0.0 <= diffusion.augment_prob <= 1.0, "diffusion.augment_prob",
+                f"must be in [0, 1], got {diffusion.augment_prob}")
+        labels = cfg.network.get("augment_dim", 0)
+        require(diffusion.augment_prob == 0 or labels == AUGMENT_LABELS, "network.augment_dim",
+                f"must be {AUGMENT_LABELS} when diffusion.augment_prob > 0 (the network gets "
+                f"{AUGMENT_LABELS} augmentation labels), got {labels}")
+
+    @classmethod
+    def feature_timesteps(cls, settings):
+        """(lowest, highest, what) timestep ``get_feature`` takes."""
+        return 1, cls.FEATURE_STEPS, f"the EDM feature schedule of {cls.FEATURE_STEPS} steps"
+
+    @staticmethod
+    def sampler_settings(settings, mode, steps, eta):
+        """The sampler of sample.py's --mode/--steps/--eta: Heun, {"mode": "EDM", "steps", "eta"}."""
+        if mode == "DDPM":
+            raise UserError("--mode DDPM is the ancestral sampler of DDPM configs; EDM configs sample with "
+                            "Heun (drop --mode)")
+        steps = 18 if steps is None else steps
+        if steps < 2:
+            raise UserError(f"--steps {steps}: the EDM sampler needs at least 2 steps")
+        eta = 0.0 if eta is None else eta
+        if not 0.0 <= eta <= 1.0:
+            raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
+        return {"mode": "EDM", "steps": steps, "eta": float(eta)}
+
+    def level_record(self, levels):
+        """What the noise level indices mean, for result files: their sigmas."""
+        return {"sigmas": self.schedule(self.FEATURE_STEPS).flip(0)[levels].tolist()}
 
     def denoise(self, x, sigma, aug=None):
         """The preconditioned denoiser D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma) / 4, aug).
@@ -131,7 +177,7 @@ class EDM(nn.Module):
                 so it is rejected for an int and gives NaN features in a tensor).
             steps: length of the schedule that ``t`` indexes.
             name: one block name ("out_7") to get only its feature, a list of names to get a dict
-                of those, or None for every block. The network stops after the deepest one needed.
+                of those, or None for the grid blocks (a UNet's out_k). The network stops after the deepest one needed.
             norm: L2-normalise each feature vector.
             noise: (B, C, H, W) tensor, a noise source (see model/noise.py), or None for fresh noise.
 
@@ -150,7 +196,7 @@ class EDM(nn.Module):
         _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
-        return pool_features(activations, name, norm)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis)
 
     def _feature_sigmas(self, steps, device):
         """(steps + 1,) float32 noise levels from 0 up to sigma_max on ``device``, copied there once:
@@ -161,7 +207,7 @@ class EDM(nn.Module):
         return self._sigma_cache[key]
 
     @torch.no_grad()
-    def sample(self, n_sample=None, size=None, x_T=None, steps=18, eta=0.0, noise=None):
+    def sample(self, n_sample=None, size=None, x_T=None, steps=18, eta=0.0, noise=None, mode="EDM"):
         """Generate images with the second-order Heun sampler (2 * steps - 1 network calls).
 
         Args:
@@ -173,10 +219,13 @@ class EDM(nn.Module):
             eta: churn, 0 (deterministic) to 1 (gamma = sqrt(2) - 1 where S_min <= sigma <= S_max).
             noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
                 churn noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
+            mode: "EDM", the only sampler (so ``sampler_settings``' dict passes as keywords).
 
         Returns:
             (B, C, H, W) float64 images, nominally in [0, 1] (not clipped).
         """
+        if mode != "EDM":
+            raise ValueError(f"EDM samples with its Heun sampler (mode 'EDM'), got mode {mode!r}")
         device = next(self.nn_model.parameters()).device
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         # Python floats: deciding the churn and the step sizes needs no device synchronisation.

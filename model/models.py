@@ -1,5 +1,18 @@
-"""The one registry from config names to classes, and the one loader every script uses."""
+"""The one registry from config names to classes, and the one loader every script uses.
+
+    cfg = load_config("config/DDPM_ddpm.yaml")        # the sections checked by the classes they name
+    diffusion = load_diffusion(cfg, "model_1999.pth")  # built, EMA weights loaded, eval mode
+
+``net_type`` is a name of NETWORKS or the dotted path of a class importable from PYTHONPATH
+(``mypackage.nets.MyNet``): its constructor's keyword parameters are the ``network`` keys. A class
+may also define ``check_settings(cfg, require)`` (cross-key checks at load time) and ``from_settings``
+(how it is built from its settings, e.g. from a folder of weights). ``model_type`` names a diffusion kind
+of DIFFUSIONS. What differs by kind (probe grids, samplers, timestep ranges) are methods of those classes.
+"""
 import contextlib
+import difflib
+import importlib
+import json
 
 import torch
 
@@ -7,21 +20,108 @@ from model.ddpm import DDPM
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.unet import UNet
+from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
+from utils.config import settings_of
 from utils.errors import UserError
+from utils.latents import DiTConfig
 
-MODEL_TYPES = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NET_TYPES = {"UNet": UNet, "DiT": DiT}
+DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
+NETWORKS = {"UNet": UNet, "DiT": DiT}
+
+
+def network_class(net_type, path="net_type"):
+    """The network class ``net_type`` names: one of NETWORKS, or ``package.module.Class``."""
+    if net_type in NETWORKS:
+        return NETWORKS[net_type]
+    module_name, _, class_name = net_type.rpartition(".")
+    if not module_name:
+        close = difflib.get_close_matches(net_type, NETWORKS, n=1, cutoff=0.6)
+        raise UserError(f"{path}: key 'net_type' must be one of {', '.join(NETWORKS)} or the import path of "
+                        f"a network class (package.module.Class), got {net_type!r}"
+                        f"{f'; did you mean {close[0]!r}?' if close else ''}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"{path}: key 'net_type' {net_type!r} cannot be imported ({err}); put its package on "
+                        f"PYTHONPATH or fix the path") from None
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise UserError(f"{path}: key 'net_type' {net_type!r} is not a torch.nn.Module class")
+    return cls
+
+
+def diffusion_class(model_type, path="model_type"):
+    """The diffusion class ``model_type`` names (one of DIFFUSIONS)."""
+    if model_type not in DIFFUSIONS:
+        raise UserError(f"{path}: key 'model_type' must be one of {', '.join(DIFFUSIONS)}, got {model_type!r}")
+    return DIFFUSIONS[model_type]
+
+
+def _parts(section, name, path):
+    """``utils.config.load_config``'s ``parts``: the class taking a section, and its non-key parameters."""
+    if section == "network":
+        return network_class(name, path), 0
+    return diffusion_class(name, path), 1  # the first parameter is the network
+
+
+def _check_probe(cfg, require):
+    """The probe's timestep and block, which the diffusion kind and the network decide; sets
+    ``cfg.image_shape``, the (C, H, W) the network takes."""
+    cfg.image_shape = _meta_network(cfg)[2]
+    low, top, what = diffusion_class(cfg.model_type).feature_timesteps(cfg.diffusion)
+    require(low <= cfg.linear.timestep <= top, "linear.timestep",
+            f"must be in {low}..{top} ({what}), got {cfg.linear.timestep}")
+    blocks = block_names(cfg)
+    require(cfg.linear.blockname in blocks, "linear.blockname",
+            f"must name a block of this network ({', '.join(blocks)}), got {cfg.linear.blockname!r}")
+
+
+def load_config(path, overrides=(), flags=None, allow_dit=False):
+    """``utils.config.load_config`` (same arguments) with the ``network`` and ``diffusion`` sections
+    checked against the classes that ``net_type`` and ``model_type`` name."""
+    return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
+                              kinds={"DiT": DiTConfig})
+
+
+def on_latents(cfg):
+    """Whether ``cfg``'s diffusion kind works on cached VAE latents (``utils.latents.latent_datasets``)."""
+    return getattr(diffusion_class(cfg.model_type), "on_latents", False)
 
 
 def build_network(cfg):
     """The denoising network of ``cfg`` (``net_type`` with the ``network`` section as keywords)."""
-    return NET_TYPES[cfg.net_type](**cfg.network_kwargs())
+    cls = network_class(cfg.net_type)
+    return cls.from_settings(**cfg.network_kwargs()) if hasattr(cls, "from_settings") else cls(**cfg.network_kwargs())
 
 
 def build_diffusion(cfg):
     """The diffusion wrapper of ``cfg`` (``model_type``) around a freshly initialised network."""
-    return MODEL_TYPES[cfg.model_type](build_network(cfg), **cfg.diffusion_kwargs())
+    return diffusion_class(cfg.model_type)(build_network(cfg), **cfg.diffusion_kwargs())
+
+
+def block_names(cfg, grid=False):
+    """The probe-able block names of ``cfg``'s network (``grid``: those ``--grid`` probes by default, the
+    network's ``grid_blocks`` if it has them), read from one built on the meta device (no memory)."""
+    return _meta_network(cfg)[1 if grid else 0]
+
+
+def _meta_network(cfg):
+    """(block_names, grid_blocks, image_shape) of ``cfg``'s network, built once on the meta device."""
+    key = (cfg.net_type, json.dumps(cfg.network, sort_keys=True, default=str))
+    if key not in _BLOCK_NAMES:
+        with torch.device("meta"):
+            net = build_network(cfg)
+        for name in ("block_names", "image_shape", "feature_axis"):
+            if not hasattr(net, name):
+                raise UserError(f"net_type {cfg.net_type}: the network has no attribute {name!r}; give it the "
+                                f"network contract of docs/DESIGN.md (forward_features, block_names, feature_axis, "
+                                f"image_shape)")
+        _BLOCK_NAMES[key] = (list(net.block_names), list(getattr(net, "grid_blocks", net.block_names)),
+                             tuple(net.image_shape))
+    return _BLOCK_NAMES[key]
+
+
+_BLOCK_NAMES = {}
 
 
 def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
@@ -103,17 +203,22 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
 
 
 def _plain(value):
+    if isinstance(value, str):
+        return value
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
 
 
 def check_schedule(diffusion, checkpoint, path):
-    """Refuse a diffusion section (n_T, betas, sigmas ...) other than the one the checkpoint was trained
-    with: the weights fit, but the schedule they learnt would silently change (e.g. --set diffusion.n_T=100
-    on a 1000-step model). Checkpoints without a config (the original code's) are not checked."""
-    saved = (checkpoint.get("config") or {}).get("diffusion") or {}
-    for key, trained in saved.items():
-        current = getattr(diffusion, key, None)
-        if current is None or isinstance(trained, (str, bool, dict)):
+    """Refuse a diffusion section (schedule, n_T, betas, sigmas ...) other than the one the checkpoint was
+    trained with: the weights fit, but the schedule they learnt would silently change (e.g. --set
+    diffusion.n_T=100 on a 1000-step model). A key the saved config lacks had its default (the schedule of
+    files older than that key: linear). Checkpoints without a config (the original code's) are not checked."""
+    saved = (checkpoint.get("config") or {}).get("diffusion")
+    if not saved:
+        return
+    for key, (_, default) in settings_of(type(diffusion), skip=1).items():
+        trained, current = saved.get(key, default), getattr(diffusion, key, None)
+        if current is None or isinstance(trained, (bool, dict)) or trained is config.REQUIRED:
             continue
         if _plain(current) != _plain(trained):
             raise UserError(f"{path} was trained with diffusion.{key} = {trained}, but the config gives "

@@ -10,10 +10,9 @@ from torch import nn
 
 import train
 from model.ema import make_ema
-from model.models import build_diffusion
+from model.models import build_diffusion, load_config
 from tests.launch import REPO
 from utils.checkpoint import checkpoint_path, save_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.config import load_config
+from model.models import load_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import (Config, DDPMConfig, EDMConfig, add_config_args, config_name, load_config,
-                          save_config)
+from model.models import block_names, load_config
+from utils.config import add_config_args, config_name, save_config
 from utils.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -44,7 +44,7 @@ def test_shipped_config_matches_spec(name):
     assert net.ch_mults == row["ch_mults"] and net.is_attn == row["is_attn"]
     assert net.n_blocks == row["n_blocks"] and net.use_res_for_updown is row["res"]
     assert net.dropout == row["dropout"] and net.augment_dim == row["augment_dim"]
-    assert len(net.block_names) == row["n_blocks_total"]
+    assert len(block_names(cfg, grid=True)) == row["n_blocks_total"]
     assert (cfg.batch_size, cfg.warm_epoch, cfg.ema, cfg.n_epoch) == (
         row["batch_size"], row["warm_epoch"], row["ema"], row["n_epoch"])
     assert (cfg.dataset, cfg.classes, cfg.lrate, cfg.load_epoch, cfg.flip) == ("cifar", 10, 1e-4, -1, True)
@@ -53,7 +53,7 @@ def test_shipped_config_matches_spec(name):
     assert cfg.linear.to_kwargs() == dict(n_epoch=15, batch_size=128, lrate=1e-3, timestep=row["timestep"],
                                           blockname=row["blockname"])
     if row["model_type"] == "DDPM":
-        assert cfg.diffusion_kwargs() == {"n_T": 1000, "betas": [1e-4, 0.02]}
+        assert cfg.diffusion_kwargs() == {"n_T": 1000, "betas": [1e-4, 0.02], "schedule": "linear"}
     else:
         augment_prob = 0.12 if name.endswith("_aug") else 0.0
         assert cfg.diffusion_kwargs() == dict(EDM_VALUES, augment_prob=augment_prob)
@@ -62,8 +62,9 @@ def test_shipped_config_matches_spec(name):
 def test_demo_config_is_tiny_and_valid():
     cfg = load_config(CONFIG_DIR / "demo.yaml")
     assert cfg.dataset == "synthetic" and cfg.save_dir == "./output_demo"
-    assert cfg.network.block_names == ["out_1", "out_2", "out_3", "out_4"]
-    assert cfg.linear.blockname in cfg.network.block_names
+    assert block_names(cfg, grid=True) == ["out_1", "out_2", "out_3", "out_4"]
+    assert block_names(cfg) == ["in_1", "in_2", "mid", "out_1", "out_2", "out_3", "out_4"]
+    assert cfg.linear.blockname in block_names(cfg)
 
 
 def test_sections_unpack_as_keywords():
@@ -76,7 +77,7 @@ def test_sections_unpack_as_keywords():
         "image_shape": [3, 32, 32], "n_channels": 128, "ch_mults": [2, 2, 2], "is_attn": [F, T, F],
         "dropout": 0.13, "n_blocks": 4, "use_res_for_updown": True, "augment_dim": 9}
     assert take(**cfg.diffusion) == cfg.diffusion_kwargs()
-    assert isinstance(cfg.diffusion, EDMConfig) and cfg.diffusion.augment_prob == 0.12
+    assert cfg.diffusion.augment_prob == 0.12 and cfg.diffusion.sigma_data == 0.5
 
 
 def test_overrides_nested_list_bool_and_float():
@@ -100,11 +101,9 @@ def test_missing_sections_take_defaults(tmp_path):
         "batch_size": 8, "n_epoch": 1, "lrate": 1e-4, "warm_epoch": 1, "ema": 0.99,
         "linear": {"timestep": 4, "blockname": "out_1"}}))
     cfg = load_config(path)
-    assert cfg.diffusion == EDMConfig()
+    assert cfg.diffusion == dict(EDM_VALUES, augment_prob=0.0)
     assert cfg.save_dir == "./output_small" and config_name(path) == "small"
     assert (cfg.num_workers, cfg.ckpt_interval, cfg.seed) == (-1, 100, 1337)  # -1: workers from the CPUs
-    assert Config(model_type="DDPM", network=cfg.network, batch_size=8, n_epoch=1, lrate=1e-4, warm_epoch=1,
-                  ema=0.99, save_dir="x", linear=cfg.linear).diffusion == DDPMConfig()
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -200,7 +199,7 @@ BAD_INPUTS = [
     ("attn length", _edit(DEMO_TEXT, "is_attn: [False, True]", "is_attn: [False]"), [], "network.is_attn",
      "one entry per resolution"),
     ("blockname out of range", _edit(DEMO_TEXT, "blockname: out_2", "blockname: out_7"), [],
-     "linear.blockname", "out_1 .. out_4"),
+     "linear.blockname", "in_1, in_2, mid, out_1, out_2, out_3, out_4"),
     ("bad optimizer", DEMO_TEXT + "optim: SGD\n", [], "optim", "Adam, AdamW"),
     ("augmentation needs labels", DEMO_TEXT.replace("model_type: DDPM", "model_type: EDM")
      .replace("  n_T: 1000\n  betas: [1.0e-4, 0.02]\n", "  augment_prob: 0.12\n"), [], "network.augment_dim",

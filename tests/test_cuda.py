@@ -10,9 +10,8 @@ import torch
 
 import sample
 import train
-from model.models import build_diffusion
+from model.models import build_diffusion, load_config
 from model.noise import PerImageNoise
-from utils.config import load_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,8 +9,8 @@ import yaml
 
 import train
 from model.ddpm import DDPM
+from model.models import load_config
 from tests.launch import REPO, run_two_processes
-from utils.config import load_config
 from utils.data import SyntheticImages
 
 STEPS, MICRO = 3, 4  # optimizer steps; images per micro-batch
@@ -59,7 +59,7 @@ PROBE = textwrap.dedent(f"""
     import train
     from model.ddpm import DDPM
     from tests.test_ddp_accumulation import STEPS, keyed_loss, micro_batch, small_dataset
-    from utils.config import load_config
+    from model.models import load_config
     from utils.distributed import get_rank, init_distributed
 
     DDPM.forward = keyed_loss(DDPM.forward)

@@ -93,7 +93,7 @@ def test_features_match_golden(golden, ddpm, norm):
     expected = case["value_norm" if norm else "value"]
     with torch.no_grad():
         features = ddpm.get_feature(case["x0"], case["t"], norm=norm, noise=case["noise"])
-    assert list(features) == list(expected) == ddpm.nn_model.block_names
+    assert list(features) == list(expected) == ddpm.nn_model.grid_blocks
     for key, value in expected.items():
         torch.testing.assert_close(features[key], value, rtol=RTOL, atol=ATOL, msg=key)
 
@@ -124,7 +124,7 @@ def test_named_feature_stops_early_and_equals_full_run(golden, ddpm, name, monke
     assert one.shape == full[name].shape
     assert torch.equal(one, full[name])
     blocks = [m for m in ddpm.nn_model.up if hasattr(m, "res")]
-    assert blocks_run[-1] is blocks[ddpm.nn_model.block_names.index(name)]
+    assert blocks_run[-1] is blocks[ddpm.nn_model.grid_blocks.index(name)]
 
 
 def test_ddim_eta0_matches_golden(golden, ddpm):

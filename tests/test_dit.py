@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from model.dit import DiT, DiTDiffusion, linear_alphas_cumprod
-from model.models import build_diffusion, count_parameters, feature_dims, load_diffusion
+from model.models import build_diffusion, count_parameters, feature_dims, load_config, load_diffusion
 from tests.helpers import golden_dit, save_golden_weights, write_tiny_config
 from utils.cli import checkpoint_from_args
-from utils.config import load_config, save_config
+from utils.config import save_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +86,10 @@ def test_dit_config_errors(tmp_path):
     with pytest.raises(UserError, match="model_type DiT is a pre-trained network evaluated on cached latents; "
                                         "use it with linear.py"):
         load_config(path)  # e.g. train.py, which cannot train it
-    with pytest.raises(UserError, match=r"key 'linear.blockname' must name a block of this network, "
-                                        r"layer-0 .. layer-2, got 'out_6'"):
+    with pytest.raises(UserError, match=r"key 'linear.blockname' must name a block of this network "
+                                        r"\(layer-0, layer-1, layer-2\), got 'out_6'"):
         load_config(path, ["linear.blockname=out_6"], allow_dit=True)
-    with pytest.raises(UserError, match=r"key 'linear.timestep' must be at most diffusion.n_T - 1 \(999\)"):
+    with pytest.raises(UserError, match=r"key 'linear.timestep' must be in 0..999 \(DiT's timesteps"):
         load_config(path, ["linear.timestep=1000"], allow_dit=True)
     with pytest.raises(UserError, match=r"key 'latents.image_size' must be 8 x network.input_size \(64\)"):
         load_config(path, ["latents.image_size=256"], allow_dit=True)
@@ -115,7 +115,7 @@ def test_released_plain_state_dict_loads_through_the_one_loader(tmp_path):
     g = golden_dit()
     with torch.no_grad():
         torch.testing.assert_close(diffusion.nn_model(g["x"], g["t"], g["y"]), g["out"], **TOL)
-    assert feature_dims(diffusion, cfg.network.image_shape) == {f"layer-{k}": 64 for k in range(3)}
+    assert feature_dims(diffusion, cfg.image_shape) == {f"layer-{k}": 64 for k in range(3)}
 
     other = Args()
     other.ckpt = str(tmp_path / "other.pt")

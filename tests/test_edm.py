@@ -71,7 +71,7 @@ def test_features_match_golden(golden, edm):
     with torch.no_grad():
         features = edm.get_feature(case["x0"], case["t"], steps=case["steps"], noise=case["noise"])
         normed = edm.get_feature(case["x0"], case["t"], steps=case["steps"], norm=True, noise=case["noise"])
-    assert list(features) == list(case["value"]) == edm.nn_model.block_names
+    assert list(features) == list(case["value"]) == edm.nn_model.grid_blocks
     for key, value in case["value"].items():
         torch.testing.assert_close(features[key], value, rtol=RTOL, atol=ATOL, msg=key)
         torch.testing.assert_close(normed[key], value / value.norm(dim=1, keepdim=True), rtol=RTOL, atol=ATOL, msg=key)

@@ -82,15 +82,16 @@ def test_image_folder_export_keeps_names_and_folder_labels(tmp_path, tiny_run):
                                                             "loose.png"]
     assert np.load(out / "labels.npy").tolist() == [0, 0, 1, -1]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["classes"] == ["cats", "dogs"] and meta["blocks"] == ["out_1", "out_2", "out_3", "out_4"]
+    assert meta["classes"] == ["cats", "dogs"] and meta["blocks"] == ["in_1", "in_2", "mid", "out_1", "out_2",
+                                                                                   "out_3", "out_4"]
     assert [np.load(out / f"out_{k}.npy").shape for k in range(1, 5)] == [(4, 64), (4, 64), (4, 32), (4, 32)]
     image, _ = export_features.ImageFiles(str(folder), 16)[2]  # the greyscale 40x24 file
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and torch.equal(image[0], image[1])
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--blocks", "out_9"], "--blocks out_9: this network has blocks out_1 .. out_4"),
-    (["--timestep", "5000"], "linear.timestep' must be at most diffusion.n_T (1000), got 5000 (from --timestep 5000)"),
+    (["--blocks", "out_9"], "--blocks out_9: this network has blocks in_1, in_2, mid, out_1, out_2, out_3, out_4"),
+    (["--timestep", "5000"], "linear.timestep' must be in 0..1000 (diffusion.n_T), got 5000 (from --timestep 5000)"),
     (["--timestep", "-3"], "must be 0 or positive, got -3 (from --timestep -3)"),
     (["--out", str(REPO / "README.md")], "README.md is a file, not a folder; pass --out with a writable folder"),
     (["--images", "nowhere"], "--images nowhere: folder not found"),

@@ -8,11 +8,10 @@ import torch.nn.functional as F
 
 import finetune
 from model.blocks import Upsample
-from model.models import load_diffusion
+from model.models import load_config, load_diffusion
 from tests.helpers import TINY_OVERRIDES, read_scalars, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages, probe_train_transform
 from utils.errors import UserError
 
@@ -176,8 +175,8 @@ def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--layer_decay", "0"], "--layer_decay 0.0: must be in (0, 1]"),
     (["--warmup_epochs", "3"], "--warmup_epochs 3: must be in 0..--epochs (1)"),
-    (["--block", "out_9"], "linear.blockname' must name an up-path block of this network, out_1 .. out_4, "
-                           "got 'out_9' (from --block out_9)"),
+    (["--block", "out_9"], "linear.blockname' must name a block of this network (in_1, in_2, mid, out_1, out_2, "
+                           "out_3, out_4), got 'out_9' (from --block out_9)"),
     (["--timestep", "-3"], "must be 0 or positive, got -3 (from --timestep -3)"),
     (["--out", str(REPO / "README.md")], "README.md is a file, not a folder; pass --out with a writable folder"),
 ])

@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import knn
-from model.models import build_diffusion, count_parameters
+from model.models import block_names, build_diffusion, count_parameters, load_config
 from tests.helpers import TINY_OVERRIDES, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
 from evaluation.cells import probe_cells
 from evaluation.features import extract_dataset_features, extract_grid_features
 from evaluation.report import accuracy_table, format_accuracy_table, plot_accuracy_heatmap
 from utils.checkpoint import save_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages, build_loader
 
 
@@ -87,7 +86,7 @@ def test_dataset_configs_load_and_build(name, dataset, classes, parameters, n_bl
         diffusion = build_diffusion(cfg)
     print(f"{name}: {count_parameters(diffusion):,} parameters")
     assert count_parameters(diffusion) == parameters
-    assert diffusion.nn_model.block_names == cfg.network.block_names == [f"out_{k}" for k in range(1, n_blocks + 1)]
+    assert diffusion.nn_model.grid_blocks == block_names(cfg, grid=True) == [f"out_{k}" for k in range(1, n_blocks + 1)]
     timesteps, blocks = probe_cells(cfg, grid=True)
     assert len(timesteps) * len(blocks) == 3 * n_blocks
     assert probe_cells(cfg) == ([cell[0]], [cell[1]])

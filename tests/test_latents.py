@@ -12,12 +12,11 @@ import encode_latents
 import export_features
 import knn
 import linear
-from model.models import load_diffusion
+from model.models import load_config, load_diffusion
 from model.noise import PerImageNoise
 from model.vae import encode_images, load_vae
 from tests.launch import REPO, run_two_processes
 from tests.helpers import save_golden_weights, write_tiny_config
-from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.latents import TEST_COPY, LatentCache, latent_seed
 

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import train
 from evaluation.features import extract_features
-from model.models import build_diffusion
-from utils.config import load_config
+from model.models import build_diffusion, load_config
 from utils.data import SyntheticImages
 
 DEMO = str(Path(__file__).resolve().parents[1] / "config" / "demo.yaml")
@@ -43,7 +42,7 @@ def images_and_labels(n, train_split, size):
 
 def test_a_short_run_lowers_the_loss_on_held_out_images(runs):
     cfg, state, untrained = runs
-    images, _ = images_and_labels(256, False, cfg.network.image_shape[1])
+    images, _ = images_and_labels(256, False, cfg.image_shape[1])
     generator = torch.Generator().manual_seed(1)
     t = torch.randint(1, cfg.diffusion.n_T + 1, (len(images),), generator=generator)
     noise = torch.randn(images.shape, generator=generator)
@@ -57,7 +56,7 @@ def test_a_short_run_lowers_the_loss_on_held_out_images(runs):
 def linear_probe_accuracy(diffusion, cfg):
     """Test accuracy (%) of a ridge-regression linear classifier on standardised features of the
     config's probe cell (timestep, block)."""
-    size, t, block = cfg.network.image_shape[1], cfg.linear.timestep, cfg.linear.blockname
+    size, t, block = cfg.image_shape[1], cfg.linear.timestep, cfg.linear.blockname
     features = {}
     for split, n in (("train", PROBE_TRAIN), ("test", PROBE_TEST)):
         images, labels = images_and_labels(n, split == "train", size)

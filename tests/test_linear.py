@@ -15,7 +15,7 @@ from evaluation.frozen import prepare_frozen
 from evaluation.heads import ProbeHeads, evaluate_heads
 from evaluation.throughput import feature_pass_throughput
 from model.blocks import Upsample
-from model.models import build_diffusion, feature_dims, load_diffusion
+from model.models import build_diffusion, feature_dims, load_config, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import run_two_processes
 from utils.checkpoint import load_checkpoint
@@ -33,9 +33,8 @@ def test_probe_cells(tmp_path):
 
 
 def test_probe_cells_reject_timesteps_outside_the_schedule(tmp_path):
-    edm, _ = make_config(tmp_path, "EDM", timestep=19)
-    with pytest.raises(UserError, match=r"linear.timestep: timestep 19 is outside 1..18"):
-        probe_cells(edm)
+    with pytest.raises(UserError, match=r"key 'linear.timestep' must be in 1..18 \(the EDM feature schedule"):
+        make_config(tmp_path, "EDM", timestep=19)  # the config's own check, before any script runs
     short, _ = make_config(tmp_path, overrides=["diffusion.n_T=10", "linear.timestep=5"])
     with pytest.raises(UserError, match=r"--grid: timestep 11 is outside 0..10 \(diffusion.n_T\)"):
         probe_cells(short, grid=True)
@@ -182,8 +181,7 @@ WORKER = """
 import sys
 import torch
 import linear
-from model.models import load_diffusion
-from utils.config import load_config
+from model.models import load_config, load_diffusion
 from utils.data import SyntheticImages, probe_train_transform
 from utils.distributed import cleanup, init_distributed
 from evaluation.frozen import prepare_frozen
@@ -214,7 +212,7 @@ def test_two_processes_count_every_test_image_once(tmp_path):
 
     # At t = 0 the features carry no noise, so the same heads must score the same on one process.
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
-    heads = ProbeHeads(feature_dims(diffusion, cfg.network.image_shape), [0], ["out_2", "out_4"], cfg.classes)
+    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), [0], ["out_2", "out_4"], cfg.classes)
     heads.load_state_dict(_heads_of(out_dir / "probe.state.pth"))
     test_set = SyntheticImages(101, image_size=8, seed=1, train=False)
     loader = build_loader(test_set, 32, train=False, rank=0, world_size=1)

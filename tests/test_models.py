@@ -8,11 +8,10 @@ import torch
 from model.ddpm import DDPM
 from model.edm import EDM
 from model.ema import make_ema
-from model.models import build_diffusion, count_parameters, load_diffusion, load_weights
+from model.models import build_diffusion, count_parameters, load_config, load_diffusion, load_weights
 from model.unet import UNet
 from utils.checkpoint import save_checkpoint
 from utils.cli import checkpoint_from_args
-from utils.config import load_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

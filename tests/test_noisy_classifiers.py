@@ -14,11 +14,10 @@ import noisy_classifier_DDAE as ddae_script
 import noisy_classifier_WRN as wrn_script
 from evaluation.noisy import ImageNoiser
 from model.ddpm import DDPM
-from model.models import build_diffusion
+from model.models import build_diffusion, load_config
 from tests.helpers import read_scalars
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import load_config
 from utils.logging import read_jsonl
 from utils.noisy import (RESULT_FILE, draw_comparison, eval_levels, find_results, main as noisy_cli_main,
                          parse_args as noisy_cli_args, read_results, write_results)

@@ -13,11 +13,10 @@ from PIL import Image
 import sample
 from model.amp import autocast
 from model.ema import make_ema
-from model.models import build_diffusion, load_diffusion
+from model.models import build_diffusion, load_config, load_diffusion
 from model.noise import PerImageNoise
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
-from utils.config import load_config
 from utils.errors import UserError
 from utils.images import to_uint8
 

@@ -13,9 +13,8 @@ import sample
 import train
 from evaluation.frozen import prepare_frozen
 from model import speed
-from model.models import build_diffusion, feature_dims
+from model.models import build_diffusion, feature_dims, load_config
 from utils.cli import configure_backends
-from utils.config import load_config
 
 TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
         "network.image_shape=[3,8,8]", "dataset=synthetic", "batch_size=4", "diffusion.n_T=20"]
@@ -168,7 +167,8 @@ def test_feature_dims_never_runs_the_compiled_feature_pass():
     net.forward_features = torch.compile(net.forward_features, backend=counting_backend)
     torch.compiler.reset()
     try:
-        assert feature_dims(diffusion, (3, 8, 8)) == {"out_1": 64, "out_2": 64, "out_3": 32, "out_4": 32}
+        assert feature_dims(diffusion, (3, 8, 8)) == {"in_1": 32, "in_2": 64, "mid": 64, "out_1": 64, "out_2": 64,
+                                                      "out_3": 32, "out_4": 32}
         assert compiled_graphs == []
         with torch.no_grad():
             diffusion.get_feature(torch.rand(5, 3, 8, 8), t=3, name="out_2")

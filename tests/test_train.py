@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 
 import train
-from model.models import diffusion_state_dict
+from model.models import diffusion_state_dict, load_config
 from tests.helpers import IMAGES, assert_same_tensors, parse, run, small_synthetic, write_config
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 import train
+from model.models import load_config
 from tests.launch import REPO, run_two_processes, two_process_command
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 

@@ -28,7 +28,7 @@ def test_output_and_activations_match_golden(name):
     with torch.no_grad():
         out, acts = net(golden["x"], golden["t"], aug=golden["aug"], ret_activation=True)
     torch.testing.assert_close(out, golden["out"], rtol=RTOL, atol=ATOL)
-    assert sorted(acts) == sorted(golden["activations"]) == net.block_names
+    assert sorted(acts) == sorted(golden["activations"]) == net.grid_blocks
     for key, expected in golden["activations"].items():
         torch.testing.assert_close(acts[key], expected, rtol=RTOL, atol=ATOL, msg=key)
 
@@ -64,7 +64,7 @@ def test_forward_features_stops_early_with_identical_features(stop_at, monkeypat
     assert list(partial) == [stop_at]
     assert torch.equal(partial[stop_at], full[stop_at])
     assert "final" not in calls
-    last_block = [m for m in net.up if hasattr(m, "res")][net.block_names.index(stop_at)]
+    last_block = [m for m in net.up if hasattr(m, "res")][net.grid_blocks.index(stop_at)]
     assert calls[-1] is last_block
 
 

@@ -70,7 +70,7 @@ def add_checkpoint_args(parser):
 def checkpoint_from_args(cfg, args):
     """Path of the checkpoint an evaluation script should read: ``--ckpt``, else ``--epoch`` (for a
     DiT config: its ``ckpt``, which must exist)."""
-    if cfg.model_type == "DiT":
+    if hasattr(cfg, "ckpt"):  # a utils.latents.DiTConfig
         return pretrained_dit_path(args.ckpt or cfg.ckpt)
     if args.ckpt:
         if not os.path.isfile(args.ckpt):

@@ -12,6 +12,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,10 +23,6 @@ from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
 from utils.errors import UserError, describe_error
-
-DATASET_NAMES = ("cifar", "cifar10", "cifar100", "tinyimagenet", "folder", "synthetic")
-NUM_CLASSES = {"cifar": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "synthetic": 10}
-NATIVE_IMAGE_SIZE = {"cifar": 32, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 
 # Without train/ and val/ (or test/) subfolders, a `folder` dataset keeps every 10th image of each
 # class for the test split, so that test accuracy is never measured on training images.
@@ -99,41 +97,47 @@ def test_transform():
 
 
 def build_dataset(name, root, train, transform=None, image_size=None):
-    """Build the train or test split of a dataset.
+    """Build the train or test split of a dataset of ``DATASETS``.
 
     Args:
-        name: one of ``DATASET_NAMES``.
+        name: a key of ``DATASETS``.
         root: folder with the data (``--data_root``); for ``folder`` the image tree itself.
         train: the training split when True, the test split otherwise.
         transform: applied to each image; defaults to ``test_transform()``.
-        image_size: side of the images: the generated size for ``synthetic`` (default 32), a resize
-            plus centre crop for ``folder``; for the fixed-size datasets it must equal their size.
+        image_size: side of the images (default: the entry's ``image_size``): the generated size for
+            ``synthetic``, a resize plus centre crop for the entries that ``resize``; for the others
+            it must equal their size.
 
     Returns:
-        A Dataset of ``(image, label)`` with a ``num_classes`` attribute.
+        A Dataset of ``(image, label)`` with ``num_classes``, and ``uint8_layout`` when its ``.data``
+        holds the images as they are trained on (see ``uint8_images``).
     """
-    if transform is None:
-        transform = test_transform()
-    if name not in DATASET_NAMES:
-        raise UserError(f"unknown dataset '{name}'; use one of {', '.join(DATASET_NAMES)}")
-    native = NATIVE_IMAGE_SIZE.get(name)
-    if native is not None and image_size is not None and image_size != native:
+    transform = test_transform() if transform is None else transform
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    native, image_size = spec.image_size, image_size or spec.image_size
+    if native is not None and image_size != native and not spec.resize:
         raise UserError(f"dataset '{name}' has {native}x{native} images but {image_size}x{image_size} "
                         f"were asked for; set the image size (network.image_shape) to {native}")
-
-    if name in ("cifar", "cifar10"):
-        dataset = _load_cifar(torchvision.datasets.CIFAR10, "CIFAR-10", root, train, transform)
-    elif name == "cifar100":
-        dataset = _load_cifar(torchvision.datasets.CIFAR100, "CIFAR-100", root, train, transform)
-    elif name == "tinyimagenet":
-        dataset = TinyImageNet(root, train, transform)
-    elif name == "folder":
-        dataset = _load_folder(root, train, transform, image_size)
-    else:
-        dataset = SyntheticImages(image_size=image_size or 32, train=train, transform=transform)
+    resized = spec.resize and image_size is not None
+    if resized:
+        transform = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), transform])
+    dataset = spec.load(root, train, transform, image_size)
     if not hasattr(dataset, "num_classes"):
-        dataset.num_classes = NUM_CLASSES[name]
+        dataset.num_classes = spec.num_classes
+    dataset.uint8_layout = None if resized else spec.layout
     return dataset
+
+
+def uint8_images(dataset):
+    """The whole dataset as one (N, C, H, W) uint8 tensor: its ``.data`` in the layout its ``DATASETS``
+    entry names (``uint8_layout``, e.g. "NHWC"), else every image decoded once (its [0, 1] floats come
+    from 8-bit pixels)."""
+    layout = getattr(dataset, "uint8_layout", None)
+    if layout is not None:
+        return torch.as_tensor(dataset.data).permute(*[layout.index(axis) for axis in "NCHW"]).contiguous()
+    return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
 
 
 def _load_cifar(dataset_class, label, root, train, transform):
@@ -179,13 +183,11 @@ def _download_archive(dataset_class, label, root):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_folder(root, train, transform, image_size):
+def _load_folder(root, train, transform):
     """A class-per-folder image tree: ``root/<class>/*.png``, or with train/ and val/ or test/."""
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} not found; pass --data_root pointing at a folder with "
                         f"one subfolder of images per class")
-    if image_size is not None:
-        transform = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), transform])
     test_dirs = [os.path.join(root, sub) for sub in ("val", "test")
                  if os.path.isdir(os.path.join(root, sub))]
     split_dirs = os.path.isdir(os.path.join(root, "train")) and test_dirs
@@ -366,6 +368,11 @@ class SyntheticImages(Dataset):
         order = torch.randperm(n, generator=generator)
         return images[order], labels[order].tolist()
 
+    @property
+    def data(self):
+        """The (N, C, H, W) uint8 images."""
+        return self.images
+
     def __len__(self):
         return self.n
 
@@ -518,3 +525,30 @@ def set_loader_epoch(loader, epoch):
     """Tell the loader's sampler which epoch starts, so each epoch has its own shuffle."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset by name: how to load a split, and what training, sampling and FID take from it."""
+
+    load: Callable                # load(root, train, transform, image_size) -> Dataset of (image, label)
+    num_classes: int = None       # None: the dataset tells (``folder``)
+    image_size: int = None        # the side used by default, and of FID's REF statistics; None: the config's
+    layout: str = None            # the axes of its uint8 ``.data`` ("NHWC", "NCHW"); None: decode each image
+    fid_samples: int = 400        # sample.py's default image count (the FID protocol: 50,000)
+    resize: bool = False          # other sides are made by Resize + CenterCrop (a folder of any size)
+
+
+FID_SAMPLES = 50_000
+DATASETS = {  # adding a dataset is one entry here (docs/EXTENDING.md)
+    "cifar": DatasetSpec(lambda root, train, transform, _: _load_cifar(torchvision.datasets.CIFAR10, "CIFAR-10", root,
+                         train, transform), 10, 32, "NHWC", FID_SAMPLES),
+    "cifar100": DatasetSpec(lambda root, train, transform, _: _load_cifar(torchvision.datasets.CIFAR100, "CIFAR-100",
+                            root, train, transform), 100, 32, "NHWC", FID_SAMPLES),
+    "tinyimagenet": DatasetSpec(lambda root, train, transform, _: TinyImageNet(root, train, transform), 200, 64,
+                                fid_samples=FID_SAMPLES),
+    "folder": DatasetSpec(lambda root, train, transform, _: _load_folder(root, train, transform), resize=True),
+    "synthetic": DatasetSpec(lambda root, train, transform, size: SyntheticImages(
+        image_size=size or 32, train=train, transform=transform), 10, layout="NCHW"),
+}
+DATASETS["cifar10"] = DATASETS["cifar"]

@@ -16,14 +16,51 @@ as ``{name}.partial.npy`` and renamed at the end, so a killed run resumes at the
 """
 import json
 import os
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from utils.atomic import atomic_path
+from utils.config import LinearConfig, Settings, _TopLevel
 from utils.data import image_seed
 from utils.errors import UserError
+
+CACHE_DTYPES = ("float16", "float32")
+VAE_DOWNSAMPLING = 8  # the SD VAE's latents are 1/8 of the image side
+
+
+@dataclass(kw_only=True)
+class LatentSettings:
+    """The ``latents`` section of a DiT config: the VAE latent cache a DiT is evaluated on."""
+
+    vae: str = "pretrained/sd-vae-ft-mse"  # local folder of diffusers' AutoencoderKL
+    cache_dir: str                  # one .npy per training copy plus the test split
+    copies: int = 10                # augmented copies of the training split
+    source_size: int = 32           # side of the dataset's images (CIFAR 32, Tiny ImageNet 64)
+    crop_padding: int = 4           # RandomCrop(source_size, padding) of the training copies
+    image_size: int = 256           # images are resized to this (bilinear) before encoding
+    scale: float = 0.18215          # latent = scale * a draw from the VAE's posterior
+    dtype: str = "float16"          # storage: float16 or float32
+    batch_size: int = 64            # images per VAE call and process
+
+    @staticmethod
+    def check_settings(cfg, require):
+        latents, input_size = cfg.latents, cfg.network.get("input_size")
+        for key in ("copies", "source_size", "batch_size"):
+            require(latents[key] >= 1, f"latents.{key}", f"must be at least 1, got {latents[key]}")
+        require(latents.crop_padding >= 0, "latents.crop_padding", f"must be 0 or positive, got {latents.crop_padding}")
+        require(latents.image_size == input_size * VAE_DOWNSAMPLING, "latents.image_size",
+                f"must be {VAE_DOWNSAMPLING} x network.input_size ({input_size * VAE_DOWNSAMPLING}): the VAE's "
+                f"latents are 1/{VAE_DOWNSAMPLING} of the image side; got {latents.image_size}")
+        require(latents.scale > 0, "latents.scale", f"must be positive, got {latents.scale}")
+        require(latents.dtype in CACHE_DTYPES, "latents.dtype",
+                f"must be one of {', '.join(CACHE_DTYPES)}, got {latents.dtype!r}")
+        for key in ("vae", "cache_dir"):
+            require(latents[key] != "", f"latents.{key}", "must not be empty")
+        require(cfg.ckpt != "", "ckpt", "must not be empty")
 
 SETTINGS_FILE = "cache.json"
 # Keys of cache.json that decide the bytes of the latents.
@@ -31,6 +68,31 @@ IDENTITY_KEYS = ("dataset", "n_train", "n_test", "seed", "source_size", "crop_pa
                  "dtype", "latent_shape", "vae_sha256", "precision")
 COPY_STRIDE = 2 ** 24  # seeds of one copy: image indices below this never meet another copy's seeds
 TEST_COPY = -1
+
+
+@dataclass(kw_only=True)
+class DiTConfig(_TopLevel):
+    """``model_type: DiT``: a pre-trained DiT evaluated as a DDAE on cached VAE latents (SPEC §12); nothing is
+    trained. Only the scripts that evaluate a DiT accept it (``load_config(..., allow_dit=True)``)."""
+
+    WHAT: ClassVar[str] = "a pre-trained network evaluated on cached latents"
+    SCRIPTS: ClassVar[str] = "linear.py, knn.py, export_features.py and encode_latents.py"
+
+    SECTIONS: ClassVar[dict] = {"latents": LatentSettings, "linear": LinearConfig}
+
+    model_type: str                 # DiT
+    net_type: str = "DiT"
+    diffusion: dict = field(default_factory=Settings)  # DiT's linear schedule
+    network: dict = field(default_factory=Settings)    # default: DiT-XL/2
+    ckpt: str = "pretrained/DiT-XL-2-256x256.pt"  # facebookresearch/DiT's EMA weights (--ckpt overrides)
+    latents: dict
+    dataset: str = "cifar"
+    classes: int = 10
+    seed: int = 1337
+    num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
+    save_dir: str                   # default ./output_<config name>, set by load_config
+    linear: LinearConfig
+
 
 
 def split_name(copy):
@@ -176,7 +238,7 @@ def latent_datasets(cfg, train_copy=None):
     """(training split, test split) of the latent cache of a DiT config.
 
     Args:
-        cfg: a ``DiTConfig`` (``latents`` and ``network.image_shape`` are read).
+        cfg: a ``DiTConfig`` (``latents`` and ``image_shape`` are read).
         train_copy: None: every read of a training latent picks one of the cached copies at random
             (the linear probe); an int: that copy (k-NN, feature export).
     """
@@ -185,7 +247,7 @@ def latent_datasets(cfg, train_copy=None):
         raise UserError(f"training copy {train_copy}: the cache has copies 0..{cfg.latents.copies - 1}")
     train = LatentCache(cache_dir, "train", cfg.latents.copies, train_copy)
     test = LatentCache(cache_dir, "test")
-    expected = tuple(cfg.network.image_shape)
+    expected = tuple(cfg.image_shape)
     if train.latent_shape != expected:
         raise UserError(f"{cache_dir} holds latents of shape {train.latent_shape}, but the network takes "
                         f"{expected}; encode with latents.image_size = 8 x network.input_size")

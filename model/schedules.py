@@ -1,0 +1,59 @@
+"""The named noise schedules of DDPM, in one place: add an entry to SCHEDULES for a new one.
+
+    schedule = make_schedule(1e-4, 0.02, 1000, leading_zero=True, kind="cosine")   # {"alphabar_t": (1001,), ...}
+
+Timestep t runs over 1..T and index 0 is the clean image (alphabar_0 = 1, the leading zero beta).
+"""
+import math
+
+import torch
+
+SCHEDULE_KEYS = ("alpha_t", "oneover_sqrta", "sqrt_beta_t", "alphabar_t", "sqrtab", "sqrtmab", "ma_over_sqrtmab")
+
+
+def linear_betas(beta1, beta2, T, leading_zero):
+    """The original's betas, linear from ``beta1`` to ``beta2``: T of them after a zero (leading_zero, the
+    "DDPM" schedule), or T + 1 (the "DDIM" schedule of its DDIM sampler)."""
+    if leading_zero:
+        return torch.cat([torch.zeros(1), torch.linspace(beta1, beta2, T)])
+    return torch.linspace(beta1, beta2, T + 1)
+
+
+def cosine_betas(beta1, beta2, T, leading_zero):
+    """improved-diffusion's cosine schedule (diffusers' ``squaredcos_cap_v2``): alphabar(s) = f(s) / f(0),
+    f(s) = cos^2((s + 0.008) / 1.008 * pi / 2) with s = t / T, betas clipped at 0.999; computed in float64.
+    Our timestep t is its index t - 1 after the leading zero. ``beta1`` and ``beta2`` are not used, and the
+    DDIM sampler uses this same schedule (``leading_zero`` is ignored)."""
+    def f(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
+    return torch.tensor([0.0] + betas, dtype=torch.float64)
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def make_schedule(beta1, beta2, T, leading_zero, kind="linear"):
+    """The noise schedule ``kind`` of SCHEDULES over T steps, as (T + 1,) float32 tensors.
+
+    Returns:
+        dict of the entries in SCHEDULE_KEYS. ``ma_over_sqrtmab`` is (1 - alpha) / sqrt(1 - alphabar),
+        NaN at t = 0 when beta_0 = 0, which no sampler reads.
+    """
+    # The linear one is float32 throughout, alphabar as exp(cumsum(log alpha)): this reproduces the
+    # original's values (a float64 computation differs from them by up to 1e-4 relative in sqrtmab at small t).
+    beta = SCHEDULES[kind](beta1, beta2, T, leading_zero)
+    alpha = 1 - beta
+    alphabar = torch.exp(torch.cumsum(torch.log(alpha), dim=0)) if beta.dtype == torch.float32 \
+        else torch.cumprod(alpha, dim=0)
+    sqrtmab = torch.sqrt(1 - alphabar)
+    schedule = {
+        "alpha_t": alpha,
+        "oneover_sqrta": 1 / torch.sqrt(alpha),
+        "sqrt_beta_t": torch.sqrt(beta),
+        "alphabar_t": alphabar,
+        "sqrtab": torch.sqrt(alphabar),
+        "sqrtmab": sqrtmab,
+        "ma_over_sqrtmab": (1 - alpha) / sqrtmab,
+    }
+    return {key: value.to(torch.float32) for key, value in schedule.items()}
