@@ -42,6 +42,7 @@ from model.noise import PerImageNoise  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.cli import configure_backends, resolve_precision  # noqa: E402
 from utils.config import add_config_args, config_name, load_config  # noqa: E402
+from utils.data import resolve_num_workers  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
@@ -221,7 +222,8 @@ def settings_from_args(args, device):
         compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
         warmup_steps=pick(args.warmup_steps, 10, 1),
         steps=pick(args.steps, 50, 2),
-        num_workers=pick(args.num_workers, cfg.num_workers, 0),
+        # train.py's rule (the config's -1 is "choose from the CPUs"); --quick reads in the main process.
+        num_workers=0 if quick and args.num_workers is None else resolve_num_workers(args, cfg),
         sample_batch=pick(args.sample_batch, 1000, 4),
         sample_batches=pick(args.sample_batches, 2, 1),
         sample_steps=pick(args.sample_steps, FULL_SAMPLER_STEPS[cfg.model_type],
@@ -233,9 +235,8 @@ def settings_from_args(args, device):
         parity_variant=_split_names(args.parity_variant, TRAIN_VARIANTS, "--parity_variant")[0],
     )
     settings.parity_window = args.parity_window or min(settings.parity_steps, max(2, settings.parity_steps // 4))
-    for name in ("warmup_steps", "num_workers"):
-        if getattr(settings, name) < 0:
-            raise UserError(f"--{name} {getattr(settings, name)}: must be 0 or positive")
+    if settings.warmup_steps < 0:
+        raise UserError(f"--warmup_steps {settings.warmup_steps}: must be 0 or positive")
     for name in ("steps", "sample_batch", "sample_batches", "sample_steps", "probe_batch", "probe_large_batch",
                  "probe_batches", "profile_steps", "profile_top"):
         if getattr(settings, name) < 1:

@@ -3,6 +3,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -204,6 +205,7 @@ def test_the_most_specific_device_name_sets_the_mfu_peak():
     (["--train_variants", "faithful,fastest"], "--train_variants 'faithful,fastest'"),
     (["--only", "train,speed"], "--only 'train,speed'"),
     (["--steps", "0"], "--steps 0"),
+    (["--num_workers", "-1"], "--num_workers -1: must be 0 or positive"),
     (["--sample_steps", "2000"], "--sample_steps 2000: the DDPM sampler takes 1 to 1000 steps"),
     (["--loss_parity_steps", "10", "--parity_window", "11"], "--parity_window 11 with --loss_parity_steps 10"),
 ])
@@ -211,6 +213,32 @@ def test_bad_arguments_are_one_line_user_errors(flags, message):
     args = benchmark.build_parser().parse_args(["--config", str(DEMO), *flags])
     with pytest.raises(UserError, match="^" + re.escape(message)):
         benchmark.settings_from_args(args, torch.device("cpu"))
+
+
+UNET_CONFIGS = sorted(path.name for path in (ROOT / "config").glob("*.yaml") if not path.name.startswith("DiT"))
+
+
+@pytest.mark.parametrize("name", UNET_CONFIGS)
+def test_every_shipped_config_gives_the_benchmark_a_worker_count(name, monkeypatch):
+    """The configs' num_workers -1 means "choose from the CPUs", as in train.py; --num_workers wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    args = benchmark.build_parser().parse_args(["--config", str(ROOT / "config" / name)])
+    settings = benchmark.settings_from_args(args, torch.device("cpu"))
+    assert settings.num_workers == (0 if settings.cfg.num_workers == 0 else 2)
+    args = benchmark.build_parser().parse_args(["--config", str(ROOT / "config" / name), "--num_workers", "3"])
+    assert benchmark.settings_from_args(args, torch.device("cpu")).num_workers == 3
+
+
+def test_the_benchmark_trains_the_shipped_ddpm_config(tmp_path):
+    """The 35.7M network of config/DDPM_ddpm.yaml, one step at batch 4, through its own DataLoader workers."""
+    out = tmp_path / "train.md"
+    result = subprocess.run([sys.executable, str(BENCH), "--config", "config/DDPM_ddpm.yaml", "--device", "cpu",
+                             "--only", "train", "--steps", "1", "--warmup_steps", "1", "--batch_size", "4",
+                             "--train_variants", "faithful", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["train"]
+    assert row["status"] == "ok" and row["batch"] == 4 and row["img_s"] > 0
 
 
 DIT_SPEED = ROOT / "bench" / "dit_speed.py"
