@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.amp import autocast_off
 from utils.errors import UserError
 
 # Symlet-6 scaling filter: the orthonormal low-pass decomposition filter "sym6" (Daubechies'
@@ -209,9 +210,13 @@ class AugmentPipe(nn.Module):
         """Transform ``images`` (B, C, H, W) as ``params`` say; images without an operation are untouched."""
         return self._transform(images, params)[0]
 
-    @torch.no_grad()
     def _transform(self, images, params, labels=None):
-        """``apply``, plus ``labels`` moved to the images' device in the same copy."""
+        """``apply``, plus ``labels`` moved to the images' device in the same copy. An enclosing autocast
+        is turned off: the resampling runs in float32 whatever precision the caller's network uses."""
+        with torch.no_grad(), autocast_off(images.device):
+            return self._transform_float32(images, params, labels)
+
+    def _transform_float32(self, images, params, labels):
         height, width = images.shape[2:]
         geometric = params.is_geometric()
         selected = geometric.nonzero()[:, 0]  # on the parameters' device, like everything decided here

@@ -191,6 +191,19 @@ def test_golden_images_match_the_original():
     torch.testing.assert_close(out, golden["images_out"], rtol=0, atol=1e-4)
 
 
+def test_golden_images_do_not_depend_on_an_enclosing_autocast():
+    """The training step's bf16 autocast (up to 0.17 off before) reaches neither the resampling nor the labels."""
+    golden = torch.load(GOLDEN, weights_only=True)
+    params = golden_params(golden)
+    expected = AugmentPipe(p=1).apply(golden["images_in"], params)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+        out = AugmentPipe(p=1).apply(golden["images_in"], params)
+        _, labels = AugmentPipe(p=1)(golden["images_in"], generator=torch.Generator().manual_seed(0))
+    assert out.dtype == labels.dtype == torch.float32
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, golden["images_out"], rtol=0, atol=1e-4)
+
+
 def test_golden_images_match_in_a_larger_batch_of_untouched_images():
     """Untouched batch mates neither change the golden images nor get resampled themselves."""
     golden = torch.load(GOLDEN, weights_only=True)

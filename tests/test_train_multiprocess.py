@@ -171,3 +171,20 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     for rank in (0, 1):  # both left train() after that same step, none waits in a collective
         final = torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True)
         assert_same_tensors(final["MODEL"], saved["MODEL"])
+
+
+def test_two_processes_train_a_label_conditioned_edm_with_the_augmentation_off(tmp_path):
+    """augment_dim 9 with augment_prob 0 (the ablation of EDM_ddpmpp_aug): the network gets zero labels,
+    so DDP sees its label embedding used in every step instead of stopping at step 2."""
+    config = tmp_path / "tiny_edm.yaml"
+    network = {**CONFIG["network"], "augment_dim": 9}
+    config.write_text(yaml.safe_dump({**CONFIG, "network": network, "diffusion": {"augment_prob": 0.0},
+                                      "n_epoch": 1, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", cwd=REPO,
+                               env={"PROBE_OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = [torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_tensors(final[0]["MODEL"], final[1]["MODEL"])
+    assert [record["steps"] for record in read_jsonl(tmp_path / "run" / "log.jsonl")] == [4]
