@@ -103,13 +103,18 @@ def _diagonal(x_factor, y_factor):
     return torch.stack([torch.stack([x_factor, zeros], dim=1), torch.stack([zeros, y_factor], dim=1)], dim=1)
 
 
-def _upload(tensors, device):
-    """The CPU ``tensors`` on ``device``. To a GPU they travel as one asynchronous copy from pinned
-    memory: a plain copy from pageable memory would wait for the GPU's queued work."""
-    if device.type != "cuda" or any(tensor.device.type != "cpu" for tensor in tensors):
+def _upload(tensors, device, one_copy=None):
+    """The CPU ``tensors`` on ``device``. To a GPU (``one_copy``, by default on CUDA) they travel as one
+    asynchronous copy, from pinned memory on CUDA: a plain copy from pageable memory would wait for the
+    GPU's queued work. Tensors already off the CPU are moved one by one."""
+    if one_copy is None:
+        one_copy = device.type == "cuda"
+    if not one_copy or any(tensor.device.type != "cpu" for tensor in tensors):
         return [tensor.to(device) for tensor in tensors]
     packed = torch.cat([tensor.reshape(-1).float() for tensor in tensors])  # bools, indices < 2**24: exact
-    packed = packed.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
     pieces = packed.split([tensor.numel() for tensor in tensors])
     return [piece.view(tensor.shape).to(tensor.dtype) for piece, tensor in zip(pieces, tensors)]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import augment
 from model.augment import SYM6_LOWPASS, AugmentParams, AugmentPipe, batch_margins
 from utils.errors import UserError
 
@@ -272,6 +273,25 @@ def test_images_are_never_read_on_the_host():
     images = torch.empty(16, 3, SIZE, SIZE, device="meta")
     out, labels = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(10))
     assert out.shape == images.shape and out.device.type == "meta" and labels.shape == (16, 9)
+
+
+def test_the_one_copy_upload_gives_back_every_tensor_exactly():
+    """The CUDA branch's packing (one float32 copy, then each piece cast back), run on the CPU."""
+    tensors = [torch.tensor([True, False, True]), torch.tensor([0, 2, 2**24 - 1]), torch.randn(2, 2, 3),
+               torch.randn(3, 9), torch.zeros(0, 2, 3)]
+    uploaded = augment._upload(tensors, torch.device("cpu"), one_copy=True)
+    for got, expected in zip(uploaded, tensors):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_the_pipe_gives_the_same_images_through_the_one_copy_upload(monkeypatch):
+    images = random_images(16)
+    expected = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(4))
+    upload = augment._upload
+    monkeypatch.setattr(augment, "_upload", lambda tensors, device: upload(tensors, device, one_copy=True))
+    got = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], images)
 
 
 def test_pipe_still_works_after_its_model_is_moved_or_cast():
