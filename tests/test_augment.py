@@ -294,6 +294,18 @@ def test_the_pipe_gives_the_same_images_through_the_one_copy_upload(monkeypatch)
     assert not torch.equal(got[0], images)
 
 
+def test_cudnn_autotuning_is_off_for_the_resampling_only(monkeypatch):
+    """Its convolutions change shape nearly every step (model/augment.py's _resample): under
+    --cudnn_benchmark each new shape would be timed again."""
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: seen.append(torch.backends.cudnn.benchmark)
+                        or conv2d(*args, **kwargs))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    AugmentPipe(p=1)(random_images(), generator=torch.Generator().manual_seed(0))
+    assert seen == [False, False] and torch.backends.cudnn.benchmark
+
+
 def test_pipe_still_works_after_its_model_is_moved_or_cast():
     images = random_images()
     expected = AugmentPipe(p=1)(images, generator=torch.Generator().manual_seed(11))
