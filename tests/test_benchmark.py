@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import DEVICE
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -36,7 +37,9 @@ benchmark = load_benchmark()
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.md"
-    result = subprocess.run([sys.executable, str(BENCH), "--config", str(DEMO), "--quick", "--out", str(out)],
+    # On a GPU (DDAE_TEST_DEVICE) without compiling, which would take minutes.
+    device = ["--device", DEVICE.type] + (["--compile", "off"] if DEVICE.type != "cpu" else [])
+    result = subprocess.run([sys.executable, str(BENCH), "--config", str(DEMO), "--quick", "--out", str(out), *device],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out.read_text(), json.loads(out.with_suffix(".json").read_text()), result.stdout
@@ -58,7 +61,8 @@ def test_quick_run_measures_every_variant_of_every_part(quick_run):
             assert math.isfinite(row["img_s"]) and row["img_s"] > 0
             assert row["peak_gib"] > 0
             assert row["compile_s"] >= 0
-            assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
+            if DEVICE.type == "cpu":
+                assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
 
 
 def test_quick_run_numbers_fit_together(quick_run):
@@ -68,7 +72,7 @@ def test_quick_run_numbers_fit_together(quick_run):
     for row in train.values():
         assert row["batch"] == 8
         assert row["speedup"] == pytest.approx(row["img_s"] / train["faithful"]["img_s"], rel=1e-12)
-    assert train["faithful"]["precision"] == "fp32"  # fp16 needs CUDA: the CPU run falls back
+    assert train["faithful"]["precision"] == ("fp16" if DEVICE.type == "cuda" else "fp32")  # a CPU falls back
     assert train["fast"]["precision"] == "bf16"
     assert train["fast"]["note"].startswith("compile off")
     for row in results["sample"]:
@@ -107,14 +111,16 @@ def test_quick_run_profiles_the_faithful_and_graphs_steps(quick_run):
     assert list(rows) == ["faithful", "graphs"]
     for name, row in rows.items():
         assert row["status"] == "ok" and row["steps"] == 1 and row["batch"] == 8
-        assert row["device_busy_ms"] is None and row["kernels_per_step"] is None  # no GPU here
+        if DEVICE.type == "cpu":
+            assert row["device_busy_ms"] is None and row["kernels_per_step"] is None  # no GPU here
         assert row["wall_ms"] > 0 and row["ops_per_step"] > 100
         top = row["top"]
         assert 0 < len(top) <= 12
         shares = [entry["share_pct"] for entry in top]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 1e-6
-        assert any(entry["op"].startswith("aten::convolution") for entry in top)  # a UNet's step is convolutions
-        assert f"### Profile of {name}: top ops by own CPU time" in markdown
+        if DEVICE.type == "cpu":
+            assert any(entry["op"].startswith("aten::convolution") for entry in top)  # a UNet's step is convolutions
+            assert f"### Profile of {name}: top ops by own CPU time" in markdown
 
 
 def test_quick_run_table_and_header(quick_run):
@@ -127,7 +133,8 @@ def test_quick_run_table_and_header(quick_run):
                   "## Profile of a training step"):
         assert title in markdown
     assert "| variant | precision | batch | img/s | speedup vs faithful |" in markdown
-    faithful = next(line for line in markdown.splitlines() if line.startswith("| faithful | fp32 | 8 |"))
+    precision = "fp16" if DEVICE.type == "cuda" else "fp32"
+    faithful = next(line for line in markdown.splitlines() if line.startswith(f"| faithful | {precision} | 8 |"))
     assert faithful.endswith("| ok |")
     assert markdown.strip() in stdout  # printed as well as written
 

@@ -83,6 +83,8 @@ import torch
 from utils import distributed
 from utils.errors import UserError
 
+pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
+
 args = distributed.add_launcher_args(argparse.ArgumentParser()).parse_args()
 device = distributed.init_distributed(args.device)
 rank, world = distributed.get_rank(), distributed.get_world_size()

@@ -5,7 +5,7 @@ import re
 from tqdm import tqdm
 
 import train
-from tests.helpers import parse, write_config
+from tests.helpers import DEVICE, parse, write_config
 from utils import progress as progress_module
 from utils.progress import PlainProgress, batches, format_duration, progress
 
@@ -88,7 +88,7 @@ def test_a_log_file_reads_the_running_loss_only_for_a_line(tiny_setup, tmp_path,
     monkeypatch.setattr(train, "LazyText", Counted)
     monkeypatch.setattr(train, "PROGRESS_EVERY", 1)
     cfg, args = parse(write_config(tmp_path), tmp_path / "run")
-    state = train.build_training(cfg, args, train.torch.device("cpu"))
+    state = train.build_training(cfg, args, DEVICE)
     train.train_one_epoch(state, 0)  # 8 steps, no line: nothing read
     assert reads == []
     monkeypatch.setattr(train, "progress", lambda **options: progress(interactive=False, every_seconds=0, **options))

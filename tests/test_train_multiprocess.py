@@ -13,6 +13,8 @@ from utils.config import load_config
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 
+pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
+
 IMAGES = 128  # 4 steps of 16 images per rank and epoch
 CONFIG = {
     "model_type": "EDM",  # 18 Heun steps per sample grid

@@ -1,4 +1,4 @@
-"""train.py --use_amp on the CPU: fp16 autocast, GradScaler and fused Adam, the README's path.
+"""train.py --use_amp on the CPU (or DDAE_TEST_DEVICE): fp16 autocast, GradScaler and fused Adam, the README's path.
 
 On a GPU --use_amp means exactly this; on a CPU resolve_precision falls back to fp32 for users, so these
 tests ask build_training for fp16 directly (torch runs fp16 autocast, GradScaler("cpu") and fused Adam
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import CPU, TINY, parse, write_config
+from tests.helpers import DEVICE, TINY, parse, write_config
 from utils.checkpoint import load_checkpoint
 
 
@@ -23,7 +23,7 @@ def fp16_state(tmp_path, monkeypatch, tiny_setup):
 
     def build():
         torch.manual_seed(0)
-        return train.build_training(cfg, args, CPU)
+        return train.build_training(cfg, args, DEVICE)
 
     return build
 
