@@ -101,6 +101,8 @@ TRAIN_VARIANTS = {
                              "foreach Adam, ema-pytorch's update (host syncs)", ("--use_amp",),
                              fused_adam=False, sync_free_ema=False),
     "use_amp": TrainVariant("train.py --use_amp: faithful + fused Adam + sync-free EMA", ("--use_amp",)),
+    "use_amp_accum4": TrainVariant("the README's 4-GPU recipe on one GPU: train.py --use_amp --accum 4 (4 micro-batches "
+                                   "per optimizer step; the batch column counts all four)", ("--use_amp", "--accum", "4")),
     "fp32": TrainVariant("train.py in fp32 (no autocast): the loss-parity reference, whose rate sizes a parity run",
                          ("--precision", "fp32")),
     "bf16": TrainVariant("bf16 autocast, channels_last, data on the device, fused Adam, sync-free EMA; eager",
