@@ -122,8 +122,9 @@ class EDM(nn.Module):
             if self.augment_pipe is not None:
                 x, aug = self.augment_pipe(x)
             elif self.augment_dim:
-                # Labels always reach a network that takes them, as from the original's pipe at p = 0:
-                # all zero. So the label embedding is used in every step, as DDP requires.
+                # Labels always reach a network that takes them: all zero, what the pipe gives at p = 0
+                # (SPEC section 4: zero where an operation is not applied). So DDP sees the label
+                # embedding used in every step.
                 aug = torch.zeros((x.shape[0], self.augment_dim), device=x.device)
             else:
                 aug = None
