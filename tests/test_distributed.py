@@ -11,6 +11,8 @@ from tests.launch import LAUNCHER_VARS, run_two_processes
 from utils import distributed
 from utils.errors import UserError
 
+# Launcher helpers of the CPU and gloo processes, whatever the test device; CI runs them.
+pytestmark = pytest.mark.cpu_only
 
 
 @pytest.fixture
@@ -82,8 +84,6 @@ import argparse, json
 import torch
 from utils import distributed
 from utils.errors import UserError
-
-pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
 
 args = distributed.add_launcher_args(argparse.ArgumentParser()).parse_args()
 device = distributed.init_distributed(args.device)
