@@ -53,12 +53,12 @@ from utils.errors import UserError, cli_entry, describe_error
 from utils.images import save_grid
 from utils.logging import JsonlLogger, plot_curves, read_jsonl
 from utils.preemption import StopSignals, exit_stopped
-from utils.progress import format_duration, is_interactive, progress
+from utils.progress import LazyText, format_duration, is_interactive, progress
 from utils.tensorboard import add_tensorboard_arg, open_board
 
 CLIP_NORM = 1.0
 GRID_ROW = 10
-PROGRESS_EVERY = 50  # steps between progress-bar refreshes, the only host syncs inside an epoch
+PROGRESS_EVERY = 50  # steps between progress-bar refreshes, the only host syncs inside an epoch (on a terminal)
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 # Optimizer-group entries that choose an implementation, not the maths: this run's choice wins on resume.
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
@@ -415,8 +415,10 @@ def train_one_epoch(state, epoch, max_steps=None, clock=None):
         bar.update()
         if steps % PROGRESS_EVERY == 0 and not bar.disable:
             rate = images_seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{recent_loss.item() / PROGRESS_EVERY:.4f}", img_s=f"{rate:.0f}")
-            recent_loss.zero_()
+            # Read on a terminal now; in a log file only if a line is written before the next refresh.
+            mean = recent_loss / PROGRESS_EVERY
+            bar.set_postfix(loss=LazyText(mean.item, ".4f"), img_s=f"{rate:.0f}")
+            recent_loss = torch.zeros((), device=state.device)
         state.batch = steps
         if clock is not None:
             clock.after_step()

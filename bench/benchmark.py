@@ -42,6 +42,7 @@ from model.noise import PerImageNoise  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.cli import configure_backends, resolve_precision  # noqa: E402
 from utils.config import add_config_args, config_name  # noqa: E402
+from utils.data import resolve_num_workers  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
@@ -100,6 +101,8 @@ TRAIN_VARIANTS = {
                              "foreach Adam, ema-pytorch's update (host syncs)", ("--use_amp",),
                              fused_adam=False, sync_free_ema=False),
     "use_amp": TrainVariant("train.py --use_amp: faithful + fused Adam + sync-free EMA", ("--use_amp",)),
+    "use_amp_accum4": TrainVariant("the README's 4-GPU recipe on one GPU: train.py --use_amp --accum 4 (4 micro-batches "
+                                   "per optimizer step; the batch column counts all four)", ("--use_amp", "--accum", "4")),
     "fp32": TrainVariant("train.py in fp32 (no autocast): the loss-parity reference, whose rate sizes a parity run",
                          ("--precision", "fp32")),
     "bf16": TrainVariant("bf16 autocast, channels_last, data on the device, fused Adam, sync-free EMA; eager",
@@ -221,7 +224,8 @@ def settings_from_args(args, device):
         compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
         warmup_steps=pick(args.warmup_steps, 10, 1),
         steps=pick(args.steps, 50, 2),
-        num_workers=pick(args.num_workers, cfg.num_workers, 0),
+        # train.py's rule (the config's -1 is "choose from the CPUs"); --quick reads in the main process.
+        num_workers=0 if quick and args.num_workers is None else resolve_num_workers(args, cfg),
         sample_batch=pick(args.sample_batch, 1000, 4),
         sample_batches=pick(args.sample_batches, 2, 1),
         sample_steps=pick(args.sample_steps, FULL_SAMPLER_STEPS[cfg.model_type],
@@ -233,9 +237,8 @@ def settings_from_args(args, device):
         parity_variant=_split_names(args.parity_variant, TRAIN_VARIANTS, "--parity_variant")[0],
     )
     settings.parity_window = args.parity_window or min(settings.parity_steps, max(2, settings.parity_steps // 4))
-    for name in ("warmup_steps", "num_workers"):
-        if getattr(settings, name) < 0:
-            raise UserError(f"--{name} {getattr(settings, name)}: must be 0 or positive")
+    if settings.warmup_steps < 0:
+        raise UserError(f"--warmup_steps {settings.warmup_steps}: must be 0 or positive")
     for name in ("steps", "sample_batch", "sample_batches", "sample_steps", "probe_batch", "probe_large_batch",
                  "probe_batches", "profile_steps", "profile_top"):
         if getattr(settings, name) < 1:

@@ -18,6 +18,29 @@ def autocast(device, precision):
     return torch.amp.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def autocast_off(device):
+    """A context in which an enclosing autocast on ``device`` is off (a no-op where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def network_only(device):
+    """Turn off an enclosing autocast for the code inside; yields a function that returns a context
+    re-entering that autocast, for the network's call alone (a no-op when there was none).
+
+    EDM's training step, as the original's: the augmentation, the preconditioning and the loss stay in
+    float32 whatever precision the network runs in.
+    """
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        yield contextlib.nullcontext
+        return
+    dtype = torch.get_autocast_dtype(device.type)
+    with autocast_off(device):
+        yield lambda: torch.amp.autocast(device_type=device.type, dtype=dtype)
+
+
 def make_grad_scaler(device, precision):
     """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

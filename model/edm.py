@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from model.amp import network_only
 from model.ddpm import pool_features, requested_blocks
 from model.noise import noise_like, starting_noise
 from utils.errors import UserError
@@ -43,7 +44,11 @@ class EDM(nn.Module):
         sigma_min, sigma_max, rho: the sampling schedule.
         S_min, S_max, S_noise: noise levels where the sampler adds churn, and its noise inflation.
         augment_prob: probability of each geometric augmentation in training (0 turns it off); the
-            augmentation labels condition the network, which then needs ``augment_dim = 9``.
+            augmentation labels condition the network, which then needs ``augment_dim = 9``. A network
+            with ``augment_dim`` > 0 gets zero labels in training when the augmentation is off.
+
+    Under autocast only the network runs in the lower precision: the augmentation, the
+    preconditioning and the loss are float32 (``model.amp.network_only``), as in the original.
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. The state dict holds only
     ``nn_model.*``.
@@ -62,6 +67,7 @@ class EDM(nn.Module):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.S_min, self.S_max, self.S_noise = float(S_min), float(S_max), float(S_noise)
         self.augment_prob = float(augment_prob)
+        self.augment_dim = getattr(nn_model, "augment_dim", 0)  # the labels the network takes
         self._sigma_cache = {}  # (steps, device) -> feature noise levels, see _feature_sigmas
         if self.augment_prob > 0:
             from model.augment import AugmentPipe  # only the augmented config needs it
@@ -118,13 +124,19 @@ class EDM(nn.Module):
         Returns:
             (B, C, H, W) float32 denoised images (computed in float32 whatever the input dtype).
         """
+        with network_only(x.device) as network:
+            return self._denoise(x, sigma, aug, network)
+
+    def _denoise(self, x, sigma, aug, network):
+        """``denoise`` with autocast off; ``network()`` is the context the network runs in."""
         x = x.to(torch.float32)
         if torch.is_tensor(sigma):
             sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1, 1, 1, 1)
         else:  # a fill, not a host-to-device copy, so the sampling loop never waits for the GPU
             sigma = torch.full((x.shape[0], 1, 1, 1), float(sigma), device=x.device)
         c_skip, c_out, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
-        F_x = self.nn_model(c_in * x, c_noise, aug)
+        with network():
+            F_x = self.nn_model(c_in * x, c_noise, aug)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def _preconditioning(self, sigma, batch_size):
@@ -147,17 +159,24 @@ class EDM(nn.Module):
         Returns:
             scalar float32 loss (computed in float32 also under autocast).
         """
-        x = 2 * x0 - 1
-        if rnd_normal is None:
-            rnd_normal = torch.randn((x.shape[0], 1, 1, 1), device=x.device)
-        sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        aug = None
-        if self.augment_pipe is not None:
-            x, aug = self.augment_pipe(x)
-        noise = noise_like(noise, x)
-        denoised = self.denoise(x + sigma * noise, sigma, aug)
-        return (weight * (denoised - x) ** 2).mean()
+        with network_only(x0.device) as network:
+            x = 2 * x0 - 1
+            if rnd_normal is None:
+                rnd_normal = torch.randn((x.shape[0], 1, 1, 1), device=x.device)
+            sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+            weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+            if self.augment_pipe is not None:
+                x, aug = self.augment_pipe(x)
+            elif self.augment_dim:
+                # Labels always reach a network that takes them: all zero, what the pipe gives at p = 0
+                # (SPEC section 4: zero where an operation is not applied). So DDP sees the label
+                # embedding used in every step.
+                aug = torch.zeros((x.shape[0], self.augment_dim), device=x.device)
+            else:
+                aug = None
+            noise = noise_like(noise, x)
+            denoised = self._denoise(x + sigma * noise, sigma, aug, network)
+            return (weight * (denoised - x) ** 2).mean()
 
     def schedule(self, steps):
         """The sampler's noise levels: ``steps`` values from sigma_max down to sigma_min, then 0.

@@ -16,6 +16,11 @@ class PerImageNoise:
     produced before, so a sampling run gives the same image i whatever the batch size or the
     number of processes it is split over (on the same device type).
 
+    Each draw runs one generator call per image (B kernels on a GPU). The FID samplers (DDIM and Heun at
+    eta 0) draw only x_T, once per batch; a stochastic sampler (eta > 0, the ancestral one) draws at every
+    step. On the development CPU a per-image draw of 1,000 x 3 x 32 x 32 took 23 ms against 15 ms for one
+    torch.randn; on a GPU it has not been timed.
+
     Args:
         seeds: one integer seed per image of the batch.
         device: where the generators live and the noise is made.

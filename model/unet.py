@@ -39,6 +39,7 @@ class UNet(nn.Module):
         n_levels = len(ch_mults)
 
         self.image_proj = nn.Conv2d(image_channels, n_channels, kernel_size=3, padding=1)
+        self.augment_dim = augment_dim
         self.time_emb = TimeEmbedding(n_channels, augment_dim)
 
         down = []

@@ -2,6 +2,7 @@
 
 Test modules import these from here, never from one another (the fixtures live in conftest.py).
 """
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from utils.checkpoint import checkpoint_path, save_checkpoint
 from utils.data import SyntheticImages, probe_train_transform
 
 CPU = torch.device("cpu")
+# Where the device-generic tests run: DDAE_TEST_DEVICE (cpu by default; cuda on a GPU machine, see conftest.py).
+DEVICE = torch.device(os.environ.get("DDAE_TEST_DEVICE", "cpu"))
 
 # train.py on tiny synthetic runs (test_train, test_preemption, test_progress, test_tensorboard).
 IMAGES = 128      # synthetic training images: 8 steps of 16 per epoch
@@ -45,7 +48,7 @@ def write_config(folder, **changes):
 
 def parse(config, save_dir, *flags, **overrides):
     sets = [f"save_dir={save_dir}"] + [f"{key}={value}" for key, value in overrides.items()]
-    argv = ["--config", str(config), "--device", "cpu", *flags]
+    argv = ["--config", str(config), "--device", DEVICE.type, *flags]
     for override in sets:
         argv += ["--set", override]
     args = train.parse_args(argv)
@@ -59,7 +62,7 @@ def run(config, save_dir, *flags, **overrides):
 def assert_same_tensors(a, b):
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key].cpu(), b[key].cpu()), key
 
 
 # The probes on 8x8 images (test_linear, test_contrastive, test_preemption).

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import augment
 from model.augment import SYM6_LOWPASS, AugmentParams, AugmentPipe, batch_margins
 from utils.errors import UserError
 
@@ -191,6 +192,19 @@ def test_golden_images_match_the_original():
     torch.testing.assert_close(out, golden["images_out"], rtol=0, atol=1e-4)
 
 
+def test_golden_images_do_not_depend_on_an_enclosing_autocast():
+    """The training step's bf16 autocast (up to 0.17 off before) reaches neither the resampling nor the labels."""
+    golden = torch.load(GOLDEN, weights_only=True)
+    params = golden_params(golden)
+    expected = AugmentPipe(p=1).apply(golden["images_in"], params)
+    with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+        out = AugmentPipe(p=1).apply(golden["images_in"], params)
+        _, labels = AugmentPipe(p=1)(golden["images_in"], generator=torch.Generator().manual_seed(0))
+    assert out.dtype == labels.dtype == torch.float32
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, golden["images_out"], rtol=0, atol=1e-4)
+
+
 def test_golden_images_match_in_a_larger_batch_of_untouched_images():
     """Untouched batch mates neither change the golden images nor get resampled themselves."""
     golden = torch.load(GOLDEN, weights_only=True)
@@ -259,6 +273,37 @@ def test_images_are_never_read_on_the_host():
     images = torch.empty(16, 3, SIZE, SIZE, device="meta")
     out, labels = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(10))
     assert out.shape == images.shape and out.device.type == "meta" and labels.shape == (16, 9)
+
+
+def test_the_one_copy_upload_gives_back_every_tensor_exactly():
+    """The CUDA branch's packing (one float32 copy, then each piece cast back), run on the CPU."""
+    tensors = [torch.tensor([True, False, True]), torch.tensor([0, 2, 2**24 - 1]), torch.randn(2, 2, 3),
+               torch.randn(3, 9), torch.zeros(0, 2, 3)]
+    uploaded = augment._upload(tensors, torch.device("cpu"), one_copy=True)
+    for got, expected in zip(uploaded, tensors):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_the_pipe_gives_the_same_images_through_the_one_copy_upload(monkeypatch):
+    images = random_images(16)
+    expected = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(4))
+    upload = augment._upload
+    monkeypatch.setattr(augment, "_upload", lambda tensors, device: upload(tensors, device, one_copy=True))
+    got = AugmentPipe(p=0.5)(images, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], images)
+
+
+def test_cudnn_autotuning_is_off_for_the_resampling_only(monkeypatch):
+    """Its convolutions change shape nearly every step (model/augment.py's _resample): under
+    --cudnn_benchmark each new shape would be timed again."""
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: seen.append(torch.backends.cudnn.benchmark)
+                        or conv2d(*args, **kwargs))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    AugmentPipe(p=1)(random_images(), generator=torch.Generator().manual_seed(0))
+    assert seen == [False, False] and torch.backends.cudnn.benchmark
 
 
 def test_pipe_still_works_after_its_model_is_moved_or_cast():

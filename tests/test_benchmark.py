@@ -3,6 +3,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from model.models import load_config
+from tests.helpers import DEVICE
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,9 @@ benchmark = load_benchmark()
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.md"
-    result = subprocess.run([sys.executable, str(BENCH), "--config", str(DEMO), "--quick", "--out", str(out)],
+    # On a GPU (DDAE_TEST_DEVICE) without compiling, which would take minutes.
+    device = ["--device", DEVICE.type] + (["--compile", "off"] if DEVICE.type != "cpu" else [])
+    result = subprocess.run([sys.executable, str(BENCH), "--config", str(DEMO), "--quick", "--out", str(out), *device],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out.read_text(), json.loads(out.with_suffix(".json").read_text()), result.stdout
@@ -57,17 +61,18 @@ def test_quick_run_measures_every_variant_of_every_part(quick_run):
             assert math.isfinite(row["img_s"]) and row["img_s"] > 0
             assert row["peak_gib"] > 0
             assert row["compile_s"] >= 0
-            assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
+            if DEVICE.type == "cpu":
+                assert row["mfu_pct"] is None  # no peak FLOP/s for a CPU
 
 
 def test_quick_run_numbers_fit_together(quick_run):
     _, results, _ = quick_run
     train = {row["variant"]: row for row in results["train"]}
     assert train["faithful"]["speedup"] == 1.0
-    for row in train.values():
-        assert row["batch"] == 8
+    for name, row in train.items():
+        assert row["batch"] == (4 * 8 if name == "use_amp_accum4" else 8)  # --accum 4: four micro-batches a step
         assert row["speedup"] == pytest.approx(row["img_s"] / train["faithful"]["img_s"], rel=1e-12)
-    assert train["faithful"]["precision"] == "fp32"  # fp16 needs CUDA: the CPU run falls back
+    assert train["faithful"]["precision"] == ("fp16" if DEVICE.type == "cuda" else "fp32")  # a CPU falls back
     assert train["fast"]["precision"] == "bf16"
     assert train["fast"]["note"].startswith("compile off")
     for row in results["sample"]:
@@ -106,14 +111,16 @@ def test_quick_run_profiles_the_faithful_and_graphs_steps(quick_run):
     assert list(rows) == ["faithful", "graphs"]
     for name, row in rows.items():
         assert row["status"] == "ok" and row["steps"] == 1 and row["batch"] == 8
-        assert row["device_busy_ms"] is None and row["kernels_per_step"] is None  # no GPU here
+        if DEVICE.type == "cpu":
+            assert row["device_busy_ms"] is None and row["kernels_per_step"] is None  # no GPU here
         assert row["wall_ms"] > 0 and row["ops_per_step"] > 100
         top = row["top"]
         assert 0 < len(top) <= 12
         shares = [entry["share_pct"] for entry in top]
         assert shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 1e-6
-        assert any(entry["op"].startswith("aten::convolution") for entry in top)  # a UNet's step is convolutions
-        assert f"### Profile of {name}: top ops by own CPU time" in markdown
+        if DEVICE.type == "cpu":
+            assert any(entry["op"].startswith("aten::convolution") for entry in top)  # a UNet's step is convolutions
+            assert f"### Profile of {name}: top ops by own CPU time" in markdown
 
 
 def test_quick_run_table_and_header(quick_run):
@@ -126,7 +133,8 @@ def test_quick_run_table_and_header(quick_run):
                   "## Profile of a training step"):
         assert title in markdown
     assert "| variant | precision | batch | img/s | speedup vs faithful |" in markdown
-    faithful = next(line for line in markdown.splitlines() if line.startswith("| faithful | fp32 | 8 |"))
+    precision = "fp16" if DEVICE.type == "cuda" else "fp32"
+    faithful = next(line for line in markdown.splitlines() if line.startswith(f"| faithful | {precision} | 8 |"))
     assert faithful.endswith("| ok |")
     assert markdown.strip() in stdout  # printed as well as written
 
@@ -204,6 +212,7 @@ def test_the_most_specific_device_name_sets_the_mfu_peak():
     (["--train_variants", "faithful,fastest"], "--train_variants 'faithful,fastest'"),
     (["--only", "train,speed"], "--only 'train,speed'"),
     (["--steps", "0"], "--steps 0"),
+    (["--num_workers", "-1"], "--num_workers -1: must be 0 or positive"),
     (["--sample_steps", "2000"], "--sample_steps 2000: the DDPM sampler takes 1 to 1000 steps"),
     (["--loss_parity_steps", "10", "--parity_window", "11"], "--parity_window 11 with --loss_parity_steps 10"),
 ])
@@ -211,6 +220,32 @@ def test_bad_arguments_are_one_line_user_errors(flags, message):
     args = benchmark.build_parser().parse_args(["--config", str(DEMO), *flags])
     with pytest.raises(UserError, match="^" + re.escape(message)):
         benchmark.settings_from_args(args, torch.device("cpu"))
+
+
+UNET_CONFIGS = sorted(path.name for path in (ROOT / "config").glob("*.yaml") if not path.name.startswith("DiT"))
+
+
+@pytest.mark.parametrize("name", UNET_CONFIGS)
+def test_every_shipped_config_gives_the_benchmark_a_worker_count(name, monkeypatch):
+    """The configs' num_workers -1 means "choose from the CPUs", as in train.py; --num_workers wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    args = benchmark.build_parser().parse_args(["--config", str(ROOT / "config" / name)])
+    settings = benchmark.settings_from_args(args, torch.device("cpu"))
+    assert settings.num_workers == (0 if settings.cfg.num_workers == 0 else 2)
+    args = benchmark.build_parser().parse_args(["--config", str(ROOT / "config" / name), "--num_workers", "3"])
+    assert benchmark.settings_from_args(args, torch.device("cpu")).num_workers == 3
+
+
+def test_the_benchmark_trains_the_shipped_ddpm_config(tmp_path):
+    """The 35.7M network of config/DDPM_ddpm.yaml, one step at batch 4, through its own DataLoader workers."""
+    out = tmp_path / "train.md"
+    result = subprocess.run([sys.executable, str(BENCH), "--config", "config/DDPM_ddpm.yaml", "--device", "cpu",
+                             "--only", "train", "--steps", "1", "--warmup_steps", "1", "--batch_size", "4",
+                             "--train_variants", "faithful", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["train"]
+    assert row["status"] == "ok" and row["batch"] == 4 and row["img_s"] > 0
 
 
 DIT_SPEED = ROOT / "bench" / "dit_speed.py"

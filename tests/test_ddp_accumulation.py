@@ -13,6 +13,8 @@ from model.models import load_config
 from tests.launch import REPO, run_two_processes
 from utils.data import SyntheticImages
 
+pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
+
 STEPS, MICRO = 3, 4  # optimizer steps; images per micro-batch
 CONFIG = {
     "model_type": "DDPM", "diffusion": {"n_T": 20, "betas": [1.0e-4, 0.02]},

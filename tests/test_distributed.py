@@ -11,6 +11,8 @@ from tests.launch import LAUNCHER_VARS, run_two_processes
 from utils import distributed
 from utils.errors import UserError
 
+# Launcher helpers of the CPU and gloo processes, whatever the test device; CI runs them.
+pytestmark = pytest.mark.cpu_only
 
 
 @pytest.fixture

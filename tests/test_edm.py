@@ -1,8 +1,10 @@
 """EDM parity with the original code (golden vectors), per-image noise and the state-dict contract."""
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from model.edm import EDM
 from model.noise import PerImageNoise
@@ -149,6 +151,60 @@ def test_augmented_loss_feeds_labels_to_the_network():
     loss = edm(torch.rand(2, 3, 16, 16))
     assert torch.isfinite(loss)
     assert seen[0].shape == (2, 9) and seen[0].abs().sum() > 0
+
+
+def test_labels_are_zero_when_the_augmentation_is_off():
+    """A network that takes labels gets zeros in training (DDP needs its label embedding used), which
+    leaves its output as without labels; sampling gives none."""
+    torch.manual_seed(0)
+    net = UNet((3, 16, 16), 32, [1, 2], [False, True], 0.0, 1, False, augment_dim=9).eval()
+    edm = EDM(net, augment_prob=0.0)
+    seen = []
+    net.time_emb.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    x0, rnd_normal, noise = torch.rand(2, 3, 16, 16), torch.randn(2, 1, 1, 1), torch.randn(2, 3, 16, 16)
+    loss = edm(x0, rnd_normal=rnd_normal, noise=noise)
+    loss.backward()
+    assert torch.equal(seen[0], torch.zeros(2, 9))
+    assert net.time_emb.aug_emb.weight.grad is not None
+    x = 2 * x0 - 1
+    sigma = (rnd_normal * edm.p_std + edm.p_mean).exp()
+    weight = (sigma ** 2 + edm.sigma_data ** 2) / (sigma * edm.sigma_data) ** 2
+    with torch.no_grad():
+        unlabelled = (weight * (edm.denoise(x + sigma * noise, sigma) - x) ** 2).mean()
+    assert seen[1] is None
+    torch.testing.assert_close(loss.detach(), unlabelled, rtol=1e-6, atol=0)
+
+
+class Float32Probe(nn.Module):
+    """A network without autocast-listed operations: it records whether it ran under autocast and
+    returns a float32 function of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.autocast_seen = []
+
+    def forward(self, x, t, aug=None):
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(x) * self.scale + t.reshape(-1, 1, 1, 1)
+
+
+def test_only_the_network_sees_an_enclosing_autocast():
+    """The augmentation, the preconditioning and the loss run in float32 under bf16 autocast, as the
+    original's (autocast around the network only): the loss equals the float32 one exactly."""
+    network = Float32Probe()
+    edm = EDM(network, augment_prob=1.0)
+    x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def loss(context):
+        torch.manual_seed(3)  # the same sigmas, noise and augmentation draws
+        with torch.no_grad(), context:
+            return edm(x0)
+
+    expected = loss(contextlib.nullcontext())
+    got = loss(torch.amp.autocast("cpu", dtype=torch.bfloat16))
+    assert network.autocast_seen == [False, True]
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
 def test_sample_shape_with_default_noise(edm):

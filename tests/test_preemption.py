@@ -74,6 +74,7 @@ def saved_step(path):
     return load_checkpoint(path)["step"] if os.path.exists(path) else -1
 
 
+@pytest.mark.cpu_only  # CPU subprocesses held against the straight run bitwise
 def test_kill_9_three_times_then_resume_auto_is_exact(straight, tmp_path):
     """Three attempts are killed, each once its latest.pth has reached a random (seeded) step in the
     middle of another epoch, and after a random fraction of a step more; two loader workers, whose
@@ -106,6 +107,7 @@ def test_kill_9_three_times_then_resume_auto_is_exact(straight, tmp_path):
     assert not [name for name in os.listdir(tmp_path / "run" / "ckpts") if name.endswith(".tmp")]
 
 
+@pytest.mark.cpu_only  # CPU subprocesses held against the straight run bitwise
 def test_sigterm_mid_epoch_saves_exits_75_and_resumes_exactly(straight, tmp_path, monkeypatch, capsys):
     """train.py's main in this process, which sends itself SIGTERM during step 12 (epoch 1, batch 4).
     Epoch 1's steps take 0.5 s each, before and after the resume: its log line and record count both

@@ -5,7 +5,7 @@ import re
 from tqdm import tqdm
 
 import train
-from tests.helpers import parse, write_config
+from tests.helpers import DEVICE, parse, write_config
 from utils import progress as progress_module
 from utils.progress import PlainProgress, batches, format_duration, progress
 
@@ -69,3 +69,33 @@ def test_train_log_in_a_file_has_one_line_per_epoch_checkpoints_and_a_summary(ti
     assert [c.split()[1] for c in checkpoints] == [str(tmp_path / "run" / "ckpts" / f"model_{e}.pth") for e in (0, 2)]
     assert sum(line.startswith("sample grid ") for line in lines) == 2
     assert lines[-1].startswith("done: epochs 0..2 of 3, step 24, last loss ")
+
+
+def test_a_log_file_reads_the_running_loss_only_for_a_line(tiny_setup, tmp_path, monkeypatch, capsys):
+    """train.py in a log file: the running loss stays on the device until a line shows it, so steps
+    between lines never wait for it (on a GPU, .item() drains the queue); a terminal's tqdm reads it."""
+    reads = []
+
+    class Counted:
+        def __init__(self, function, spec=""):
+            self.text = progress_module.LazyText(function, spec)
+
+        def __str__(self):
+            if self.text.text is None:
+                reads.append(1)
+            return str(self.text)
+
+    monkeypatch.setattr(train, "LazyText", Counted)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 1)
+    cfg, args = parse(write_config(tmp_path), tmp_path / "run")
+    state = train.build_training(cfg, args, DEVICE)
+    train.train_one_epoch(state, 0)  # 8 steps, no line: nothing read
+    assert reads == []
+    monkeypatch.setattr(train, "progress", lambda **options: progress(interactive=False, every_seconds=0, **options))
+    train.train_one_epoch(state, 1)  # a line after every step (the first before any loss), each loss read then
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/")]
+    assert len(reads) == 7 and all(re.search(r"\[loss \d\.\d{4}, img_s \d+\]$", line) for line in lines[1:8])
+    reads.clear()
+    monkeypatch.setattr(train, "progress", lambda **options: progress(interactive=True, **options))
+    train.train_one_epoch(state, 2)
+    assert len(reads) == 8  # tqdm turns the value into text at once

@@ -15,6 +15,7 @@ from evaluation.frozen import prepare_frozen
 from model import speed
 from model.models import build_diffusion, feature_dims, load_config
 from utils.cli import configure_backends
+from utils.data import SyntheticImages
 
 TINY = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]", "network.n_blocks=1",
         "network.image_shape=[3,8,8]", "dataset=synthetic", "batch_size=4", "diffusion.n_T=20"]
@@ -193,3 +194,38 @@ def test_a_really_compiled_sampler_matches_the_eager_one():
     finally:
         torch.compiler.reset()
     assert torch.allclose(got, eager.sample(x_T=x_T, steps=4), atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_last, graphs", [(False, [0, 0, 1, 0, 0, 1]), (True, [0, 0, 0, 0])])
+def test_the_kept_last_batch_compiles_once_more_and_full_batches_keep_their_graph(monkeypatch, tmp_path, drop_last,
+                                                                                   graphs):
+    """train.py --compile over two epochs of 40 images at batch 16 (16, 16 and a kept 8), counted with a
+    backend that records each compilation: the last batch costs one more compilation, in the first
+    epoch only; the full batches run the first graph throughout (--drop_last: one graph)."""
+    compiled, calls = [], []
+
+    def counting_backend(graph, example_inputs):
+        index = len(compiled)
+        compiled.append(graph)
+
+        def run(*inputs):
+            calls.append(index)
+            return graph.forward(*inputs)
+        return run
+
+    module_compile = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile",
+                        lambda self, mode=None: module_compile(self, backend=counting_backend))
+    monkeypatch.setattr(train, "build_dataset",
+                        lambda name, root, train, transform=None, image_size=None:
+                        SyntheticImages(n=40, image_size=image_size, train=train, transform=transform))
+    torch.compiler.reset()
+    cfg = load_config("config/demo.yaml", TINY + ["batch_size=16", "network.dropout=0", f"save_dir={tmp_path}"])
+    args = train.parse_args(["--config", "config/demo.yaml", "--compile", *(["--drop_last"] if drop_last else [])])
+    state = train.build_training(cfg, args, torch.device("cpu"))
+    for epoch in range(2):
+        for images in state.data.batches(epoch):
+            train.train_step(state, images)
+    torch.compiler.reset()
+    assert len(compiled) == max(graphs) + 1
+    assert calls == graphs

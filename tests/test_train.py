@@ -74,6 +74,7 @@ def test_checkpoint_layout_and_outputs(straight_run):
     assert load_config(run_dir / "config.yaml") == cfg
 
 
+@pytest.mark.cpu_only  # two runs compared bitwise: CPU kernels repeat exactly, CUDA attention backward need not
 @pytest.mark.parametrize("workers, how", [(0, "--resume"), (2, "load_epoch")])
 def test_resume_continues_exactly(straight_run, tmp_path, workers, how):
     config, straight_dir, _, _ = straight_run
@@ -91,6 +92,7 @@ def test_resume_continues_exactly(straight_run, tmp_path, workers, how):
     assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")] == [0, 1]
 
 
+@pytest.mark.cpu_only  # two runs compared bitwise: CPU kernels repeat exactly, CUDA attention backward need not
 def test_device_data_path_matches_loader(tiny_setup, tmp_path):
     config = write_config(tmp_path)
     loader = run(config, tmp_path / "loader", "--max_steps", "3")
@@ -245,6 +247,7 @@ def test_cifar_epochs_keep_the_last_batch_as_the_original(world_size, steps, las
         assert len(dropped) == dropped_steps
 
 
+@pytest.mark.cpu_only  # two runs compared bitwise: CPU kernels repeat exactly, CUDA attention backward need not
 @pytest.mark.parametrize("flags, steps", [((), 8), (("--drop_last",), 7)])
 def test_resume_is_exact_with_a_smaller_last_batch(tmp_path, monkeypatch, capsys, flags, steps):
     """120 images at batch 16: seven full batches and one of 8, kept by default, dropped on request."""

@@ -16,6 +16,8 @@ from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages
 from utils.logging import read_jsonl
 
+pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
+
 IMAGES = 128  # 4 steps of 16 images per rank and epoch
 CONFIG = {
     "model_type": "EDM",  # 18 Heun steps per sample grid
@@ -221,3 +223,20 @@ def test_a_crashing_worker_is_not_a_clean_stop(tmp_path):
     assert "RuntimeError: a crash on rank 1" in result.stderr  # the worker's own traceback stays
     assert result.stderr.strip().splitlines()[-1] == (
         "error: worker rank 1 failed (exit code 1); its own output above says why (exit code 1)")
+
+
+def test_two_processes_train_a_label_conditioned_edm_with_the_augmentation_off(tmp_path):
+    """augment_dim 9 with augment_prob 0 (the ablation of EDM_ddpmpp_aug): the network gets zero labels,
+    so DDP sees its label embedding used in every step instead of stopping at step 2."""
+    config = tmp_path / "tiny_edm.yaml"
+    network = {**CONFIG["network"], "augment_dim": 9}
+    config.write_text(yaml.safe_dump({**CONFIG, "network": network, "diffusion": {"augment_prob": 0.0},
+                                      "n_epoch": 1, "save_dir": str(tmp_path / "run")}))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    result = run_two_processes(probe, "--config", config, "--device", "cpu", cwd=REPO,
+                               env={"PROBE_OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = [torch.load(tmp_path / f"final_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_tensors(final[0]["MODEL"], final[1]["MODEL"])
+    assert [record["steps"] for record in read_jsonl(tmp_path / "run" / "log.jsonl")] == [4]

@@ -60,7 +60,7 @@ class PlainProgress:
         self.every_percent, self.every_seconds = every_percent, every_seconds
         self.stream = stream
         self.n = self.initial = initial
-        self.postfix = ""
+        self.values = {}
         self.start = self.last_time = _now()
         self.last_mark = int(100 * initial / total // every_percent) if every_percent and total else 0
         self.closed = False
@@ -78,7 +78,13 @@ class PlainProgress:
             self._line(now)
 
     def set_postfix(self, **values):
-        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+        """Values shown from the next line on; each is turned into text only when a line is written, so
+        a ``LazyText`` (a device value) is read only then."""
+        self.values = values
+
+    @property
+    def postfix(self):
+        return ", ".join(f"{key} {value}" for key, value in self.values.items())
 
     def line(self, now=None):
         """The status line as it would be printed now."""
@@ -91,7 +97,8 @@ class PlainProgress:
                f"{format_duration(elapsed)} elapsed"
         if self.total and rate > 0 and self.n < self.total:
             text += f", {format_duration((self.total - self.n) / rate)} left"
-        return text + (f" [{self.postfix}]" if self.postfix else "")
+        postfix = self.postfix
+        return text + (f" [{postfix}]" if postfix else "")
 
     def _line(self, now):
         self.last_time = now
@@ -107,6 +114,19 @@ class PlainProgress:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+class LazyText:
+    """``format(function(), spec)``, computed when turned into text: a tqdm bar does that at once, a
+    plain progress only when it writes a line (training's running loss, read from the GPU then)."""
+
+    def __init__(self, function, spec=""):
+        self.function, self.spec, self.text = function, spec, None
+
+    def __str__(self):
+        if self.text is None:
+            self.text = format(self.function(), self.spec)
+        return self.text
 
 
 def progress(total=None, desc="", unit="it", disable=False, interactive=None, every_percent=EVERY_PERCENT,
