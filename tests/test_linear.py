@@ -1,5 +1,6 @@
 """Linear probing: feature passes (early stop, batched timesteps), heads, outputs, resume, two processes."""
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -231,6 +232,8 @@ def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
             "--epoch", "3", "--grid", "--device", "cpu", "--local-rank=0"]
     linear.main(linear.build_parser().parse_args(argv))
     out = capsys.readouterr().out
+    # epochs are numbered from 0, as train.py, log.jsonl and model_{epoch}.pth number them
+    assert re.search(r"^epoch 0/1 ", out, re.M) and not re.search(r"^epoch 1/1 ", out, re.M), out
     table = out[out.index("t \\ block"):].splitlines()
     assert table[0].split() == ["t", "\\", "block", "out_1", "out_2", "out_3", "out_4"]
     assert [line.split()[0] for line in table[1:4]] == ["1", "11", "21"]
