@@ -147,8 +147,10 @@ def network_stages(net, block):
     Returns:
         ``[(name, [modules])]``: "embedding" (input convolution and time embedding), "down.i" for
         every down-path module, "middle", and "up.i" for the up-path modules up to ``block``
-        (upsamplers included).
+        (upsamplers included). A network with its own ``stages(block)`` (model/diffusers_unet.py) says them itself.
     """
+    if hasattr(net, "stages"):
+        return net.stages(block)
     stages = [("embedding", [net.image_proj, net.time_emb])]
     stages += [(f"down.{i}", [module]) for i, module in enumerate(net.down)]
     stages.append(("middle", [net.middle]))
