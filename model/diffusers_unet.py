@@ -153,7 +153,8 @@ def locate(folder):
     if not os.path.isdir(folder):
         raise UserError(f"--ckpt {folder}: no such folder; {HOW_TO_GET}")
     if os.path.isfile(os.path.join(folder, "unet", "config.json")):  # DDPMPipeline.save_pretrained
-        unet_folder, scheduler = os.path.join(folder, "unet"), os.path.join(folder, "scheduler", "scheduler_config.json")
+        unet_folder = os.path.join(folder, "unet")
+        scheduler = os.path.join(folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(scheduler):
             raise UserError(f"diffusers folder {folder} has unet/ but no scheduler/scheduler_config.json; {HOW_TO_GET}")
     elif os.path.isfile(os.path.join(folder, "config.json")):  # a bare UNet2DModel (older Hub repositories)
@@ -208,7 +209,8 @@ def check_scheduler(config, path, diffusion, cfg):
     steps = config.get("num_train_timesteps", 1000)
     described = (f"{beta_schedule} betas {config.get('beta_start', 1e-4)} .. {config.get('beta_end', 0.02)} "
                  f"over {steps} steps")
-    fix = f"use a config whose diffusion section describes the folder's schedule (the config gives {cfg.diffusion_kwargs()})"
+    fix = (f"use a config whose diffusion section describes the folder's schedule (the config gives "
+           f"{cfg.diffusion_kwargs()})")
     if steps != diffusion.n_T:
         raise UserError(f"{path}: the folder's schedule ({described}) has {steps} steps but diffusion.n_T is "
                         f"{diffusion.n_T}; {fix}")
