@@ -13,10 +13,12 @@ import contextlib
 import difflib
 import importlib
 import json
+import os
 
 import torch
 
 from model.ddpm import DDPM
+from model.diffusers_unet import load_diffusers_folder
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.unet import UNet
@@ -227,8 +229,12 @@ def check_schedule(diffusion, checkpoint, path):
 
 
 def load_diffusion(cfg, path, weights="ema", device="cpu"):
-    """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode."""
-    diffusion = load_weights(build_diffusion(cfg), path, weights)
+    """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode.
+    A folder ``path`` is a diffusers UNet2DModel (model/diffusers_unet.py; its one set of weights)."""
+    if os.path.isdir(path):
+        diffusion = load_diffusers_folder(cfg, path)
+    else:
+        diffusion = load_weights(build_diffusion(cfg), path, weights)
     return diffusion.to(device).eval().requires_grad_(False)
 
 
