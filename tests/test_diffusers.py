@@ -1,5 +1,6 @@
-"""A diffusers UNet2DModel folder as --ckpt (model/diffusers_unet.py): the google/ddpm-cifar10-32 layout
-with random weights, its loss against diffusers' own, every evaluation script on it, and the refusals."""
+"""A diffusers UNet2DModel folder as --ckpt or net_type UNet2DModel (model/diffusers_unet.py): the
+google/ddpm-cifar10-32 layout with random weights, its loss against diffusers' own, its in_k / mid / out_k,
+every evaluation script on it, the schedules it maps, and the refusals."""
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
@@ -17,9 +19,9 @@ import knn
 import linear
 import noisy_classifier_DDAE
 import sample
-from model.models import build_diffusion, count_parameters, load_diffusion
+import train
+from model.models import build_diffusion, count_parameters, load_config, load_diffusion
 from tests.launch import REPO
-from utils.config import load_config
 from utils.errors import UserError
 
 CONFIG = REPO / "config" / "DDPM_ddpm.yaml"
@@ -88,11 +90,12 @@ def test_cifar10_layout_loss_equals_diffusers(tmp_path):
         ours = diffusion(x0, t=t_diffusers + 1, noise=noise)
     assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
 
-    # Same probe places as our UNet: every out_k has the shape of ours (channels and resolution).
-    x = torch.randn(1, 3, 32, 32)
+    # Same probe places as our UNet: every in_k, mid and out_k has the shape of ours (channels and resolution).
+    x, ours_net = torch.randn(1, 3, 32, 32), build_diffusion(cfg).nn_model
+    assert diffusion.nn_model.block_names == ours_net.block_names
     with torch.no_grad():
-        _, mine = diffusion.nn_model(x, torch.tensor([0.011]), ret_activation=True)
-        _, reference = build_diffusion(cfg).nn_model(x, torch.tensor([0.011]), ret_activation=True)
+        mine = diffusion.nn_model.forward_features(x, torch.tensor([0.011]), ours_net.block_names)
+        reference = ours_net.forward_features(x, torch.tensor([0.011]), ours_net.block_names)
     assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in reference.items()}
 
 
@@ -115,10 +118,36 @@ def test_wrapper_is_the_unet_and_stops_after_the_deepest_block(small):
     torch.testing.assert_close(features["out_6"], activations["out_6"], rtol=0, atol=0)
 
 
+def test_in_k_and_mid_are_the_down_pairs_and_the_middle_block_of_diffusers(small):
+    """in_k is the k-th (resnet, attention) output of UNet2DModel's down path (its downsamplers' outputs
+    skipped, as our UNet skips its Downsample), mid the middle block's output; a pass for in_3 stops there."""
+    root, unet = small
+    net = load_diffusion(load_config(CONFIG, []), str(root / "ddpm-small")).nn_model
+    seen = {}
+    hooks = [block.register_forward_hook(lambda module, args, out, i=i: seen.__setitem__(i, out[1]))
+             for i, block in enumerate(unet.down_blocks)]
+    hooks.append(unet.mid_block.register_forward_hook(lambda module, args, out: seen.__setitem__("mid", out)))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([11, 700])
+    with torch.no_grad():
+        unet(x, t - 1)
+        expected = [state for i, block in enumerate(unet.down_blocks) for state in seen[i][:len(block.resnets)]]
+        expected_mid = seen["mid"]
+        features = net.forward_features(x, t / 1000, [f"in_{k}" for k in range(1, 9)] + ["mid"])
+        seen.clear()
+        net.forward_features(x, t / 1000, ["in_3"])
+    for hook in hooks:
+        hook.remove()
+    assert len(expected) == 8
+    for k, state in enumerate(expected, start=1):
+        torch.testing.assert_close(features[f"in_{k}"], state, rtol=0, atol=1e-6)
+    torch.testing.assert_close(features["mid"], expected_mid, rtol=0, atol=1e-6)
+    assert "mid" not in seen  # in_3 is in down_blocks[1]: the middle block is not run
+
+
 def test_finetune_stages_hold_exactly_the_parameters_the_block_uses(small):
     root, _ = small
     net = load_diffusion(load_config(CONFIG, []), str(root / "ddpm-small")).nn_model.requires_grad_(True)
-    for block in ("out_1", "out_7", "out_12"):
+    for block in ("in_1", "in_3", "in_8", "mid", "out_1", "out_7", "out_12"):
         net.zero_grad(set_to_none=True)
         net.forward_features(torch.randn(2, 3, 32, 32), torch.tensor([0.5]), [block])[block].square().sum().backward()
         used = {id(p) for p in net.parameters() if p.grad is not None}
@@ -174,6 +203,9 @@ def test_probes_knn_export_finetune_and_noisy_classifier(small, tmp_path):
     linear.main(linear.build_parser().parse_args(script_argv(root, "--grid")))
     grid = json.loads((run / "linear" / "ddpm-small_grid_ep1_lr0.001_bs8.json").read_text())
     assert set(grid["accuracy"]["21"]) == {f"out_{k}" for k in range(1, 13)}
+    linear.main(linear.build_parser().parse_args(script_argv(root, "--grid", "--blocks", "in_3,mid,out_6")))
+    chosen = json.loads((run / "linear" / "ddpm-small_t1-11-21_in_3-mid-out_6_ep1_lr0.001_bs8.json").read_text())
+    assert set(chosen["accuracy"]["21"]) == {"in_3", "mid", "out_6"}
 
     knn.main(knn.build_parser().parse_args(script_argv(root, "--k", "3")))
     assert json.loads((run / "knn" / "ddpm-small_t11_out_6_k3_T0.07.json").read_text())["checkpoint"] == \
@@ -232,10 +264,17 @@ def test_schedule_prediction_and_block_refusals(small, tmp_path):
     original = json.loads(scheduler_file.read_text())
 
     scheduler_file.write_text(json.dumps({**original, "beta_schedule": "squaredcos_cap_v2"}))
-    message = refusal(cfg, folder)
-    assert "squaredcos_cap_v2" in message and "differs from the config's diffusion section" in message
+    assert "beta_schedule 'squaredcos_cap_v2' is diffusion.schedule 'cosine', but the config gives 'linear'" in \
+        refusal(cfg, folder)
+    scheduler_file.write_text(json.dumps({**original, "beta_schedule": "scaled_linear"}))
+    assert "beta_schedule 'scaled_linear' is diffusion.schedule 'scaled_linear', but the config gives 'linear'" \
+        in refusal(cfg, folder)
+    scheduler_file.write_text(json.dumps({**original, "beta_schedule": "sigmoid"}))
+    assert "beta_schedule 'sigmoid' is not supported" in refusal(cfg, folder)
     scheduler_file.write_text(json.dumps({**original, "beta_end": 0.021}))
-    assert "alphabar at t = 1000" in refusal(cfg, folder)
+    message = refusal(cfg, folder)  # names both schedules
+    assert "(linear betas 0.0001 .. 0.021 over 1000 steps) differs" in message and "alphabar at t = " in message
+    assert "the config gives {'betas': [0.0001, 0.02], 'n_T': 1000, 'schedule': 'linear'}" in message
     # A config that gives that schedule loads it.
     assert load_diffusion(load_config(CONFIG, ["diffusion.betas=[1.0e-4,0.021]"]), str(folder)).betas == (1e-4, 0.021)
     scheduler_file.write_text(json.dumps(original))
@@ -250,7 +289,55 @@ def test_schedule_prediction_and_block_refusals(small, tmp_path):
                                                                        "SkipUpBlock2D"]}))
     assert "up_block_type 'SkipUpBlock2D' is not supported" in refusal(cfg, folder)
     unet_file.write_text(json.dumps(unet_config))
-    assert "probe blocks out_1..out_12 but the config's network has out_1..out_9" in \
+    assert "the UNet has blocks in_1..in_8, mid, out_1..out_12 but the config's network has in_1..in_6, mid, " \
+        "out_1..out_9" in \
         refusal(load_config(CONFIG, ["network.n_blocks=2", "network.ch_mults=[1,2,2]",
                                      "network.is_attn=[False,True,False]"]), folder)
     assert "model_type: DDPM" in refusal(load_config(REPO / "config" / "EDM_ddpm.yaml", []), folder)
+
+
+@pytest.mark.parametrize("beta_schedule, schedule, betas", [("squaredcos_cap_v2", "cosine", "[1.0e-4,0.02]"),
+                                                            ("scaled_linear", "scaled_linear", "[0.00085,0.012]")])
+def test_other_schedules_load_and_give_diffusers_loss(small, tmp_path, beta_schedule, schedule, betas):
+    """A folder trained with diffusers' squaredcos_cap_v2 (scaled_linear) loads under diffusion.schedule: cosine
+    (scaled_linear), and the loss at fixed (t, noise) is diffusers' own."""
+    root, unet = small
+    scheduler = ddpm_scheduler(beta_schedule=beta_schedule, beta_start=float(betas[1:-1].split(",")[0]),
+                               beta_end=float(betas[1:-1].split(",")[1]))
+    unet.save_pretrained(tmp_path / "bare")
+    scheduler.save_pretrained(tmp_path / "bare")
+    cfg = load_config(CONFIG, [f"diffusion.schedule={schedule}", f"diffusion.betas={betas}"])
+    diffusion = load_diffusion(cfg, str(tmp_path / "bare"))
+    x0, noise, t = torch.rand(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        theirs = F.mse_loss(unet(scheduler.add_noise(2 * x0 - 1, noise, t), t).sample, noise)
+        ours = diffusion(x0, t=t + 1, noise=noise)
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+
+
+def test_a_config_names_the_folder_as_its_network(small, tmp_path):
+    """net_type UNet2DModel builds the folder's UNet (from_settings) under every script; train.py starts
+    from its weights; a missing folder is the config's one-line error."""
+    root, unet = small
+    config = tmp_path / "DDPM_diffusers.yaml"
+    settings = {**yaml.safe_load(CONFIG.read_text()), "net_type": "UNet2DModel",
+                "network": {"folder": str(root / "ddpm-small")}}
+    config.write_text(yaml.safe_dump(settings))
+    cfg = load_config(config, overrides(root))
+    diffusion = build_diffusion(cfg)
+    assert torch.equal(diffusion.nn_model.unet.conv_in.weight, unet.conv_in.weight)
+    assert diffusion.nn_model.block_names == load_diffusion(cfg, str(root / "ddpm-small")).nn_model.block_names
+
+    args = train.parse_args(["--config", str(config), "--device", "cpu", "--data_root", str(root / "images"),
+                             *[a for o in overrides(root) for a in ("--set", o)], "--set", "n_epoch=1",
+                             "--set", "batch_size=8", "--set", f"save_dir={tmp_path / 'trained'}"])
+    train.train(load_config(args.config, args.set), args)
+    trained = tmp_path / "trained" / "ckpts" / "model_0.pth"
+    knn.main(knn.build_parser().parse_args(["--config", str(config), "--ckpt", str(trained), "--device", "cpu",
+                                            "--data_root", str(root / "images"), "--k", "3",
+                                            *[a for o in overrides(root) for a in ("--set", o)]]))
+    assert json.loads((root / "run" / "knn" / "model_0_t11_out_6_k3_T0.07.json").read_text())["test_images"] == 8
+
+    with pytest.raises(UserError, match=r"key 'network.folder' must be a diffusers UNet2DModel folder, got "
+                                        r"'absent' \(no such folder\); get a model with `hf download"):
+        load_config(config, ["network.folder=absent"])
