@@ -75,11 +75,12 @@ class DDPM(nn.Module):
             also needs ``forward_features(x, t, names)`` and ``block_names`` (see model/unet.py).
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
-        schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's) or "cosine".
+        schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's), "cosine"
+            or "scaled_linear".
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. The two schedules ("DDPM" for
     training, features and ancestral sampling; "DDIM" for the DDIM sampler: the original's linear one
-    has its own, a cosine model samples with its training schedule) are non-persistent buffers, so the
+    has its own, the others sample with their training schedule) are non-persistent buffers, so the
     state dict holds only ``nn_model.*``.
     """
 

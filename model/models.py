@@ -13,10 +13,12 @@ import contextlib
 import difflib
 import importlib
 import json
+import os
 
 import torch
 
 from model.ddpm import DDPM
+from model.diffusers_unet import DiffusersUNet, folder_network
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.unet import UNet
@@ -27,7 +29,7 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NETWORKS = {"UNet": UNet, "DiT": DiT}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet}
 
 
 def network_class(net_type, path="net_type"):
@@ -94,9 +96,10 @@ def build_network(cfg):
     return cls.from_settings(**cfg.network_kwargs()) if hasattr(cls, "from_settings") else cls(**cfg.network_kwargs())
 
 
-def build_diffusion(cfg):
-    """The diffusion wrapper of ``cfg`` (``model_type``) around a freshly initialised network."""
-    return diffusion_class(cfg.model_type)(build_network(cfg), **cfg.diffusion_kwargs())
+def build_diffusion(cfg, network=None):
+    """The diffusion wrapper of ``cfg`` (``model_type``) around ``network``, by default ``build_network(cfg)``."""
+    network = build_network(cfg) if network is None else network
+    return diffusion_class(cfg.model_type)(network, **cfg.diffusion_kwargs())
 
 
 def block_names(cfg, grid=False):
@@ -227,8 +230,13 @@ def check_schedule(diffusion, checkpoint, path):
 
 
 def load_diffusion(cfg, path, weights="ema", device="cpu"):
-    """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode."""
-    diffusion = load_weights(build_diffusion(cfg), path, weights)
+    """Build the model of ``cfg``, load ``weights`` from ``path``, move it to ``device``, eval mode.
+    A folder ``path`` is a diffusers UNet2DModel that replaces the config's network (its one set of
+    weights), after checks that it fits the config (model/diffusers_unet.py)."""
+    if os.path.isdir(path):
+        diffusion = build_diffusion(cfg, folder_network(cfg, path, block_names(cfg)))
+    else:
+        diffusion = load_weights(build_diffusion(cfg), path, weights)
     return diffusion.to(device).eval().requires_grad_(False)
 
 

@@ -30,7 +30,15 @@ def cosine_betas(beta1, beta2, T, leading_zero):
     return torch.tensor([0.0] + betas, dtype=torch.float64)
 
 
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+def scaled_linear_betas(beta1, beta2, T, leading_zero):
+    """Latent diffusion's schedule (diffusers' ``scaled_linear``): betas whose square roots run linearly
+    from sqrt(``beta1``) to sqrt(``beta2``), after the leading zero; the DDIM sampler uses this same
+    schedule (``leading_zero`` is ignored)."""
+    roots = torch.linspace(beta1 ** 0.5, beta2 ** 0.5, T, dtype=torch.float64)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), roots ** 2])
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
 
 
 def make_schedule(beta1, beta2, T, leading_zero, kind="linear"):

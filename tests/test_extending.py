@@ -91,7 +91,7 @@ def test_cosine_model_trains_samples_probes_and_keeps_its_schedule(tmp_path):
     linear_cfg = load_config(config, ["diffusion.schedule=linear"])
     with pytest.raises(UserError, match=r"trained with diffusion.schedule = cosine, but the config gives linear"):
         load_diffusion(linear_cfg, checkpoint)
-    with pytest.raises(UserError, match=r"diffusion.schedule' must be one of linear, cosine, got 'cosin'"):
+    with pytest.raises(UserError, match=r"schedule' must be one of linear, cosine, scaled_linear, got 'cosin'"):
         load_config(config, ["diffusion.schedule=cosin"])
 
 

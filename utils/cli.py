@@ -64,7 +64,8 @@ def add_checkpoint_args(parser):
     parser.add_argument("--epoch", type=int, default=-1,
                         help="use save_dir/ckpts/model_{epoch}.pth; -1 means n_epoch - 1")
     parser.add_argument("--ckpt", default=None,
-                        help="checkpoint file to evaluate instead of --epoch (ours or the original code's)")
+                        help="checkpoint file to evaluate instead of --epoch (ours or the original code's), or a "
+                             "diffusers UNet2DModel folder such as google/ddpm-cifar10-32 (README)")
 
 
 def checkpoint_from_args(cfg, args):
@@ -73,8 +74,12 @@ def checkpoint_from_args(cfg, args):
     if hasattr(cfg, "ckpt"):  # a utils.latents.DiTConfig
         return pretrained_dit_path(args.ckpt or cfg.ckpt)
     if args.ckpt:
+        if os.path.isdir(args.ckpt):
+            return os.path.normpath(args.ckpt)  # a diffusers folder, checked by its loader; no trailing "/"
         if not os.path.isfile(args.ckpt):
-            raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or drop "
-                            f"--ckpt to read save_dir/ckpts/model_{{epoch}}.pth by --epoch")
+            raise UserError(f"--ckpt {args.ckpt}: file not found; pass an existing checkpoint file, or a diffusers "
+                            f"folder (`hf download google/ddpm-cifar10-32 --local-dir weights/ddpm-cifar10-32` "
+                            f"fetches the official DDPM CIFAR-10 one), or drop --ckpt to read "
+                            f"save_dir/ckpts/model_{{epoch}}.pth by --epoch")
         return args.ckpt
     return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)

@@ -43,10 +43,11 @@ class Settings(dict):
 
 def settings_of(cls, skip=0):
     """The YAML keys of a class: ``{name: (type or None, default or REQUIRED)}`` from a dataclass's fields,
-    or else from the keyword parameters of its constructor after the first ``skip`` (a diffusion's
-    network). The type is the annotation, else the default's; None accepts any YAML value."""
+    or else from the keyword parameters after the first ``skip`` (a diffusion's network) of its ``from_settings``
+    if it has one, else of its constructor. The type is the annotation, else the default's; None: any value."""
+    build = getattr(cls, "from_settings", None)  # how the class is made from its keys, else its constructor
     try:
-        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__)
+        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else build or cls.__init__)
     except Exception:  # unresolvable annotations: fall back to the defaults' types
         hints = {}
     if dataclasses.is_dataclass(cls):
@@ -54,7 +55,7 @@ def settings_of(cls, skip=0):
                          else REQUIRED if f.default is dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(cls)}
     spec = {}
-    for param in list(inspect.signature(cls).parameters.values())[skip:]:
+    for param in list(inspect.signature(build or cls).parameters.values())[skip:]:
         if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             spec[param.name] = (hints.get(param.name) or _type_of(param.default), param.default)
     return spec
