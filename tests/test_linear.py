@@ -16,7 +16,7 @@ from evaluation.frozen import prepare_frozen
 from evaluation.heads import ProbeHeads, evaluate_heads
 from evaluation.throughput import feature_pass_throughput
 from model.blocks import Upsample
-from model.models import build_diffusion, feature_dims, load_config, load_diffusion
+from model.models import build_diffusion, feature_dims, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import run_two_processes
 from utils.checkpoint import load_checkpoint

@@ -97,7 +97,6 @@ class StopSignals:
         return self
 
     def __exit__(self, kind, value, traceback):
-        global _active
         self._outer = None
         if self._previous is None:
             return
