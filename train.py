@@ -169,9 +169,8 @@ def train(cfg, args):
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args.resume, args.config)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None:
-        settings = epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last)
-        check_mid_epoch_settings(checkpoint, resume_path, settings)
+    settings = epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last)
+    check_mid_epoch_settings(checkpoint, resume_path, settings)
     check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)
@@ -214,7 +213,7 @@ def train(cfg, args):
                         if clock.stop_due:
                             break
                 if clock.stop_due and state.batch < len(state.data):  # stopped mid-epoch: in latest.pth
-                    meter.close()
+                    meter.bar.close()
                     state.stop_path = latest_path(cfg.save_dir)
                     break
                 state.batch = 0
@@ -226,9 +225,7 @@ def train(cfg, args):
                 state.epoch = epoch + 1
                 saved = None
                 if epoch % cfg.ckpt_interval == 0 or epoch == cfg.n_epoch - 1:
-                    saved = end_of_interval(state, epoch, log_path, board)
-                    if saved:
-                        clock.saved()
+                    saved = end_of_interval(state, epoch, log_path, board, clock)
                 if clock.save_due:  # asked for at the epoch's last step
                     saved = save_latest_checkpoint(state, clock)
                 if clock.stop_due and state.epoch < cfg.n_epoch:

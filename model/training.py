@@ -1,19 +1,9 @@
-"""The run bookkeeping of train.py, below its loop: the training state, building it, checkpoints and
-resume, the sample grids, the end-of-run line.
-
-    state = new_training_state(cfg, data, device, precision, accum, compile_mode, channels_last, settings)
-    restore_training(state, load_checkpoint(path), path)           # weights, EMA, optimizer, counters, RNG
-    meter = start_epoch(state, epoch)                               # warmed-up lr; a utils.epochs.EpochMeter
-    save_latest_checkpoint(state, clock, meter)                     # latest.pth at a step boundary
-    end_of_interval(state, epoch, log_path, board)                  # model_{epoch}.pth, sample grid, loss.png
-
-The step itself stays in train.py. Checkpoint layout: docs/DESIGN.md.
+"""The run bookkeeping below train.py's loop, each piece one call there: the training state, its
+checkpoints and resume, each epoch's start, the sample grids, the closing line. The step stays in train.py.
 """
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,8 +14,8 @@ from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
 from model.speed import compile_module
-from utils.checkpoint import capture_rng_state, checkpoint_epoch, checkpoint_path, latest_path, restore_rng_state, \
-    save_checkpoint
+from utils.checkpoint import (capture_rng_state, checkpoint_epoch, checkpoint_path, latest_path, restore_rng_state,
+                              save_checkpoint, seed_everything)
 from utils.data import TrainData
 from utils.distributed import all_gather_object, get_rank, get_world_size, is_main, print0
 from utils.epochs import EpochMeter
@@ -38,12 +28,6 @@ GRID_ROW = 10
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 # Optimizer-group entries that choose an implementation, not the maths: this run's choice wins on resume.
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 @dataclass
@@ -86,21 +70,9 @@ def make_optimizer(cfg, parameters, lr, device):
 
 
 def new_training_state(cfg, data, device, precision, accum=1, compile_mode=None, channels_last=False, settings=None):
-    """The model, DDP wrapper, optimizer, scaler and EMA of a fresh run on ``data``.
-
-    The model is initialised from seed ``cfg.seed + rank``; under DDP every rank then holds rank 0's
-    weights. Call after ``init_distributed`` when running under a launcher.
-
-    Args:
-        cfg: a checked Config.
-        data: the run's TrainData.
-        device: this process's device.
-        precision: fp32, fp16 or bf16 (``utils.cli.resolve_precision``).
-        accum: micro-batches per optimizer step.
-        compile_mode: torch.compile's mode for the network, None to run it eagerly.
-        channels_last: the network in channels-last memory format.
-        settings: ``utils.checkpoint.epoch_settings``, recorded in mid-epoch checkpoints.
-    """
+    """The model, DDP wrapper, optimizer, scaler and EMA of a fresh run on ``data`` (a TrainData), the
+    TrainState fields of the same names otherwise. The model is initialised from seed ``cfg.seed + rank``;
+    under DDP every rank then holds rank 0's weights. Call after ``init_distributed`` under a launcher."""
     world_size = get_world_size()
     seed_everything(cfg.seed + get_rank())
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -142,14 +114,13 @@ def save_training_checkpoint(state, epoch, path=None, meter=None):
     and ``epoch_seconds``, their time (both from ``meter``, the running epoch's EpochMeter).
 
     Collective: every rank must call it, as each contributes its RNG state; rank 0 writes.
-
-    Returns:
-        the path on rank 0, None elsewhere.
+    Returns the path.
     """
     mid_epoch = state.batch > 0
+    path = path or checkpoint_path(state.cfg.save_dir, epoch)
     gathered = all_gather_object((capture_rng_state(), meter.loss_sum.detach().cpu() if mid_epoch else None))
     if not is_main():
-        return None
+        return path
     rng_states = [rng for rng, _ in gathered]
     checkpoint = {
         "MODEL": state.diffusion.state_dict(),
@@ -166,7 +137,6 @@ def save_training_checkpoint(state, epoch, path=None, meter=None):
         checkpoint["epoch_loss"] = [loss for _, loss in gathered]
         checkpoint["epoch_seconds"] = meter.seconds
         checkpoint["settings"] = state.settings
-    path = path or checkpoint_path(state.cfg.save_dir, epoch)
     save_checkpoint(checkpoint, path)
     return path
 
@@ -179,8 +149,7 @@ def save_latest_checkpoint(state, clock, meter=None):
     Returns:
         the path (on every rank).
     """
-    path = latest_path(state.cfg.save_dir)
-    save_training_checkpoint(state, state.epoch - 1, path, meter)
+    path = save_training_checkpoint(state, state.epoch - 1, latest_path(state.cfg.save_dir), meter)
     clock.saved()
     position = f"epoch {state.epoch}, batch {state.batch}" if state.batch else f"end of epoch {state.epoch - 1}"
     print0(f"checkpoint {path} ({position}, step {state.step})")
@@ -248,14 +217,10 @@ def restore_training(state, checkpoint, path):
     state.step = int(checkpoint.get("step", state.ema_updater.step))  # the original counted EMA updates only
     rank = get_rank()
     state.batch = int(checkpoint.get("batch", 0))
-    if state.batch:
-        saved_by = len(checkpoint["epoch_loss"])
-        if saved_by != get_world_size() or state.batch >= len(state.data):
-            raise UserError(f"{path} stopped after batch {state.batch} of epoch {state.epoch}, written by "
-                            f"{saved_by} process(es); a mid-epoch checkpoint continues only with the same "
-                            f"processes, batch_size, --accum and --drop_last (here {get_world_size()} "
-                            f"process(es), {len(state.data)} batches per epoch); resume from a "
-                            f"model_{{epoch}}.pth instead")
+    if state.batch:  # check_mid_epoch_settings has compared the processes, batch_size, --accum, --drop_last
+        if state.batch >= len(state.data):  # the same settings, another training set
+            raise UserError(f"{path} stopped after batch {state.batch} of epoch {state.epoch}, but an epoch has "
+                            f"{len(state.data)} batches here; resume from a model_{{epoch}}.pth instead")
         state.epoch_loss = checkpoint["epoch_loss"][rank]
         state.epoch_seconds = checkpoint.get("epoch_seconds")
     rng = checkpoint.get("rng")
@@ -268,20 +233,14 @@ def restore_training(state, checkpoint, path):
 
 
 def run_is_complete(state, path, auto):
-    """Whether the checkpoint at ``path`` ended the run's last epoch: with ``auto`` (``--resume auto``, a
-    restart after the end) say so; without it refuse, as there is nothing to train.
-
-    Raises:
-        UserError: the run is complete and ``auto`` is false.
-    """
-    cfg = state.cfg
-    if state.epoch < cfg.n_epoch:
-        return False
-    if auto:
-        print0(f"{path} ends epoch {state.epoch - 1}, the last of n_epoch {cfg.n_epoch}: the run is complete")
-        return True
-    raise UserError(f"{path} ends epoch {state.epoch - 1}, the last of n_epoch {cfg.n_epoch}: "
-                    f"nothing to train; raise n_epoch (--set n_epoch=N) to continue")
+    """Whether the checkpoint at ``path`` ended the run's last epoch: fine with ``auto`` (``--resume auto``
+    restarting a finished run), else a UserError, as there is nothing to train."""
+    ends = f"{path} ends epoch {state.epoch - 1}, the last of n_epoch {state.cfg.n_epoch}"
+    if state.epoch >= state.cfg.n_epoch and not auto:
+        raise UserError(f"{ends}: nothing to train; raise n_epoch (--set n_epoch=N) to continue")
+    if state.epoch >= state.cfg.n_epoch:
+        print0(f"{ends}: the run is complete")
+    return state.epoch >= state.cfg.n_epoch
 
 
 def done_line(state, first_epoch, record, seconds):
@@ -301,8 +260,9 @@ def done_line(state, first_epoch, record, seconds):
             f"run folder {cfg.save_dir}")
 
 
-def end_of_interval(state, epoch, log_path, board):
-    """Checkpoint (every rank takes part), then on rank 0 the sample grid and the loss curve.
+def end_of_interval(state, epoch, log_path, board, clock):
+    """Checkpoint (every rank takes part; it restarts ``clock``), then on rank 0 the sample grid and the
+    loss curve.
 
     Returns:
         the checkpoint's path on every rank, None when save_model is off.
@@ -310,8 +270,7 @@ def end_of_interval(state, epoch, log_path, board):
     cfg = state.cfg
     path = None
     if cfg.save_model:
-        save_training_checkpoint(state, epoch)
-        path = checkpoint_path(cfg.save_dir, epoch)
+        path = save_training_checkpoint(state, epoch)
         print0(f"checkpoint {path} (epoch {epoch}, step {state.step})")
     if is_main():
         grid = save_sample_grid(state, epoch)
@@ -319,4 +278,6 @@ def end_of_interval(state, epoch, log_path, board):
         board.image_file("samples_ema", grid, state.step)
         plot_curves(read_jsonl(log_path), "epoch", "loss", os.path.join(cfg.save_dir, "loss.png"),
                     title=f"training loss ({os.path.basename(os.path.normpath(cfg.save_dir))})")
+    if path:
+        clock.saved()
     return path

@@ -82,6 +82,13 @@ def weights_digest(module):
     return digest.hexdigest()
 
 
+def seed_everything(seed):
+    """Seed torch, numpy's global generator and Python's ``random``: the generators ``capture_rng_state`` saves."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def capture_rng_state():
     """The state of every random generator in use, as tensors and plain values.
 
@@ -267,13 +274,13 @@ def setting_fix(key, saved):
 
 def check_mid_epoch_settings(checkpoint, path, settings):
     """Refuse, before any work, to continue a mid-epoch checkpoint with other ``epoch_settings``: the
-    epoch's remaining batches would not be the ones it left. Files written before the checkpoint recorded
-    its settings are checked on what they hold (processes, the config's batch_size).
+    epoch's remaining batches would not be the ones it left (None: a fresh run). Files written before the
+    checkpoint recorded its settings are checked on what they hold (processes, the config's batch_size).
 
     Raises:
         UserError: naming the setting, the saved and the new value, and the fix.
     """
-    if not checkpoint.get("batch"):
+    if not (checkpoint or {}).get("batch"):
         return
     saved = checkpoint.get("settings")
     if saved is None:

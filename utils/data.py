@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
-from utils.distributed import get_rank
+from utils.distributed import get_rank, usable_cpus
 from utils.errors import UserError, describe_error
 
 # Without train/ and val/ (or test/) subfolders, a `folder` dataset keeps every 10th image of each
@@ -49,10 +49,7 @@ def default_num_workers():
     """Loader workers for a process: its share of the CPUs it may use (os.sched_getaffinity, split
     among the LOCAL_WORLD_SIZE processes torchrun starts on the machine), minus one for the process
     itself, at most MAX_AUTO_WORKERS. Two cores give one worker: no "may freeze" warning from torch."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     try:
         local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

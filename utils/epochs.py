@@ -185,15 +185,12 @@ def peak_memory_gib(device):
 
 
 class EpochMeter:
-    """One training epoch's running numbers, kept on the device: the bar (on a terminal; in a log file a
-    line every few minutes), the loss sum, the pace, and at the end the epoch's log record.
+    """One training epoch's numbers, kept on the device: the bar (on a terminal; a line every few minutes in a
+    log file), the loss sum and the pace; ``finish`` gives the epoch's log record.
 
     Args:
-        epoch, n_epoch: this epoch and the run's count, for the bar and the record.
-        steps: the epoch's steps on this process.
-        batch_size: images of a full step on this process.
-        lr: the epoch's learning rate, for the record.
-        device: where the losses live.
+        epoch, n_epoch, lr: for the bar and the record.
+        steps, batch_size: the epoch's steps and a full step's images, on this process.
         done: steps trained before a mid-epoch resume, with ``loss`` their loss sum on this process (0-dim)
             and ``seconds`` their time (None for files without it: estimated at this part's pace).
     """
@@ -211,8 +208,7 @@ class EpochMeter:
             self.loss_sum += loss.to(device)
         self.recent_loss = torch.zeros((), device=device)
         self.first = self.steps = done
-        self.images = 0
-        self.resumed_seconds = seconds
+        self.images, self.resumed_seconds = 0, seconds
         self.start = time.perf_counter()
         self.started = self.start - (seconds or 0.0)  # the epoch's start, its part before a resume included
 
@@ -222,7 +218,7 @@ class EpochMeter:
         return time.perf_counter() - self.started
 
     def update(self, loss, images):
-        """After a step of ``images`` images on this process whose mean loss is ``loss`` (0-dim, on the device)."""
+        """After a step on ``images`` images of this process, with mean loss ``loss`` (0-dim, on the device)."""
         self.loss_sum += loss
         self.recent_loss += loss
         self.steps += 1
@@ -236,9 +232,8 @@ class EpochMeter:
             self.recent_loss = torch.zeros((), device=self.device)
 
     def finish(self, step):
-        """Close the bar and return the epoch's record, after optimizer step ``step``: epoch, step, steps,
-        loss (mean over steps and ranks), lr, img_per_s (all ranks), peak_mem_gib, seconds.
-        A collective, the epoch's one: loss sums and step counts of every rank."""
+        """Close the bar; return the record: epoch, step (``step``), steps, loss (mean over steps and ranks),
+        lr, img_per_s (all ranks), peak_mem_gib, seconds. A collective, the epoch's one."""
         loss_total, step_total = all_reduce_sum(torch.stack([self.loss_sum,
                                                              self.loss_sum.new_tensor(float(self.steps))])).tolist()
         now = time.perf_counter()
@@ -246,24 +241,14 @@ class EpochMeter:
         if self.first and self.resumed_seconds is None and self.steps > self.first:  # at this part's pace
             seconds = (now - self.start) * self.steps / (self.steps - self.first)
         images = self.images + self.first * self.batch_size * self.world_size  # skipped: never the short last one
-        record = {
-            "epoch": self.epoch,
-            "step": step,
-            "steps": self.steps,
-            "loss": loss_total / step_total if step_total else None,
-            "lr": self.lr,
-            "img_per_s": round(images / seconds, 1),
-            "peak_mem_gib": round(peak_memory_gib(self.device), 3),
-            "seconds": round(seconds, 2),
-        }
+        record = {"epoch": self.epoch, "step": step, "steps": self.steps,
+                  "loss": loss_total / step_total if step_total else None, "lr": self.lr,
+                  "img_per_s": round(images / seconds, 1), "peak_mem_gib": round(peak_memory_gib(self.device), 3),
+                  "seconds": round(seconds, 2)}
         if self.steps:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-        self.close()
-        return record
-
-    def close(self):
-        """Close the bar (``finish`` does; call it for an epoch stopped midway)."""
         self.bar.close()
+        return record
 
 
 def epoch_line(record, n_epoch, started, first):
@@ -281,10 +266,7 @@ def epoch_line(record, n_epoch, started, first):
 def start_run_folder(cfg, epoch):
     """On the main process: delete the temporaries that a kill -9 left in save_dir/ckpts, write config.yaml
     and rewrite log.jsonl keeping only the epochs before ``epoch`` (the later ones are trained again).
-
-    Returns:
-        the path of log.jsonl on the main process, None on the others.
-    """
+    Returns the path of log.jsonl there, None on the other processes."""
     if not is_main():
         return None
     remove_stale_temporaries(cfg.save_dir)
