@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.atomic import atomic_path
-from utils.distributed import DEVICE_CHOICES, resolve_device
+from utils.distributed import DEVICE_CHOICES, resolve_device, usable_cpus
 from utils.errors import UserError, cli_entry, describe_error
 from utils.preemption import StopSignals
 from utils.progress import iterate
@@ -94,14 +94,6 @@ def _unit_float(image):
     return image.float().div(255) if image.dtype == torch.uint8 else image
 
 
-def _default_workers():
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return min(cpus, 8)
-
-
 @torch.no_grad()
 def activations(dataset, feature_extractor, device, batch_size=50, num_workers=None, progress=True,
                 desc="FID features"):
@@ -119,7 +111,7 @@ def activations(dataset, feature_extractor, device, batch_size=50, num_workers=N
         (N, D) float64 numpy array.
     """
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False, drop_last=False,
-                        num_workers=_default_workers() if num_workers is None else num_workers)
+                        num_workers=min(usable_cpus(), 8) if num_workers is None else num_workers)
     features = []
     for batch in iterate(loader, desc=desc, unit="batch", disable=not progress):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

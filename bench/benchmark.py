@@ -44,6 +44,7 @@ from utils.cli import configure_backends, resolve_precision  # noqa: E402
 from utils.config import add_config_args, config_name  # noqa: E402
 from utils.data import resolve_num_workers  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
+from utils.epochs import peak_memory_gib  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 from utils.images import to_uint8  # noqa: E402
 from utils.logging import plot_curves, save_json  # noqa: E402
@@ -390,7 +391,7 @@ def bench_training(context, name):
     img_s = settings.steps * batch / seconds
     return {
         "precision": state.precision, "batch": batch, "img_s": img_s,
-        "peak_gib": train.peak_memory_gib(device),
+        "peak_gib": peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.train_flops, context.peak),
         "compile_s": _steady_excess(warmup_seconds, settings.warmup_steps, seconds / settings.steps),
         "mean_loss": float(losses.mean()),
@@ -438,7 +439,7 @@ def bench_sampling(context, name):
     return {
         "precision": precision, "batch": batch, "sampler": sampler_label(cfg.model_type, sampler["steps"]),
         "img_s": img_s, "s_50k": N_SAMPLES_FID / img_s,
-        "peak_gib": train.peak_memory_gib(device),
+        "peak_gib": peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * evaluations, context.peak),
         "compile_s": _steady_excess(warmup_seconds, warmup_steps / sampler["steps"],
                                     seconds / settings.sample_batches),
@@ -459,7 +460,7 @@ def bench_probe(context, name):
                                           precision, settings.probe_batches, compiled, settings.quick)
     return {
         "precision": precision, "batch": batch, "cells": f"{len(timesteps)} t x {len(blocks)} blocks",
-        "img_s": img_s, "peak_gib": train.peak_memory_gib(device),
+        "img_s": img_s, "peak_gib": peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * len(timesteps), context.peak),
         "compile_s": compile_s,
         "note": _compile_note(variant.compiles, compiled, device),

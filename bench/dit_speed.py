@@ -28,7 +28,6 @@ if str(BENCH) not in sys.path:
 import torch  # noqa: E402
 
 import benchmark  # noqa: E402
-import train  # noqa: E402
 from benchmark import (EvalVariant, _split_names, count_flops, markdown_table, run_job,
                        timed_feature_pass)  # noqa: E402
 from evaluation.features import extract_features  # noqa: E402
@@ -39,6 +38,7 @@ from model.vae import encode_images  # noqa: E402
 from utils.cli import resolve_precision  # noqa: E402
 from utils.config import config_name  # noqa: E402
 from utils.distributed import DEVICE_CHOICES, resolve_device  # noqa: E402
+from utils.epochs import peak_memory_gib  # noqa: E402
 from utils.errors import UserError, cli_entry  # noqa: E402
 
 PARTS = ("dit", "vae")
@@ -158,7 +158,7 @@ def bench_dit(context, name):
     return {
         "precision": precision, "batch": batch, "cell": f"t={t}, {block}", "latent_shape": list(image_shape),
         "feature_shape": list(feature.shape), "images": images, "timed_s": images / img_s, "img_s": img_s,
-        "peak_gib": train.peak_memory_gib(device), "gflop_per_image": flops / 1e9,
+        "peak_gib": peak_memory_gib(device), "gflop_per_image": flops / 1e9,
         "mfu_pct": benchmark._mfu(img_s, flops, context.peak),
         "compile_s": compile_s,
         "note": benchmark._compile_note(variant.compiles, compiled, device),
@@ -202,7 +202,7 @@ def bench_vae(context, name):
         "image_shape": [3, size, size], "latent_shape": list(latents.shape[1:]),
         "shapes": f"3x{size}x{size} -> {'x'.join(map(str, latents.shape[1:]))}",
         "images": images_done, "timed_s": seconds, "img_s": img_s,
-        "peak_gib": train.peak_memory_gib(device), "gflop_per_image": flops / 1e9,
+        "peak_gib": peak_memory_gib(device), "gflop_per_image": flops / 1e9,
         "mfu_pct": benchmark._mfu(img_s, flops, context.peak),
         "parameters_m": count_parameters(vae) / 1e6,
     }

@@ -309,9 +309,9 @@ def test_probe_stops_on_sigterm_after_saving_its_epoch(tmp_path, monkeypatch):
                                                       (False, 0, True), (True, 0, True)])
 def test_batches_from_the_middle_of_an_epoch_are_the_epochs_tail(on_device, workers, drop_last):
     """120 images at batch 16: seven full batches and one of 8, kept or dropped."""
-    from utils.data import SyntheticImages
+    from utils.data import SyntheticImages, TrainData
     dataset = SyntheticImages(n=120, image_size=16, train=True, transform=None)
-    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device,
+    data = TrainData(dataset, 16, torch.device("cpu"), seed=5, num_workers=workers, on_device=on_device,
                            drop_last=drop_last)
     whole = list(data.batches(1))
     tail = list(data.batches(1, start=3))

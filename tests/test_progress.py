@@ -5,8 +5,9 @@ import re
 from tqdm import tqdm
 
 import train
+from model.training import start_epoch
 from tests.helpers import DEVICE, parse, write_config
-from utils import progress as progress_module
+from utils import epochs, progress as progress_module
 from utils.progress import PlainProgress, batches, format_duration, progress
 
 
@@ -85,17 +86,23 @@ def test_a_log_file_reads_the_running_loss_only_for_a_line(tiny_setup, tmp_path,
                 reads.append(1)
             return str(self.text)
 
-    monkeypatch.setattr(train, "LazyText", Counted)
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 1)
+    def run_epoch(state, epoch):  # train.py's inner loop, without the clock
+        meter = start_epoch(state, epoch)
+        for images in state.data.batches(epoch):
+            meter.update(train.train_step(state, images), images.shape[0])
+        meter.finish(state.step)
+
+    monkeypatch.setattr(epochs, "LazyText", Counted)
+    monkeypatch.setattr(epochs, "PROGRESS_EVERY", 1)
     cfg, args = parse(write_config(tmp_path), tmp_path / "run")
     state = train.build_training(cfg, args, DEVICE)
-    train.train_one_epoch(state, 0)  # 8 steps, no line: nothing read
+    run_epoch(state, 0)  # 8 steps, no line: nothing read
     assert reads == []
-    monkeypatch.setattr(train, "progress", lambda **options: progress(interactive=False, every_seconds=0, **options))
-    train.train_one_epoch(state, 1)  # a line after every step (the first before any loss), each loss read then
+    monkeypatch.setattr(epochs, "progress", lambda **options: progress(interactive=False, every_seconds=0, **options))
+    run_epoch(state, 1)  # a line after every step (the first before any loss), each loss read then
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/")]
     assert len(reads) == 7 and all(re.search(r"\[loss \d\.\d{4}, img_s \d+\]$", line) for line in lines[1:8])
     reads.clear()
-    monkeypatch.setattr(train, "progress", lambda **options: progress(interactive=True, **options))
-    train.train_one_epoch(state, 2)
+    monkeypatch.setattr(epochs, "progress", lambda **options: progress(interactive=True, **options))
+    run_epoch(state, 2)
     assert len(reads) == 8  # tqdm turns the value into text at once

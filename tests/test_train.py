@@ -9,9 +9,10 @@ from PIL import Image
 
 import train
 from model.models import diffusion_state_dict, load_config
+from model.training import restore_training, save_training_checkpoint
 from tests.helpers import IMAGES, assert_same_tensors, parse, run, small_synthetic, write_config
-from utils.checkpoint import load_checkpoint
-from utils.data import SyntheticImages
+from utils.checkpoint import find_resume_checkpoint, load_checkpoint
+from utils.data import SyntheticImages, TrainData, uint8_images
 from utils.logging import read_jsonl
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -124,7 +125,7 @@ def test_device_data_path_matches_loader(tiny_setup, tmp_path):
 def test_flips_and_order_depend_on_epoch_and_rank_only(tiny_setup, tmp_path, monkeypatch):
     cfg, args = parse(write_config(tmp_path), tmp_path / "run")
     dataset = small_synthetic("synthetic", None, True, image_size=16)
-    data = train.TrainData(dataset, 16, torch.device("cpu"), seed=cfg.seed, num_workers=0)
+    data = TrainData(dataset, 16, torch.device("cpu"), seed=cfg.seed, num_workers=0)
     epoch0 = torch.cat(list(data.batches(0)))
     assert torch.equal(torch.cat(list(data.batches(0))), epoch0)
     assert not torch.equal(torch.cat(list(data.batches(1))), epoch0)
@@ -134,10 +135,10 @@ def test_flips_and_order_depend_on_epoch_and_rank_only(tiny_setup, tmp_path, mon
                 not bool((originals == image).flatten(1).all(1).any()) for image in epoch0]
     assert 0.3 < sum(mirrored) / len(mirrored) < 0.7
     unpacked = torch.utils.data.Subset(dataset, range(len(dataset)))  # no .images: decoded one by one
-    assert torch.equal(train.uint8_images(unpacked), dataset.images)
+    assert torch.equal(uint8_images(unpacked), dataset.images)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    other_rank = train.TrainData(dataset, 16, torch.device("cpu"), seed=cfg.seed, num_workers=0)
+    other_rank = TrainData(dataset, 16, torch.device("cpu"), seed=cfg.seed, num_workers=0)
     assert len(other_rank) == len(data) // 2
 
 
@@ -156,11 +157,11 @@ def test_loss_scaler_state_survives_a_checkpoint(tiny_setup, tmp_path):
     images = next(state.data.batches(0))
     for _ in range(3):
         assert torch.isfinite(train.train_step(state, images))
-    path = train.save_training_checkpoint(state, 0)
+    path = save_training_checkpoint(state, 0)
     checkpoint = load_checkpoint(path)
     assert checkpoint["scaler"]["scale"] == 2.0 ** 11 and checkpoint["scaler"]["_growth_tracker"] == 1
     resumed = fp16_state()
-    train.restore_training(resumed, checkpoint, path)
+    restore_training(resumed, checkpoint, path)
     assert resumed.scaler.state_dict() == state.scaler.state_dict()
     assert (resumed.epoch, resumed.step) == (1, 3)
 
@@ -213,10 +214,10 @@ def test_resume_from_the_original_codes_checkpoint(tiny_setup, tmp_path):
     path = run_dir / "ckpts" / "model_3.pth"
     shutil.copy(GOLDEN / "original_ckpt_tiny_DDPM.pth", path)
     cfg, args = parse(config, run_dir, load_epoch=3, n_epoch=5)
-    assert train.find_resume_checkpoint(cfg, args) == str(path)
+    assert find_resume_checkpoint(cfg, args.resume, args.config) == str(path)
     state = train.build_training(cfg, args, torch.device("cpu"))
     original = load_checkpoint(path)
-    train.restore_training(state, original, str(path))
+    restore_training(state, original, str(path))
     assert (state.epoch, state.step, state.ema_updater.step) == (4, 3, 3)
     assert_same_tensors(state.diffusion.state_dict(), diffusion_state_dict(original, "online"))
     assert_same_tensors(state.ema.ema_model.state_dict(), diffusion_state_dict(original, "ema"))

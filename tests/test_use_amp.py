@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from model.training import restore_training, save_training_checkpoint
 from tests.helpers import DEVICE, TINY, parse, write_config
 from utils.checkpoint import load_checkpoint
 
@@ -69,12 +70,12 @@ def test_resume_restores_the_scaler_and_continues_exactly(fp16_state, tmp_path):
     train.train_step(state, batches[1])  # skipped: growth tracker reset
     state.scaler.update(2.0 ** 10)
     train.train_step(state, batches[2])  # taken: growth tracker 1
-    path = train.save_training_checkpoint(state, 0, path=tmp_path / "model_0.pth")
+    path = save_training_checkpoint(state, 0, path=tmp_path / "model_0.pth")
     saved = load_checkpoint(path)
     assert saved["scaler"]["scale"] == 2.0 ** 10 and saved["scaler"]["_growth_tracker"] == 1
 
     resumed = fp16_state()
-    train.restore_training(resumed, saved, path)
+    restore_training(resumed, saved, path)
     assert resumed.scaler.state_dict() == state.scaler.state_dict()
     torch.manual_seed(5)
     expected = train.train_step(state, batches[3])

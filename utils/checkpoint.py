@@ -82,6 +82,13 @@ def weights_digest(module):
     return digest.hexdigest()
 
 
+def seed_everything(seed):
+    """Seed torch, numpy's global generator and Python's ``random``: the generators ``capture_rng_state`` saves."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def capture_rng_state():
     """The state of every random generator in use, as tensors and plain values.
 
@@ -165,11 +172,7 @@ def checkpoint_position(path):
         checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint(path)  # raises the one-line error
-    epoch = checkpoint.get("epoch")
-    if epoch is None:
-        match = CHECKPOINT_NAME.match(os.path.basename(path))
-        epoch = int(match.group(1)) if match else -1
-    return int(epoch), int(checkpoint.get("batch", 0)), int(checkpoint.get("step", -1))
+    return checkpoint_epoch(checkpoint, path), int(checkpoint.get("batch", 0)), int(checkpoint.get("step", -1))
 
 
 def resume_checkpoint(save_dir):
@@ -199,6 +202,98 @@ def remove_stale_temporaries(save_dir):
         except FileNotFoundError:
             pass
     return stale
+
+
+def find_resume_checkpoint(cfg, resume, config_path):
+    """The checkpoint a training run continues from, or None for a fresh run.
+
+    ``resume`` is train.py's ``--resume``: None, True (the flag alone), "auto" or a path; ``config_path``
+    names the YAML file in the error about its ``load_epoch``. True and "auto" take latest.pth or the
+    highest model_{epoch}.pth, whichever got further (``resume_checkpoint``); with nothing there, "auto"
+    starts fresh.
+
+    Raises:
+        UserError: --resume with nothing to resume, a load_epoch without its checkpoint, or a
+            fresh run into a save_dir that already holds checkpoints.
+    """
+    folder = os.path.join(cfg.save_dir, "ckpts")
+    if resume is True or resume == "auto":
+        path = resume_checkpoint(cfg.save_dir)
+        if path is None and resume is True:
+            raise UserError(f"--resume: no checkpoint to resume in {folder}; start without --resume, "
+                            f"use --resume auto to start fresh when there is none, or pass --resume PATH "
+                            f"to a checkpoint file")
+        return path
+    if resume:
+        if not os.path.isfile(resume):
+            raise UserError(f"--resume {resume}: file not found; pass a checkpoint such as "
+                            f"{checkpoint_path(cfg.save_dir, 0)}, or --resume alone for the latest in save_dir")
+        return resume
+    saved = list_checkpoints(cfg.save_dir)
+    if cfg.load_epoch != -1:
+        if cfg.load_epoch not in saved:
+            found = ", ".join(map(str, saved)) or "none"
+            raise UserError(f"{config_path}: key 'load_epoch' is {cfg.load_epoch}, but {folder} has no "
+                            f"model_{cfg.load_epoch}.pth (saved epochs: {found}); set load_epoch to one "
+                            f"of them or -1")
+        return saved[cfg.load_epoch]
+    newest = resume_checkpoint(cfg.save_dir)
+    if newest is not None:
+        raise UserError(f"save_dir {cfg.save_dir} already holds checkpoints (the newest is {newest}); "
+                        f"pass --resume to continue that run, or choose another folder with --set save_dir=DIR")
+    return None
+
+
+def checkpoint_epoch(checkpoint, path):
+    """The epoch a checkpoint ends: its ``epoch`` entry, else the N of its name model_N.pth."""
+    if "epoch" in checkpoint:
+        return int(checkpoint["epoch"])
+    match = CHECKPOINT_NAME.match(os.path.basename(path))
+    if match is None:
+        raise UserError(f"{path}: no 'epoch' entry and the name is not model_{{epoch}}.pth; rename it "
+                        f"to model_{{epoch}}.pth after the epoch it ends")
+    return int(match.group(1))
+
+
+def epoch_settings(world_size, batch_size, accum, drop_last):
+    """The settings that decide which images each batch of an epoch holds: a mid-epoch latest.pth
+    continues only with the same ones (a model_{epoch}.pth with any)."""
+    return {"processes": world_size, "batch_size": batch_size, "accum": accum, "drop_last": bool(drop_last)}
+
+
+def setting_fix(key, saved):
+    """How to run with the setting ``key`` a mid-epoch checkpoint was ``saved`` with."""
+    if key == "processes":
+        return f"launch {saved} process(es) in all (torchrun --nproc_per_node x --nnodes)"
+    if key == "batch_size":
+        return f"pass --set batch_size={saved}"
+    if key == "accum":
+        return f"pass --accum {saved}"
+    return "pass --drop_last" if saved else "leave out --drop_last"
+
+
+def check_mid_epoch_settings(checkpoint, path, settings):
+    """Refuse, before any work, to continue a mid-epoch checkpoint with other ``epoch_settings``: the
+    epoch's remaining batches would not be the ones it left (None: a fresh run). Files written before the
+    checkpoint recorded its settings are checked on what they hold (processes, the config's batch_size).
+
+    Raises:
+        UserError: naming the setting, the saved and the new value, and the fix.
+    """
+    if not (checkpoint or {}).get("batch"):
+        return
+    saved = checkpoint.get("settings")
+    if saved is None:
+        saved = {"processes": len(checkpoint.get("epoch_loss", ())) or None,
+                 "batch_size": (checkpoint.get("config") or {}).get("batch_size")}
+    position = f"batch {checkpoint['batch']} of epoch {int(checkpoint.get('epoch', -1)) + 1}"
+    for key, wanted in settings.items():
+        if saved.get(key) is not None and saved[key] != wanted:
+            raise UserError(f"{path} stopped mid-epoch ({position}) with {key} {saved[key]}, and this run has "
+                            f"{key} {wanted}: the rest of that epoch would not be the batches it left; "
+                            f"{setting_fix(key, saved[key])}, or continue from a model_{{epoch}}.pth with "
+                            f"--resume PATH")
+
 
 
 def resolve_checkpoint(save_dir, epoch, n_epoch=None):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
+from utils.distributed import get_rank, usable_cpus
 from utils.errors import UserError, describe_error
 
 # Without train/ and val/ (or test/) subfolders, a `folder` dataset keeps every 10th image of each
@@ -48,10 +49,7 @@ def default_num_workers():
     """Loader workers for a process: its share of the CPUs it may use (os.sched_getaffinity, split
     among the LOCAL_WORLD_SIZE processes torchrun starts on the machine), minus one for the process
     itself, at most MAX_AUTO_WORKERS. Two cores give one worker: no "may freeze" warning from torch."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     try:
         local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
@@ -525,6 +523,90 @@ def set_loader_epoch(loader, epoch):
     """Tell the loader's sampler which epoch starts, so each epoch has its own shuffle."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+class TrainData:
+    """This process's training batches; their order and flips are a pure function of (seed, epoch, rank).
+
+    The order is DistributedSampler's (seed, epoch) permutation split over ranks; the flips are drawn
+    on the device from a generator seeded by (seed, epoch, rank). An epoch therefore sees the same
+    images whether it runs straight or after a resume, with any number of loader workers, and from
+    host memory or from the device copy (``on_device``).
+
+    Args:
+        dataset: training split yielding (float image in [0, 1], label), without random flips.
+        batch_size: images per optimizer step on this process.
+        device: where batches are delivered.
+        seed: shuffling and flipping seed, the same on every rank.
+        flip: random horizontal flips with probability 1/2.
+        num_workers: loader processes (unused with ``on_device``).
+        on_device: keep the whole set on the device as uint8 and gather batches there.
+        channels_last: deliver batches in channels-last memory format.
+        drop_last: drop the epoch's last, smaller batch (by default it is kept, as in the original).
+    """
+
+    def __init__(self, dataset, batch_size, device, seed, flip=True, num_workers=0, on_device=False,
+                 channels_last=False, drop_last=False):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.flip = flip
+        self.channels_last = channels_last
+        self.drop_last = drop_last
+        self.rank = get_rank()
+        # With on_device the loader is never iterated: its sampler only supplies the order.
+        self.loader = build_loader(dataset, batch_size, train=True, num_workers=0 if on_device else num_workers,
+                                   seed=seed, device=device, drop_last=drop_last)
+        self.images = uint8_images(dataset).to(device) if on_device else None  # (N, C, H, W)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def batches(self, epoch, start=0):
+        """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device, from batch
+        ``start`` on (a mid-epoch resume).
+
+        Skipped batches are not loaded, but their flips are drawn, so every later batch is flipped as in
+        an uninterrupted epoch. The loader itself draws nothing random (its transform has no random
+        step), so its workers need no replay.
+        """
+        set_loader_epoch(self.loader, epoch)
+        flips = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        if self.flip:
+            for _ in range(start):  # only the last batch can be smaller, and it is never skipped
+                torch.rand(self.batch_size, generator=flips, device=self.device)
+        if self.images is None:
+            self.loader.sampler.skip(start * self.batch_size)
+            source = (images.to(self.device, non_blocking=True) for images, _ in self.loader)
+        else:
+            order = torch.tensor(list(self.loader.sampler), device=self.device)
+            source = (v2.functional.to_dtype(self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],
+                                             torch.float32, scale=True) for i in range(start, len(self)))
+        for images in source:
+            yield self._finish(images, flips)
+
+    def _finish(self, images, flips):
+        if self.flip:
+            flipped = torch.rand(images.shape[0], generator=flips, device=self.device) < 0.5
+            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def describe_end(self):
+        """How the epoch ends, for train.py's header line: the size of the last batch, or that it is dropped."""
+        remainder = len(self.loader.sampler) % self.batch_size
+        if not remainder:
+            return "all full"
+        if self.drop_last:
+            return f"--drop_last: the last {remainder} images of each shard are dropped"
+        return f"the last of {remainder}"
+
+    def first_images(self, n):
+        """The first ``n`` training images, unflipped, on the CPU: the real half of the sample grids."""
+        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])
+
 
 
 @dataclass(frozen=True)

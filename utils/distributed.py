@@ -44,6 +44,14 @@ def get_local_rank():
     return _env_int("LOCAL_RANK", 0)
 
 
+def usable_cpus():
+    """The CPUs this process may use (its affinity; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def get_world_size():
     """Number of processes (1 when not distributed)."""
     return dist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
@@ -144,14 +152,6 @@ def all_reduce_sum(tensor):
     total = tensor.detach().clone()
     if _initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
-
-
-def all_reduce_mean(tensor):
-    """Return the mean of ``tensor`` over processes, as a floating-point tensor."""
-    total = all_reduce_sum(tensor if tensor.is_floating_point() else tensor.double())
-    if _initialized():
-        total /= dist.get_world_size()
     return total
 
 
