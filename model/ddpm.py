@@ -114,6 +114,9 @@ class DDPM(nn.Module):
         """The sampler of sample.py's --mode/--steps/--eta: {"mode", "steps", "eta"} for ``sample``."""
         n_T = settings["n_T"]
         if mode == "DDIM":
+            if steps is None and n_T < 100:
+                raise UserError(f"DDIM's default of 100 steps is more than diffusion.n_T = {n_T}; pass --steps N "
+                                f"with N from 1 to {n_T}")
             steps = 100 if steps is None else steps
             if not 1 <= steps <= n_T:
                 raise UserError(f"--steps {steps}: DDIM takes 1 to n_T = {n_T} steps")

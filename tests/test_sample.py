@@ -118,6 +118,9 @@ def test_defaults_are_the_original_run(ddpm_config, edm_config):
         sample.sample_count(sample.build_parser().parse_args(["--config", "c", "--n_samples", "-5"]), cifar)
     with pytest.raises(UserError, match="--steps 21: DDIM takes 1 to n_T = 20 steps"):
         sample.sampler_settings(ddpm, "DDIM", 21, 0.0)
+    with pytest.raises(UserError, match=r"^DDIM's default of 100 steps is more than diffusion.n_T = 20; pass --steps N "
+                                         r"with N from 1 to 20$"):  # names no --steps the user did not type
+        sample.sampler_settings(ddpm, "DDIM", None, 0.0)
     with pytest.raises(UserError, match="--mode DDPM is the ancestral sampler of DDPM configs"):
         sample.sampler_settings(edm, "DDPM", None, 0.0)
     with pytest.raises(UserError, match="--eta 1.5"):
@@ -344,3 +347,29 @@ def test_fid_flag_scores_the_run(ddpm_config, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="--fid nowhere: no such folder or .npz"):  # found before sampling
         sample.run(sample.build_parser().parse_args(
             ["--config", str(ddpm_config), "--steps", "2", "--fid", "nowhere"]), torch.device("cpu"))
+
+
+def test_sigterm_to_the_launcher_stops_two_sampling_processes_with_75(ddpm_config, tmp_path):
+    """The README's multi-GPU sampling under ``python -m utils.launch``: a SIGTERM to the launcher (what
+    srun or a scheduler sends) ends every worker at once and the launcher with 75 and the stop line."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.launch import two_process_command
+    out_dir = tmp_path / "samples"
+    command, env = two_process_command(REPO / "sample.py", "--config", ddpm_config, "--device", "cpu",
+                                       "--n_samples", 100000, "--steps", 20, "--batch_size", 2, "--out_dir", out_dir,
+                                       launcher="utils.launch")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir.is_dir() and any(out_dir.rglob("*.png"))):  # sampling is under way
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 75, out[-3000:] + err[-3000:]
+    assert out.strip().splitlines()[-1] == ("stopped on SIGTERM: the images written so far are kept, and the same "
+                                            "command writes only the missing ones (exit code 75)")
+    assert "Traceback" not in err
