@@ -43,8 +43,8 @@ from model.models import count_parameters, feature_dims, load_config, load_diffu
 from utils.atomic import check_writable
 from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, resolve_precision
 from utils.config import add_config_args
-from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
-                        probe_train_transform, resolve_num_workers, test_transform)
+from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, probe_train_transform,
+                        resolve_num_workers)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
@@ -342,12 +342,8 @@ def main(args):
     tag = finetune_tag(checkpoint, timestep, block)
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
-    image_size = cfg.image_shape[-1]
-    train_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=True,
-                                           transform=probe_train_transform(image_size), image_size=image_size),
-                             args.max_images)
-    test_set = limit_images(build_dataset(cfg.dataset, args.data_root, train=False, transform=test_transform(),
-                                          image_size=image_size), args.max_images)
+    train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]),
+                                        args.max_images)
 
     device = init_distributed(args.device)
     try:

@@ -35,7 +35,7 @@ from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args
-from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
+from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, limit_images,
                         resolve_num_workers, test_transform)
 from utils.distributed import add_launcher_args, cleanup, get_world_size, init_distributed, is_main, print0
 from utils.errors import UserError, cli_entry
@@ -220,10 +220,7 @@ def main(args):
     out_dir = os.path.join(cfg.save_dir, "knn")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
     if not on_latents(cfg):
-        image_size = cfg.image_shape[-1]
-        train_set, test_set = (limit_images(build_dataset(cfg.dataset, args.data_root, train=train,
-                                                          transform=test_transform(), image_size=image_size),
-                                            args.max_images) for train in (True, False))
+        train_set, test_set = config_splits(cfg, args.data_root, test_transform(), args.max_images)
     if args.k > len(train_set):
         raise UserError(f"--k {args.k}: larger than the {len(train_set)} training images; pass --k "
                         f"{len(train_set)} or less")

@@ -151,8 +151,7 @@ def build_training(cfg, args, device):
     data = TrainData(dataset, cfg.batch_size * args.accum, device, seed=cfg.seed, flip=cfg.flip,
                      num_workers=resolve_num_workers(args, cfg), on_device=args.gpu_data,
                      channels_last=args.channels_last, drop_last=args.drop_last)
-    return new_training_state(cfg, data, device, precision, args.accum, args.compile, args.channels_last,
-                              settings=epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last))
+    return new_training_state(cfg, data, device, precision, args.accum, args.compile, args.channels_last)
 
 
 def train(cfg, args):
@@ -169,8 +168,8 @@ def train(cfg, args):
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args.resume, args.config)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    settings = epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last)
-    check_mid_epoch_settings(checkpoint, resume_path, settings)
+    check_mid_epoch_settings(checkpoint, resume_path,
+                             epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last))
     check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", "train"))  # a missing package fails here
     state = build_training(cfg, args, device)

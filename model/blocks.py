@@ -1,4 +1,5 @@
-"""Building blocks of the DDAE UNet: time embedding, residual, attention and resampling blocks.
+"""Building blocks of the DDAE UNet: time embedding, residual, attention and resampling blocks, and the
+probed-block recorder every network of ours (and a researcher's own) can use.
 
 Module and parameter names follow the original code, so checkpoints load in both directions.
 """
@@ -147,3 +148,34 @@ class MiddleBlock(nn.Module):
 
     def forward(self, x, temb):
         return self.res2(self.attn(self.res1(x, temb)), temb)
+
+
+class BlockRecorder:
+    """The probed blocks of one forward pass (docs/DESIGN.md, "Network contract"): call ``keep(h)`` on each
+    block's output in ``block_names`` order; it records the wanted ones in ``activations`` and returns True
+    once the deepest wanted block is done, so the network stops there.
+
+    Args:
+        block_names: the network's blocks, in the order it runs them.
+        wanted: a name or list of names (``forward_features``; an unknown one is a ValueError), or None:
+            record ``default`` (None: every block) and run to the end (``forward``).
+    """
+
+    def __init__(self, block_names, wanted, default=None):
+        if wanted is None:
+            self.record, self.last = set(block_names if default is None else default), None
+        else:
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            unknown = [n for n in wanted if n not in block_names]
+            if unknown:
+                raise ValueError(f"unknown block {unknown[0]!r}; this network has "
+                                 f"{block_names[0]}..{block_names[-1]}")
+            self.record, self.last = set(wanted), max(block_names.index(n) for n in wanted)
+        self.names = enumerate(block_names)
+        self.activations = {}
+
+    def keep(self, h):
+        index, name = next(self.names)
+        if name in self.record:
+            self.activations[name] = h
+        return index == self.last

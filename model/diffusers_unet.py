@@ -27,6 +27,7 @@ import os
 import torch
 from torch import nn
 
+from model.blocks import BlockRecorder
 from model.schedules import make_schedule
 from utils.distributed import print0
 from utils.errors import UserError, describe_error
@@ -99,20 +100,12 @@ class DiffusersUNet(nn.Module):
 
     def _run(self, x, t, aug, wanted):
         """UNet2DModel.forward run pair by pair; ``wanted`` as in model/unet.py (None: the out_k)."""
+        recorder = BlockRecorder(self.block_names, wanted, self.grid_blocks)
+        keep, activations = recorder.keep, recorder.activations  # activations: {name: (B, C, H, W)}
         if aug is not None:
             raise ValueError("a diffusers UNet2DModel takes no augmentation labels")
         unet = self.unet
         emb = unet.time_embedding(unet.time_proj(self.timestep_index(t, x.shape[0])).to(unet.dtype))  # (B, D)
-        activations = {}
-        last_needed = None if wanted is None else max(self.block_names.index(n) for n in wanted)
-        names = iter(self.block_names)
-
-        def keep(h):  # record the next block's output; True once the deepest requested one is done
-            name = next(names)
-            if name in (self.grid_blocks if wanted is None else wanted):
-                activations[name] = h  # (B, C, H, W)
-            return self.block_names.index(name) == last_needed
-
         h = unet.conv_in(x)
         skips = [h]
         for block in unet.down_blocks:
@@ -145,12 +138,7 @@ class DiffusersUNet(nn.Module):
 
     def forward_features(self, x, t, names, aug=None):
         """Return ``{name: (B, C, H, W)}`` for the requested blocks; later blocks are not run."""
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in self.block_names]
-        if unknown:
-            raise ValueError(f"unknown block {unknown[0]!r}; this network has "
-                             f"{self.block_names[0]}..{self.block_names[-1]}")
-        return self._run(x, t, aug, set(names))[1]
+        return self._run(x, t, aug, names)[1]
 
     def stages(self, block):
         """The modules that compute ``block``, in running order, for finetune.py's layer decay:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.blocks import BlockRecorder
 from model.ddpm import check_steps_and_betas, pool_features, requested_blocks
 from model.noise import noise_like
 
@@ -235,18 +236,14 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, side * p, side * p)
 
     def _run(self, x, t, y, wanted):
-        """Run the network; ``wanted`` is None (full output) or the set of layer-k names to return."""
+        """Run the network; ``wanted`` is None (full output and every block) or the layer-k names to return."""
+        recorder = BlockRecorder(self.block_names, wanted)
         c = self._condition(t, y, x.shape[0], x.device)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        activations = {}
-        last_needed = None if wanted is None else max(self.block_names.index(n) for n in wanted)
-        for index, (name, block) in enumerate(zip(self.block_names, self.blocks)):
-            h = block(h, c)
-            if wanted is None or name in wanted:
-                activations[name] = h
-            if index == last_needed:
-                return None, activations
-        return self.unpatchify(self.final_layer(h, c)), activations
+        for block in self.blocks:
+            if recorder.keep(h := block(h, c)):
+                return None, recorder.activations
+        return self.unpatchify(self.final_layer(h, c)), recorder.activations
 
     def forward(self, x, t, y=None, ret_activation=False):
         """``x`` (B, C, H, W) noisy latents, ``t`` (B,) timesteps in 0..999, ``y`` (B,) labels (None:
@@ -256,12 +253,7 @@ class DiT(nn.Module):
 
     def forward_features(self, x, t, names, y=None):
         """Return ``{name: (B, T, D)}`` for the requested blocks; later blocks are not run."""
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in self.block_names]
-        if unknown:
-            raise ValueError(f"unknown block {unknown[0]!r}; this network has "
-                             f"{self.block_names[0]}..{self.block_names[-1]}")
-        return self._run(x, t, y, set(names))[1]
+        return self._run(x, t, y, names)[1]
 
 
 def linear_alphas_cumprod(betas=(1e-4, 0.02), n_T=1000):

@@ -14,8 +14,8 @@ from model.ema import SyncFreeEMA, make_ema
 from model.models import build_diffusion, load_weights
 from model.noise import PerImageNoise
 from model.speed import compile_module
-from utils.checkpoint import (capture_rng_state, checkpoint_epoch, checkpoint_path, latest_path, restore_rng_state,
-                              save_checkpoint, seed_everything)
+from utils.checkpoint import (capture_rng_state, checkpoint_epoch, checkpoint_path, epoch_settings, latest_path,
+                              restore_rng_state, save_checkpoint, seed_everything)
 from utils.data import TrainData
 from utils.distributed import all_gather_object, get_rank, get_world_size, is_main, print0
 from utils.epochs import EpochMeter
@@ -52,9 +52,13 @@ class TrainState:
     batch: int = 0                  # batches of epoch `epoch` already trained (a mid-epoch resume)
     epoch_loss: torch.Tensor = None  # with `batch`: this rank's loss sum over those batches
     epoch_seconds: float = None     # with `batch`: the seconds spent on those batches before the resume
-    settings: dict = None           # epoch_settings(): what decides the epoch's batches
     stopped: str = None             # the signal that stopped the run, if one did
     stop_path: str = None           # the checkpoint written before that stop
+
+    @property
+    def settings(self):
+        """``epoch_settings``: what decides the epoch's batches."""
+        return epoch_settings(get_world_size(), self.cfg.batch_size, self.accum, self.data.drop_last)
 
 
 def make_optimizer(cfg, parameters, lr, device):
@@ -69,7 +73,7 @@ def make_optimizer(cfg, parameters, lr, device):
                         f"({describe_error(err)}); use its keyword arguments") from None
 
 
-def new_training_state(cfg, data, device, precision, accum=1, compile_mode=None, channels_last=False, settings=None):
+def new_training_state(cfg, data, device, precision, accum=1, compile_mode=None, channels_last=False):
     """The model, DDP wrapper, optimizer, scaler and EMA of a fresh run on ``data`` (a TrainData), the
     TrainState fields of the same names otherwise. The model is initialised from seed ``cfg.seed + rank``;
     under DDP every rank then holds rank 0's weights. Call after ``init_distributed`` under a launcher."""
@@ -90,7 +94,7 @@ def new_training_state(cfg, data, device, precision, accum=1, compile_mode=None,
     return TrainState(cfg=cfg, device=device, precision=precision, diffusion=diffusion, model=model,
                       optimizer=make_optimizer(cfg, diffusion.parameters(), base_lr, device),
                       scaler=make_grad_scaler(device, precision), ema=ema, ema_updater=SyncFreeEMA(ema),
-                      data=data, base_lr=base_lr, accum=accum, compile_mode=compile_mode, settings=settings)
+                      data=data, base_lr=base_lr, accum=accum, compile_mode=compile_mode)
 
 
 def start_epoch(state, epoch):

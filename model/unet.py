@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from model.blocks import Downsample, MiddleBlock, TimeEmbedding, UpDownBlock, Upsample
+from model.blocks import BlockRecorder, Downsample, MiddleBlock, TimeEmbedding, UpDownBlock, Upsample
 
 
 class UNet(nn.Module):
@@ -99,20 +99,12 @@ class UNet(nn.Module):
         require(net.augment_dim >= 0, "network.augment_dim", f"must be 0 or positive, got {net.augment_dim}")
 
     def _run(self, x, t, aug, wanted):
-        """Run the network; ``wanted`` is None (full output and the out_k) or the set of block names to return."""
+        """Run the network; ``wanted`` is None (full output and the out_k) or the block names to return."""
+        recorder = BlockRecorder(self.block_names, wanted, self.grid_blocks)
+        keep, activations = recorder.keep, recorder.activations  # activations: {name: (B, C, H, W)}
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = self.time_emb(t, aug)  # (B, 4 * n_channels)
-        activations = {}
-        last_needed = None if wanted is None else max(self.block_names.index(n) for n in wanted)
-        names = iter(self.block_names)
-
-        def keep(h):  # record the next block's output; True once the deepest requested one is done
-            name = next(names)
-            if name in (self.grid_blocks if wanted is None else wanted):
-                activations[name] = h  # (B, C, H, W)
-            return self.block_names.index(name) == last_needed
-
         h = self.image_proj(x)
         skips = [h]
         for module in self.down:
@@ -154,9 +146,4 @@ class UNet(nn.Module):
 
     def forward_features(self, x, t, names, aug=None):
         """Return ``{name: (B, C, H, W)}`` for the requested blocks; later blocks are not run."""
-        names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in self.block_names]
-        if unknown:
-            raise ValueError(f"unknown block {unknown[0]!r}; this network has "
-                             f"{self.block_names[0]}..{self.block_names[-1]}")
-        return self._run(x, t, aug, set(names))[1]
+        return self._run(x, t, aug, names)[1]

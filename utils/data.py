@@ -462,6 +462,14 @@ def limit_images(dataset, max_images):
     return subset
 
 
+def config_splits(cfg, root, train_transform, max_images=0):
+    """(train, test) of the config's dataset at its image size, the test split with ``test_transform()``,
+    each cut to its first ``max_images`` images (0: all)."""
+    size = cfg.image_shape[-1]
+    return tuple(limit_images(build_dataset(cfg.dataset, root, train=train, transform=transform, image_size=size),
+                              max_images) for train, transform in ((True, train_transform), (False, test_transform())))
+
+
 def _splitmix64(value):
     value = (value + 0x9E3779B97F4A7C15) % 2 ** 64
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
