@@ -149,9 +149,6 @@ def prepare_folder(out_dir, settings, n_samples):
 
     Returns:
         the sorted indices below ``n_samples`` whose ``pngs/{i}.png`` is missing.
-
-    Raises:
-        UserError: the folder holds images made with other settings, or images of unknown origin.
     """
     pngs = os.path.join(out_dir, "pngs")
     settings_path = os.path.join(out_dir, SETTINGS_FILE)

@@ -15,9 +15,8 @@ from utils.progress import iterate
 
 @torch.no_grad()
 def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None):
-    """Average-pooled features of the requested blocks from one forward pass at timestep ``t``.
-
-    The network stops after the deepest requested block.
+    """Average-pooled features of the requested blocks from one forward pass at timestep ``t`` (the network
+    stops after the deepest requested block).
 
     Args:
         diffusion: a DDPM or EDM model (EDM's ``t`` indexes its 18-step schedule).

@@ -11,11 +11,8 @@ by a margin shared by the batch, upsample 2x with the sym6 wavelet filter, sampl
 filter and downsample 2x. Images without a geometric operation are not resampled, so p = 0 is
 exactly the identity.
 
-Conventions of the transformed content, in pixels with x to the right and y downwards, about the
-image centre: it is first scaled by 2**(scale_std * scale_w), then rotated counter-clockwise on
-screen by ``angle``, then stretched by 2**(aniso_std * aniso_w) along the axis at ``aniso_angle``
-(counter-clockwise from +x) and by its inverse across it, and finally moved by
-translate_std * (W, H) * translate_w pixels.
+The content is transformed about the image centre (x right, y down): scaled, rotated, stretched along the
+anisotropy axis and by the inverse across it, then moved; ``AugmentParams`` gives each amount.
 """
 import math
 from dataclasses import dataclass
@@ -146,11 +143,9 @@ class AugmentPipe(nn.Module):
         aniso_rotate_prob: probability that the anisotropy axis is a random direction instead of x.
         translate_std: standard deviation of the shift, as a fraction of the image size.
 
-    ``forward(images, generator=None)`` returns ``(augmented, labels)``; ``sample_params`` and
-    ``apply`` split it into the random draw and the deterministic transformation. The parameters are
-    drawn on the generator's device (the CPU without one), so that choosing what to resample and
-    the padding margin need no GPU synchronisation. No gradients flow through the pipe. Images need
-    H, W >= 2.
+    Calls: docs/DESIGN.md, Augmentation contract. The parameters are drawn on the generator's device (the CPU
+    without one), so that choosing what to resample and the padding margin need no GPU synchronisation.
+    No gradients flow through the pipe. Images need H, W >= 2.
     """
 
     def __init__(self, p=0.12, xflip=1e8, yflip=1, scale=1, rotate=1, aniso=1, translate=1,

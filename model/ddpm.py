@@ -71,17 +71,14 @@ class DDPM(nn.Module):
     """Denoising diffusion (Ho et al. 2020) around an epsilon-predicting network.
 
     Args:
-        nn_model: network called as ``nn_model(x, t)`` with t = timestep / n_T; for features it
-            also needs ``forward_features(x, t, names)`` and ``block_names`` (see model/unet.py).
+        nn_model: a network of docs/DESIGN.md's Network contract, called with t = timestep / n_T.
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
         schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's), "cosine"
             or "scaled_linear".
 
-    Images are in [0, 1] outside this class and in [-1, 1] inside. The two schedules ("DDPM" for
-    training, features and ancestral sampling; "DDIM" for the DDIM sampler: the original's linear one
-    has its own, the others sample with their training schedule) are non-persistent buffers, so the
-    state dict holds only ``nn_model.*``.
+    Images are in [0, 1] outside this class and in [-1, 1] inside. Two schedules: "DDPM" for training,
+    features and ancestral sampling, "DDIM" for the DDIM sampler (``model.schedules``).
     """
 
     probe_grid = (1, 11, 21)  # the original's --grid timesteps

@@ -52,9 +52,7 @@ class DiffusersUNet(nn.Module):
         n_T: the steps it was trained over (its scheduler's num_train_timesteps); ``forward`` gets t / n_T
             and feeds the network t - 1.
 
-    ``block_names`` as our UNet's: ``in_k``, the k-th (resnet, attention) pair of the down path (before
-    the level's downsampler); ``mid``, the middle block; ``out_k``, the k-th pair of the up path, counted
-    from the deepest, before the level's upsampler (``grid_blocks``, what ``--grid`` probes).
+    ``block_names`` as our UNet's, at the places docs/DESIGN.md's Network contract gives.
     """
 
     feature_axis = 1  # the channels of a (B, C, H, W) activation
@@ -171,11 +169,8 @@ def _read_json(path):
 
 
 def locate(folder):
-    """``(unet_folder, scheduler_config_path or None)`` of a pipeline or bare UNet folder.
-
-    Raises:
-        UserError: the folder, its UNet's config.json or its weights are missing (saying how to get them).
-    """
+    """``(unet_folder, scheduler_config_path or None)`` of a pipeline or bare UNet folder (a UserError when the
+    folder, its UNet's config.json or its weights are missing)."""
     if not os.path.isdir(folder):
         raise UserError(f"--ckpt {folder}: no such folder; {HOW_TO_GET}")
     if os.path.isfile(os.path.join(folder, "unet", "config.json")):  # DDPMPipeline.save_pretrained

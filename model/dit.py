@@ -170,8 +170,7 @@ class DiT(nn.Module):
         num_classes: class labels.
         learn_sigma: predict a variance as well: 2 * in_channels output channels.
 
-    Block k's output (0-based) is the feature ``layer-k``, (B, T, D): ``forward_features`` returns
-    the requested ones and stops after the deepest.
+    Block k's output (0-based) is the feature ``layer-k``, (B, T, D) (docs/DESIGN.md, Network contract).
     """
 
     feature_axis = -1  # the channels of a (B, T, D) activation
@@ -271,9 +270,6 @@ class DiTDiffusion(nn.Module):
         nn_model: a ``DiT``.
         betas: (first, last) beta of the linear schedule over 1000 steps.
         n_T: number of diffusion steps; timesteps are 0..n_T-1.
-
-    The schedule is a non-persistent buffer, so the state dict holds only ``nn_model.*``. It works on
-    cached VAE latents (``on_latents``): the scripts read ``utils.latents.latent_datasets(cfg)``.
     """
 
     on_latents = True
@@ -314,18 +310,11 @@ class DiTDiffusion(nn.Module):
         return a * x + b * noise
 
     def get_feature(self, x0, t, name=None, norm=False, noise=None):
-        """Token-averaged block outputs of the DiT at timestep ``t``, with the null label.
+        """``DDPM.get_feature`` (the other arguments and the result are its), token-averaged, with the null label.
 
         Args:
             x0: (B, C, H, W) clean latents (the VAE's, already scaled by 0.18215).
             t: int or (B,) integer tensor of timesteps in 0..n_T-1.
-            name: one block name ("layer-13"), a list of names, or None for every block. The
-                network stops after the deepest one needed.
-            norm: L2-normalise each feature vector.
-            noise: (B, C, H, W) tensor, a noise source (see model/noise.py), or None for fresh noise.
-
-        Returns:
-            (B, D) float32 tensor when ``name`` is a string, else ``{name: (B, D)}``.
         """
         t = self._timesteps(t, x0.shape[0], x0.device)
         x_t = self.q_sample(x0, t, noise_like(noise, x0))

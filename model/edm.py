@@ -44,14 +44,10 @@ class EDM(nn.Module):
         sigma_min, sigma_max, rho: the sampling schedule.
         S_min, S_max, S_noise: noise levels where the sampler adds churn, and its noise inflation.
         augment_prob: probability of each geometric augmentation in training (0 turns it off); the
-            augmentation labels condition the network, which then needs ``augment_dim = 9``. A network
-            with ``augment_dim`` > 0 gets zero labels in training when the augmentation is off.
+            augmentation labels condition the network, which then needs ``augment_dim = 9``.
 
-    Under autocast only the network runs in the lower precision: the augmentation, the
-    preconditioning and the loss are float32 (``model.amp.network_only``), as in the original.
-
-    Images are in [0, 1] outside this class and in [-1, 1] inside. The state dict holds only
-    ``nn_model.*``.
+    Images are in [0, 1] outside this class and in [-1, 1] inside. Precision and the zero labels when
+    augmentation is off: docs/DESIGN.md, Augmentation contract.
     """
 
     probe_grid = (3, 4, 5)  # the original's --grid: indices into the FEATURE_STEPS-step schedule
@@ -168,9 +164,7 @@ class EDM(nn.Module):
             if self.augment_pipe is not None:
                 x, aug = self.augment_pipe(x)
             elif self.augment_dim:
-                # Labels always reach a network that takes them: all zero, what the pipe gives at p = 0
-                # (SPEC section 4: zero where an operation is not applied). So DDP sees the label
-                # embedding used in every step.
+                # zero labels, what the pipe gives at p = 0, so DDP sees the label embedding used every step
                 aug = torch.zeros((x.shape[0], self.augment_dim), device=x.device)
             else:
                 aug = None
@@ -179,29 +173,17 @@ class EDM(nn.Module):
             return (weight * (denoised - x) ** 2).mean()
 
     def schedule(self, steps):
-        """The sampler's noise levels: ``steps`` values from sigma_max down to sigma_min, then 0.
-
-        Returns:
-            (steps + 1,) float64 CPU tensor.
-        """
+        """The sampler's noise levels: ``karras_schedule`` with this model's settings."""
         return karras_schedule(steps, self.sigma_min, self.sigma_max, self.rho)
 
     def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None):
-        """Average-pooled activations of the network's decoder blocks on noised images.
+        """``DDPM.get_feature`` (the other arguments and the result are its), at a noise level of EDM's schedule.
 
         Args:
-            x0: (B, C, H, W) clean images in [0, 1].
             t: int or (B,) integer tensor indexing the reversed schedule of ``steps``: 1 is
                 sigma_min, ``steps`` is sigma_max (0, no noise, has no network conditioning ln 0,
                 so it is rejected for an int and gives NaN features in a tensor).
             steps: length of the schedule that ``t`` indexes.
-            name: one block name ("out_7") to get only its feature, a list of names to get a dict
-                of those, or None for the grid blocks (a UNet's out_k). The network stops after the deepest one needed.
-            norm: L2-normalise each feature vector.
-            noise: (B, C, H, W) tensor, a noise source (see model/noise.py), or None for fresh noise.
-
-        Returns:
-            (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
         """
         if isinstance(t, int) and not 1 <= t <= steps:
             raise ValueError(f"EDM feature timestep {t} is outside 1..{steps} (the schedule of {steps} steps)")
@@ -230,14 +212,11 @@ class EDM(nn.Module):
         """Generate images with the second-order Heun sampler (2 * steps - 1 network calls).
 
         Args:
-            n_sample: number of images (ignored when ``x_T`` is given).
-            size: (C, H, W) of one image (ignored when ``x_T`` is given).
+            n_sample, size, noise: as ``DDPM.sample``'s (``noise`` also gives the churn noise).
             x_T: (B, C, H, W) standard-normal starting draw (scaled by sigma_max here); drawn from
                 ``noise`` when None.
             steps: number of noise levels.
             eta: churn, 0 (deterministic) to 1 (gamma = sqrt(2) - 1 where S_min <= sigma <= S_max).
-            noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
-                churn noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
             mode: "EDM", the only sampler (so ``sampler_settings``' dict passes as keywords).
 
         Returns:

@@ -113,9 +113,8 @@ def start_epoch(state, epoch):
 def save_training_checkpoint(state, epoch, path=None, meter=None):
     """Write save_dir/ckpts/model_{epoch}.pth (or ``path``) atomically (the DESIGN.md layout).
 
-    ``epoch`` is the last finished epoch. Mid-epoch (``state.batch`` > 0) the file also holds ``batch``,
-    the batches of epoch ``epoch + 1`` already trained, ``epoch_loss``, every rank's loss sum over them,
-    and ``epoch_seconds``, their time (both from ``meter``, the running epoch's EpochMeter).
+    ``epoch`` is the last finished epoch; mid-epoch (``state.batch`` > 0) the file also holds the entries
+    the layout lists, ``epoch_loss`` and ``epoch_seconds`` from ``meter`` (the running epoch's EpochMeter).
 
     Collective: every rank must call it, as each contributes its RNG state; rank 0 writes.
     Returns the path.
@@ -148,11 +147,7 @@ def save_training_checkpoint(state, epoch, path=None, meter=None):
 def save_latest_checkpoint(state, clock, meter=None):
     """Write save_dir/ckpts/latest.pth at this step boundary (collective, like save_training_checkpoint)
     and restart ``clock``. ``state.epoch`` and ``state.batch`` say where training stands; mid-epoch,
-    ``meter`` is the running epoch's EpochMeter.
-
-    Returns:
-        the path (on every rank).
-    """
+    ``meter`` is the running epoch's EpochMeter. Returns the path (on every rank)."""
     path = save_training_checkpoint(state, state.epoch - 1, latest_path(state.cfg.save_dir), meter)
     clock.saved()
     position = f"epoch {state.epoch}, batch {state.batch}" if state.batch else f"end of epoch {state.epoch - 1}"
@@ -199,9 +194,6 @@ def restore_training(state, checkpoint, path):
 
     Restores the weights, EMA, optimizer, scaler, counters and this rank's RNG state, as far as the
     checkpoint holds them.
-
-    Raises:
-        UserError: the checkpoint belongs to another network or is not a training checkpoint.
     """
     load_weights(state.diffusion, path, weights="online", checkpoint=checkpoint)
     if "EMA" in checkpoint:
@@ -266,11 +258,7 @@ def done_line(state, first_epoch, record, seconds):
 
 def end_of_interval(state, epoch, log_path, board, clock):
     """Checkpoint (every rank takes part; it restarts ``clock``), then on rank 0 the sample grid and the
-    loss curve.
-
-    Returns:
-        the checkpoint's path on every rank, None when save_model is off.
-    """
+    loss curve. Returns the checkpoint's path on every rank, None when save_model is off."""
     cfg = state.cfg
     path = None
     if cfg.save_model:

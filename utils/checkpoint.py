@@ -24,11 +24,7 @@ DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
 def save_checkpoint(obj, path):
-    """Write ``obj`` to ``path`` with ``torch.save`` so that a crash never leaves a partial file.
-
-    The data goes to a temporary file in the same folder, is flushed to disk, and then replaces
-    ``path`` in one step: ``path`` holds either the previous checkpoint or the complete new one.
-    """
+    """Write ``obj`` to ``path`` with ``torch.save`` through ``utils.atomic``: a crash never leaves a partial file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -43,12 +39,8 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict written by ``save_checkpoint`` or by the original code.
-
-    Raises:
-        UserError: the file is missing, truncated, not a PyTorch file, holds arbitrary Python
-            objects, or is not a dict.
-    """
+    """Load a checkpoint dict written by ``save_checkpoint`` or by the original code; a UserError for a file that is
+    missing, truncated, not a PyTorch file, holds arbitrary Python objects, or is not a dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found; check save_dir and --epoch, or train first")
@@ -90,13 +82,9 @@ def seed_everything(seed):
 
 
 def capture_rng_state():
-    """The state of every random generator in use, as tensors and plain values.
-
-    Covers torch on the CPU, every CUDA device (when CUDA is available), numpy's global
-    generator and Python's ``random``. numpy and ``random`` keep their state in a str, an
-    ndarray and a tuple, which ``weights_only`` loading rejects, so they are stored as int64
-    tensors and numbers.
-    """
+    """The state of torch's (CPU, this process's CUDA device), numpy's global and Python's ``random`` generators,
+    as tensors and plain values: numpy's and ``random``'s str, ndarray and tuple, which ``weights_only``
+    loading rejects, are stored as int64 tensors and numbers."""
     _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     python_version, python_words, python_gauss = random.getstate()
     state = {
@@ -114,10 +102,7 @@ def capture_rng_state():
 
 
 def restore_rng_state(state):
-    """Put back the generators saved by ``capture_rng_state``.
-
-    The CUDA state goes to this process's current device.
-    """
+    """Put back the generators saved by ``capture_rng_state`` (CUDA's on this process's current device)."""
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
@@ -162,10 +147,7 @@ def latest_path(save_dir):
 def checkpoint_position(path):
     """How far the training checkpoint at ``path`` got: ``(epoch, batch, step)``, where epoch is the last
     finished one (from the file, else its name model_{epoch}.pth), batch the batches of the next epoch
-    already trained (mid-epoch latest.pth; else 0) and step the optimizer steps (-1 when not stored).
-
-    The file is memory-mapped, so only its small entries are read, not the weights.
-    """
+    already trained (mid-epoch latest.pth; else 0) and step the optimizer steps (-1 when not stored)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # an older (non-zip) file, or a damaged one: the full load says which
@@ -188,11 +170,8 @@ def resume_checkpoint(save_dir):
 
 def remove_stale_temporaries(save_dir):
     """Delete the hidden temporaries (``.name.PID.tmp``) that checkpoint writes killed midway left in
-    ``save_dir/ckpts``; each can be as large as a checkpoint. Call it before this run writes any.
-
-    Returns:
-        the paths removed.
-    """
+    ``save_dir/ckpts``; each can be as large as a checkpoint. Call it before this run writes any. Returns
+    the paths removed."""
     folder = os.path.join(save_dir, "ckpts")
     stale = [os.path.join(folder, name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
              if TEMPORARY_NAME.match(name)]
@@ -211,10 +190,6 @@ def find_resume_checkpoint(cfg, resume, config_path):
     names the YAML file in the error about its ``load_epoch``. True and "auto" take latest.pth or the
     highest model_{epoch}.pth, whichever got further (``resume_checkpoint``); with nothing there, "auto"
     starts fresh.
-
-    Raises:
-        UserError: --resume with nothing to resume, a load_epoch without its checkpoint, or a
-            fresh run into a save_dir that already holds checkpoints.
     """
     folder = os.path.join(cfg.save_dir, "ckpts")
     if resume is True or resume == "auto":
@@ -275,11 +250,7 @@ def setting_fix(key, saved):
 def check_mid_epoch_settings(checkpoint, path, settings):
     """Refuse, before any work, to continue a mid-epoch checkpoint with other ``epoch_settings``: the
     epoch's remaining batches would not be the ones it left (None: a fresh run). Files written before the
-    checkpoint recorded its settings are checked on what they hold (processes, the config's batch_size).
-
-    Raises:
-        UserError: naming the setting, the saved and the new value, and the fix.
-    """
+    checkpoint recorded its settings are checked on what they hold (processes, the config's batch_size)."""
     if not (checkpoint or {}).get("batch"):
         return
     saved = checkpoint.get("settings")
@@ -295,18 +266,13 @@ def check_mid_epoch_settings(checkpoint, path, settings):
                             f"--resume PATH")
 
 
-
 def resolve_checkpoint(save_dir, epoch, n_epoch=None):
     """Path of the checkpoint of ``epoch``, which must exist.
 
     Args:
-        save_dir: the run folder.
         epoch: an epoch number, or -1 for the final epoch ``n_epoch - 1`` (the original's
             ``load_epoch: -1``); with ``n_epoch`` None, -1 means the latest saved checkpoint.
         n_epoch: the number of training epochs of the run.
-
-    Raises:
-        UserError: naming the epochs that do exist.
     """
     checkpoints = list_checkpoints(save_dir)
     folder = os.path.join(save_dir, "ckpts")

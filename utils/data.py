@@ -1,11 +1,7 @@
 """Datasets, transforms and loaders shared by every script.
 
-Every dataset yields ``(image, label)``: a float image tensor in [0, 1] of shape (C, H, W) once
-the transform has run, and an int label. Each dataset carries ``num_classes``.
-
-Names accepted by ``build_dataset``: ``cifar`` / ``cifar10``, ``cifar100``, ``tinyimagenet``,
-``folder`` (a class-per-folder image tree) and ``synthetic`` (coloured shapes made in memory,
-for the demo and the tests).
+Every dataset (a ``DATASETS`` entry) yields ``(image, label)``: a (C, H, W) float image in [0, 1] once the
+transform has run, and an int label. Each dataset carries ``num_classes``.
 """
 import math
 import os
@@ -159,10 +155,7 @@ def _load_cifar(dataset_class, label, root, train, transform):
 
 
 def _download_archive(dataset_class, label, root):
-    """Download the archive into a staging folder and move it into ``root`` only once complete.
-
-    A failed or interrupted download therefore never leaves a partial archive behind.
-    """
+    """Download the archive into a staging folder and move it into ``root`` only once complete (never a partial one)."""
     missing = (f"{label} not found under {root} and could not be downloaded ({{reason}}): place "
                f"{dataset_class.filename} in {os.path.join(root, '')} or pass --data_root DIR")
     try:
@@ -387,11 +380,7 @@ def _rank_and_world_size(rank, world_size):
 
 
 def shard_indices(num_samples, rank, world_size):
-    """The contiguous slice of ``range(num_samples)`` that ``rank`` evaluates; no index repeats.
-
-    Shard sizes differ by at most one; concatenating the shards of ranks 0..world_size-1 gives
-    ``range(num_samples)`` in order.
-    """
+    """The contiguous slice of ``range(num_samples)`` that ``rank`` evaluates; no index repeats."""
     return range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
 
 
@@ -488,15 +477,10 @@ def image_seed(seed, index):
 
 def build_loader(dataset, batch_size, train, num_workers=0, seed=0, rank=None, world_size=None,
                  device=None, drop_last=True, batch_flag="--set batch_size=N"):
-    """A DataLoader over this rank's part of ``dataset``.
-
-    Training shuffles with a DistributedSampler (one rank is the world-size-1 case); call
-    ``set_loader_epoch(loader, epoch)`` before each epoch, so that the order depends only on
-    (seed, epoch) and a resumed run sees the same order. Evaluation visits each index exactly once
-    over all ranks (``EvalShardSampler``).
+    """A DataLoader over this rank's part of ``dataset``: shuffled for training (call ``set_loader_epoch``
+    before each epoch, so the order depends only on (seed, epoch)), else each index once over all ranks.
 
     Args:
-        dataset: a map-style dataset.
         batch_size: images per batch on this rank.
         train: shuffle (and apply ``drop_last``).
         drop_last: with ``train``, drop the last incomplete batch of every rank. Otherwise the sampler
@@ -534,12 +518,8 @@ def set_loader_epoch(loader, epoch):
 
 
 class TrainData:
-    """This process's training batches; their order and flips are a pure function of (seed, epoch, rank).
-
-    The order is DistributedSampler's (seed, epoch) permutation split over ranks; the flips are drawn
-    on the device from a generator seeded by (seed, epoch, rank). An epoch therefore sees the same
-    images whether it runs straight or after a resume, with any number of loader workers, and from
-    host memory or from the device copy (``on_device``).
+    """This process's training batches; their order and flips are a pure function of (seed, epoch, rank), so
+    an epoch sees the same images straight or resumed, with any number of workers, from host or device.
 
     Args:
         dataset: training split yielding (float image in [0, 1], label), without random flips.
@@ -573,12 +553,7 @@ class TrainData:
 
     def batches(self, epoch, start=0):
         """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device, from batch
-        ``start`` on (a mid-epoch resume).
-
-        Skipped batches are not loaded, but their flips are drawn, so every later batch is flipped as in
-        an uninterrupted epoch. The loader itself draws nothing random (its transform has no random
-        step), so its workers need no replay.
-        """
+        ``start`` on (a mid-epoch resume: docs/DESIGN.md, Checkpoint layout, says what is replayed)."""
         set_loader_epoch(self.loader, epoch)
         flips = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
         if self.flip:
@@ -614,7 +589,6 @@ class TrainData:
     def first_images(self, n):
         """The first ``n`` training images, unflipped, on the CPU: the real half of the sample grids."""
         return torch.stack([self.dataset[i][0] for i in range(min(n, len(self.dataset)))])
-
 
 
 @dataclass(frozen=True)

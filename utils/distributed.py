@@ -93,16 +93,8 @@ def resolve_device(device=None):
 
 
 def init_distributed(device=None):
-    """Pick this process's device and, under a launcher, join the process group.
-
-    NCCL is used on CUDA and gloo on CPU. Under plain ``python`` no process group is created.
-
-    Args:
-        device: see ``resolve_device``; scripts pass ``args.device``.
-
-    Returns:
-        The torch.device this process should use.
-    """
+    """Return this process's torch.device (``device``: see ``resolve_device``) and, under a launcher, join the
+    process group: NCCL on CUDA, gloo on CPU. Under plain ``python`` no process group is created."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

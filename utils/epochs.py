@@ -1,17 +1,6 @@
 """The bookkeeping around an epoch loop, in one place: resume, the per-epoch state, the log, the agreed stop.
 
-    loop = EpochLoop(n_epoch, device, board=board, prefix="finetune/", log_path=None,
-                     how="the same command with --resume continues it")
-    state = loop.resume(state_path, settings, "{path} was trained with {key}={saved!r}, not {wanted!r}; ...")
-    for epoch in loop.epochs(start, train_loader, seed=seed):   # timer, loader epoch, per-epoch seed
-        totals = EpochTotals(device)
-        ...train, calling totals.add(loss, logits, labels) per batch...
-        loss, accuracy, images = totals.reduce()
-        loop.log(epoch + 1, f"epoch {epoch + 1}/{n_epoch} ...", scalars={"loss": loss}, record={...})
-        loop.save(state_path, {"epoch": epoch + 1, ...})       # rank 0 writes atomically; every rank waits
-        loop.stop_if_asked(epoch, state_path)                   # SIGTERM / SIGUSR1: exit 75 on every rank
-    loop.close()
-
+The calls, in the order a loop makes them: docs/DESIGN.md's helpers table (linear.py is a short example).
 Each script keeps what differs: what it trains, what it records and what its state file holds.
 A stop needs the signals installed (``utils.preemption.StopSignals`` around ``main``); the ranks agree
 on it at the end of the epoch (``utils.checkpoint_clock.agree_to_stop``), so none waits in a collective.
@@ -52,11 +41,7 @@ def every_rank_rng():
 
 class EpochTotals:
     """This process's sums over one epoch's training batches, kept on the device: the loop never waits
-    for the GPU until ``reduce``.
-
-    Args:
-        device: where the batches' losses and logits live.
-    """
+    for the GPU until ``reduce``."""
 
     def __init__(self, device):
         self.device = device
@@ -108,9 +93,6 @@ class EpochLoop:
             keys: the settings to compare (default: all of ``settings``).
             lenient: skip the keys the file lacks (files written before they existed).
             done: the epochs finished according to the state, for the "resuming" line.
-
-        Raises:
-            UserError: the state was written with other settings (``mismatch``).
         """
         if path is None or not os.path.isfile(path):
             return None
@@ -152,11 +134,8 @@ class EpochLoop:
             self.board.scalars(scalars, step, prefix=self.prefix)
 
     def save(self, path, state):
-        """Write ``state`` to ``path`` atomically on the main process; every process waits for it.
-
-        Every process builds ``state`` (state dicts only hold references), so an ``every_rank_rng()``
-        in it, a collective, runs on all of them.
-        """
+        """Write ``state`` to ``path`` atomically on the main process; every process waits for it. Every process
+        builds ``state`` (state dicts only hold references), so an ``every_rank_rng()`` in it runs on all."""
         if is_main():
             save_checkpoint(state, path)
         barrier()

@@ -27,14 +27,8 @@ GRID_PADDING = 2  # torchvision's save_image default, used by the original's gri
 
 
 def to_uint8(images):
-    """Quantise float images in [0, 1] to uint8 like torchvision's ``save_image``, on their device.
-
-    Args:
-        images: float tensor of any shape (values outside [0, 1] are clamped); uint8 passes through.
-
-    Returns:
-        uint8 tensor of the same shape, on the same device.
-    """
+    """Quantise float images of any shape in [0, 1] (clamped) to uint8 like torchvision's ``save_image``, on their
+    device; uint8 passes through."""
     if images.dtype == torch.uint8:
         return images
     return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)

@@ -121,9 +121,6 @@ def prepare_cache(cache_dir, settings, copies, train_labels, test_labels):
 
     Returns:
         the copies still to encode, in order (``TEST_COPY`` for the test split).
-
-    Raises:
-        UserError: the folder holds latents made with other settings, or cannot be written.
     """
     settings_path = os.path.join(cache_dir, SETTINGS_FILE)
     try:

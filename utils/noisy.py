@@ -19,7 +19,6 @@ from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines, save_json
 
 MODES = ("DDPM", "EDM")
-METHODS = ("WRN", "DDAE")
 DDPM_LEVEL_COUNT = 20
 EDM_STEPS = 18  # model.edm.EDM.FEATURE_STEPS (the WRN baseline has no diffusion model to ask)
 RESULT_FILE = "noisy_accuracy.json"
