@@ -1,6 +1,7 @@
 """finetune.py: the classifier, its stages and learning rates, the schedule, and resumed runs."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def cli_argv(tmp_path, checkpoint, *extra):
             "--epochs", "1", "--max_images", "16", "--batch_size", "8", *extra]
 
 
-def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
+def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "run")
     checkpoint = tmp_path / "model_3.pth"
     save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
@@ -170,6 +171,8 @@ def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path):
     assert scalars["finetune/train_loss"] == [(1, pytest.approx(result["history"][0]["train_loss"]))]
     assert result["finished"] and len(result["history"]) == 1 and result["classes"] == 10
     assert (tmp_path / "run" / "finetune" / "model_3_t21_out_3.state.pth").is_file()
+    out = capsys.readouterr().out  # epochs count from 0, as train.py, linear.py and log.jsonl count them
+    assert re.search(r"^epoch 0/1 ", out, re.M) and not re.search(r"^epoch 1/1 ", out, re.M), out
 
 
 @pytest.mark.parametrize("extra, message", [
