@@ -164,14 +164,13 @@ def network_kind(keys):
     return next((kind for kind, (mark, _) in NETWORK_MARKS.items() if mark in names), None)
 
 
-def other_network(checkpoint, diffusion, path):
-    """A UserError when the checkpoint holds the other kind of network than ``diffusion``, else None."""
+def refuse_other_network(checkpoint, expected, path):
+    """Raise a UserError when the checkpoint holds the other kind of network than the state dict ``expected``."""
     state = checkpoint.get("EMA") or checkpoint.get("MODEL") or checkpoint
-    held, wanted = network_kind(state), network_kind(diffusion.state_dict())
+    held, wanted = network_kind(state), network_kind(expected)
     if held and wanted and held != wanted:
-        return UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
-                         f"with {NETWORK_MARKS[held][1]}")
-    return None
+        raise UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
+                        f"with {NETWORK_MARKS[held][1]}")
 
 
 def load_weights(diffusion, path, weights="ema", checkpoint=None):
@@ -180,9 +179,7 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
-    mismatch = other_network(checkpoint, diffusion, path)
-    if mismatch is not None:
-        raise mismatch
+    refuse_other_network(checkpoint, expected, path)
     try:
         state = diffusion_state_dict(checkpoint, weights, network_keys)
     except KeyError as missing:
