@@ -243,7 +243,7 @@ def count_parameters(module):
 
 @torch.no_grad()
 def feature_dims(diffusion, image_shape):
-    """Channel count of every block (UNet ``out_k``, DiT ``layer-k``), found with one tiny forward pass.
+    """Channel count of every block of ``block_names``, found with one tiny forward pass.
 
     The pass runs eagerly even when the network was compiled, so that its batch of one costs no
     compilation of its own and does not make the compiled graph's batch size dynamic.
