@@ -154,7 +154,6 @@ def main(args):
     cfg = load_config(args.config, args.set)
     if args.epoch_interval < 1:
         raise UserError(f"--epoch_interval {args.epoch_interval}: must be at least 1")
-    probe_cells(cfg)  # checks linear.timestep before any work
     checkpoints = find_checkpoints(cfg.save_dir, checkpoint_epochs(cfg.n_epoch, args.epoch_interval))
     device = init_distributed(args.device)
     try:

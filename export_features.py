@@ -203,7 +203,7 @@ def main(args):
     # --timestep is linear.timestep for this run, so the config's own checks cover it.
     cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep)},
                       allow_dit=True)
-    (timestep,), _ = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
+    (timestep,), _ = probe_cells(cfg)
     blocks = resolve_blocks(cfg, args.blocks)
     checkpoint = checkpoint_from_args(cfg, args)
     out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)

@@ -332,7 +332,7 @@ def main(args):
     # config's own checks cover them.
     cfg = load_config(args.config, args.set, flags={"linear.timestep": ("--timestep", args.timestep),
                                                     "linear.blockname": ("--block", args.block)})
-    (timestep,), (block,) = probe_cells(cfg, timestep_flag="--timestep" if args.timestep is not None else None)
+    (timestep,), (block,) = probe_cells(cfg)
     out_dir = args.out or os.path.join(cfg.save_dir, "finetune")
     if args.out:
         check_writable(out_dir, "--out", "pass --out with a writable folder")

@@ -29,8 +29,7 @@ from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args
-from utils.data import (add_data_args, build_dataset, build_loader, probe_train_transform, resolve_num_workers,
-                        test_transform as eval_transform)
+from utils.data import add_data_args, build_loader, config_splits, probe_train_transform, resolve_num_workers
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
                                init_distributed, is_main, print0)
 from utils.epochs import EpochLoop, every_rank_rng
@@ -211,11 +210,7 @@ def main(args):
         if latents:
             train_set, test_set = latents
         else:
-            image_size = cfg.image_shape[-1]
-            train_set = build_dataset(cfg.dataset, args.data_root, train=True,
-                                      transform=probe_train_transform(image_size), image_size=image_size)
-            test_set = build_dataset(cfg.dataset, args.data_root, train=False, transform=eval_transform(),
-                                     image_size=image_size)
+            train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]))
         print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
                f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
         run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,

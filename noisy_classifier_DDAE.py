@@ -34,8 +34,8 @@ from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args, config_name
-from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
-                        probe_train_transform, resolve_num_workers, test_transform as eval_transform)
+from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, probe_train_transform,
+                        resolve_num_workers)
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
@@ -148,11 +148,8 @@ def run(cfg, args, checkpoint, device):
     # After the input checks: --tensorboard creates its folder at once.
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
 
-    image_size = cfg.image_shape[1]
-    train_set = limit_images(build_dataset(cfg.dataset, args.data_root, True, probe_train_transform(image_size),
-                                           image_size=image_size), args.max_images)
-    test_set = limit_images(build_dataset(cfg.dataset, args.data_root, False, eval_transform(),
-                                          image_size=image_size), args.max_images)
+    train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]),
+                                        args.max_images)
     if train_set.num_classes != cfg.classes:
         raise UserError(f"{args.config}: key 'classes' is {cfg.classes} but dataset '{cfg.dataset}' has "
                         f"{train_set.num_classes} classes; set classes: {train_set.num_classes}")

@@ -7,12 +7,12 @@ from model.models import block_names, diffusion_class
 from utils.errors import UserError
 
 
-def probe_cells(cfg, grid=False, timestep_flag=None, blocks=None):
+def probe_cells(cfg, grid=False, blocks=None):
     """The timesteps and blocks to probe: the grid or cfg.linear.timestep / blockname.
 
     The grid's timesteps are the diffusion kind's ``probe_grid`` (the original's for DDPM and EDM) and
-    its blocks the network's ``grid_blocks`` (a UNet's out_k), or ``blocks``. ``timestep_flag`` names
-    the flag that set linear.timestep (e.g. "--timestep") in error messages.
+    its blocks the network's ``grid_blocks`` (a UNet's out_k), or ``blocks``. ``model.models.load_config``
+    has checked linear.timestep against the same range.
 
     Args:
         blocks: None, or block names (``--blocks``: a list of strings, each may be comma-separated)
@@ -23,7 +23,7 @@ def probe_cells(cfg, grid=False, timestep_flag=None, blocks=None):
         (timestep, block) pair.
 
     Raises:
-        UserError: a timestep that the diffusion model of ``cfg`` cannot noise to, or an unknown block.
+        UserError: a grid timestep that the diffusion model of ``cfg`` cannot noise to, or an unknown block.
     """
     kind = diffusion_class(cfg.model_type)
     if blocks is not None:
@@ -35,14 +35,13 @@ def probe_cells(cfg, grid=False, timestep_flag=None, blocks=None):
             raise UserError(f"--blocks: unknown block {unknown[0]!r}; this network has {', '.join(known)}")
     else:
         names = block_names(cfg, grid=True) if grid else [cfg.linear.blockname]
-    timesteps = list(kind.probe_grid) if grid else [cfg.linear.timestep]
+    if not grid:
+        return [cfg.linear.timestep], names
     low, top, what = kind.feature_timesteps(cfg.diffusion)
-    for t in timesteps:
+    for t in kind.probe_grid:
         if not low <= t <= top:
-            source = "--grid" if grid else timestep_flag or "linear.timestep"
-            raise UserError(f"{source}: timestep {t} is outside {low}..{top} ({what}); "
-                            f"{'raise diffusion.n_T' if grid else f'set {source} in {low}..{top}'}")
-    return timesteps, names
+            raise UserError(f"--grid: timestep {t} is outside {low}..{top} ({what}); raise diffusion.n_T")
+    return list(kind.probe_grid), names
 
 
 def cell_label(t, block):

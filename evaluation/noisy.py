@@ -10,8 +10,8 @@ from torch import nn
 
 from evaluation.accuracy import AccuracyCounter
 from evaluation.frozen import to_device
-from model.ddpm import make_schedule
 from model.edm import EDM, karras_schedule
+from model.schedules import make_schedule
 from utils.noisy import EDM_STEPS, MODES, eval_levels
 from utils.progress import batches
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.noise import noise_like, starting_noise
-from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule  # noqa: F401 (make_schedule: re-exported)
+from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule
 from utils.errors import UserError
 
 

@@ -254,7 +254,8 @@ def check_scheduler(config, path, settings):
 
 def check_folder(cfg, folder):
     """Refuse a diffusers folder that misses a file, holds a UNet DiffusersUNet cannot run, or whose
-    scheduler is not ``cfg``'s DDPM diffusion section (a folder without one is taken to have 1000 steps)."""
+    scheduler is not ``cfg``'s DDPM diffusion section (a folder without one is taken to have 1000 steps).
+    Returns the UNet's config.json path."""
     if cfg.model_type != "DDPM":
         raise UserError(f"{folder}: a diffusers UNet2DModel folder loads with a DDPM config (model_type: "
                         f"DDPM), not {cfg.model_type}")
@@ -269,6 +270,7 @@ def check_folder(cfg, folder):
     else:
         print0(f"note: {folder} holds no scheduler_config.json; assuming the config's diffusion section "
                f"{dict(cfg.diffusion)}")
+    return config_path
 
 
 def read_unet(unet_folder, weights=True):
@@ -294,9 +296,8 @@ def folder_network(cfg, folder, blocks):
     """The UNet2DModel of ``folder`` as ``cfg``'s network (a folder as ``--ckpt``), checked against
     ``cfg``: its diffusion section (``check_folder``), its image shape and its probe ``blocks``, so that
     the config's probe settings mean what they say."""
-    check_folder(cfg, folder)
+    where = check_folder(cfg, folder)
     network = DiffusersUNet.from_settings(folder)
-    where = os.path.join(locate(folder)[0], "config.json")
     if tuple(cfg.image_shape) != network.image_shape:
         raise UserError(f"{where}: the UNet takes images of shape {list(network.image_shape)} but the config's "
                         f"network takes {list(cfg.image_shape)}; use a config with that image shape")

@@ -164,14 +164,13 @@ def network_kind(keys):
     return next((kind for kind, (mark, _) in NETWORK_MARKS.items() if mark in names), None)
 
 
-def other_network(checkpoint, diffusion, path):
-    """A UserError when the checkpoint holds the other kind of network than ``diffusion``, else None."""
+def refuse_other_network(checkpoint, expected, path):
+    """Raise a UserError when the checkpoint holds the other kind of network than the state dict ``expected``."""
     state = checkpoint.get("EMA") or checkpoint.get("MODEL") or checkpoint
-    held, wanted = network_kind(state), network_kind(diffusion.state_dict())
+    held, wanted = network_kind(state), network_kind(expected)
     if held and wanted and held != wanted:
-        return UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
-                         f"with {NETWORK_MARKS[held][1]}")
-    return None
+        raise UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
+                        f"with {NETWORK_MARKS[held][1]}")
 
 
 def load_weights(diffusion, path, weights="ema", checkpoint=None):
@@ -180,9 +179,7 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
-    mismatch = other_network(checkpoint, diffusion, path)
-    if mismatch is not None:
-        raise mismatch
+    refuse_other_network(checkpoint, expected, path)
     try:
         state = diffusion_state_dict(checkpoint, weights, network_keys)
     except KeyError as missing:
@@ -246,7 +243,7 @@ def count_parameters(module):
 
 @torch.no_grad()
 def feature_dims(diffusion, image_shape):
-    """Channel count of every block (UNet ``out_k``, DiT ``layer-k``), found with one tiny forward pass.
+    """Channel count of every block of ``block_names``, found with one tiny forward pass.
 
     The pass runs eagerly even when the network was compiled, so that its batch of one costs no
     compilation of its own and does not make the compiled graph's batch size dynamic.

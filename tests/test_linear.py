@@ -19,6 +19,7 @@ from model.blocks import Upsample
 from model.models import build_diffusion, feature_dims, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import run_two_processes
+from utils import data
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
@@ -226,7 +227,7 @@ def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
     cfg, config_path = make_config(tmp_path, overrides=["linear.n_epoch=1"])
     make_checkpoint(cfg, 3)
     train_set, test_set = small_sets(64, 40)
-    monkeypatch.setattr(linear, "build_dataset", lambda name, root, train, transform, image_size:
+    monkeypatch.setattr(data, "build_dataset", lambda name, root, train, transform, image_size:
                         train_set if train else test_set)
     argv = ["--config", str(config_path), "--set", f"save_dir={cfg.save_dir}", "--set", "linear.n_epoch=1",
             "--epoch", "3", "--grid", "--device", "cpu", "--local-rank=0"]

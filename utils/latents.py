@@ -94,7 +94,6 @@ class DiTConfig(_TopLevel):
     linear: LinearConfig
 
 
-
 def split_name(copy):
     """File stem of a training copy (0, 1, ...) or of the test split (``TEST_COPY``)."""
     return "test" if copy == TEST_COPY else f"train_{copy}"
