@@ -190,6 +190,14 @@ def test_mid_epoch_checkpoint_refuses_other_batch_settings_before_any_work(tiny_
         f"batches it left; pass --set batch_size=16, or continue from a model_{{epoch}}.pth with --resume PATH")
     assert refused("--accum", "2").startswith(f"{position} accum 1, and this run has accum 2")
     assert "; leave out --drop_last, or" in refused("--drop_last")
+    # Written by two processes (the number it records), resumed by one.
+    two = load_checkpoint(latest)
+    two["settings"]["processes"] = 2
+    save_checkpoint(two, latest)
+    assert refused() == (
+        f"{position} processes 2, and this run has processes 1: the rest of that epoch would not be the batches "
+        f"it left; launch 2 process(es) in all (torchrun --nproc_per_node x --nnodes), or continue from a "
+        f"model_{{epoch}}.pth with --resume PATH")
     # A file written before the settings were recorded: its config's batch_size still decides.
     legacy = load_checkpoint(latest)
     del legacy["settings"]
