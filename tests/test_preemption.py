@@ -273,6 +273,26 @@ def test_resume_takes_the_furthest_checkpoint_by_its_step_not_its_file_time(tmp_
     assert resume_checkpoint(tmp_path / "empty") is None
 
 
+def test_resume_auto_of_a_copied_finished_run_ignores_a_stale_latest_pth(straight, tmp_path, capsys):
+    """The README's case: a finished run copied without `cp -p`, where a stale mid-epoch latest.pth is the newest
+    file. `--resume auto` takes model_2.pth by its stored step: the run is complete, nothing is retrained."""
+    import shutil
+    save_dir = tmp_path / "run"
+    shutil.copytree(straight, save_dir)
+    final = checkpoint_path(save_dir, N_EPOCH - 1)
+    stale = load_checkpoint(final)
+    stale.update(epoch=N_EPOCH - 2, batch=3, step=(N_EPOCH - 1) * 8 + 3, epoch_loss=[torch.zeros(())])
+    save_checkpoint(stale, latest_path(save_dir))
+    stamp = os.stat(final).st_mtime_ns
+    os.utime(latest_path(save_dir), ns=(stamp + 10**9, stamp + 10**9))
+    before = load_checkpoint(final)
+    train.main(train.parse_args(["--config", str(write_config(tmp_path, n_epoch=N_EPOCH)), "--device", "cpu",
+                                 "--set", f"save_dir={save_dir}", "--resume", "auto"]))
+    assert f"{final} ends epoch {N_EPOCH - 1}, the last of n_epoch {N_EPOCH}: the run is complete" in \
+        capsys.readouterr().out
+    assert_same_tensors(load_checkpoint(final)["MODEL"], before["MODEL"])
+
+
 def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup, tmp_path, capsys):
     config = write_config(tmp_path, n_epoch=1)
     state = run(config, tmp_path / "run", "--resume", "auto", "--max_steps", "2")
