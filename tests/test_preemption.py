@@ -273,9 +273,10 @@ def test_resume_takes_the_furthest_checkpoint_by_its_step_not_its_file_time(tmp_
     assert resume_checkpoint(tmp_path / "empty") is None
 
 
-def test_resume_auto_of_a_copied_finished_run_ignores_a_stale_latest_pth(straight, tmp_path, capsys):
+def test_resume_auto_of_a_copied_finished_run_ignores_a_stale_latest_pth(straight, tmp_path, monkeypatch, capsys):
     """The README's case: a finished run copied without `cp -p`, where a stale mid-epoch latest.pth is the newest
-    file. `--resume auto` takes model_2.pth by its stored step: the run is complete, nothing is retrained."""
+    file. `--resume auto` takes model_2.pth by its stored step: the run is complete, nothing is retrained, and
+    nothing is built to find that out (`--resume` alone: a one-line error, as there is nothing to train)."""
     import shutil
     save_dir = tmp_path / "run"
     shutil.copytree(straight, save_dir)
@@ -286,10 +287,17 @@ def test_resume_auto_of_a_copied_finished_run_ignores_a_stale_latest_pth(straigh
     stamp = os.stat(final).st_mtime_ns
     os.utime(latest_path(save_dir), ns=(stamp + 10**9, stamp + 10**9))
     before = load_checkpoint(final)
-    train.main(train.parse_args(["--config", str(write_config(tmp_path, n_epoch=N_EPOCH)), "--device", "cpu",
-                                 "--set", f"save_dir={save_dir}", "--resume", "auto"]))
-    assert f"{final} ends epoch {N_EPOCH - 1}, the last of n_epoch {N_EPOCH}: the run is complete" in \
-        capsys.readouterr().out
+    monkeypatch.setattr(train, "build_training", lambda *args: pytest.fail("built the training of a finished run"))
+    argv = ["--config", str(write_config(tmp_path, n_epoch=N_EPOCH)), "--device", "cpu",
+            "--set", f"save_dir={save_dir}", "--resume"]
+    train.main(train.parse_args(argv + ["auto"]))
+    ends = f"{final} ends epoch {N_EPOCH - 1}, the last of n_epoch {N_EPOCH}"
+    assert f"{ends}: the run is complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train.parse_args(argv))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {ends}: nothing to train; raise n_epoch (--set n_epoch=N) to continue")
     assert_same_tensors(load_checkpoint(final)["MODEL"], before["MODEL"])
 
 
