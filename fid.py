@@ -274,9 +274,8 @@ def reference_statistics(ref, features, cache, data_root, options):
                                                  features.device, desc=f"FID features of {ref}", **options)
     else:
         if len(files) < 2:
-            found = f"{len(files)} image{'' if len(files) == 1 else 's'}"
-            raise UserError(f"reference folder {ref} holds {found}; FID needs a folder of images "
-                            f"(e.g. the 50,000 CIFAR-10 PNGs from extract_cifar10_pngs.ipynb)")
+            raise UserError(f"reference folder {ref} holds {len(files)} image{'' if len(files) == 1 else 's'}; FID "
+                            f"needs a folder of images (e.g. the 50,000 CIFAR-10 PNGs from extract_cifar10_pngs.ipynb)")
         mu, sigma = files_statistics(files, extractor, features.device, desc=f"FID features of {ref}", **options)
         n_images = len(files)
     if cache:

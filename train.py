@@ -161,13 +161,15 @@ def train(cfg, args):
     latest.pth; ``state.stopped`` then names the signal and ``state.stop_path`` the checkpoint.
 
     Returns:
-        the final TrainState.
+        the final TrainState; None when the checkpoint to continue already ended the run.
     """
     # Set-up: the processes, the checkpoint to continue (checked before anything is built), the model.
     check_args(args)
     device = init_distributed(args.device)
     resume_path = find_resume_checkpoint(cfg, args.resume, args.config)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None and run_is_complete(cfg, checkpoint, resume_path, auto=args.resume == "auto"):
+        return None
     check_mid_epoch_settings(checkpoint, resume_path,
                              epoch_settings(get_world_size(), cfg.batch_size, args.accum, args.drop_last))
     check_writable(cfg.save_dir, "save_dir", "choose another folder with --set save_dir=DIR")
@@ -178,8 +180,6 @@ def train(cfg, args):
     if checkpoint is not None:
         restore_training(state, checkpoint, resume_path)
         del checkpoint
-        if run_is_complete(state, resume_path, auto=args.resume == "auto"):
-            return state
         position = f", batch {state.batch} of {len(state.data)}" if state.batch else ""
         print0(f"resuming from {resume_path}: epoch {state.epoch}{position}, step {state.step}")
     log_path = start_run_folder(cfg, state.epoch)
@@ -248,7 +248,7 @@ def main(args):
         state = train(cfg, args)
     finally:
         cleanup()
-    if state.stopped:
+    if state is not None and state.stopped:
         exit_stopped(stop_line(state.stopped, state.stop_path, "run the same command with --resume auto (or "
                                                                "--resume) to continue"), rank=get_rank())
 

@@ -228,15 +228,16 @@ def restore_training(state, checkpoint, path):
                   f"processes); it continues from seed {state.cfg.seed + rank}", flush=True)
 
 
-def run_is_complete(state, path, auto):
-    """Whether the checkpoint at ``path`` ended the run's last epoch: fine with ``auto`` (``--resume auto``
-    restarting a finished run), else a UserError, as there is nothing to train."""
-    ends = f"{path} ends epoch {state.epoch - 1}, the last of n_epoch {state.cfg.n_epoch}"
-    if state.epoch >= state.cfg.n_epoch and not auto:
+def run_is_complete(cfg, checkpoint, path, auto):
+    """Whether ``checkpoint`` (at ``path``) ended the run's last epoch (ask before building anything): fine with
+    ``auto`` (``--resume auto`` restarting a finished run), else a UserError, as there is nothing to train."""
+    epoch = checkpoint_epoch(checkpoint, path)
+    ends = f"{path} ends epoch {epoch}, the last of n_epoch {cfg.n_epoch}"
+    if epoch + 1 >= cfg.n_epoch and not auto:
         raise UserError(f"{ends}: nothing to train; raise n_epoch (--set n_epoch=N) to continue")
-    if state.epoch >= state.cfg.n_epoch:
+    if epoch + 1 >= cfg.n_epoch:
         print0(f"{ends}: the run is complete")
-    return state.epoch >= state.cfg.n_epoch
+    return epoch + 1 >= cfg.n_epoch
 
 
 def done_line(state, first_epoch, record, seconds):

@@ -190,6 +190,14 @@ def test_mid_epoch_checkpoint_refuses_other_batch_settings_before_any_work(tiny_
         f"batches it left; pass --set batch_size=16, or continue from a model_{{epoch}}.pth with --resume PATH")
     assert refused("--accum", "2").startswith(f"{position} accum 1, and this run has accum 2")
     assert "; leave out --drop_last, or" in refused("--drop_last")
+    # Written by two processes (the number it records), resumed by one.
+    two = load_checkpoint(latest)
+    two["settings"]["processes"] = 2
+    save_checkpoint(two, latest)
+    assert refused() == (
+        f"{position} processes 2, and this run has processes 1: the rest of that epoch would not be the batches "
+        f"it left; launch 2 process(es) in all (torchrun --nproc_per_node x --nnodes), or continue from a "
+        f"model_{{epoch}}.pth with --resume PATH")
     # A file written before the settings were recorded: its config's batch_size still decides.
     legacy = load_checkpoint(latest)
     del legacy["settings"]
@@ -263,6 +271,34 @@ def test_resume_takes_the_furthest_checkpoint_by_its_step_not_its_file_time(tmp_
     os.utime(latest, ns=(stamp - 10**9, stamp - 10**9))
     assert resume_checkpoint(save_dir) == latest
     assert resume_checkpoint(tmp_path / "empty") is None
+
+
+def test_resume_auto_of_a_copied_finished_run_ignores_a_stale_latest_pth(straight, tmp_path, monkeypatch, capsys):
+    """The README's case: a finished run copied without `cp -p`, where a stale mid-epoch latest.pth is the newest
+    file. `--resume auto` takes model_2.pth by its stored step: the run is complete, nothing is retrained, and
+    nothing is built to find that out (`--resume` alone: a one-line error, as there is nothing to train)."""
+    import shutil
+    save_dir = tmp_path / "run"
+    shutil.copytree(straight, save_dir)
+    final = checkpoint_path(save_dir, N_EPOCH - 1)
+    stale = load_checkpoint(final)
+    stale.update(epoch=N_EPOCH - 2, batch=3, step=(N_EPOCH - 1) * 8 + 3, epoch_loss=[torch.zeros(())])
+    save_checkpoint(stale, latest_path(save_dir))
+    stamp = os.stat(final).st_mtime_ns
+    os.utime(latest_path(save_dir), ns=(stamp + 10**9, stamp + 10**9))
+    before = load_checkpoint(final)
+    monkeypatch.setattr(train, "build_training", lambda *args: pytest.fail("built the training of a finished run"))
+    argv = ["--config", str(write_config(tmp_path, n_epoch=N_EPOCH)), "--device", "cpu",
+            "--set", f"save_dir={save_dir}", "--resume"]
+    train.main(train.parse_args(argv + ["auto"]))
+    ends = f"{final} ends epoch {N_EPOCH - 1}, the last of n_epoch {N_EPOCH}"
+    assert f"{ends}: the run is complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train.parse_args(argv))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {ends}: nothing to train; raise n_epoch (--set n_epoch=N) to continue")
+    assert_same_tensors(load_checkpoint(final)["MODEL"], before["MODEL"])
 
 
 def test_resume_auto_starts_fresh_and_bad_values_are_one_line_errors(tiny_setup, tmp_path, capsys):
