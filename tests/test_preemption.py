@@ -196,7 +196,7 @@ def test_mid_epoch_checkpoint_refuses_other_batch_settings_before_any_work(tiny_
     save_checkpoint(two, latest)
     assert refused() == (
         f"{position} processes 2, and this run has processes 1: the rest of that epoch would not be the batches "
-        f"it left; launch 2 process(es) in all (torchrun --nproc_per_node x --nnodes), or continue from a "
+        f"it left; launch 2 process(es) in all (python -m utils.launch --nproc_per_node x --nnodes), or continue from a "
         f"model_{{epoch}}.pth with --resume PATH")
     # A file written before the settings were recorded: its config's batch_size still decides.
     legacy = load_checkpoint(latest)

@@ -239,7 +239,7 @@ def epoch_settings(world_size, batch_size, accum, drop_last):
 def setting_fix(key, saved):
     """How to run with the setting ``key`` a mid-epoch checkpoint was ``saved`` with."""
     if key == "processes":
-        return f"launch {saved} process(es) in all (torchrun --nproc_per_node x --nnodes)"
+        return f"launch {saved} process(es) in all (python -m utils.launch --nproc_per_node x --nnodes)"
     if key == "batch_size":
         return f"pass --set batch_size={saved}"
     if key == "accum":
