@@ -111,7 +111,7 @@ def block_names(cfg, grid=False):
 def _meta_network(cfg):
     """(block_names, grid_blocks, image_shape) of ``cfg``'s network, built once on the meta device."""
     key = (cfg.net_type, json.dumps(cfg.network, sort_keys=True, default=str))
-    if key not in _BLOCK_NAMES:
+    if key not in _META_NETWORKS:
         with torch.device("meta"):
             net = build_network(cfg)
         for name in ("block_names", "image_shape", "feature_axis"):
@@ -119,12 +119,12 @@ def _meta_network(cfg):
                 raise UserError(f"net_type {cfg.net_type}: the network has no attribute {name!r}; give it the "
                                 f"network contract of docs/DESIGN.md (forward_features, block_names, feature_axis, "
                                 f"image_shape)")
-        _BLOCK_NAMES[key] = (list(net.block_names), list(getattr(net, "grid_blocks", net.block_names)),
+        _META_NETWORKS[key] = (list(net.block_names), list(getattr(net, "grid_blocks", net.block_names)),
                              tuple(net.image_shape))
-    return _BLOCK_NAMES[key]
+    return _META_NETWORKS[key]
 
 
-_BLOCK_NAMES = {}
+_META_NETWORKS = {}
 
 
 def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
