@@ -36,16 +36,29 @@ def requested_blocks(nn_model, name):
     return [name] if isinstance(name, str) else list(name)
 
 
-def pool_features(activations, name, norm, feature_axis=1):
+def pool_features(activations, name, norm, feature_axis=1, tokens=False):
     """Average activations over every axis but the batch and ``feature_axis`` (H and W of (B, C, H, W),
     T of (B, T, D)) into float32 (B, C) features, optionally L2-normalised; return the one feature when
-    ``name`` is a string, else the dict."""
+    ``name`` is a string, else the dict. With ``tokens`` nothing is averaged: each activation becomes
+    float32 (B, T, C) tokens, its positions in order (``as_tokens``; ``norm`` normalises each token)."""
     features = {}
     for key, activation in activations.items():
+        if tokens:
+            feature = as_tokens(activation, feature_axis).float()  # (B, T, C)
+            features[key] = F.normalize(feature, dim=-1) if norm else feature
+            continue
         axis = feature_axis % activation.dim()
         feature = activation.float().mean(dim=[d for d in range(1, activation.dim()) if d != axis])  # (B, C)
         features[key] = F.normalize(feature, dim=1) if norm else feature
     return features[name] if isinstance(name, str) else features
+
+
+def as_tokens(activation, feature_axis=1):
+    """An activation as (B, T, C) tokens: the channel axis last, every other axis but the batch flattened
+    into T in order ((B, C, H, W) -> (B, H*W, C); (B, T, D) is kept; (B, C) is one token)."""
+    if activation.dim() == 2:
+        return activation[:, None]
+    return activation.movedim(feature_axis % activation.dim(), -1).flatten(1, -2)
 
 
 def check_steps_and_betas(diffusion, require):
@@ -185,7 +198,7 @@ class DDPM(nn.Module):
         eps = self.nn_model(self.perturb(x, t, noise), t / self.n_T)
         return F.mse_loss(eps.float(), noise.float())
 
-    def get_feature(self, x0, t, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
         """Average-pooled activations of the network's decoder blocks on noised images.
 
         Args:
@@ -195,6 +208,7 @@ class DDPM(nn.Module):
                 those, or None for the grid blocks (a UNet's out_k). The network stops after the deepest one needed.
             norm: L2-normalise each feature vector.
             noise: (B, C, H, W) tensor, a noise source, or None for fresh noise.
+            tokens: return each block's (B, T, C) tokens instead of their average (``pool_features``).
 
         Returns:
             (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
@@ -203,7 +217,7 @@ class DDPM(nn.Module):
         t = self._timesteps(t, x.shape[0], x.device)
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def _eps(self, x, t):
         """The network's noise prediction at integer timestep ``t`` for the whole batch, in x's dtype."""

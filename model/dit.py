@@ -309,7 +309,7 @@ class DiTDiffusion(nn.Module):
         b = self.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1, 1)
         return a * x + b * noise
 
-    def get_feature(self, x0, t, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
         """``DDPM.get_feature`` (the other arguments and the result are its), token-averaged, with the null label.
 
         Args:
@@ -320,4 +320,4 @@ class DiTDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise_like(noise, x0))
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(x_t, t, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)  # (B, D): averaged over T
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)  # (B, D): averaged over T

@@ -176,7 +176,7 @@ class EDM(nn.Module):
         """The sampler's noise levels: ``karras_schedule`` with this model's settings."""
         return karras_schedule(steps, self.sigma_min, self.sigma_max, self.rho)
 
-    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None, tokens=False):
         """``DDPM.get_feature`` (the other arguments and the result are its), at a noise level of EDM's schedule.
 
         Args:
@@ -197,7 +197,7 @@ class EDM(nn.Module):
         _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def _feature_sigmas(self, steps, device):
         """(steps + 1,) float32 noise levels from 0 up to sigma_max on ``device``, copied there once:

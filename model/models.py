@@ -10,8 +10,6 @@ may also define ``check_settings(cfg, require)`` (cross-key checks at load time)
 of DIFFUSIONS. What differs by kind (probe grids, samplers, timestep ranges) are methods of those classes.
 """
 import contextlib
-import difflib
-import importlib
 import json
 import os
 
@@ -21,6 +19,7 @@ from model.ddpm import DDPM
 from model.diffusers_unet import DiffusersUNet, folder_network
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
+from model.heads import head_class
 from model.unet import UNet
 from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
@@ -34,35 +33,22 @@ NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet}
 
 def network_class(net_type, path="net_type"):
     """The network class ``net_type`` names: one of NETWORKS, or ``package.module.Class``."""
-    if net_type in NETWORKS:
-        return NETWORKS[net_type]
-    module_name, _, class_name = net_type.rpartition(".")
-    if not module_name:
-        close = difflib.get_close_matches(net_type, NETWORKS, n=1, cutoff=0.6)
-        raise UserError(f"{path}: key 'net_type' must be one of {', '.join(NETWORKS)} or the import path of "
-                        f"a network class (package.module.Class), got {net_type!r}"
-                        f"{f'; did you mean {close[0]!r}?' if close else ''}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"{path}: key 'net_type' {net_type!r} cannot be imported ({err}); put its package on "
-                        f"PYTHONPATH or fix the path") from None
-    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise UserError(f"{path}: key 'net_type' {net_type!r} is not a torch.nn.Module class")
-    return cls
+    return config.import_class(net_type, NETWORKS, "net_type", path, "network class (a torch.nn.Module)",
+                               base=torch.nn.Module)
 
 
 def diffusion_class(model_type, path="model_type"):
-    """The diffusion class ``model_type`` names (one of DIFFUSIONS)."""
-    if model_type not in DIFFUSIONS:
-        raise UserError(f"{path}: key 'model_type' must be one of {', '.join(DIFFUSIONS)}, got {model_type!r}")
-    return DIFFUSIONS[model_type]
+    """The diffusion class ``model_type`` names: one of DIFFUSIONS, or ``package.module.Class``."""
+    return config.import_class(model_type, DIFFUSIONS, "model_type", path, "diffusion class (a torch.nn.Module)",
+                               base=torch.nn.Module)
 
 
 def _parts(section, name, path):
     """``utils.config.load_config``'s ``parts``: the class taking a section, and its non-key parameters."""
     if section == "network":
         return network_class(name, path), 0
+    if section == "linear.head_args":
+        return head_class(name, path), 2  # a head's first parameters are its channels and classes
     return diffusion_class(name, path), 1  # the first parameter is the network
 
 
