@@ -14,6 +14,7 @@ from torch import nn
 from model.noise import noise_like, starting_noise
 from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule
 from utils.errors import UserError
+from utils.noisy import DDPM_LEVEL_COUNT, eval_levels
 
 
 def respaced_timesteps(n_T, steps):
@@ -142,6 +143,16 @@ class DDPM(nn.Module):
             raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {n_T} "
                             f"steps (or drop --steps for all n_T)")
         return {"mode": "DDPM", "steps": steps, "eta": None}
+
+    @staticmethod
+    def noisy_levels(settings):
+        """The levels noisy_classifier_DDAE.py reports accuracy at: 20 timesteps 1, 1 + n_T/20, ... (a
+        ValueError saying which key is short when n_T < 20)."""
+        try:
+            return eval_levels("DDPM", n_T=settings["n_T"])
+        except ValueError:
+            raise ValueError(f"key 'diffusion.n_T' is {settings['n_T']}; the noisy classifier reports "
+                             f"{DDPM_LEVEL_COUNT} timesteps and needs n_T >= {DDPM_LEVEL_COUNT}") from None
 
     def level_record(self, levels):
         """What a noise level index means, for result files: nothing beyond the timestep itself."""

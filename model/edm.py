@@ -14,7 +14,7 @@ from model.amp import network_only
 from model.ddpm import pool_features, requested_blocks
 from model.noise import noise_like, starting_noise
 from utils.errors import UserError
-from utils.noisy import EDM_STEPS
+from utils.noisy import EDM_STEPS, eval_levels
 
 AUGMENT_LABELS = 9  # labels per image produced by model.augment.AugmentPipe
 
@@ -104,6 +104,11 @@ class EDM(nn.Module):
         if not 0.0 <= eta <= 1.0:
             raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
         return {"mode": "EDM", "steps": steps, "eta": float(eta)}
+
+    @classmethod
+    def noisy_levels(cls, settings):
+        """The levels noisy_classifier_DDAE.py reports accuracy at: every index 1..FEATURE_STEPS."""
+        return eval_levels("EDM", steps=cls.FEATURE_STEPS)
 
     def level_record(self, levels):
         """What the noise level indices mean, for result files: their sigmas."""

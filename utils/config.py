@@ -70,21 +70,26 @@ def import_class(name, registry, key, path, what="class", base=None):
         what: what the class is, for messages ("network class", "probe head class").
         base: a class it must derive from, or None.
     """
-    if name in registry:
-        return registry[name]
-    module_name, _, class_name = str(name).rpartition(".")
-    if not module_name:
-        close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.6)
-        raise UserError(f"{path}: key '{key}' must be one of {', '.join(registry)} or the import path of a {what} "
-                        f"(package.module.Class), got {name!r}{f'; did you mean {close[0]!r}?' if close else ''}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"{path}: key '{key}' {name!r} cannot be imported ({err}); put its package on "
-                        f"PYTHONPATH or fix the path") from None
+    cls = import_entry(name, registry, key, path, what)
     if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
         raise UserError(f"{path}: key '{key}' {name!r} is not a {what}")
     return cls
+
+
+def import_entry(name, registry, key, path, what):
+    """``registry[name]``, or the object ``package.module.name`` imported from PYTHONPATH (``import_class``)."""
+    if name in registry:
+        return registry[name]
+    module_name, _, attribute = str(name).rpartition(".")
+    if not module_name:
+        close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.6)
+        raise UserError(f"{path}: key '{key}' must be one of {', '.join(registry)} or the import path of a {what} "
+                        f"(package.module.Name), got {name!r}{f'; did you mean {close[0]!r}?' if close else ''}")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"{path}: key '{key}' {name!r} cannot be imported ({err}); put its package on "
+                        f"PYTHONPATH or fix the path") from None
 
 
 def _type_of(default):
