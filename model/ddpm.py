@@ -96,6 +96,7 @@ class DDPM(nn.Module):
     """
 
     probe_grid = (1, 11, 21)  # the original's --grid timesteps
+    TRAINING_KEYS = ("betas", "n_T", "schedule")  # what the network learnt; a checkpoint refuses other values
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear"):
         super().__init__()

@@ -273,6 +273,7 @@ class DiTDiffusion(nn.Module):
     """
 
     on_latents = True
+    TRAINING_KEYS = ("betas", "n_T")  # what the network learnt; a checkpoint refuses other values
     probe_grid = (41, 81, 121, 161, 201)  # our choice, around DiT's probe defaults t = 81 and 121
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000):

@@ -52,6 +52,8 @@ class EDM(nn.Module):
 
     probe_grid = (3, 4, 5)  # the original's --grid: indices into the FEATURE_STEPS-step schedule
     FEATURE_STEPS = EDM_STEPS  # a feature timestep (linear.timestep) indexes this many steps of the schedule
+    # What the network learnt (a checkpoint refuses other values); the sampler's keys are free.
+    TRAINING_KEYS = ("sigma_data", "p_mean", "p_std", "augment_prob")
 
     def __init__(self, nn_model, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_min: float = 0.01,

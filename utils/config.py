@@ -244,6 +244,9 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
             check(cfg, require)
     except UserError as err:
         raise UserError(f"{err}{_override_note(str(err), overrides)}") from None
+    # Where each value came from, for later messages: the file, and what the user typed for a key.
+    cfg.origin = {"path": str(path), "typed": {override.partition("=")[0].strip(): typed
+                                               for override, typed in overrides}}
     return cfg
 
 
