@@ -88,8 +88,7 @@ class DDPM(nn.Module):
         nn_model: a network of docs/DESIGN.md's Network contract, called with t = timestep / n_T.
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
-        schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's), "cosine"
-            or "scaled_linear".
+        schedule: a name of ``model.schedules.SCHEDULES`` ("linear" is the original's).
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. Two schedules: "DDPM" for training,
     features and ancestral sampling, "DDIM" for the DDIM sampler (``model.schedules``).

@@ -17,6 +17,7 @@ import sample
 import train
 from evaluation.cells import probe_cells
 from model.models import block_names, build_diffusion, load_config, load_diffusion
+from model.schedules import SCHEDULES
 from utils import data
 from utils.data import DatasetSpec, SyntheticImages, build_dataset
 from utils.errors import UserError
@@ -91,7 +92,7 @@ def test_cosine_model_trains_samples_probes_and_keeps_its_schedule(tmp_path):
     linear_cfg = load_config(config, ["diffusion.schedule=linear"])
     with pytest.raises(UserError, match=r"trained with diffusion.schedule = cosine, but the config gives linear"):
         load_diffusion(linear_cfg, checkpoint)
-    with pytest.raises(UserError, match=r"schedule' must be one of linear, cosine, scaled_linear, got 'cosin'"):
+    with pytest.raises(UserError, match=rf"schedule' must be one of {', '.join(SCHEDULES)}, got 'cosin'"):
         load_config(config, ["diffusion.schedule=cosin"])
 
 
