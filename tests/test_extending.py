@@ -370,6 +370,8 @@ def test_own_diffusion_kind_by_import_path(tmp_path):
     run(linear, "--config", config, "--device", "cpu", "--num_workers", 0, "--grid", "--head", "attention",
         "--set", "linear.head_args.width=16")
     assert sorted(result(tmp_path / "run" / "linear", "*grid_attention*.json")["accuracy"]) == ["1", "2", "4"]
+    run(knn, "--config", config, "--device", "cpu", "--num_workers", 0, "--k", 4)
+    assert result(tmp_path / "run" / "knn", "*.json")["test_images"] == 16
     noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(["--config", str(config), "--device", "cpu",
                                                                 "--num_workers", "0"]))
     assert result(tmp_path / "run", "noisy_DDAE_*/noisy_accuracy.json")["levels"] == list(range(1, 21))
