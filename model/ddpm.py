@@ -96,6 +96,7 @@ class DDPM(nn.Module):
 
     probe_grid = (1, 11, 21)  # the original's --grid timesteps
     TRAINING_KEYS = ("betas", "n_T", "schedule")  # what the network learnt; a checkpoint refuses other values
+    SAMPLER = "DDIM"  # the sampler of sample() without sampler arguments, in labels
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear"):
         super().__init__()
@@ -143,6 +144,16 @@ class DDPM(nn.Module):
             raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {n_T} "
                             f"steps (or drop --steps for all n_T)")
         return {"mode": "DDPM", "steps": steps, "eta": None}
+
+    @staticmethod
+    def network_calls(steps):
+        """Network evaluations per image of the DDIM sampler with ``steps`` steps."""
+        return steps
+
+    @staticmethod
+    def sample_steps_range(settings):
+        """(fewest, most or None) steps the default sampler takes."""
+        return 1, settings["n_T"]
 
     @staticmethod
     def noisy_levels(settings):

@@ -54,6 +54,7 @@ class EDM(nn.Module):
     FEATURE_STEPS = EDM_STEPS  # a feature timestep (linear.timestep) indexes this many steps of the schedule
     # What the network learnt (a checkpoint refuses other values); the sampler's keys are free.
     TRAINING_KEYS = ("sigma_data", "p_mean", "p_std", "augment_prob")
+    SAMPLER = "EDM"  # Heun's sampler, in labels
 
     def __init__(self, nn_model, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_min: float = 0.01,
@@ -106,6 +107,16 @@ class EDM(nn.Module):
         if not 0.0 <= eta <= 1.0:
             raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
         return {"mode": "EDM", "steps": steps, "eta": float(eta)}
+
+    @staticmethod
+    def network_calls(steps):
+        """Network evaluations per image of Heun's sampler with ``steps`` steps (no correction at the last)."""
+        return 2 * steps - 1
+
+    @staticmethod
+    def sample_steps_range(settings):
+        """(fewest, most or None) steps the sampler takes."""
+        return 2, None
 
     @classmethod
     def noisy_levels(cls, settings):
