@@ -116,3 +116,18 @@ def test_linear_py_runs_attention_and_fusion_on_the_demo_config(tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "unknown key 'linear.head_args.widht' for linear.head attention; did you mean " \
            "'linear.head_args.width'?" in done.stderr
+
+
+def test_probe_heads_benchmark_writes_its_table(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import probe_heads
+
+    out = tmp_path / "bench"
+    probe_heads.main(probe_heads.build_parser().parse_args(
+        ["--heads", "linear", "fusion", "--train_images", "32", "--test_images", "16", "--epochs", "1",
+         "--batch_size", "16", "--width", "16", "--threads", "1", "--out", str(out)]))
+    rows = json.loads((out / "probe_heads.json").read_text())["rows"]
+    assert [(row["head"], row["heads"]) for row in rows] == [("linear", 4), ("fusion", 1)]
+    assert all(0 <= row["best_accuracy"] <= 100 and row["head_ms_per_step"] > 0 for row in rows)
+    table = (out / "probe_heads.md").read_text()
+    assert "| fusion | width=16, heads=4 | 0.001 | 1 |" in table and (out / "probe_heads.png").stat().st_size > 0
