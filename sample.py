@@ -49,7 +49,7 @@ IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 40
 GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
-IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
+IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 
@@ -165,6 +165,7 @@ def prepare_folder(out_dir, settings, n_samples):
             raise UserError(f"{settings_path} is unreadable ({err}); pass --out_dir with a new folder, or "
                             f"delete that one") from None
         wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
+        recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -321,13 +322,14 @@ def run(args, device):
     configure_backends(args, device)
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
+    sampler_name = diffusion.sampler_name(sampler)  # e.g. "DDAE DDIM" or a diffusers folder's own scheduler
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.image_shape)
 
     def prepare():
         settings = dict(
             weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
-            image_shape=list(image_shape), **sampler, seed=args.seed, precision=precision,
+            image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
@@ -337,8 +339,8 @@ def run(args, device):
     rank, world_size = get_rank(), get_world_size()
     batches = split_batches(missing, args.batch_size, rank, world_size)
     described = describe_sampler(sampler, getattr(cfg.diffusion, "n_T", None))
-    print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}) on {world_size} x "
-           f"{device.type} into {out_dir}")
+    print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}; {sampler_name}) on "
+           f"{world_size} x {device.type} into {out_dir}")
 
     prepare_network(diffusion, args.compile, args.channels_last)
     start = time.perf_counter()
