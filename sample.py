@@ -12,10 +12,13 @@ image and ``grid_{b}.png`` for every 400 of them (20 per row), so
 ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
 
 Image i depends only on (--seed, i): its starting noise and every later noise come from its own
-generator (model.noise.PerImageNoise), so the files are the same on 1 or N processes (and, up to
-kernel rounding, at any --batch_size). Work is split by index; a rerun into the same folder makes
-only the missing images, and sampling.json in the folder stops a run with other settings from
-mixing its images in.
+generator (model.noise.PerImageNoise), and every process count cuts the same batches of --batch_size
+(each process takes whole ones). So the files are the same on 1 or N processes at the same --batch_size
+and, on a CPU, the same intra-op thread count: a plain python run takes torchrun's (OMP_NUM_THREADS,
+else 1), since a CPU matmul's rounding depends on it. At another --batch_size they agree up to kernel
+rounding. Work is split by index; a rerun into the same folder makes only the missing images, and
+sampling.json in the folder stops a run with other settings from mixing its images in; its "sampler"
+says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
 """
 import argparse
 import json
@@ -39,7 +42,7 @@ from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkp
 from utils.config import add_config_args
 from utils.data import DATASETS, FID_SAMPLES, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
-                               init_distributed, is_main, print0)
+                               init_distributed, is_main, print0, torchrun_cpu_threads)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
 from utils.preemption import StopSignals
@@ -299,7 +302,8 @@ def main(args):
     """Sample into the output folder; returns {"out_dir", "generated", "seconds", "fid"}."""
     device = init_distributed(args.device)
     try:
-        result = run(args, device)
+        with torchrun_cpu_threads(device):  # plain python runs the kernels torchrun's workers run
+            result = run(args, device)
     finally:
         cleanup()
     if args.fid and is_main():
