@@ -167,3 +167,22 @@ def test_unsupported_scheduler_options_are_refused_before_sampling(folder, tmp_p
     message = refusal(folder, tmp_path, "--steps", str(N_T), steps_offset=1)
     assert f"the timesteps reach {N_T}, past the last index {N_T - 1}; pass fewer --steps" in message
     assert "\n" not in message
+
+
+def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, tmp_path):
+    """A folder sampled before this sampler existed (DDAE's DDIM; its sampling.json has no "sampler") is refused,
+    naming both samplers, instead of being filled up with other images."""
+    with_scheduler(folder)
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    argv = ["--config", str(CONFIG), *sets, "--ckpt", str(root), "--device", "cpu", "--n_samples", "2", "--steps",
+            "2", "--out_dir", str(tmp_path / "old")]
+    sample.main(sample.build_parser().parse_args(argv))
+    settings_file = tmp_path / "old" / "sampling.json"
+    settings = json.loads(settings_file.read_text())
+    del settings["sampler"]
+    settings_file.write_text(json.dumps(settings))
+    (tmp_path / "old" / "pngs" / "1.png").unlink()
+    with pytest.raises(UserError, match="sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
+                                        "DDIMScheduler"):
+        sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))

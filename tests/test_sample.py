@@ -265,6 +265,19 @@ def test_rerun_makes_only_the_missing_images(ddpm_config, tmp_path):
     assert all(folder_bytes(out)[path] == before[path] for path in before if path.startswith("pngs/"))
 
 
+def test_a_folder_from_before_the_sampler_record_resumes(ddpm_config, tmp_path):
+    """A sampling.json without "sampler" (written before it was recorded) was made by DDAE's samplers: a rerun
+    of a DDAE checkpoint continues it."""
+    out = tmp_path / "old"
+    flags = ["--n_samples", 3, "--steps", 2, "--out_dir", out]
+    run_sample(ddpm_config, *flags)
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings.pop("sampler") == "DDAE DDIM"
+    (out / "sampling.json").write_text(json.dumps(settings))
+    (out / "pngs" / "1.png").unlink()
+    assert run_sample(ddpm_config, *flags)["generated"] == 1
+
+
 def test_other_settings_never_mix_into_a_folder(ddpm_config, tmp_path, capsys):
     out = tmp_path / "run"
     run_sample(ddpm_config, "--n_samples", 2, "--steps", 2, "--out_dir", out)
