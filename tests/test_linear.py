@@ -1,4 +1,5 @@
 """Linear probing: feature passes (early stop, batched timesteps), heads, outputs, resume, two processes."""
+import hashlib
 import json
 import re
 import textwrap
@@ -196,7 +197,8 @@ device = init_distributed("cpu")
 diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), device)
 train_set = SyntheticImages(128, image_size=8, seed=1, transform=probe_train_transform(8))
 test_set = SyntheticImages(101, image_size=8, seed=1, train=False)
-linear.run_probe(cfg, diffusion, train_set, test_set, [0], ["out_2", "out_4"], device, out_dir, "probe")
+linear.run_probe(cfg, diffusion, train_set, test_set, [0], ["out_2", "out_4"], device, out_dir, "probe",
+                 source=checkpoint)
 cleanup()
 """
 
@@ -210,7 +212,8 @@ def test_two_processes_count_every_test_image_once(tmp_path):
     result = run_two_processes(script, config_path, checkpoint, out_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out_dir / "probe.json").read_text())
-    assert report["world_size"] == 2
+    assert report["world_size"] == 2 and report["provenance"]["processes"] == 2
+    assert report["provenance"]["weights"]["sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     assert report["test_images"] == 101  # 50 + 51 images, none padded or repeated
 
     # At t = 0 the features carry no noise, so the same heads must score the same on one process.
