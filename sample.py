@@ -47,6 +47,7 @@ from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
 from utils.preemption import StopSignals
 from utils.progress import progress as progress_bar
+from utils.provenance import provenance
 
 IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
 GRID_NROW = 20
@@ -330,8 +331,10 @@ def run(args, device):
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.image_shape)
 
+    record = provenance(checkpoint, cfg, device, args.seed)
+
     def prepare():
-        settings = dict(
+        settings = dict(provenance=record,
             weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
@@ -357,7 +360,8 @@ def run(args, device):
     barrier()
     print0(f"{len(missing)} images in {seconds:.1f} s ({len(missing) / max(seconds, 1e-9):.1f} images/s); "
            f"{n_samples} in {os.path.join(out_dir, 'pngs')}")
-    return {"out_dir": out_dir, "n_samples": n_samples, "generated": generated, "seconds": seconds}
+    return {"out_dir": out_dir, "n_samples": n_samples, "generated": generated, "seconds": seconds,
+            "provenance": record}
 
 
 def report_fid(args, result, device):
@@ -371,7 +375,8 @@ def report_fid(args, result, device):
     print(f"FID: {value}  ({result['n_samples']} images vs {args.fid})", flush=True)
     with atomic_path(os.path.join(result["out_dir"], "fid.json"), fix="pass --out_dir with a writable folder") \
             as temporary, open(temporary, "w") as file:
-        json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"]}, file)
+        json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"],
+                   "provenance": result["provenance"]}, file)
     return value
 
 

@@ -32,10 +32,11 @@ from model.diffusers_sampling import SchedulerSampler
 from model.schedules import make_schedule
 from utils.distributed import print0
 from utils.errors import UserError, describe_error
+from utils.provenance import DIFFUSERS_WEIGHT_FILES
 
 HOW_TO_GET = ("get a model with `hf download google/ddpm-cifar10-32 --local-dir weights/ddpm-cifar10-32` "
               "(older huggingface_hub: `huggingface-cli download ...`) and pass that folder")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = DIFFUSERS_WEIGHT_FILES
 # The blocks whose internals DiffusersUNet knows (both paths are walked pair by pair to name in_k and out_k).
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")

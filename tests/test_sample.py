@@ -220,8 +220,9 @@ def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
     assert "on 2 x cpu" in result.stdout
     one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
     assert len(one) == 7 + 1 and one == two
-    assert json.loads((tmp_path / "one" / "sampling.json").read_text()) == \
-        json.loads((tmp_path / "two" / "sampling.json").read_text())
+    settings = [json.loads((tmp_path / name / "sampling.json").read_text()) for name in ("one", "two")]
+    records = [one_settings.pop("provenance") for one_settings in settings]  # what ran differs: the processes
+    assert settings[0] == settings[1] and [record["processes"] for record in records] == [1, 2]
 
 
 @pytest.mark.cpu_only
@@ -379,7 +380,7 @@ def test_fid_flag_scores_the_run(ddpm_config, tmp_path, monkeypatch, capsys):
     assert result["fid"] == expected > 0
     assert f"FID: {expected}" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "fid.json").read_text()) == \
-        {"fid": expected, "reference": str(reference), "n_images": 6}
+        {"fid": expected, "reference": str(reference), "n_images": 6, "provenance": result["provenance"]}
     assert (tmp_path / "ref.npz").is_file()
     with pytest.raises(UserError, match="--fid nowhere: no such folder or .npz"):  # found before sampling
         sample.run(sample.build_parser().parse_args(
