@@ -9,12 +9,17 @@ from evaluation.cells import cell_label
 from model.heads import head_class
 from utils.config import settings_of
 from utils.logging import plot_heatmap
+from utils.provenance import short_digest
 
 
-def probe_tag(checkpoint, timesteps, blocks, grid):
-    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid`` (the
-    default grid), ``model_1999_t11_out_6`` or ``model_1999_t1-11-21_in_3-mid`` (chosen blocks)."""
+def probe_tag(checkpoint, timesteps, blocks, grid, keyed=True):
+    """Name of a probe's outputs: the checkpoint's file stem, the start of its weights' hash and the cells,
+    e.g. ``model_1999_sha1a2b3c4d_grid`` (the default grid), ``model_1999_sha1a2b3c4d_t11_out_6`` or
+    ``..._t1-11-21_in_3-mid`` (chosen blocks): two models of one file name never share a name.
+    ``keyed=False`` gives the name without the hash, which results had before."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    if keyed:
+        stem = f"{stem}_{short_digest(checkpoint)}"
     return f"{stem}_grid" if grid else f"{stem}_t{'-'.join(map(str, timesteps))}_{'-'.join(blocks)}"
 
 
@@ -25,12 +30,14 @@ def best_line(best, test_images, details=""):
            f"{'; ' + details if details else ''})"
 
 
-def linear_tag(cfg, checkpoint, timesteps, blocks, grid):
+def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True):
     """Default name of linear.py's files: checkpoint, cells, head and the settings a sweep varies, so that
-    probes of one checkpoint with other settings never meet, e.g. ``model_1999_grid_ep15_lr0.001_bs128``
-    (the linear head) or ``model_1999_grid_attention-width64_ep15_lr0.001_bs128``."""
+    probes of one checkpoint with other settings never meet, e.g.
+    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (the linear head; ``keyed``: see ``probe_tag``) or
+    ``model_1999_sha1a2b3c4d_grid_attention-width64_ep15_lr0.001_bs128``."""
     settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}{head_tag(cfg.linear.head, cfg.linear.head_args)}_{settings}"
+    head = head_tag(cfg.linear.head, cfg.linear.head_args)
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}{head}_{settings}"
 
 
 def head_tag(head, settings):

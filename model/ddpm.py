@@ -165,6 +165,20 @@ class DDPM(nn.Module):
             raise ValueError(f"key 'diffusion.n_T' is {settings['n_T']}; the noisy classifier reports "
                              f"{DDPM_LEVEL_COUNT} timesteps and needs n_T >= {DDPM_LEVEL_COUNT}") from None
 
+    def published_sampler(self):
+        """The samplers the network was published with (a diffusers folder's scheduler,
+        ``model.diffusers_sampling.SchedulerSampler``), or None: DDAE's own DDIM and ancestral samplers."""
+        published = getattr(self.nn_model, "published_sampler", None)
+        return None if published is None else published(self.n_T, self.betas, self.schedule)
+
+    def sampler_name(self, sampler):
+        """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE DDIM", "DDAE DDPM" (ancestral) or a
+        diffusers folder's "diffusers DDIMScheduler(...)"; a UserError for a scheduler option it cannot run."""
+        published = self.published_sampler()
+        if published is None:
+            return f"DDAE {sampler['mode']}"
+        return published.describe(sampler["mode"], sampler["steps"], sampler["eta"])
+
     def level_record(self, levels):
         """What a noise level index means, for result files: nothing beyond the timestep itself."""
         return {}
@@ -257,7 +271,8 @@ class DDPM(nn.Module):
             steps: DDIM steps (mode "DDIM", default 100 or n_T if fewer); for mode "DDPM", None runs the original's
                 n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``).
             eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like); unused by mode "DDPM".
-            mode: "DDIM" or "DDPM" (ancestral).
+            mode: "DDIM" or "DDPM" (ancestral). A network with ``published_sampler`` (a diffusers folder) runs
+                its own scheduler's DDIM or ancestral sampler with these settings instead of ours.
             noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
                 per-step noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
 
@@ -269,8 +284,12 @@ class DDPM(nn.Module):
         device = self.ddpm_sqrtab.device
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
-        if mode == "DDIM":
-            x = self._ddim_loop(x, min(100, self.n_T) if steps is None else steps, eta, noise)
+        steps = min(100, self.n_T) if mode == "DDIM" and steps is None else steps
+        published = self.published_sampler()
+        if published is not None:  # a diffusers folder: its scheduler's timesteps are our t - 1
+            x = published.sample(lambda x, index: self._eps(x, index + 1), x, mode, steps, eta, noise)
+        elif mode == "DDIM":
+            x = self._ddim_loop(x, steps, eta, noise)
         elif steps is None:
             x = self._ancestral_loop(x, noise)
         else:

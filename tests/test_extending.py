@@ -336,6 +336,9 @@ class RectifiedFlow(nn.Module):
     def level_record(self, levels):
         return {}
 
+    def sampler_name(self, sampler):  # sampling.json's record of the sampler
+        return f"rectified flow Euler, {sampler['steps']} steps"
+
     def forward(self, x0, t=None, noise=None):
         x = 2 * x0 - 1
         t = torch.rand(x.shape[0], device=x.device) if t is None else t
