@@ -14,7 +14,7 @@ from evaluation.features import extract_features, extract_grid_features
 from evaluation.frozen import prepare_frozen
 from model.models import build_diffusion, load_diffusion
 from tests.helpers import CPU, make_checkpoint, make_config, small_sets, tiny_config
-from tests.launch import REPO
+from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages
 
@@ -90,6 +90,38 @@ def test_heads_resume_to_the_straight_run(tmp_path, monkeypatch, head):
     with pytest.raises(Exception, match=rf"probe.state.pth holds a probe with head='{head}', not 'linear'"):
         linear.run_probe(other, prepare_frozen(load_diffusion(cfg, checkpoint), CPU), train_set, test_set,
                          timesteps, blocks, CPU, tmp_path / "straight", "probe")
+
+
+WORKER = """
+import sys
+import torch
+import linear
+from model.models import load_config, load_diffusion
+from utils.data import SyntheticImages, probe_train_transform
+from utils.distributed import cleanup, init_distributed
+from evaluation.frozen import prepare_frozen
+
+torch.set_num_threads(1)
+config, checkpoint, out_dir = sys.argv[1:4]
+cfg = load_config(config, ["linear.n_epoch=1", "linear.head=fusion", "linear.head_args.width=16"])
+device = init_distributed("cpu")
+diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), device)
+train_set = SyntheticImages(64, image_size=8, seed=1, transform=probe_train_transform(8))
+test_set = SyntheticImages(37, image_size=8, seed=1, train=False)
+linear.run_probe(cfg, diffusion, train_set, test_set, [1, 11], ["out_2", "out_4"], device, out_dir, "probe")
+cleanup()
+"""
+
+
+def test_a_fused_token_head_trains_on_two_processes(tmp_path):
+    cfg, config_path = make_config(tmp_path)
+    checkpoint = make_checkpoint(cfg, 3)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    done = run_two_processes(script, config_path, checkpoint, tmp_path / "probe", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert report["world_size"] == 2 and report["test_images"] == 37 and list(report["accuracy"]) == ["fused"]
 
 
 def test_linear_py_runs_attention_and_fusion_on_the_demo_config(tmp_path):
