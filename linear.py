@@ -1,14 +1,18 @@
-"""Linear probing of a frozen DDAE: one linear classifier per (timestep, block) on pooled features.
+"""Linear probing of a frozen DDAE: one linear classifier per (timestep, block) on pooled features, or
+another probe head (--head / linear.head: mlp, attention over a block's tokens, fusion of every cell).
 
     python linear.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999
     torchrun --nproc_per_node=4 linear.py --config config/EDM_ddpm.yaml --use_amp --epoch 1999 --grid
+    python linear.py --config config/DDPM_ddpm.yaml --epoch 1999 --grid --head attention
     python linear.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
 trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
-at once, from one forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with
---grid); the tag names the checkpoint, the start of its weights' SHA-256, the cells and the settings
-(model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128), or is --tag. A probe that is stopped resumes from its
+at once, from one forward pass per batch; a head that takes tokens gets each block's (B, T, C) tokens from
+that same pass, one batch at a time, and a fused head (fusion) is one head over every cell. Results go to
+save_dir/linear/{tag}.json (and {tag}.png with --grid and a head per cell); the tag names the checkpoint, the
+start of its weights' SHA-256, the cells, the head (when not linear) and the settings
+(model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128, ..._grid_attention-width64_ep15_...), or is --tag. A probe that is stopped resumes from its
 last finished epoch when run again with the same arguments and the same weights (a state of other weights
 is refused); SIGTERM or SIGUSR1 stops it once the epoch's state is saved (exit code 75). --tensorboard
 also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
@@ -20,11 +24,12 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from evaluation.cells import probe_cells
+from evaluation.cells import cell_label, probe_cells
 from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
-from evaluation.heads import ProbeHeads, evaluate_heads
+from evaluation.heads import FUSED_LABEL, ProbeHeads, evaluate_heads
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
+from model.heads import HEADS, head_class
 from model.models import feature_dims, load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
@@ -53,9 +58,12 @@ def build_parser():
                              "EDM 3/4/5 of 18, DiT 41/81/.../201)")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
                         help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
+    parser.add_argument("--head", default=None, metavar="NAME",
+                        help=f"the probe head instead of linear.head: {', '.join(HEADS)} or package.module.Class "
+                             f"(its settings: --set linear.head_args.KEY=VALUE)")
     parser.add_argument("--tag", default=None,
                         help="name of the result files in save_dir/linear (default: the checkpoint, its weights' "
-                             "hash, the cells and the probe's settings, e.g. "
+                             "hash, the cells, the head and the probe's settings, e.g. "
                              "model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128)")
     add_data_args(parser)
     add_speed_args(parser)
@@ -72,16 +80,17 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
             DistributedDataParallel wrapper.
 
     Returns:
-        (per-cell sum of the batch losses times batch sizes, (n_cells,) on the device; images seen).
+        (per-head sum of the batch losses times batch sizes, (n_heads,) on the device; images seen).
         Nothing is read back to the host, so the GPU never waits.
     """
     heads.train()
-    loss_sum = torch.zeros(len(heads.cells), device=device)
+    loss_sum = torch.zeros(len(heads.labels), device=device)
     images_seen = 0
     for images, labels in batches(loader, "probe training"):
         images, labels = to_device(images, labels, device)
-        features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision)
-        losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_cells,)
+        features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision,
+                                         tokens=heads.tokens)
+        losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_heads,)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # the heads are independent: each gets the gradient of its own loss
         optimizer.step()
@@ -92,13 +101,15 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
 
 def _settings(cfg, heads, world_size):
     """What a saved probe state must match to be resumed."""
-    return {"cells": heads.labels, "n_epoch": cfg.linear.n_epoch, "batch_size": cfg.linear.batch_size,
+    return {"cells": [cell_label(t, block) for t, block in heads.cells], "head": cfg.linear.head,
+            "head_args": dict(cfg.linear.head_args), "n_epoch": cfg.linear.n_epoch, "batch_size": cfg.linear.batch_size,
             "lrate": cfg.linear.lrate, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": world_size}
 
 
 def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
               num_workers=0, heatmap=False, source=None, board=None):
-    """Train and test the linear heads of every (timestep, block) cell; resumable per epoch.
+    """Train and test the probe heads (``cfg.linear.head``) of every (timestep, block) cell, or the one fused
+    head of them all; resumable per epoch.
 
     Args:
         cfg: the config (``linear``, ``classes``, ``seed``, ``image_shape`` are read).
@@ -122,7 +133,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     board = board or Board()
     n_epoch = cfg.linear.n_epoch
     torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
-    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes).to(device)
+    heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes,
+                       head_class(cfg.linear.head), cfg.linear.head_args).to(device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate * world_size,
                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
@@ -177,27 +189,36 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     result["provenance"] = provenance(source, cfg, device, cfg.seed)
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
+        if heads.fused:
+            print0(f"fused {cfg.linear.head} head over {len(heads.cells)} cell(s): "
+                   f"{result['accuracy'][FUSED_LABEL]:.2f}% ({test_images} test images)")
+            return result
         print0(format_accuracy_table(result["accuracy"], timesteps, blocks))
         best = result["best"]
         print0(best_line(best, test_images))
         if heatmap:
             plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
-                                  title=f"linear probe test accuracy (%), {tag}")
+                                  title=f"{cfg.linear.head} probe test accuracy (%), {tag}")
     return result
 
 
 def _summary(cfg, heads, history, test_images, world_size, source):
-    """The result record: settings, per-epoch history, final accuracy table and best cell."""
+    """The result record: settings, per-epoch history, final accuracy table and best cell (a fused head:
+    its one accuracy, ``{"fused": accuracy}``, and no best cell)."""
     final = history[-1]["test_accuracy"]
-    table, best = accuracy_table(heads.cells, [final[label] for label in heads.labels])
-    return {"checkpoint": source, "model_type": cfg.model_type, "timesteps": heads.timesteps,
+    if heads.fused:
+        table, best = dict(final), None
+    else:
+        table, best = accuracy_table(heads.cells, [final[label] for label in heads.labels])
+    return {"checkpoint": source, "model_type": cfg.model_type, "head": cfg.linear.head,
+            "head_args": dict(cfg.linear.head_args), "timesteps": heads.timesteps,
             "blocks": heads.blocks, "n_epoch": cfg.linear.n_epoch, "world_size": world_size,
             "test_images": test_images, "epochs": history, "accuracy": table, "best": best}
 
 
 @cli_entry
 def main(args):
-    cfg = load_config(args.config, args.set, allow_dit=True)
+    cfg = load_config(args.config, args.set, flags={"linear.head": ("--head", args.head)}, allow_dit=True)
     timesteps, blocks = probe_cells(cfg, args.grid, blocks=args.blocks)
     latents = latent_datasets(cfg) if on_latents(cfg) else None  # checked before the weights load
     checkpoint = checkpoint_from_args(cfg, args)

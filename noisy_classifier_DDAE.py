@@ -40,7 +40,7 @@ from utils.data import (add_data_args, add_max_images_arg, build_loader, config_
 from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
-from utils.noisy import eval_levels, format_table, log_levels, publish_results
+from utils.noisy import format_table, log_levels, publish_results
 from utils.preemption import StopSignals
 from utils.progress import batches
 from utils.provenance import provenance, short_digest
@@ -143,11 +143,14 @@ def run(cfg, args, checkpoint, device):
     precision = resolve_precision(args, device)
     linear, blockname = cfg.linear, cfg.linear.blockname
     out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
+    kind = diffusion_class(cfg.model_type)
+    if not hasattr(kind, "noisy_levels"):
+        raise UserError(f"{args.config}: model_type {cfg.model_type} has no noisy_levels(settings), the levels this "
+                        f"script reports; give the class one (docs/DESIGN.md, Diffusion contract)")
     try:
-        levels = eval_levels(cfg.model_type, n_T=cfg.diffusion.get("n_T", 1000))
-    except ValueError:
-        raise UserError(f"{args.config}: key 'diffusion.n_T' is {cfg.diffusion.n_T}; the noisy classifier "
-                        f"reports 20 timesteps and needs n_T >= 20") from None
+        levels = kind.noisy_levels(cfg.diffusion)
+    except ValueError as err:
+        raise UserError(f"{args.config}: {err}") from None
     # After the input checks: --tensorboard creates its folder at once.
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
 

@@ -40,7 +40,7 @@ from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
 from utils.config import add_config_args
-from utils.data import DATASETS, FID_SAMPLES, image_seed, split_batches
+from utils.data import DATASETS, FID_SAMPLES, dataset_spec, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0, torchrun_cpu_threads)
 from utils.errors import UserError, cli_entry
@@ -108,7 +108,7 @@ def sample_count(args, cfg):
         if args.batches < 1:
             raise UserError(f"--batches {args.batches}: pass a positive number of {IMAGES_PER_GRID}-image batches")
         return args.batches * IMAGES_PER_GRID
-    return DATASETS[cfg.dataset].fid_samples if cfg.dataset in DATASETS else IMAGES_PER_GRID
+    return dataset_spec(cfg.dataset).fid_samples
 
 
 def describe_sampler(sampler, n_T=None):

@@ -37,7 +37,7 @@ from evaluation.cells import probe_cells  # noqa: E402
 from evaluation.frozen import prepare_frozen  # noqa: E402
 from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
 from model.amp import autocast  # noqa: E402
-from model.models import build_diffusion, build_network, count_parameters, load_config  # noqa: E402
+from model.models import build_diffusion, build_network, count_parameters, diffusion_class, load_config  # noqa: E402
 from model.noise import PerImageNoise  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.cli import configure_backends, resolve_precision  # noqa: E402
@@ -64,7 +64,8 @@ ORIGINAL_TRAIN_IMG_S = {("DDPM", 0): 1678.0, ("EDM", 0): 1682.0, ("DDPM", 1): 57
 ORIGINAL_SAMPLE_50K_S = {("DDPM", 0, 100): 643.0, ("EDM", 0, 18): 194.0}
 ORIGINAL_PROBE_IMG_S = {("DDPM", 0): 2079.0}
 N_SAMPLES_FID = 50_000
-FULL_SAMPLER_STEPS = {"DDPM": 100, "EDM": 18}  # the FID setting: DDIM 100, Heun 18
+FULL_SAMPLER_STEPS = {"DDIM": 100, "EDM": 18}  # by the kind's SAMPLER: the FID setting, DDIM 100, Heun 18
+QUICK_SAMPLER_STEPS = {"DDIM": 10, "EDM": 4}
 
 QUICK_NETWORK = ["network.n_channels=32", "network.ch_mults=[1,2]", "network.is_attn=[False,True]",
                  "network.n_blocks=1", "network.image_shape=[3,8,8]", "linear.blockname=out_2"]
@@ -210,6 +211,7 @@ def settings_from_args(args, device):
     if not args.real_data:
         overrides.append("dataset=synthetic")
     cfg = load_config(args.config, overrides)
+    kind = diffusion_class(cfg.model_type)
     settings = argparse.Namespace(
         parts=parts,
         cfg=cfg,
@@ -229,8 +231,7 @@ def settings_from_args(args, device):
         num_workers=0 if quick and args.num_workers is None else resolve_num_workers(args, cfg),
         sample_batch=pick(args.sample_batch, 1000, 4),
         sample_batches=pick(args.sample_batches, 2, 1),
-        sample_steps=pick(args.sample_steps, FULL_SAMPLER_STEPS[cfg.model_type],
-                          10 if cfg.model_type == "DDPM" else 4),
+        sample_steps=pick(args.sample_steps, FULL_SAMPLER_STEPS[kind.SAMPLER], QUICK_SAMPLER_STEPS[kind.SAMPLER]),
         probe_batch=pick(args.probe_batch, cfg.linear.batch_size, 8),
         probe_large_batch=pick(args.probe_large_batch, 1024, 16),
         probe_batches=pick(args.probe_batches, 20, 2),
@@ -249,7 +250,7 @@ def settings_from_args(args, device):
     if settings.parity_steps and not 2 <= settings.parity_window <= settings.parity_steps:
         raise UserError(f"--parity_window {settings.parity_window} with --loss_parity_steps {settings.parity_steps}: "
                         f"need 2 <= window <= steps (a standard deviation needs two steps)")
-    low, high = (1, cfg.diffusion.n_T) if cfg.model_type == "DDPM" else (2, None)
+    low, high = kind.sample_steps_range(cfg.diffusion)
     if settings.sample_steps < low or (high is not None and settings.sample_steps > high):
         raise UserError(f"--sample_steps {settings.sample_steps}: the {cfg.model_type} sampler takes "
                         f"{low} to {high or 'any number of'} steps")
@@ -437,7 +438,7 @@ def bench_sampling(context, name):
     img_s = settings.sample_batches * batch / seconds
     evaluations = context.network_evaluations(sampler["steps"])
     return {
-        "precision": precision, "batch": batch, "sampler": sampler_label(cfg.model_type, sampler["steps"]),
+        "precision": precision, "batch": batch, "sampler": sampler_label(cfg, sampler["steps"]),
         "img_s": img_s, "s_50k": N_SAMPLES_FID / img_s,
         "peak_gib": peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * evaluations, context.peak),
@@ -598,7 +599,7 @@ class Context:
 
     def network_evaluations(self, steps):
         """Network calls per image of the config's sampler: DDIM one per step, Heun 2 * steps - 1."""
-        return steps if self.settings.cfg.model_type == "DDPM" else 2 * steps - 1
+        return diffusion_class(self.settings.cfg.model_type).network_calls(steps)
 
 
 class Report:
@@ -755,7 +756,8 @@ def add_comparisons(context, part, row, earlier_rows):
         return
     value = context.original[part][0]
     if part == "sample":
-        full = sampler_label(context.settings.cfg.model_type, FULL_SAMPLER_STEPS[context.settings.cfg.model_type])
+        cfg = context.settings.cfg
+        full = sampler_label(cfg, FULL_SAMPLER_STEPS[diffusion_class(cfg.model_type).SAMPLER])
         row["x_original"] = value / row["s_50k"] if row["sampler"] == full else None
     else:
         row["x_original"] = row["img_s"] / value
@@ -792,18 +794,18 @@ def original_figures(cfg):
     if (model_type, index) in ORIGINAL_TRAIN_IMG_S:
         value = ORIGINAL_TRAIN_IMG_S[(model_type, index)]
         figures["train"] = (value, f"{value:,.0f} img/s at batch {128 if index == 0 else 64}")
-    steps = FULL_SAMPLER_STEPS[model_type]
+    steps = FULL_SAMPLER_STEPS[diffusion_class(model_type).SAMPLER]
     if (model_type, index, steps) in ORIGINAL_SAMPLE_50K_S:
         value = ORIGINAL_SAMPLE_50K_S[(model_type, index, steps)]
-        figures["sample"] = (value, f"{value:,.0f} s for 50k samples, {sampler_label(model_type, steps)}")
+        figures["sample"] = (value, f"{value:,.0f} s for 50k samples, {sampler_label(cfg, steps)}")
     if (model_type, index) in ORIGINAL_PROBE_IMG_S:
         value = ORIGINAL_PROBE_IMG_S[(model_type, index)]
         figures["probe"] = (value, f"{value:,.0f} img/s at batch 128 (3 timesteps, all blocks)")
     return figures
 
 
-def sampler_label(model_type, steps):
-    return f"{'DDIM' if model_type == 'DDPM' else 'EDM'} {steps}"
+def sampler_label(cfg, steps):
+    return f"{diffusion_class(cfg.model_type).SAMPLER} {steps}"
 
 
 @cli_entry

@@ -33,7 +33,7 @@ from benchmark import (EvalVariant, _split_names, count_flops, markdown_table, r
 from evaluation.features import extract_features  # noqa: E402
 from evaluation.frozen import prepare_frozen, to_device  # noqa: E402
 from evaluation.throughput import synchronize  # noqa: E402
-from model.models import build_diffusion, count_parameters, load_config  # noqa: E402
+from model.models import build_diffusion, count_parameters, load_config, on_latents  # noqa: E402
 from model.vae import encode_images  # noqa: E402
 from utils.cli import resolve_precision  # noqa: E402
 from utils.config import config_name  # noqa: E402
@@ -114,7 +114,7 @@ def settings_from_args(args, device):
 
     overrides = (QUICK_DIT if args.quick else []) + list(args.set)
     cfg = load_config(args.config, overrides, allow_dit=True)
-    if cfg.model_type != "DiT":
+    if not on_latents(cfg):
         raise UserError(f"--config {args.config}: bench/dit_speed.py measures a DiT config "
                         f"(model_type: DiT, e.g. {DEFAULT_CONFIG}); bench/benchmark.py measures the others")
     settings = argparse.Namespace(

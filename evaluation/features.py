@@ -2,6 +2,7 @@
 one batched call, or over a whole loader.
 
     features = extract_grid_features(diffusion, x0, timesteps, blocks, precision="bf16")  # {(t, block): (B, C)}
+    tokens = extract_grid_features(diffusion, x0, timesteps, blocks, tokens=True)         # {(t, block): (B, T, C)}
 """
 import torch
 
@@ -14,7 +15,7 @@ from utils.progress import iterate
 
 
 @torch.no_grad()
-def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None):
+def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None, tokens=False):
     """Average-pooled features of the requested blocks from one forward pass at timestep ``t`` (the network
     stops after the deepest requested block).
 
@@ -26,18 +27,20 @@ def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", nois
         norm: L2-normalise each feature vector.
         precision: "fp32", "bf16" or "fp16" autocast for the network.
         noise: (B, C, H, W) noise to use, or None for a fresh draw.
+        tokens: each block's (B, T, C) tokens instead of their average (``model.ddpm.as_tokens``).
 
     Returns:
-        ``{name: (B, C)}`` float32 tensors.
+        ``{name: (B, C)}`` (``tokens``: ``{name: (B, T, C)}``) float32 tensors.
     """
     names = [names] if isinstance(names, str) else list(names)
+    extra = {"tokens": True} if tokens else {}  # a diffusion kind without token features still serves pooled heads
     with autocast(x0.device, precision):
-        features = diffusion.get_feature(x0, t, name=names, norm=norm, noise=noise)
+        features = diffusion.get_feature(x0, t, name=names, norm=norm, noise=noise, **extra)
     return {name: feature.float() for name, feature in features.items()}
 
 
 @torch.no_grad()
-def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision="fp32", noise=None):
+def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision="fp32", noise=None, tokens=False):
     """Features of every (timestep, block) cell, all timesteps in one batched forward pass.
 
     The images are repeated once per timestep and each copy is noised to its own timestep, so a
@@ -45,18 +48,18 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     better than several small ones); the network stops after the deepest requested block.
 
     Args:
-        diffusion, x0, names, norm, precision: as for ``extract_features``.
+        diffusion, x0, names, norm, precision, tokens: as for ``extract_features``.
         timesteps: ints.
         noise: (B, C, H, W) noise used at every timestep, or None for fresh draws everywhere.
 
     Returns:
-        ``{(t, name): (B, C)}`` float32 tensors.
+        ``{(t, name): (B, C)}`` (``tokens``: (B, T, C)) float32 tensors.
     """
     timesteps = list(timesteps)
     names = [names] if isinstance(names, str) else list(names)
     batch = x0.shape[0]
     if len(timesteps) == 1:
-        features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise)
+        features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise, tokens)
         return {(timesteps[0], name): feature for name, feature in features.items()}
     memory_format = torch.channels_last if _is_channels_last(x0) else torch.contiguous_format
     repeated = x0.repeat(len(timesteps), 1, 1, 1).contiguous(memory_format=memory_format)  # (T*B, C, H, W)
@@ -65,7 +68,7 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     per_image_t = torch.cat([torch.full((batch,), t, device=x0.device) for t in timesteps])  # (T*B,)
     if noise is not None:
         noise = noise.repeat(len(timesteps), 1, 1, 1)
-    features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise)
+    features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise, tokens)
     return {(t, name): features[name][i * batch:(i + 1) * batch]
             for i, t in enumerate(timesteps) for name in names}
 

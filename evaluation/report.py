@@ -6,6 +6,8 @@
 import os
 
 from evaluation.cells import cell_label
+from model.heads import head_class
+from utils.config import settings_of
 from utils.logging import plot_heatmap
 from utils.provenance import short_digest
 
@@ -29,11 +31,30 @@ def best_line(best, test_images, details=""):
 
 
 def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True):
-    """Default name of linear.py's files: checkpoint, cells and the settings a sweep varies, so that
+    """Default name of linear.py's files: checkpoint, cells, head and the settings a sweep varies, so that
     probes of one checkpoint with other settings never meet, e.g.
-    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (``keyed``: see ``probe_tag``)."""
+    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (the linear head; ``keyed``: see ``probe_tag``) or
+    ``model_1999_sha1a2b3c4d_grid_attention-width64_ep15_lr0.001_bs128``."""
     settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}_{settings}"
+    head = head_tag(cfg.linear.head, cfg.linear.head_args)
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}{head}_{settings}"
+
+
+def head_tag(head, settings):
+    """The head's part of a tag: nothing for the linear head, else ``_NAME`` and each setting that differs
+    from the head class's default as ``-KEYVALUE`` (``_attention-width64``)."""
+    if head == "linear":
+        return ""
+    defaults = settings_of(head_class(head), skip=2)
+    changed = [f"-{key}{_short(value)}" for key, value in settings.items()
+               if key not in defaults or defaults[key][1] != value]
+    return f"_{head}{''.join(changed)}"
+
+
+def _short(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_short, value))
+    return f"{value:g}" if isinstance(value, float) else str(value).replace(os.sep, "_").replace(" ", "")
 
 
 def accuracy_table(cells, accuracy):

@@ -14,6 +14,7 @@ from torch import nn
 from model.noise import noise_like, starting_noise
 from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule
 from utils.errors import UserError
+from utils.noisy import DDPM_LEVEL_COUNT, eval_levels
 
 
 def respaced_timesteps(n_T, steps):
@@ -36,16 +37,29 @@ def requested_blocks(nn_model, name):
     return [name] if isinstance(name, str) else list(name)
 
 
-def pool_features(activations, name, norm, feature_axis=1):
+def pool_features(activations, name, norm, feature_axis=1, tokens=False):
     """Average activations over every axis but the batch and ``feature_axis`` (H and W of (B, C, H, W),
     T of (B, T, D)) into float32 (B, C) features, optionally L2-normalised; return the one feature when
-    ``name`` is a string, else the dict."""
+    ``name`` is a string, else the dict. With ``tokens`` nothing is averaged: each activation becomes
+    float32 (B, T, C) tokens, its positions in order (``as_tokens``; ``norm`` normalises each token)."""
     features = {}
     for key, activation in activations.items():
+        if tokens:
+            feature = as_tokens(activation, feature_axis).float()  # (B, T, C)
+            features[key] = F.normalize(feature, dim=-1) if norm else feature
+            continue
         axis = feature_axis % activation.dim()
         feature = activation.float().mean(dim=[d for d in range(1, activation.dim()) if d != axis])  # (B, C)
         features[key] = F.normalize(feature, dim=1) if norm else feature
     return features[name] if isinstance(name, str) else features
+
+
+def as_tokens(activation, feature_axis=1):
+    """An activation as (B, T, C) tokens: the channel axis last, every other axis but the batch flattened
+    into T in order ((B, C, H, W) -> (B, H*W, C); (B, T, D) is kept; (B, C) is one token)."""
+    if activation.dim() == 2:
+        return activation[:, None]
+    return activation.movedim(feature_axis % activation.dim(), -1).flatten(1, -2)
 
 
 def check_steps_and_betas(diffusion, require):
@@ -74,14 +88,15 @@ class DDPM(nn.Module):
         nn_model: a network of docs/DESIGN.md's Network contract, called with t = timestep / n_T.
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
-        schedule: a name of ``model.schedules.SCHEDULES``: "linear" (the original's), "cosine"
-            or "scaled_linear".
+        schedule: a name of ``model.schedules.SCHEDULES`` ("linear" is the original's).
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. Two schedules: "DDPM" for training,
     features and ancestral sampling, "DDIM" for the DDIM sampler (``model.schedules``).
     """
 
     probe_grid = (1, 11, 21)  # the original's --grid timesteps
+    TRAINING_KEYS = ("betas", "n_T", "schedule")  # what the network learnt; a checkpoint refuses other values
+    SAMPLER = "DDIM"  # the sampler of sample() without sampler arguments, in labels
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear"):
         super().__init__()
@@ -129,6 +144,26 @@ class DDPM(nn.Module):
             raise UserError(f"--steps {steps}: respaced ancestral sampling takes 2 to n_T = {n_T} "
                             f"steps (or drop --steps for all n_T)")
         return {"mode": "DDPM", "steps": steps, "eta": None}
+
+    @staticmethod
+    def network_calls(steps):
+        """Network evaluations per image of the DDIM sampler with ``steps`` steps."""
+        return steps
+
+    @staticmethod
+    def sample_steps_range(settings):
+        """(fewest, most or None) steps the default sampler takes."""
+        return 1, settings["n_T"]
+
+    @staticmethod
+    def noisy_levels(settings):
+        """The levels noisy_classifier_DDAE.py reports accuracy at: 20 timesteps 1, 1 + n_T/20, ... (a
+        ValueError saying which key is short when n_T < 20)."""
+        try:
+            return eval_levels("DDPM", n_T=settings["n_T"])
+        except ValueError:
+            raise ValueError(f"key 'diffusion.n_T' is {settings['n_T']}; the noisy classifier reports "
+                             f"{DDPM_LEVEL_COUNT} timesteps and needs n_T >= {DDPM_LEVEL_COUNT}") from None
 
     def published_sampler(self):
         """The samplers the network was published with (a diffusers folder's scheduler,
@@ -199,7 +234,7 @@ class DDPM(nn.Module):
         eps = self.nn_model(self.perturb(x, t, noise), t / self.n_T)
         return F.mse_loss(eps.float(), noise.float())
 
-    def get_feature(self, x0, t, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
         """Average-pooled activations of the network's decoder blocks on noised images.
 
         Args:
@@ -209,6 +244,7 @@ class DDPM(nn.Module):
                 those, or None for the grid blocks (a UNet's out_k). The network stops after the deepest one needed.
             norm: L2-normalise each feature vector.
             noise: (B, C, H, W) tensor, a noise source, or None for fresh noise.
+            tokens: return each block's (B, T, C) tokens instead of their average (``pool_features``).
 
         Returns:
             (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
@@ -217,7 +253,7 @@ class DDPM(nn.Module):
         t = self._timesteps(t, x.shape[0], x.device)
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def _eps(self, x, t):
         """The network's noise prediction at integer timestep ``t`` for the whole batch, in x's dtype."""

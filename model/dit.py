@@ -273,6 +273,7 @@ class DiTDiffusion(nn.Module):
     """
 
     on_latents = True
+    TRAINING_KEYS = ("betas", "n_T")  # what the network learnt; a checkpoint refuses other values
     probe_grid = (41, 81, 121, 161, 201)  # our choice, around DiT's probe defaults t = 81 and 121
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000):
@@ -309,7 +310,7 @@ class DiTDiffusion(nn.Module):
         b = self.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1, 1)
         return a * x + b * noise
 
-    def get_feature(self, x0, t, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
         """``DDPM.get_feature`` (the other arguments and the result are its), token-averaged, with the null label.
 
         Args:
@@ -320,4 +321,4 @@ class DiTDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise_like(noise, x0))
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(x_t, t, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)  # (B, D): averaged over T
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)  # (B, D): averaged over T

@@ -14,7 +14,7 @@ from model.amp import network_only
 from model.ddpm import pool_features, requested_blocks
 from model.noise import noise_like, starting_noise
 from utils.errors import UserError
-from utils.noisy import EDM_STEPS
+from utils.noisy import EDM_STEPS, eval_levels
 
 AUGMENT_LABELS = 9  # labels per image produced by model.augment.AugmentPipe
 
@@ -52,6 +52,9 @@ class EDM(nn.Module):
 
     probe_grid = (3, 4, 5)  # the original's --grid: indices into the FEATURE_STEPS-step schedule
     FEATURE_STEPS = EDM_STEPS  # a feature timestep (linear.timestep) indexes this many steps of the schedule
+    # What the network learnt (a checkpoint refuses other values); the sampler's keys are free.
+    TRAINING_KEYS = ("sigma_data", "p_mean", "p_std", "augment_prob")
+    SAMPLER = "EDM"  # Heun's sampler, in labels
 
     def __init__(self, nn_model, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_min: float = 0.01,
@@ -109,6 +112,21 @@ class EDM(nn.Module):
         if not 0.0 <= eta <= 1.0:
             raise UserError(f"--eta {eta}: pass a value from 0 (deterministic) to 1")
         return {"mode": "EDM", "steps": steps, "eta": float(eta)}
+
+    @staticmethod
+    def network_calls(steps):
+        """Network evaluations per image of Heun's sampler with ``steps`` steps (no correction at the last)."""
+        return 2 * steps - 1
+
+    @staticmethod
+    def sample_steps_range(settings):
+        """(fewest, most or None) steps the sampler takes."""
+        return 2, None
+
+    @classmethod
+    def noisy_levels(cls, settings):
+        """The levels noisy_classifier_DDAE.py reports accuracy at: every index 1..FEATURE_STEPS."""
+        return eval_levels("EDM", steps=cls.FEATURE_STEPS)
 
     def level_record(self, levels):
         """What the noise level indices mean, for result files: their sigmas."""
@@ -181,7 +199,7 @@ class EDM(nn.Module):
         """The sampler's noise levels: ``karras_schedule`` with this model's settings."""
         return karras_schedule(steps, self.sigma_min, self.sigma_max, self.rho)
 
-    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None):
+    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None, tokens=False):
         """``DDPM.get_feature`` (the other arguments and the result are its), at a noise level of EDM's schedule.
 
         Args:
@@ -202,7 +220,7 @@ class EDM(nn.Module):
         _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
         names = requested_blocks(self.nn_model, name)
         activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
-        return pool_features(activations, name, norm, self.nn_model.feature_axis)
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def _feature_sigmas(self, steps, device):
         """(steps + 1,) float32 noise levels from 0 up to sigma_max on ``device``, copied there once:

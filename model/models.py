@@ -10,8 +10,6 @@ may also define ``check_settings(cfg, require)`` (cross-key checks at load time)
 of DIFFUSIONS. What differs by kind (probe grids, samplers, timestep ranges) are methods of those classes.
 """
 import contextlib
-import difflib
-import importlib
 import json
 import os
 
@@ -21,6 +19,7 @@ from model.ddpm import DDPM
 from model.diffusers_unet import DiffusersUNet, folder_network
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
+from model.heads import head_class
 from model.unet import UNet
 from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
@@ -34,35 +33,22 @@ NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet}
 
 def network_class(net_type, path="net_type"):
     """The network class ``net_type`` names: one of NETWORKS, or ``package.module.Class``."""
-    if net_type in NETWORKS:
-        return NETWORKS[net_type]
-    module_name, _, class_name = net_type.rpartition(".")
-    if not module_name:
-        close = difflib.get_close_matches(net_type, NETWORKS, n=1, cutoff=0.6)
-        raise UserError(f"{path}: key 'net_type' must be one of {', '.join(NETWORKS)} or the import path of "
-                        f"a network class (package.module.Class), got {net_type!r}"
-                        f"{f'; did you mean {close[0]!r}?' if close else ''}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"{path}: key 'net_type' {net_type!r} cannot be imported ({err}); put its package on "
-                        f"PYTHONPATH or fix the path") from None
-    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise UserError(f"{path}: key 'net_type' {net_type!r} is not a torch.nn.Module class")
-    return cls
+    return config.import_class(net_type, NETWORKS, "net_type", path, "network class (a torch.nn.Module)",
+                               base=torch.nn.Module)
 
 
 def diffusion_class(model_type, path="model_type"):
-    """The diffusion class ``model_type`` names (one of DIFFUSIONS)."""
-    if model_type not in DIFFUSIONS:
-        raise UserError(f"{path}: key 'model_type' must be one of {', '.join(DIFFUSIONS)}, got {model_type!r}")
-    return DIFFUSIONS[model_type]
+    """The diffusion class ``model_type`` names: one of DIFFUSIONS, or ``package.module.Class``."""
+    return config.import_class(model_type, DIFFUSIONS, "model_type", path, "diffusion class (a torch.nn.Module)",
+                               base=torch.nn.Module)
 
 
 def _parts(section, name, path):
     """``utils.config.load_config``'s ``parts``: the class taking a section, and its non-key parameters."""
     if section == "network":
         return network_class(name, path), 0
+    if section == "linear.head_args":
+        return head_class(name, path), 2  # a head's first parameters are its channels and classes
     return diffusion_class(name, path), 1  # the first parameter is the network
 
 
@@ -173,9 +159,9 @@ def refuse_other_network(checkpoint, expected, path):
                         f"with {NETWORK_MARKS[held][1]}")
 
 
-def load_weights(diffusion, path, weights="ema", checkpoint=None):
+def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
     """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
-    naming the file and the first key that does not fit."""
+    naming the file and the first key that does not fit (``origin``: see ``check_schedule``)."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
@@ -197,7 +183,7 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None):
     if extra:
         raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
                         "network than the config describes (check --config)")
-    check_schedule(diffusion, checkpoint, path)
+    check_schedule(diffusion, checkpoint, path, origin)
     diffusion.load_state_dict(state, strict=True)
     return diffusion
 
@@ -208,22 +194,29 @@ def _plain(value):
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
 
 
-def check_schedule(diffusion, checkpoint, path):
-    """Refuse a diffusion section (schedule, n_T, betas, sigmas ...) other than the one the checkpoint was
-    trained with: the weights fit, but the schedule they learnt would silently change (e.g. --set
-    diffusion.n_T=100 on a 1000-step model). A key the saved config lacks had its default (the schedule of
-    files older than that key: linear). Checkpoints without a config (the original code's) are not checked."""
+def check_schedule(diffusion, checkpoint, path, origin=None):
+    """Refuse a training setting of the ``diffusion`` section (those its class lists in ``TRAINING_KEYS``,
+    e.g. DDPM's schedule, n_T and betas; every key when it lists none) other than the one the checkpoint was
+    trained with: the weights fit, but what they learnt would silently change (e.g. --set diffusion.n_T=100 on
+    a 1000-step model). Sampler-only keys are free. A key the saved config lacks had its default (the schedule
+    of files older than that key: linear). Checkpoints without a config (the original code's) are not checked.
+    ``origin`` is the config's (``cfg.origin``): the fix names the --set that gave the value, else the file."""
     saved = (checkpoint.get("config") or {}).get("diffusion")
     if not saved:
         return
+    keys = getattr(type(diffusion), "TRAINING_KEYS", None)
     for key, (_, default) in settings_of(type(diffusion), skip=1).items():
+        if keys is not None and key not in keys:
+            continue
         trained, current = saved.get(key, default), getattr(diffusion, key, None)
         if current is None or isinstance(trained, (bool, dict)) or trained is config.REQUIRED:
             continue
         if _plain(current) != _plain(trained):
+            typed = (origin or {}).get("typed", {}).get(f"diffusion.{key}")
+            fix = f"drop the {typed.partition(' ')[0]} diffusion.{key} override" if typed else \
+                f"set diffusion.{key}: {trained} in {origin['path']}" if origin else f"give diffusion.{key} = {trained}"
             raise UserError(f"{path} was trained with diffusion.{key} = {trained}, but the config gives "
-                            f"{current}; the model only knows its training schedule: drop the --set "
-                            f"diffusion.{key} override, or use that run's config")
+                            f"{current}; the model only knows its training schedule: {fix}, or use that run's config")
 
 
 def load_diffusion(cfg, path, weights="ema", device="cpu"):
@@ -233,7 +226,7 @@ def load_diffusion(cfg, path, weights="ema", device="cpu"):
     if os.path.isdir(path):
         diffusion = build_diffusion(cfg, folder_network(cfg, path, block_names(cfg)))
     else:
-        diffusion = load_weights(build_diffusion(cfg), path, weights)
+        diffusion = load_weights(build_diffusion(cfg), path, weights, origin=getattr(cfg, "origin", None))
     return diffusion.to(device).eval().requires_grad_(False)
 
 

@@ -51,7 +51,7 @@ def test_shipped_config_matches_spec(name):
     assert (cfg.n_sample, cfg.save_dir, cfg.save_model) == (30, f"./output_{name}", True)
     assert (cfg.optim, cfg.optim_args, cfg.ckpt_interval, cfg.seed) == ("Adam", {}, 100, 1337)
     assert cfg.linear.to_kwargs() == dict(n_epoch=15, batch_size=128, lrate=1e-3, timestep=row["timestep"],
-                                          blockname=row["blockname"])
+                                          blockname=row["blockname"], head="linear", head_args={})
     if row["model_type"] == "DDPM":
         assert cfg.diffusion_kwargs() == {"n_T": 1000, "betas": [1e-4, 0.02], "schedule": "linear"}
     else:

@@ -226,6 +226,39 @@ def test_probes_knn_export_finetune_and_noisy_classifier(small, tmp_path):
     assert result["n_test_images"] == 8
 
 
+@pytest.mark.parametrize("head", ["attention", "fusion"])
+def test_token_heads_on_a_folder_resume_to_the_straight_run(small, tmp_path, monkeypatch, head):
+    root, _ = small
+    argv = script_argv(root, "--grid", "--head", head, "--set", "linear.n_epoch=2", "--set", "linear.head_args.width=16",
+                       "--set", f"save_dir={tmp_path}")
+    linear.main(linear.build_parser().parse_args(argv + ["--tag", "straight"]))
+    straight = json.loads((tmp_path / "linear" / "straight.json").read_text())
+    assert straight["head"] == head and straight["test_images"] == 8
+    if head == "fusion":  # one head over the 3 x 12 cells
+        assert list(straight["accuracy"]) == ["fused"]
+    else:
+        assert sum(len(row) for row in straight["accuracy"].values()) == 3 * 12
+
+    original, calls = linear.train_one_epoch, []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(SystemExit):  # cli_entry's exit on Ctrl-C, after the first epoch's state was saved
+        linear.main(linear.build_parser().parse_args(argv + ["--tag", "resumed"]))
+    monkeypatch.setattr(linear, "train_one_epoch", original)
+    linear.main(linear.build_parser().parse_args(argv + ["--tag", "resumed"]))
+    resumed = json.loads((tmp_path / "linear" / "resumed.json").read_text())
+    first, second = (torch.load(tmp_path / "linear" / f"{tag}.state.pth", weights_only=True)["heads"]
+                     for tag in ("straight", "resumed"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert [e["test_accuracy"] for e in straight["epochs"]] == [e["test_accuracy"] for e in resumed["epochs"]]
+
+
 def one_file(folder, pattern):
     """The text of the one file under ``folder`` matching ``pattern`` (results are named by the weights' hash)."""
     (path,) = folder.glob(pattern)

@@ -1,5 +1,6 @@
-"""The four recipes of docs/EXTENDING.md, made for real on tiny models: a cosine schedule, a network of
-one's own named by import path, probing encoder and middle blocks, and a dataset of another size/layout."""
+"""The recipes of docs/EXTENDING.md, made for real on tiny models: a cosine schedule, a network of one's own
+named by import path, probing encoder and middle blocks, a dataset of another size/layout (and one by import
+path), a probe head of one's own, and a diffusion kind of one's own (rectified flow), no project file changed."""
 import json
 import math
 
@@ -13,10 +14,14 @@ from torch import nn
 import finetune
 import knn
 import linear
+import noisy_classifier_DDAE
 import sample
 import train
+from model.ddpm import pool_features, requested_blocks
+from model.noise import noise_like, starting_noise
 from evaluation.cells import probe_cells
 from model.models import block_names, build_diffusion, load_config, load_diffusion
+from model.schedules import SCHEDULES
 from utils import data
 from utils.data import DatasetSpec, SyntheticImages, build_dataset
 from utils.errors import UserError
@@ -91,7 +96,7 @@ def test_cosine_model_trains_samples_probes_and_keeps_its_schedule(tmp_path):
     linear_cfg = load_config(config, ["diffusion.schedule=linear"])
     with pytest.raises(UserError, match=r"trained with diffusion.schedule = cosine, but the config gives linear"):
         load_diffusion(linear_cfg, checkpoint)
-    with pytest.raises(UserError, match=r"schedule' must be one of linear, cosine, scaled_linear, got 'cosin'"):
+    with pytest.raises(UserError, match=rf"schedule' must be one of {', '.join(SCHEDULES)}, got 'cosin'"):
         load_config(config, ["diffusion.schedule=cosin"])
 
 
@@ -235,3 +240,147 @@ def test_a_dataset_entry_gives_sampling_and_fid_their_defaults(tmp_path, monkeyp
     assert build_dataset("big", tmp_path / "images", train=True)[0][0].shape == (3, 64, 64)
     cfg = load_config(write_config(tmp_path, dataset="big"))
     assert sample.sample_count(sample.build_parser().parse_args(["--config", "x"]), cfg) == 50_000
+
+
+def test_a_dataset_by_import_path_needs_no_entry(tmp_path):
+    """Recipe (d) without editing utils/data.py: ``dataset:`` names a DatasetSpec (or a load function)."""
+    config = write_config(tmp_path, dataset="tests.test_extending.TINY_BY_PATH")
+    train_once(config)
+    run(linear, "--config", config, "--device", "cpu", "--num_workers", 0)
+    assert result(tmp_path / "run" / "linear", "*.json")["test_images"] == 16
+
+
+TINY_BY_PATH = DatasetSpec(tiny_synthetic, 10, layout="NCHW")
+
+
+def test_a_wrong_layout_is_one_line_naming_the_entry(tmp_path, monkeypatch):
+    def nhwc_as_nchw(root, train, transform, image_size):
+        dataset = NCHWImages(train, transform)
+        dataset.data = dataset.data.transpose(0, 2, 3, 1).copy()  # stored (N, H, W, C), declared NCHW below
+        dataset.transform = lambda image: transform(image.permute(2, 0, 1))
+        return dataset
+
+    monkeypatch.setitem(data.DATASETS, "mislaid", DatasetSpec(nhwc_as_nchw, 2, 64, layout="NCHW"))
+    config = write_config(tmp_path, dataset="mislaid", batch_size=8,
+                          network={"image_shape": [3, 64, 64], "n_channels": 32, "ch_mults": [1, 2],
+                                   "is_attn": [False, False], "n_blocks": 1})
+    with pytest.raises(UserError, match=r"dataset 'mislaid': its entry's layout 'NCHW' reads .data of shape "
+                                        r"\(16, 64, 64, 3\) as \(C, H, W\) images of \(64, 64, 3\), but its items "
+                                        r"are \(3, 64, 64\); fix the entry's layout"):
+        train_once(config, "--max_steps", "1", "--gpu_data")
+
+
+# (e) a probe head of one's own
+
+class MaxTokenHead(nn.Module):
+    """The largest value of each channel over a block's tokens, scaled, then a linear classifier."""
+
+    tokens = True  # give me the (B, T, C) tokens, not their average
+
+    def __init__(self, dim, num_classes, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.classify = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):  # (B, T, C) -> (B, classes)
+        return self.classify(tokens.amax(dim=1) * self.scale)
+
+
+def test_own_probe_head_by_import_path(tmp_path, monkeypatch):
+    config = write_config(tmp_path)
+    train_once(config)
+    seen = []
+    original = MaxTokenHead.forward
+    monkeypatch.setattr(MaxTokenHead, "forward", lambda head, tokens: seen.append(tokens.shape) or original(head, tokens))
+    run(linear, "--config", config, "--device", "cpu", "--num_workers", 0, "--grid",
+        "--head", "tests.test_extending.MaxTokenHead", "--set", "linear.head_args.scale=2")
+    report = result(tmp_path / "run" / "linear", "*_grid_tests.test_extending.MaxTokenHead-scale2_*.json")
+    assert report["head_args"] == {"scale": 2.0} and sorted(report["accuracy"]) == ["1", "11", "21"]
+    assert {shape[1] for shape in seen} == {8 * 8, 16 * 16}  # out_1, out_2 at 8x8; out_3, out_4 at 16x16
+    with pytest.raises(SystemExit):
+        run(linear, "--config", config, "--device", "cpu", "--head", "tests.test_extending.MaxTokenHead",
+            "--set", "linear.head_args.scael=2")
+
+
+# (f) a diffusion kind of one's own: rectified flow with an Euler sampler
+
+class RectifiedFlow(nn.Module):
+    """x_t = (1 - t) x + t eps on [-1, 1] images; the network predicts the velocity eps - x at time_scale * t;
+    sampling integrates it from t = 1 to 0 in ``sample_steps`` Euler steps. Feature level k is t = k / 20."""
+
+    LEVELS = 20
+    probe_grid = (1, 2, 4)                 # --grid's feature levels
+    TRAINING_KEYS = ("time_scale",)        # what the network learnt; sample_steps is the sampler's alone
+
+    def __init__(self, nn_model, time_scale: float = 1.0, sample_steps: int = 20):
+        super().__init__()
+        self.nn_model, self.time_scale, self.sample_steps = nn_model, time_scale, sample_steps
+
+    @staticmethod
+    def check_settings(cfg, require):
+        require(cfg.diffusion.sample_steps >= 1, "diffusion.sample_steps",
+                f"must be at least 1, got {cfg.diffusion.sample_steps}")
+
+    @classmethod
+    def feature_timesteps(cls, settings):
+        return 0, cls.LEVELS, f"the flow's {cls.LEVELS} feature levels"
+
+    @staticmethod
+    def sampler_settings(settings, mode, steps, eta):  # sample.py's --steps; --mode and --eta do not apply
+        return {"mode": "Euler", "steps": steps or settings["sample_steps"], "eta": None}
+
+    @classmethod
+    def noisy_levels(cls, settings):
+        return list(range(1, cls.LEVELS + 1))
+
+    def level_record(self, levels):
+        return {}
+
+    def sampler_name(self, sampler):  # sampling.json's record of the sampler
+        return f"rectified flow Euler, {sampler['steps']} steps"
+
+    def forward(self, x0, t=None, noise=None):
+        x = 2 * x0 - 1
+        t = torch.rand(x.shape[0], device=x.device) if t is None else t
+        noise = noise_like(noise, x)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+        return nn.functional.mse_loss(self.nn_model(x_t, t * self.time_scale).float(), (noise - x).float())
+
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
+        x = 2 * x0 - 1
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0]).float() / self.LEVELS
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise_like(noise, x)
+        activations = self.nn_model.forward_features(x_t, t * self.time_scale, requested_blocks(self.nn_model, name))
+        return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
+
+    @torch.no_grad()
+    def sample(self, n_sample=None, size=None, x_T=None, steps=None, mode="Euler", eta=None, noise=None):
+        x, _ = starting_noise(x_T, n_sample, size, noise, next(self.parameters()).device)
+        steps = steps or self.sample_steps
+        for k in range(steps, 0, -1):  # t from 1 down to 1 / steps
+            t = torch.full((x.shape[0],), k / steps, device=x.device)
+            x = x - self.nn_model(x, t * self.time_scale) / steps
+        return (x + 1) / 2
+
+
+def test_own_diffusion_kind_by_import_path(tmp_path):
+    config = write_config(tmp_path, model_type="tests.test_extending.RectifiedFlow", diffusion={"sample_steps": 20},
+                          **{"linear.timestep": 5})
+    train_once(config)
+    run(sample, "--config", config, "--device", "cpu", "--n_samples", 2, "--out_dir", tmp_path / "s",
+        "--set", "diffusion.sample_steps=3")  # a sampler-only key: free at sampling
+    assert len(list((tmp_path / "s" / "pngs").glob("*.png"))) == 2
+    run(linear, "--config", config, "--device", "cpu", "--num_workers", 0, "--grid", "--head", "attention",
+        "--set", "linear.head_args.width=16")
+    assert sorted(result(tmp_path / "run" / "linear", "*grid_attention*.json")["accuracy"]) == ["1", "2", "4"]
+    run(knn, "--config", config, "--device", "cpu", "--num_workers", 0, "--k", 4)
+    assert result(tmp_path / "run" / "knn", "*.json")["test_images"] == 16
+    noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(["--config", str(config), "--device", "cpu",
+                                                                "--num_workers", "0"]))
+    assert result(tmp_path / "run", "noisy_DDAE_*/noisy_accuracy.json")["levels"] == list(range(1, 21))
+    checkpoint = tmp_path / "run" / "ckpts" / "model_0.pth"
+    with pytest.raises(UserError, match=r"trained with diffusion.time_scale = 1.0, but the config gives 1000.0; "
+                                        r".*drop the --set diffusion.time_scale override"):
+        load_diffusion(load_config(config, ["diffusion.time_scale=1000"]), checkpoint)
+    with pytest.raises(UserError, match=r"key 'model_type' 'tests.test_extending.Nowhere' cannot be imported"):
+        load_config(config, ["model_type=tests.test_extending.Nowhere"])

@@ -122,6 +122,28 @@ def test_a_schedule_other_than_the_trained_one_is_refused(tmp_path):
     load_diffusion(shorter, path)
 
 
+def test_only_training_settings_are_refused_and_the_fix_names_where_the_value_came_from(tmp_path):
+    small = ["network.image_shape=[3,16,16]", "network.ch_mults=[1,2]", "network.is_attn=[False,False]",
+             "network.n_channels=32", "linear.blockname=out_2"]
+    edm = load_config(ROOT / "config" / "EDM_ddpm.yaml", small)
+    path = tmp_path / "model_0.pth"
+    save_checkpoint({"MODEL": build_diffusion(edm).state_dict(), "config": edm.to_dict()}, path)
+    for sampler_only in ("diffusion.sigma_max=40", "diffusion.rho=5", "diffusion.S_noise=1.0"):
+        load_diffusion(load_config(ROOT / "config" / "EDM_ddpm.yaml", small + [sampler_only]), path)
+    with pytest.raises(UserError, match=r"trained with diffusion.sigma_data = 0.5, but the config gives 0.4; .*"
+                                        r"drop the --set diffusion.sigma_data override"):
+        load_diffusion(load_config(ROOT / "config" / "EDM_ddpm.yaml", small + ["diffusion.sigma_data=0.4"]), path)
+
+    ddpm = load_config(ROOT / "config" / "demo.yaml")
+    save_checkpoint({"MODEL": build_diffusion(ddpm).state_dict(), "config": ddpm.to_dict()}, path)
+    text = (ROOT / "config" / "demo.yaml").read_text().replace("n_T: 1000", "n_T: 100")
+    (tmp_path / "short.yaml").write_text(text)
+    with pytest.raises(UserError) as error:  # the value came from a file, not a --set: name the file
+        load_diffusion(load_config(tmp_path / "short.yaml"), path)
+    assert "--set" not in str(error.value)
+    assert f"set diffusion.n_T: 1000 in {tmp_path / 'short.yaml'}, or use that run's config" in str(error.value)
+
+
 def test_missing_ckpt_names_the_flag(tmp_path):
     cfg = load_config(ROOT / "config" / "demo.yaml", [f"save_dir={tmp_path}"])
     args = argparse.Namespace(ckpt=str(tmp_path / "nope.pth"), epoch=-1)

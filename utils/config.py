@@ -11,6 +11,7 @@ scripts call it::
 import copy
 import dataclasses
 import difflib
+import importlib
 import inspect
 import math
 import typing
@@ -61,6 +62,36 @@ def settings_of(cls, skip=0):
     return spec
 
 
+def import_class(name, registry, key, path, what="class", base=None):
+    """The class ``name`` gives for ``key``: an entry of ``registry`` (a short name), or ``package.module.Class``
+    imported from PYTHONPATH; a UserError naming ``path`` and ``key`` otherwise.
+
+    Args:
+        what: what the class is, for messages ("network class", "probe head class").
+        base: a class it must derive from, or None.
+    """
+    cls = import_entry(name, registry, key, path, what)
+    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UserError(f"{path}: key '{key}' {name!r} is not a {what}")
+    return cls
+
+
+def import_entry(name, registry, key, path, what):
+    """``registry[name]``, or the object ``package.module.name`` imported from PYTHONPATH (``import_class``)."""
+    if name in registry:
+        return registry[name]
+    module_name, _, attribute = str(name).rpartition(".")
+    if not module_name:
+        close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.6)
+        raise UserError(f"{path}: key '{key}' must be one of {', '.join(registry)} or the import path of a {what} "
+                        f"(package.module.Name), got {name!r}{f'; did you mean {close[0]!r}?' if close else ''}")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"{path}: key '{key}' {name!r} cannot be imported ({err}); put its package on "
+                        f"PYTHONPATH or fix the path") from None
+
+
 def _type_of(default):
     items = {type(v) for v in default} if isinstance(default, (list, tuple)) else set()
     return type(default) if type(default) in SCALARS else list[items.pop()] if len(items) == 1 else None
@@ -70,11 +101,16 @@ def _type_of(default):
 class LinearConfig:
     """Linear probing (and noise-conditional classifier) settings."""
 
+    # head_args are the keyword parameters of the head class that ``head`` names (model.heads.HEADS).
+    PARTS: ClassVar[dict] = {"head_args": "head"}
+
     n_epoch: int = 15
     batch_size: int = 128           # per process
     lrate: float = 1.0e-3           # multiplied by the world size
     timestep: int                   # in the diffusion's feature_timesteps (DDPM 0..n_T, EDM 1..18)
     blockname: str                  # one of the network's block_names
+    head: str = "linear"            # linear.py's probe head: a name of model.heads.HEADS, or package.module.Class
+    head_args: dict = field(default_factory=Settings)  # the head's settings; absent: its defaults
 
 
 class _TopLevel:
@@ -92,8 +128,7 @@ class _TopLevel:
 
     def to_dict(self):
         """The config as plain YAML-ready data, in the file's key order."""
-        return {key: dict(value) if isinstance(value, dict) else value
-                for key, value in dataclasses.asdict(self).items()}
+        return _plain_data(dataclasses.asdict(self))
 
 
 @dataclass(kw_only=True)
@@ -127,6 +162,13 @@ class Config(_TopLevel):
     save_model: bool = True
     # evaluation
     linear: LinearConfig
+
+
+def _plain_data(value):
+    """``value`` with every mapping (a ``Settings`` too, at any depth) turned into a plain dict."""
+    if isinstance(value, dict):
+        return {key: _plain_data(item) for key, item in value.items()}
+    return [_plain_data(item) for item in value] if isinstance(value, list) else value
 
 
 def config_name(path):
@@ -202,6 +244,9 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
             check(cfg, require)
     except UserError as err:
         raise UserError(f"{err}{_override_note(str(err), overrides)}") from None
+    # Where each value came from, for later messages: the file, and what the user typed for a key.
+    cfg.origin = {"path": str(path), "typed": {override.partition("=")[0].strip(): typed
+                                               for override, typed in overrides}}
     return cfg
 
 
@@ -274,14 +319,15 @@ def _build(cls, raw, path, section="", what="", skip=0, parts=None, owners=None)
                             f"or pass --set {where}{name}=VALUE")
         if name in getattr(cls, "PARTS", {}):
             kind = values[cls.PARTS[name]]
-            part, part_skip = parts(name, kind, path)
+            part, part_skip = parts(where + name, kind, path)
             owners.append(part)
-            values[name] = _build(part, raw.get(name, {}), path, name, f" for {cls.PARTS[name]} {kind}", part_skip)
+            values[name] = _build(part, raw.get(name, {}), path, where + name, f" for {where}{cls.PARTS[name]} {kind}",
+                                  part_skip, parts, owners)
         elif name not in raw:
             values[name] = list(default) if isinstance(default, tuple) else copy.deepcopy(default)
         elif name in getattr(cls, "SECTIONS", {}):
             owners.append(cls.SECTIONS[name])
-            values[name] = _build(cls.SECTIONS[name], raw[name], path, name)
+            values[name] = _build(cls.SECTIONS[name], raw[name], path, name, parts=parts, owners=owners)
         else:
             values[name] = _convert(raw[name], annotation, path, where + name) if _checkable(annotation) else raw[name]
     return values

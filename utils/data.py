@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.datasets import utils as download_utils
 from torchvision.transforms import v2
 
+from utils.config import import_entry
 from utils.distributed import get_rank, usable_cpus
 from utils.errors import UserError, describe_error
 
@@ -91,10 +92,11 @@ def test_transform():
 
 
 def build_dataset(name, root, train, transform=None, image_size=None):
-    """Build the train or test split of a dataset of ``DATASETS``.
+    """Build the train or test split of a dataset of ``DATASETS``, or of one named by import path.
 
     Args:
-        name: a key of ``DATASETS``.
+        name: a key of ``DATASETS``, or ``package.module.NAME`` naming a ``DatasetSpec`` or a function
+            ``load(root, train, transform, image_size)`` (see ``dataset_spec``).
         root: folder with the data (``--data_root``); for ``folder`` the image tree itself.
         train: the training split when True, the test split otherwise.
         transform: applied to each image; defaults to ``test_transform()``.
@@ -107,9 +109,7 @@ def build_dataset(name, root, train, transform=None, image_size=None):
         holds the images as they are trained on (see ``uint8_images``).
     """
     transform = test_transform() if transform is None else transform
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}")
-    spec = DATASETS[name]
+    spec = dataset_spec(name)
     native, image_size = spec.image_size, image_size or spec.image_size
     if native is not None and image_size != native and not spec.resize:
         raise UserError(f"dataset '{name}' has {native}x{native} images but {image_size}x{image_size} "
@@ -121,7 +121,24 @@ def build_dataset(name, root, train, transform=None, image_size=None):
     if not hasattr(dataset, "num_classes"):
         dataset.num_classes = spec.num_classes
     dataset.uint8_layout = None if resized else spec.layout
+    dataset.dataset_name = name
     return dataset
+
+
+def dataset_spec(name):
+    """The ``DatasetSpec`` of ``name``: an entry of ``DATASETS``, or imported from ``package.module.NAME``,
+    which is a ``DatasetSpec`` or a function ``load(root, train, transform, image_size)`` (then its dataset
+    gives ``num_classes`` or the config's ``classes`` is trusted, and images are decoded one by one)."""
+    if name not in DATASETS and "." not in name:
+        raise UserError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}, or the import path of a "
+                        f"DatasetSpec or a load function (package.module.NAME)")
+    entry = import_entry(name, DATASETS, "dataset", "the config", "dataset")
+    if isinstance(entry, DatasetSpec):
+        return entry
+    if callable(entry) and not isinstance(entry, type):
+        return DatasetSpec(entry)
+    raise UserError(f"dataset {name!r} is neither a utils.data.DatasetSpec nor a function "
+                    f"load(root, train, transform, image_size); name one of those")
 
 
 def uint8_images(dataset):
@@ -130,7 +147,14 @@ def uint8_images(dataset):
     from 8-bit pixels)."""
     layout = getattr(dataset, "uint8_layout", None)
     if layout is not None:
-        return torch.as_tensor(dataset.data).permute(*[layout.index(axis) for axis in "NCHW"]).contiguous()
+        images = torch.as_tensor(dataset.data).permute(*[layout.index(axis) for axis in "NCHW"]).contiguous()
+        decoded = tuple(dataset[0][0].shape) if len(dataset) else tuple(images.shape[1:])
+        if tuple(images.shape[1:]) != decoded:
+            name = getattr(dataset, "dataset_name", "?")
+            raise UserError(f"dataset '{name}': its entry's layout {layout!r} reads .data of shape "
+                            f"{tuple(dataset.data.shape)} as (C, H, W) images of {tuple(images.shape[1:])}, but "
+                            f"its items are {decoded}; fix the entry's layout (the axes of .data, e.g. 'NHWC')")
+        return images
     return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
 
 
@@ -604,7 +628,7 @@ class DatasetSpec:
 
 
 FID_SAMPLES = 50_000
-DATASETS = {  # adding a dataset is one entry here (docs/EXTENDING.md)
+DATASETS = {  # adding a dataset is one entry here, or a DatasetSpec named by import path (docs/EXTENDING.md)
     "cifar": DatasetSpec(lambda root, train, transform, _: _load_cifar(torchvision.datasets.CIFAR10, "CIFAR-10", root,
                          train, transform), 10, 32, "NHWC", FID_SAMPLES),
     "cifar100": DatasetSpec(lambda root, train, transform, _: _load_cifar(torchvision.datasets.CIFAR100, "CIFAR-100",

@@ -105,8 +105,9 @@ def read_results(path):
     if missing:
         raise UserError(f"{path}: key '{missing[0]}' is missing; pass a {RESULT_FILE} written by "
                         f"noisy_classifier_WRN.py or noisy_classifier_DDAE.py")
-    if record["mode"] not in MODES:
-        raise UserError(f"{path}: key 'mode' must be one of {', '.join(MODES)}, got {record['mode']!r}")
+    if not isinstance(record["mode"], str):  # DDPM, EDM or another diffusion kind's model_type
+        raise UserError(f"{path}: key 'mode' must be a diffusion kind such as {' or '.join(MODES)}, "
+                        f"got {record['mode']!r}")
     if len(record["levels"]) != len(record["accuracies"]):
         raise UserError(f"{path}: 'levels' has {len(record['levels'])} entries but 'accuracies' has "
                         f"{len(record['accuracies'])}; rerun the script that wrote it")
@@ -127,7 +128,7 @@ def plot_comparison(records, path, title=None):
         while label in series:
             label += "'"
         series[label] = (record["levels"], record["accuracies"])
-    plot_lines(series, path, xlabel=LEVEL_AXIS[mode], ylabel="test accuracy (%)",
+    plot_lines(series, path, xlabel=LEVEL_AXIS.get(mode, f"{mode} noise level"), ylabel="test accuracy (%)",
                title=title or f"noise-conditional classifiers, {mode}")
     return path
 

@@ -1,0 +1,166 @@
+"""Probe heads in linear.py (model/heads.py): token features, the heads by name with their settings in the
+file tag, resume state and result, exact resume of attention and fusion, and linear.py run as a user types
+it on the demo config (its dataset named by import path)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import linear
+from evaluation.cells import probe_cells
+from evaluation.features import extract_features, extract_grid_features
+from evaluation.frozen import prepare_frozen
+from model.models import build_diffusion, load_diffusion
+from tests.helpers import CPU, make_checkpoint, make_config, small_sets, tiny_config
+from tests.launch import REPO, run_two_processes
+from utils.checkpoint import load_checkpoint
+from utils.data import SyntheticImages
+
+SMALL_HEAD = ["linear.head_args.width=16", "linear.head_args.heads=2"]
+
+
+def few_shapes(root, train, transform, image_size):
+    """A dataset by import path (``dataset: tests.test_heads.few_shapes``): 48 + 24 synthetic images."""
+    return SyntheticImages(n=48 if train else 24, image_size=image_size or 16, train=train, transform=transform)
+
+
+def test_tokens_are_the_blocks_positions_and_average_to_the_pooled_feature(tmp_path):
+    cfg, _ = make_config(tmp_path)
+    torch.manual_seed(0)
+    diffusion = prepare_frozen(build_diffusion(cfg), CPU)
+    x0, noise = torch.rand(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    tokens = extract_grid_features(diffusion, x0, [1, 11], ["out_2", "out_4"], noise=noise, tokens=True)
+    pooled = extract_grid_features(diffusion, x0, [1, 11], ["out_2", "out_4"], noise=noise)
+    for cell, feature in pooled.items():
+        assert tokens[cell].dim() == 3 and tokens[cell].shape[::2] == feature.shape
+        torch.testing.assert_close(tokens[cell].mean(dim=1), feature)
+    # at t = 0 nothing is noised: token h * W + w is the block's activation at (h, w)
+    with torch.no_grad():
+        activation = diffusion.nn_model.forward_features(2 * x0 - 1, torch.zeros(3), ["out_4"])["out_4"]
+    clean = extract_features(diffusion, x0, 0, ["out_4"], tokens=True)["out_4"]
+    assert clean.shape == (3, 64, activation.shape[1])
+    torch.testing.assert_close(clean, activation.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("head", ["attention", "fusion", "mlp"])
+def test_heads_resume_to_the_straight_run(tmp_path, monkeypatch, head):
+    cfg, _ = make_config(tmp_path, overrides=[f"linear.head={head}"] + (SMALL_HEAD if head != "mlp" else []))
+    checkpoint = make_checkpoint(cfg, 3)
+    timesteps, blocks = probe_cells(cfg, grid=True)
+    train_set, test_set = small_sets(64, 32)
+
+    def probe(out_dir):
+        diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
+        return linear.run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, CPU, out_dir, "probe",
+                                heatmap=True, source=checkpoint)
+
+    straight = probe(tmp_path / "straight")
+    assert straight["head"] == head and straight["head_args"] == dict(cfg.linear.head_args)
+    if head == "fusion":  # one head over the 12 cells
+        assert list(straight["accuracy"]) == ["fused"] and straight["best"] is None
+        assert not (tmp_path / "straight" / "probe.png").exists()
+    else:
+        assert sum(len(row) for row in straight["accuracy"].values()) == 12
+
+    calls = []
+    original = linear.train_one_epoch
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        probe(tmp_path / "resumed")
+    state = load_checkpoint(tmp_path / "resumed" / "probe.state.pth")
+    assert state["epoch"] == 1 and state["settings"]["head"] == head
+    monkeypatch.setattr(linear, "train_one_epoch", original)
+    resumed = probe(tmp_path / "resumed")
+
+    first, second = (load_checkpoint(tmp_path / run / "probe.state.pth")["heads"] for run in ("straight", "resumed"))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    for a, b in zip(straight["epochs"], resumed["epochs"], strict=True):
+        assert (a["train_loss"], a["test_accuracy"]) == (b["train_loss"], b["test_accuracy"])
+
+    other, _ = make_config(tmp_path, overrides=["linear.head=linear"])
+    with pytest.raises(Exception, match=rf"probe.state.pth holds a probe with head='{head}', not 'linear'"):
+        linear.run_probe(other, prepare_frozen(load_diffusion(cfg, checkpoint), CPU), train_set, test_set,
+                         timesteps, blocks, CPU, tmp_path / "straight", "probe")
+
+
+WORKER = """
+import sys
+import torch
+import linear
+from model.models import load_config, load_diffusion
+from utils.data import SyntheticImages, probe_train_transform
+from utils.distributed import cleanup, init_distributed
+from evaluation.frozen import prepare_frozen
+
+torch.set_num_threads(1)
+config, checkpoint, out_dir = sys.argv[1:4]
+cfg = load_config(config, ["linear.n_epoch=1", "linear.head=fusion", "linear.head_args.width=16"])
+device = init_distributed("cpu")
+diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), device)
+train_set = SyntheticImages(64, image_size=8, seed=1, transform=probe_train_transform(8))
+test_set = SyntheticImages(37, image_size=8, seed=1, train=False)
+linear.run_probe(cfg, diffusion, train_set, test_set, [1, 11], ["out_2", "out_4"], device, out_dir, "probe")
+cleanup()
+"""
+
+
+def test_a_fused_token_head_trains_on_two_processes(tmp_path):
+    cfg, config_path = make_config(tmp_path)
+    checkpoint = make_checkpoint(cfg, 3)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    done = run_two_processes(script, config_path, checkpoint, tmp_path / "probe", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert report["world_size"] == 2 and report["test_images"] == 37 and list(report["accuracy"]) == ["fused"]
+
+
+def test_linear_py_runs_attention_and_fusion_on_the_demo_config(tmp_path):
+    save_dir = tmp_path / "run"
+    make_checkpoint(tiny_config(save_dir), 3)
+    sets = ["network.image_shape=[3,16,16]", "dataset=tests.test_heads.few_shapes", f"save_dir={save_dir}",
+            "linear.n_epoch=1", "linear.batch_size=16", *SMALL_HEAD]
+    base = [sys.executable, "linear.py", "--config", "config/demo.yaml", "--epoch", "3", "--device", "cpu",
+            *[arg for value in sets for arg in ("--set", value)]]
+    for flags, name in ((["--head", "attention", "--grid"], "model_3_sha*_grid_attention-width16-heads2_ep1_lr0.05_bs16"),
+                        (["--head", "fusion", "--grid"], "model_3_sha*_grid_fusion-width16-heads2_ep1_lr0.05_bs16")):
+        done = subprocess.run(base + flags, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (path,) = (save_dir / "linear").glob(f"{name}.json")
+        result = json.loads(path.read_text())
+        assert result["test_images"] == 24 and result["head_args"] == {"width": 16, "heads": 2}
+    assert "fused fusion head over 12 cell(s)" in done.stdout
+
+    done = subprocess.run(base + ["--head", "attentoin"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "key 'linear.head' must be one of linear, mlp, attention, fusion or the import path" in done.stderr
+    assert "did you mean 'attention'? (from --head attentoin)" in done.stderr
+    done = subprocess.run(base + ["--head", "attention", "--set", "linear.head_args.widht=8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "unknown key 'linear.head_args.widht' for linear.head attention; did you mean " \
+           "'linear.head_args.width'?" in done.stderr
+
+
+def test_probe_heads_benchmark_writes_its_table(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import probe_heads
+
+    out = tmp_path / "bench"
+    probe_heads.main(probe_heads.build_parser().parse_args(
+        ["--heads", "linear", "fusion", "--train_images", "32", "--test_images", "16", "--epochs", "1",
+         "--batch_size", "16", "--width", "16", "--threads", "1", "--out", str(out)]))
+    rows = json.loads((out / "probe_heads.json").read_text())["rows"]
+    assert [(row["head"], row["heads"]) for row in rows] == [("linear", 4), ("fusion", 1)]
+    assert all(0 <= row["best_accuracy"] <= 100 and row["head_ms_per_step"] > 0 for row in rows)
+    table = (out / "probe_heads.md").read_text()
+    assert "| fusion | width=16, heads=4 | 0.001 | 1 |" in table and (out / "probe_heads.png").stat().st_size > 0
