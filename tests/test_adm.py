@@ -196,7 +196,7 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     chosen = json.loads((run / "linear" / "cifar10_tiny_t1-11-21_input_2-middle_ep1_lr0.001_bs8.json").read_text())
     assert set(chosen["accuracy"]["21"]) == {"input_2", "middle"}
 
-    knn.main(knn.build_parser().parse_args(script_argv(tiny, "--k", "3")))
+    knn.main(knn.build_parser().parse_args(script_argv(tiny, "--k", "3", "--precision", "bf16")))
     assert json.loads((run / "knn" / "cifar10_tiny_t92_output_7_k3_T0.07.json").read_text())["test_images"] == 8
 
     export_features.main(export_features.build_parser().parse_args(
