@@ -213,6 +213,39 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     assert result["n_test_images"] == 8
 
 
+# The guided-diffusion 256x256 layout, shrunk to 32x32 and 3 levels (the golden "guided" network).
+GUIDED_TINY = ["network.image_size=32", "network.channel_mult=1,1,2", "network.num_channels=32",
+               "network.num_head_channels=32"]
+
+
+def test_guided_layout_runs_through_the_256_config(tiny, tmp_path):
+    """The shipped 256x256 config, shrunk by --set to the golden guided layout, loads that layout's plain .pt; the
+    probe resizes and centre-crops a folder of 48x40 images to 32x32; linear, export and ancestral sampling run."""
+    g = golden("guided")
+    torch.save(seeded_weights(g["shapes"], g["seed"]), tmp_path / "guided_tiny.pt")
+    generator = np.random.default_rng(1)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("n01", "n02"):
+            (tmp_path / "imagenet" / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = generator.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "imagenet" / split / label / f"{i}.JPEG")
+    sets = [*GUIDED_TINY, "classes=2", f"save_dir={tmp_path / 'run'}", "num_workers=0", "linear.n_epoch=1",
+            "linear.batch_size=4", "linear.blockname=output_5"]
+    argv = ["--config", str(IMAGENET_CONFIG), *[a for s in sets for a in ("--set", s)], "--ckpt",
+            str(tmp_path / "guided_tiny.pt"), "--device", "cpu", "--data_root", str(tmp_path / "imagenet")]
+    linear.main(linear.build_parser().parse_args([*argv, "--grid", "--blocks", "input_3,output_5"]))
+    grid = json.loads((tmp_path / "run" / "linear" / "guided_tiny_t1-11-21_input_3-output_5_ep1_lr0.001_bs4.json")
+                      .read_text())
+    assert set(grid["accuracy"]["11"]) == {"input_3", "output_5"} and grid["test_images"] == 4
+    export_features.main(export_features.build_parser().parse_args(
+        [*argv, "--blocks", "output_8", "--out", str(tmp_path / "features")]))
+    assert np.load(tmp_path / "features" / "output_8.npy").shape == (4, 32)
+    ancestral = sample.main(sample.build_parser().parse_args([*argv, "--n_samples", "2", "--mode", "DDPM",
+                                                              "--steps", "2"]))
+    assert len(list(Path(ancestral["out_dir"], "pngs").glob("*.png"))) == 2
+
+
 def refusal(config, overrides, path):
     with pytest.raises(UserError) as error:
         load_diffusion(load_config(config, overrides), str(path))
