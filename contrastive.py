@@ -6,7 +6,8 @@ Reads save_dir/ckpts/model_{e}.pth for e = interval, 2 * interval, ... below n_e
 For every block, two L2-normalised features of each training image are drawn with independent
 noise at linear.timestep: alignment is the mean squared distance between the two draws, uniformity
 the log of the mean Gaussian potential exp(-2 d^2) over the pairs of a batch (Wang & Isola, 2020).
-Writes save_dir/contrastive.json and one plot per block in save_dir/contrastive/.
+Writes save_dir/contrastive.json (with the provenance record: each checkpoint's SHA-256, in epoch order)
+and one plot per block in save_dir/contrastive/.
 """
 import argparse
 import os
@@ -26,6 +27,7 @@ from utils.distributed import add_launcher_args, all_reduce_sum, cleanup, get_ra
 from utils.errors import UserError, cli_entry
 from utils.logging import plot_lines, save_json
 from utils.progress import batches
+from utils.provenance import provenance
 
 
 def build_parser():
@@ -129,7 +131,8 @@ def run_contrastive(cfg, checkpoints, dataset, device, precision="fp32", out_dir
                 history[block][key].append(values[block][key])
         print0(f"epoch {epoch}: " + "  ".join(f"{block} {values[block]['alignment']:.4f}/"
                                                f"{values[block]['uniformity']:.4f}" for block in blocks))
-    result = {"epochs": epochs, "timestep": timestep, "blocks": history}
+    result = {"epochs": epochs, "timestep": timestep, "blocks": history,
+              "provenance": provenance([checkpoints[epoch] for epoch in epochs], cfg, device, cfg.seed)}
     if is_main():
         print0(format_history(result))
         save_json(result, os.path.join(out_dir, "contrastive.json"))

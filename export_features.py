@@ -8,14 +8,15 @@
 The EMA network sees every image once, noised to --timestep (default linear.timestep; image i gets
 its own noise seed, seed + i, so the export does not depend on the batch size) and stops after the
 deepest requested block. Each block's activation is averaged over H and W (and L2-normalised with
---norm). The output folder (--out, default save_dir/features/{checkpoint}_t{T}_{split or folder})
-holds:
+--norm). The output folder (--out, default save_dir/features/{checkpoint}_sha{hash}_t{T}_{split or folder},
+the hash being the start of the weights' SHA-256) holds:
 
     {block}.npy   (N, C) float32, one per block, row i = image i
     labels.npy    (N,) int64: the dataset's labels; for --images, the index of the image's
                   top-level subfolder in sorted order, or -1 for an image directly in the folder
     files.txt     for --images: the image paths relative to the folder, one per line, in row order
-    meta.json     checkpoint, timestep, blocks, norm, seed, image count and class names; written
+    meta.json     checkpoint, timestep, blocks, norm, seed, image count, class names and the
+                  provenance record (weights' SHA-256, config, command, code version); written
                   last, so a folder with meta.json is complete
 
 A DiT config exports its cached VAE latents (encode_latents.py): the test split, or copy 0 of the
@@ -46,6 +47,7 @@ from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
 from utils.logging import save_json
 from utils.preemption import StopSignals
+from utils.provenance import provenance, short_digest
 
 IMAGE_SUFFIXES = tuple(torchvision.datasets.folder.IMG_EXTENSIONS)
 SAMPLE_GRID = re.compile(r"^grid_\d+\.png$")  # sample.py's grids of 400 samples beside pngs/
@@ -185,7 +187,9 @@ def resolve_blocks(cfg, requested):
 
 
 def default_out_dir(cfg, checkpoint, timestep, args):
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    """save_dir/features/{checkpoint}_{hash}_t{T}_{split or folder}[_norm]: another model of the same file
+    name gets its own folder."""
+    stem = f"{os.path.splitext(os.path.basename(checkpoint))[0]}_{short_digest(checkpoint)}"
     source = os.path.basename(os.path.normpath(args.images)) if args.images else args.split
     return os.path.join(cfg.save_dir, "features", f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}")
 
@@ -233,7 +237,8 @@ def main(args):
         num_workers=resolve_num_workers(args, cfg),
         seed=cfg.seed if args.seed is None else args.seed,
         meta={"checkpoint": checkpoint, "model_type": cfg.model_type,
-              "source": os.path.abspath(args.images) if args.images else f"{cfg.dataset}/{args.split}"})
+              "source": os.path.abspath(args.images) if args.images else f"{cfg.dataset}/{args.split}",
+              "provenance": provenance(checkpoint, cfg, device, cfg.seed if args.seed is None else args.seed)})
     print(f"wrote {record['n_images']} x ({', '.join(f'{b}: {d}' for b, d in record['dims'].items())}) "
           f"to {out_dir}")
 

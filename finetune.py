@@ -22,11 +22,17 @@ without ``stages(block)`` is one stage); the head gets the full rate.
 of processes.
 
 Writes save_dir/finetune/{tag}.json after every epoch (settings, per-epoch history, final test
-accuracy) and {tag}.state.pth, the latest epoch's complete state (written atomically), which
---resume continues from. With --num_workers 0 a resumed run is bitwise the run that was never
+accuracy, and the provenance record: the checkpoint's SHA-256, config, command, code version) and
+{tag}.state.pth, the latest epoch's complete state (written atomically), which --resume continues from;
+the tag names the checkpoint, the start of its weights' hash and the cell (model_1999_sha1a2b3c4d_t11_out_6),
+so another model of the same file name has its own files. When the run finishes, the state (about three
+times the network's size, with AdamW's moments) is deleted; {tag}.json stays, and with --save_weights
+{tag}.weights.pth, the fine-tuned classifier's state dict. The same command run again then only reports
+the finished result. With --num_workers 0 a resumed run is bitwise the run that was never
 stopped (on the same device type): every epoch seeds its own noise, dropout, crops and flips.
 """
 import argparse
+import json
 import os
 
 import torch
@@ -45,20 +51,26 @@ from utils.cli import add_amp_args, add_checkpoint_args, checkpoint_from_args, r
 from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, probe_train_transform,
                         resolve_num_workers)
-from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
+from utils.checkpoint import save_checkpoint
+from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
+                               print0)
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
 from utils.logging import save_json
 from utils.preemption import StopSignals
 from utils.progress import batches
+from utils.provenance import check_same_weights, provenance, refuse_unkeyed_state, weights_identity
 from utils.schedule import lr_factor
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 
-# Settings a saved state must share with the run that resumes it.
-RESUME_KEYS = ("checkpoint", "timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
+# Settings a saved state must share with the run that resumes it (the weights are compared by their hash,
+# not by the checkpoint's path, so a copied run folder resumes too).
+RESUME_KEYS = ("timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
                "layer_decay", "label_smoothing", "seed", "world_size", "dataset", "max_images")
 RESUME_MISMATCH = ("{path} was trained with {key}={saved!r}, not {wanted!r}; rerun with the same settings to resume "
                    "it, or pass --out for a new run")
+FINISHED_MISMATCH = ("{path} is a finished run with {key}={saved!r}, not {wanted!r}; pass --out for a new run, or "
+                     "delete it to train again")
 
 
 def build_parser():
@@ -85,6 +97,9 @@ def build_parser():
     parser.add_argument("--resume", action="store_true",
                         help="continue from the saved state of this run (start fresh if there is none)")
     parser.add_argument("--out", default=None, help="output folder (default: save_dir/finetune)")
+    parser.add_argument("--save_weights", action="store_true",
+                        help="keep the fine-tuned network and head in {tag}.weights.pth when the run finishes (the "
+                             "resume state, with the optimizer's, is deleted then)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     add_data_args(parser)
     add_max_images_arg(parser)
@@ -213,9 +228,45 @@ def evaluate(classifier, loader, device, precision):
     return accuracy, total
 
 
+def finished_result(path, settings, weights):
+    """The result record at ``path`` when it is a finished run of these ``settings`` and ``weights``; None when
+    there is no finished run; a UserError when it is a finished run of others (not to be overwritten)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as file:
+            result = json.load(file)
+    except (OSError, ValueError):
+        return None  # a damaged record is a run to redo, as one that never finished
+    if not result.get("finished"):
+        return None
+    for key in RESUME_KEYS:
+        if result["settings"].get(key) != settings[key]:
+            raise UserError(FINISHED_MISMATCH.format(path=path, key=key, saved=result["settings"].get(key),
+                                                     wanted=settings[key]))
+    check_same_weights(path, (result.get("provenance") or {}).get("weights"), weights,
+                       "pass --out for a new run, or delete it to train again")
+    return result
+
+
+def finish(out_dir, tag, result, classifier, settings, weights, save_weights):
+    """A finished run's end state: the result record, the fine-tuned weights with ``save_weights``, and no
+    resume state (AdamW's two moments of every trained parameter are most of it). Main process; returns the result."""
+    if save_weights:
+        result["weights_file"] = os.path.abspath(os.path.join(out_dir, f"{tag}.weights.pth"))
+        save_checkpoint({"model": classifier.state_dict(), "settings": settings, "weights": weights},
+                        result["weights_file"])
+    save_json(result, os.path.join(out_dir, f"{tag}.json"))
+    state_path = os.path.join(out_dir, f"{tag}.state.pth")
+    if os.path.isfile(state_path):
+        os.remove(state_path)
+    return result
+
+
 def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir, tag, precision="fp32",
-                 num_workers=0, resume=False, board=None):
-    """Fine-tune and test; resumable per epoch.
+                 num_workers=0, resume=False, board=None, save_weights=False):
+    """Fine-tune and test; resumable per epoch. A run that finished before is not trained again: its result
+    record is returned.
 
     Args:
         cfg: the config (``classes`` and ``image_shape`` are read).
@@ -223,11 +274,13 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
         train_set, test_set: datasets with the training and test transforms.
         settings: the run's settings (every key of ``RESUME_KEYS``), recorded in every output.
         device: this process's device.
-        out_dir, tag: the outputs are ``out_dir/{tag}.json`` and ``out_dir/{tag}.state.pth``.
+        out_dir, tag: the outputs are ``out_dir/{tag}.json``, ``out_dir/{tag}.state.pth`` until the run
+            finishes, and then ``out_dir/{tag}.weights.pth`` with ``save_weights``.
         precision: autocast precision.
         num_workers: data-loader workers per process.
         resume: continue from ``{tag}.state.pth``; without it an existing state is an error.
         board: a ``utils.tensorboard.Board`` that also receives each epoch's numbers.
+        save_weights: keep the fine-tuned weights when the run finishes.
 
     Returns:
         the result dict written to ``{tag}.json``.
@@ -235,6 +288,16 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     rank, world_size = get_rank(), get_world_size()
     board = board or Board()
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
+    weights = weights_identity(settings["checkpoint"])
+    done = None if os.path.isfile(state_path) else finished_result(os.path.join(out_dir, f"{tag}.json"), settings,
+                                                                   weights)
+    if done is not None:
+        kept = "" if "weights_file" in done else (
+            "; its fine-tuned weights were not kept (pass --out DIR --save_weights to train them again)"
+            if save_weights else "")
+        print0(f"{os.path.join(out_dir, tag)}.json: finished, {done['epochs_done']} epochs, test accuracy "
+               f"{done['test_accuracy']:.2f}%; nothing to train{kept}")
+        return done
     if os.path.isfile(state_path) and not resume:
         raise UserError(f"{state_path} exists: pass --resume to continue that run, or --out for a new one")
 
@@ -251,7 +314,8 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     loop = EpochLoop(settings["epochs"], device, board=board, prefix="finetune/",
                      how="the same command with --resume continues it")
     history, start_epoch, step, test_images = [], 0, 0, None
-    state = loop.resume(state_path if resume else None, settings, RESUME_MISMATCH, keys=RESUME_KEYS)
+    state = loop.resume(state_path if resume else None, settings, RESUME_MISMATCH, keys=RESUME_KEYS, weights=weights,
+                        fix="pass --out for a new run")
     if state is not None:
         classifier.load_state_dict(state["model"])
         optimizer.load_state_dict(state["opt"])
@@ -281,6 +345,7 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
     print0(f"fine-tuning {trainable:,} of {count_parameters(classifier):,} parameters at t={settings['timestep']}, "
            f"{settings['block']}: {len(train_set)} training images, {world_size} process(es), {precision}")
+    record = provenance(settings["checkpoint"], cfg, device, settings["seed"])
     result = None
     for epoch in loop.epochs(start_epoch, train_loader, seed=settings["seed"]):
         step, totals = train_one_epoch(model, train_loader, optimizer, scaler, lr_at_step, step, device, precision,
@@ -296,32 +361,38 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
                             f"train {train_accuracy:.2f}%  test {test_accuracy:.2f}%  ({images / seconds:.0f} img/s)",
                  {key: history[-1][key] for key in ("train_loss", "train_accuracy", "test_accuracy", "lr")}
                  | {"img_per_s": images / seconds})
-        result = summary(cfg, settings, history, test_images, trainable)
+        result = summary(cfg, settings, history, test_images, trainable, record)
         loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "step": step,
                                "model": classifier.state_dict(), "opt": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                               "history": history, "test_images": test_images})
+                               "history": history, "test_images": test_images, "weights": weights})
         if is_main():
             save_json(result, os.path.join(out_dir, f"{tag}.json"))
         loop.stop_if_asked(epoch, state_path)
-    if result is None:  # resumed a finished run: nothing left to train
-        result = summary(cfg, settings, history, test_images, trainable)
+    if result is None:  # resumed a state of a finished run: nothing left to train
+        result = summary(cfg, settings, history, test_images, trainable, record)
         if is_main():
             save_json(result, os.path.join(out_dir, f"{tag}.json"))
+    if result["finished"]:
+        if is_main():
+            finish(out_dir, tag, result, classifier, settings, weights, save_weights)
+        barrier()
     print0(f"test accuracy after {len(history)} epochs: {result['test_accuracy']:.2f}%")
     return result
 
 
-def summary(cfg, settings, history, test_images, trainable):
-    """The result record: settings, per-epoch history and the final test accuracy."""
+def summary(cfg, settings, history, test_images, trainable, record):
+    """The result record: settings, per-epoch history, the final test accuracy and the ``record`` of what
+    produced it (``utils.provenance.provenance``)."""
     return {"model_type": cfg.model_type, "classes": cfg.classes, "settings": settings,
             "trainable_parameters": trainable, "epochs_done": len(history),
             "finished": len(history) == settings["epochs"], "test_images": test_images,
-            "test_accuracy": history[-1]["test_accuracy"] if history else None, "history": history}
+            "test_accuracy": history[-1]["test_accuracy"] if history else None, "history": history,
+            "provenance": record}
 
 
 def finetune_tag(checkpoint, timestep, block):
-    """Name of the outputs: checkpoint stem and cell, e.g. ``model_1999_t11_out_6``."""
+    """Name of the outputs: checkpoint stem, weights' hash and cell, e.g. ``model_1999_sha1a2b3c4d_t11_out_6``."""
     return probe_tag(checkpoint, [timestep], [block], grid=False)
 
 
@@ -340,6 +411,8 @@ def main(args):
         check_writable(out_dir, "save_dir", "pass --out with a writable folder, or --set save_dir=DIR")
     checkpoint = checkpoint_from_args(cfg, args)
     tag = finetune_tag(checkpoint, timestep, block)
+    refuse_unkeyed_state(os.path.join(out_dir, f"{probe_tag(checkpoint, [timestep], [block], False, False)}.state.pth"),
+                         os.path.join(out_dir, f"{tag}.state.pth"), checkpoint, "fine-tuning state")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
     diffusion = load_diffusion(cfg, checkpoint, weights="ema")
     train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]),
@@ -355,7 +428,7 @@ def main(args):
                     "dataset": cfg.dataset, "max_images": args.max_images}
         run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir=out_dir, tag=tag,
                      precision=resolve_precision(args, device), num_workers=resolve_num_workers(args, cfg),
-                     resume=args.resume, board=board)
+                     resume=args.resume, board=board, save_weights=args.save_weights)
     finally:
         board.close()
         cleanup()

@@ -14,7 +14,8 @@ takes one feature pass over both splits where the linear probe takes 15 epochs.
 With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or EDM indices 3, 4, 5 of
 18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
 of both splits; the training features are all-gathered and each process classifies its own test
-images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid). A DiT
+images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid); the tag names
+the checkpoint, the start of its weights' SHA-256, the cells and k (model_1999_sha1a2b3c4d_grid_k20_T0.07). A DiT
 config reads cached VAE latents: copy 0 of the (augmented) training latents and the test latents.
 """
 import argparse
@@ -42,6 +43,7 @@ from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
 from utils.logging import save_json
 from utils.preemption import StopSignals
+from utils.provenance import provenance
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -168,7 +170,7 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
         seed: training image i is noised with seed ``seed + i``, test image i with
             ``seed + len(train_set) + i``.
         heatmap: also draw the accuracy table as a heatmap.
-        source: the checkpoint the features come from, recorded in the JSON.
+        source: the checkpoint the features come from, recorded in the JSON with its weights' hash.
 
     Returns:
         the result dict written to ``{tag}.json``.
@@ -191,7 +193,7 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
               "temperature": temperature, "seed": seed, "timesteps": list(timesteps), "blocks": list(blocks),
               "world_size": get_world_size(), "train_images": len(bank_labels), "test_images": test_images,
               "seconds": {"features": round(extracted - started, 2), "knn": round(finished - extracted, 2)},
-              "accuracy": table, "best": best}
+              "accuracy": table, "best": best, "provenance": provenance(source, cfg, device, seed)}
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
         print0(format_accuracy_table(table, timesteps, blocks))
@@ -204,7 +206,8 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
 
 
 def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
-    """Name of the outputs: checkpoint stem, cells and k-NN settings, e.g. ``model_1999_grid_k20_T0.07``."""
+    """Name of the outputs: checkpoint stem, weights' hash, cells and k-NN settings, e.g.
+    ``model_1999_sha1a2b3c4d_grid_k20_T0.07``."""
     return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_k{k}_T{temperature:g}"
 
 

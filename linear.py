@@ -7,9 +7,10 @@
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
 trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
 at once, from one forward pass per batch. Results go to save_dir/linear/{tag}.json (and {tag}.png with
---grid); the tag names the checkpoint, the cells and the settings (model_1999_grid_ep15_lr0.001_bs128),
-or is --tag. A probe that is stopped resumes from its last finished epoch when run again with the same
-arguments; SIGTERM or SIGUSR1 stops it once the epoch's state is saved (exit code 75). --tensorboard
+--grid); the tag names the checkpoint, the start of its weights' SHA-256, the cells and the settings
+(model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128), or is --tag. A probe that is stopped resumes from its
+last finished epoch when run again with the same arguments and the same weights (a state of other weights
+is refused); SIGTERM or SIGUSR1 stops it once the epoch's state is saved (exit code 75). --tensorboard
 also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
 A DiT config probes cached VAE latents, each training example read from one of its cached copies at random.
 """
@@ -38,6 +39,7 @@ from utils.latents import latent_datasets
 from utils.logging import save_json
 from utils.preemption import StopSignals
 from utils.progress import batches
+from utils.provenance import provenance, refuse_unkeyed_state, weights_identity
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 
 
@@ -52,8 +54,9 @@ def build_parser():
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
                         help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--tag", default=None,
-                        help="name of the result files in save_dir/linear (default: the checkpoint, the cells "
-                             "and the probe's settings, e.g. model_1999_grid_ep15_lr0.001_bs128)")
+                        help="name of the result files in save_dir/linear (default: the checkpoint, its weights' "
+                             "hash, the cells and the probe's settings, e.g. "
+                             "model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128)")
     add_data_args(parser)
     add_speed_args(parser)
     add_launcher_args(parser)
@@ -108,7 +111,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         precision: autocast precision of the feature pass.
         num_workers: data-loader workers per process.
         heatmap: also draw the accuracy table as a heatmap.
-        source: the checkpoint the features come from, recorded in the JSON.
+        source: the checkpoint the features come from: its weights' hash keys the resume state (another
+            model's state is refused) and it is recorded in the JSON's provenance.
         board: a ``utils.tensorboard.Board`` that also receives each epoch's numbers.
 
     Returns:
@@ -128,8 +132,10 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
     loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe")
     history, start_epoch, test_images = [], 0, None
+    weights = weights_identity(source) if source else None
     state = loop.resume(state_path, settings, "{path} holds a probe with {key}={saved!r}, not {wanted!r}; run "
-                                              "with the same settings to resume it, or delete it to start over")
+                                              "with the same settings to resume it, or delete it to start over",
+                        weights=weights, fix="pass another --tag, or delete it to start over")
     if state is not None:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
@@ -162,11 +168,13 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         board.scalars(dict(zip(labels, accuracy)), epoch + 1, prefix="accuracy/")
         loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": every_rank_rng(), "history": history, "test_images": test_images})
+                               "rng": every_rank_rng(), "history": history, "test_images": test_images,
+                               "weights": weights})
         loop.stop_if_asked(epoch, state_path)
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)
+    result["provenance"] = provenance(source, cfg, device, cfg.seed)
     if is_main():
         save_json(result, os.path.join(out_dir, f"{tag}.json"))
         print0(format_accuracy_table(result["accuracy"], timesteps, blocks))
@@ -197,9 +205,14 @@ def main(args):
     num_workers = resolve_num_workers(args, cfg)
     out_dir = os.path.join(cfg.save_dir, "linear")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
-    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, args.grid and not args.blocks)
+    grid = args.grid and not args.blocks
+    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, grid)
     if os.sep in tag or (os.altsep and os.altsep in tag):
         raise UserError(f"--tag {tag}: a file name, without folders; pass a plain name")
+    if not args.tag:
+        refuse_unkeyed_state(os.path.join(out_dir, f"{linear_tag(cfg, checkpoint, timesteps, blocks, grid, False)}"
+                                                    f".state.pth"), os.path.join(out_dir, f"{tag}.state.pth"),
+                             checkpoint, "probe state")
     board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"linear_{tag}"))
 
     device = init_distributed(args.device)

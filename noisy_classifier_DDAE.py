@@ -9,13 +9,14 @@ stops after that block) of images noised to a random level per image, plus a tim
 that level, feeds a two-layer MLP trained with Adam (lr ``linear.lrate`` times the number of
 processes, cosine over ``linear.n_epoch`` epochs, stepped per epoch) on cropped and flipped images.
 
-Writes to save_dir/noisy_DDAE_ep{epoch} (or noisy_DDAE_{checkpoint file name} for --ckpt):
-noisy_accuracy.json and noisy_accuracy.png with the test accuracy at the 20 DDPM timesteps or
-the 18 EDM indices, log.jsonl and head.pth. When noisy_classifier_WRN.py results of the same mode
+Writes to save_dir/noisy_DDAE_ep{epoch}_sha{hash} (or noisy_DDAE_{checkpoint file name}_sha{hash} for --ckpt;
+the hash is the start of the weights' SHA-256, so two models of one file name never share a folder):
+noisy_accuracy.json (with the provenance record) and noisy_accuracy.png with the test accuracy at the
+20 DDPM timesteps or the 18 EDM indices, log.jsonl and head.pth. When noisy_classifier_WRN.py results of the same mode
 are found in a folder next to save_dir (./output_WRN_{mode} by default), the comparison figure
 noisy_compare_{mode}.png is drawn into the run folder too (see utils/noisy.py). --tensorboard also
 writes the loss and accuracy of every epoch and the final accuracy per level to
-save_dir/tb/noisy_DDAE_ep{epoch}/.
+save_dir/tb/noisy_DDAE_ep{epoch}_sha{hash}/.
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ from utils.errors import UserError, cli_entry
 from utils.noisy import eval_levels, format_table, log_levels, publish_results
 from utils.preemption import StopSignals
 from utils.progress import batches
+from utils.provenance import provenance, short_digest
 from utils.tensorboard import add_tensorboard_arg, open_board
 
 
@@ -84,10 +86,11 @@ def parse_args(argv=None):
 
 
 def run_tag(checkpoint):
-    """``ep{E}`` for save_dir/ckpts/model_{E}.pth, else the checkpoint file's name without suffix."""
+    """``ep{E}`` for save_dir/ckpts/model_{E}.pth, else the checkpoint file's name without suffix, then the
+    start of the weights' hash (``ep1999_sha1a2b3c4d``): another model of the same name gets its own folder."""
     name = os.path.basename(checkpoint)
     match = CHECKPOINT_NAME.match(name)
-    return f"ep{match.group(1)}" if match else os.path.splitext(name)[0]
+    return f"{f'ep{match.group(1)}' if match else os.path.splitext(name)[0]}_{short_digest(checkpoint)}"
 
 
 def max_level(cfg):
@@ -191,10 +194,12 @@ def run(cfg, args, checkpoint, device):
     log_levels(board, levels, accuracies)
     board.close()
     if is_main():
+        record = provenance(checkpoint, cfg, device, cfg.seed)
         save_checkpoint({"head": head.state_dict(), "feature_dim": feature_dim, "blockname": blockname,
-                         "checkpoint": os.path.abspath(checkpoint)}, os.path.join(out_dir, "head.pth"))
+                         "checkpoint": os.path.abspath(checkpoint), "weights": record["weights"]},
+                        os.path.join(out_dir, "head.pth"))
         # The noise level of each index under this config's schedule (get_feature's levels).
-        extra = diffusion.level_record(levels)
+        extra = diffusion.level_record(levels) | {"provenance": record}
         publish_results(out_dir, os.path.dirname(os.path.abspath(cfg.save_dir)), "DDAE", cfg.model_type, levels,
                         accuracies, label, n_test_images, **extra)
 

@@ -7,7 +7,8 @@ time-conditioned heads are compared with, noise level by noise level, as in the 
 
 Writes to --save_dir (default ./output_WRN_{mode}): ckpts/model_{epoch}.pth after every epoch
 (only the latest is kept), log.jsonl (one line per epoch), and after training the test accuracy
-at each noise level: noisy_accuracy.json and noisy_accuracy.png. When noisy_classifier_DDAE.py
+at each noise level: noisy_accuracy.json (with the provenance record: the SHA-256 of the last
+checkpoint, the flags, the command, the code version) and noisy_accuracy.png. When noisy_classifier_DDAE.py
 results of the same mode are found next to the save_dir, the comparison figure
 noisy_compare_{mode}.png is drawn into the save_dir too (see utils/noisy.py). --tensorboard also
 writes the loss, accuracy and learning rate of every epoch and the final accuracy per level to
@@ -40,11 +41,14 @@ from utils.errors import UserError, cli_entry
 from utils.noisy import MODES, format_table, log_levels, publish_results
 from utils.preemption import StopSignals
 from utils.progress import batches
+from utils.provenance import provenance
 from utils.schedule import lr_factor
 from utils.tensorboard import add_tensorboard_arg, open_board
 
-# Flags a checkpoint must agree with to be resumed: they define the network and what it learns.
-RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size")
+# Flags a checkpoint must agree with to be resumed: they define the network and what it learns (the images, and
+# the seed that draws its noise). The network is this script's own, so these flags are its identity: no
+# pre-trained weights enter it. Checkpoints from before max_images and seed were compared skip them.
+RESUME_KEYS = ("mode", "blocks_per_group", "width", "dataset", "image_size", "max_images", "seed")
 
 
 def parse_args(argv=None):
@@ -102,7 +106,7 @@ def wrn_label(args):
 
 def run_settings(args):
     """The flags that describe the run, stored in every checkpoint."""
-    keys = RESUME_KEYS + ("batch_size", "lr", "momentum", "weight_decay", "epochs", "warm_epochs", "seed")
+    keys = RESUME_KEYS + ("batch_size", "lr", "momentum", "weight_decay", "epochs", "warm_epochs")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -173,8 +177,9 @@ def evaluate(model, loader, noiser, device, precision):
     return accuracy_per_level(classify, loader, noiser.levels, device)
 
 
-def report(args, levels, accuracies, n_test_images, noiser, board):
-    """Print the table, write the result file and its plot, and the comparison figure if possible."""
+def report(args, levels, accuracies, n_test_images, noiser, board, device):
+    """Print the table, write the result file (with the provenance record naming the trained network's last
+    checkpoint by hash) and its plot, and the comparison figure if possible."""
     label = wrn_label(args)
     print0(format_table(levels, accuracies, args.mode,
                         f"{label} trained on noised images ({args.mode}): test accuracy"))
@@ -182,6 +187,7 @@ def report(args, levels, accuracies, n_test_images, noiser, board):
     if not is_main():
         return
     extra = {"sigmas": [noiser.sigmas[level].item() for level in levels]} if args.mode == "EDM" else {}
+    extra["provenance"] = provenance(checkpoint_path(args.save_dir, args.epochs - 1), vars(args), device, args.seed)
     publish_results(args.save_dir, os.path.dirname(os.path.abspath(args.save_dir)), "WRN", args.mode, levels,
                     accuracies, label, n_test_images, **extra)
 
@@ -253,7 +259,7 @@ def run(args, device):
 
     torch.manual_seed(args.seed + rank)
     accuracies, n_test_images = evaluate(model, test_loader, noiser, device, precision)
-    report(args, noiser.levels, accuracies, n_test_images, noiser, board)
+    report(args, noiser.levels, accuracies, n_test_images, noiser, board, device)
     board.close()
 
 

@@ -12,10 +12,13 @@ image and ``grid_{b}.png`` for every 400 of them (20 per row), so
 ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
 
 Image i depends only on (--seed, i): its starting noise and every later noise come from its own
-generator (model.noise.PerImageNoise), so the files are the same on 1 or N processes (and, up to
-kernel rounding, at any --batch_size). Work is split by index; a rerun into the same folder makes
-only the missing images, and sampling.json in the folder stops a run with other settings from
-mixing its images in.
+generator (model.noise.PerImageNoise), and every process count cuts the same batches of --batch_size
+(each process takes whole ones). So the files are the same on 1 or N processes at the same --batch_size
+and, on a CPU, the same intra-op thread count: a plain python run takes torchrun's (OMP_NUM_THREADS,
+else 1), since a CPU matmul's rounding depends on it. At another --batch_size they agree up to kernel
+rounding. Work is split by index; a rerun into the same folder makes only the missing images, and
+sampling.json in the folder stops a run with other settings from mixing its images in; its "sampler"
+says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
 """
 import argparse
 import json
@@ -39,17 +42,18 @@ from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkp
 from utils.config import add_config_args
 from utils.data import DATASETS, FID_SAMPLES, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
-                               init_distributed, is_main, print0)
+                               init_distributed, is_main, print0, torchrun_cpu_threads)
 from utils.errors import UserError, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
 from utils.preemption import StopSignals
 from utils.progress import progress as progress_bar
+from utils.provenance import provenance
 
 IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 400 images
 GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
-IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "mode", "steps", "eta", "seed",
+IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 
@@ -165,6 +169,7 @@ def prepare_folder(out_dir, settings, n_samples):
             raise UserError(f"{settings_path} is unreadable ({err}); pass --out_dir with a new folder, or "
                             f"delete that one") from None
         wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
+        recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -298,7 +303,8 @@ def main(args):
     """Sample into the output folder; returns {"out_dir", "generated", "seconds", "fid"}."""
     device = init_distributed(args.device)
     try:
-        result = run(args, device)
+        with torchrun_cpu_threads(device):  # plain python runs the kernels torchrun's workers run
+            result = run(args, device)
     finally:
         cleanup()
     if args.fid and is_main():
@@ -321,13 +327,16 @@ def run(args, device):
     configure_backends(args, device)
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
+    sampler_name = diffusion.sampler_name(sampler)  # e.g. "DDAE DDIM" or a diffusers folder's own scheduler
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.image_shape)
 
+    record = provenance(checkpoint, cfg, device, args.seed)
+
     def prepare():
-        settings = dict(
+        settings = dict(provenance=record,
             weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
-            image_shape=list(image_shape), **sampler, seed=args.seed, precision=precision,
+            image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
@@ -337,8 +346,8 @@ def run(args, device):
     rank, world_size = get_rank(), get_world_size()
     batches = split_batches(missing, args.batch_size, rank, world_size)
     described = describe_sampler(sampler, getattr(cfg.diffusion, "n_T", None))
-    print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}) on {world_size} x "
-           f"{device.type} into {out_dir}")
+    print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}; {sampler_name}) on "
+           f"{world_size} x {device.type} into {out_dir}")
 
     prepare_network(diffusion, args.compile, args.channels_last)
     start = time.perf_counter()
@@ -351,7 +360,8 @@ def run(args, device):
     barrier()
     print0(f"{len(missing)} images in {seconds:.1f} s ({len(missing) / max(seconds, 1e-9):.1f} images/s); "
            f"{n_samples} in {os.path.join(out_dir, 'pngs')}")
-    return {"out_dir": out_dir, "n_samples": n_samples, "generated": generated, "seconds": seconds}
+    return {"out_dir": out_dir, "n_samples": n_samples, "generated": generated, "seconds": seconds,
+            "provenance": record}
 
 
 def report_fid(args, result, device):
@@ -365,7 +375,8 @@ def report_fid(args, result, device):
     print(f"FID: {value}  ({result['n_samples']} images vs {args.fid})", flush=True)
     with atomic_path(os.path.join(result["out_dir"], "fid.json"), fix="pass --out_dir with a writable folder") \
             as temporary, open(temporary, "w") as file:
-        json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"]}, file)
+        json.dump({"fid": value, "reference": args.fid, "n_images": result["n_samples"],
+                   "provenance": result["provenance"]}, file)
     return value
 
 

@@ -7,12 +7,17 @@ import os
 
 from evaluation.cells import cell_label
 from utils.logging import plot_heatmap
+from utils.provenance import short_digest
 
 
-def probe_tag(checkpoint, timesteps, blocks, grid):
-    """Name of a probe's outputs: the checkpoint's file stem and the cells, e.g. ``model_1999_grid`` (the
-    default grid), ``model_1999_t11_out_6`` or ``model_1999_t1-11-21_in_3-mid`` (chosen blocks)."""
+def probe_tag(checkpoint, timesteps, blocks, grid, keyed=True):
+    """Name of a probe's outputs: the checkpoint's file stem, the start of its weights' hash and the cells,
+    e.g. ``model_1999_sha1a2b3c4d_grid`` (the default grid), ``model_1999_sha1a2b3c4d_t11_out_6`` or
+    ``..._t1-11-21_in_3-mid`` (chosen blocks): two models of one file name never share a name.
+    ``keyed=False`` gives the name without the hash, which results had before."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    if keyed:
+        stem = f"{stem}_{short_digest(checkpoint)}"
     return f"{stem}_grid" if grid else f"{stem}_t{'-'.join(map(str, timesteps))}_{'-'.join(blocks)}"
 
 
@@ -23,11 +28,12 @@ def best_line(best, test_images, details=""):
            f"{'; ' + details if details else ''})"
 
 
-def linear_tag(cfg, checkpoint, timesteps, blocks, grid):
+def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True):
     """Default name of linear.py's files: checkpoint, cells and the settings a sweep varies, so that
-    probes of one checkpoint with other settings never meet, e.g. ``model_1999_grid_ep15_lr0.001_bs128``."""
+    probes of one checkpoint with other settings never meet, e.g.
+    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (``keyed``: see ``probe_tag``)."""
     settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_{settings}"
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}_{settings}"
 
 
 def accuracy_table(cells, accuracy):

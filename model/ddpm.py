@@ -132,6 +132,22 @@ class DDPM(nn.Module):
                             f"steps (or drop --steps for all n_T)")
         return {"mode": "DDPM", "steps": steps, "eta": None}
 
+    def published_sampler(self):
+        """The samplers the network was published with (a diffusers folder's scheduler,
+        ``model.diffusers_sampling.SchedulerSampler``), or None: DDAE's own DDIM and ancestral samplers."""
+        published = getattr(self.nn_model, "published_sampler", None)
+        return None if published is None else published(self.n_T, self.betas, self.schedule)
+
+    def sampler_name(self, sampler):
+        """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE DDIM", "DDAE DDPM" (ancestral), "DDAE
+        DDPM, learned variance" (a network with ``learn_sigma``) or a diffusers folder's "diffusers
+        DDIMScheduler(...)"; a UserError for a scheduler option it cannot run."""
+        published = self.published_sampler()
+        if published is None:
+            learned = sampler["mode"] == "DDPM" and getattr(self.nn_model, "learn_sigma", False)
+            return f"DDAE {sampler['mode']}" + (", learned variance" if learned else "")
+        return published.describe(sampler["mode"], sampler["steps"], sampler["eta"])
+
     def level_record(self, levels):
         """What a noise level index means, for result files: nothing beyond the timestep itself."""
         return {}
@@ -224,7 +240,8 @@ class DDPM(nn.Module):
                 n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``); a network
                 that learns its variance (``learn_sigma``) samples with it (``_learned_variance_loop``).
             eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like); unused by mode "DDPM".
-            mode: "DDIM" or "DDPM" (ancestral).
+            mode: "DDIM" or "DDPM" (ancestral). A network with ``published_sampler`` (a diffusers folder) runs
+                its own scheduler's DDIM or ancestral sampler with these settings instead of ours.
             noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
                 per-step noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
 
@@ -236,8 +253,12 @@ class DDPM(nn.Module):
         device = self.ddpm_sqrtab.device
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
-        if mode == "DDIM":
-            x = self._ddim_loop(x, min(100, self.n_T) if steps is None else steps, eta, noise)
+        steps = min(100, self.n_T) if mode == "DDIM" and steps is None else steps
+        published = self.published_sampler()
+        if published is not None:  # a diffusers folder: its scheduler's timesteps are our t - 1
+            x = published.sample(lambda x, index: self._eps(x, index + 1), x, mode, steps, eta, noise)
+        elif mode == "DDIM":
+            x = self._ddim_loop(x, steps, eta, noise)
         elif getattr(self.nn_model, "learn_sigma", False):
             x = self._learned_variance_loop(x, steps, noise)
         elif steps is None:

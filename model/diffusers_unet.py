@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 from model.blocks import BlockRecorder
+from model.diffusers_sampling import SchedulerSampler
 from model.schedules import make_schedule
 from utils.distributed import print0
 from utils.errors import UserError, describe_error
+from utils.provenance import DIFFUSERS_WEIGHT_FILES
 
 HOW_TO_GET = ("get a model with `hf download google/ddpm-cifar10-32 --local-dir weights/ddpm-cifar10-32` "
               "(older huggingface_hub: `huggingface-cli download ...`) and pass that folder")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_FILES = DIFFUSERS_WEIGHT_FILES
 # The blocks whose internals DiffusersUNet knows (both paths are walked pair by pair to name in_k and out_k).
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -57,10 +59,12 @@ class DiffusersUNet(nn.Module):
 
     feature_axis = 1  # the channels of a (B, C, H, W) activation
 
-    def __init__(self, unet, n_T=1000):
+    def __init__(self, unet, n_T=1000, scheduler=None, scheduler_path=None):
         super().__init__()
         self.unet = unet
         self.n_T = int(n_T)
+        self.scheduler = scheduler  # the folder's scheduler_config.json as a dict, or None
+        self.scheduler_path = scheduler_path
         size = unet.config.sample_size
         self.image_shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         self.grid_blocks = [f"out_{k}" for k in range(1, sum(len(b.resnets) for b in unet.up_blocks) + 1)]
@@ -72,8 +76,21 @@ class DiffusersUNet(nn.Module):
         """The UNet2DModel saved in ``folder`` (either layout), its weights loaded; only its config.json is
         read when built on the meta device (``model.models.block_names``)."""
         unet_folder, scheduler_path = locate(folder)
-        steps = 1000 if scheduler_path is None else _read_json(scheduler_path).get("num_train_timesteps", 1000)
-        return cls(read_unet(unet_folder, weights=torch.get_default_device().type != "meta"), steps)
+        scheduler = None if scheduler_path is None else _read_json(scheduler_path)
+        steps = 1000 if scheduler is None else scheduler.get("num_train_timesteps", 1000)
+        return cls(read_unet(unet_folder, weights=torch.get_default_device().type != "meta"), steps, scheduler,
+                   scheduler_path or folder)
+
+    def published_sampler(self, n_T, betas, schedule):
+        """The folder's own samplers (``model.diffusers_sampling.SchedulerSampler``): DDIM and ancestral sampling
+        as diffusers runs them from its scheduler config; a folder without one has the DDPM's settings
+        (``n_T``, ``betas``, ``schedule``) in diffusers' names."""
+        config = self.scheduler
+        if config is None:
+            beta_schedule = next(name for name, ours in SCHEDULE_NAMES.items() if ours == schedule)
+            config = {"num_train_timesteps": n_T, "beta_start": betas[0], "beta_end": betas[1],
+                      "beta_schedule": beta_schedule}
+        return SchedulerSampler(config, self.scheduler_path)
 
     @staticmethod
     def check_settings(cfg, require):

@@ -92,6 +92,11 @@ class EDM(nn.Module):
         return 1, cls.FEATURE_STEPS, f"the EDM feature schedule of {cls.FEATURE_STEPS} steps"
 
     @staticmethod
+    def sampler_name(sampler):
+        """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE EDM" (the original's Heun)."""
+        return f"DDAE {sampler['mode']}"
+
+    @staticmethod
     def sampler_settings(settings, mode, steps, eta):
         """The sampler of sample.py's --mode/--steps/--eta: Heun, {"mode": "EDM", "steps", "eta"}."""
         if mode == "DDPM":

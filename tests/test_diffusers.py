@@ -198,17 +198,17 @@ def test_probes_knn_export_finetune_and_noisy_classifier(small, tmp_path):
     root, _ = small
     run = root / "run"
     linear.main(linear.build_parser().parse_args(script_argv(root)))
-    one = json.loads((run / "linear" / "ddpm-small_t11_out_6_ep1_lr0.001_bs8.json").read_text())
+    one = json.loads(one_file(run / "linear", "ddpm-small_sha*_t11_out_6_ep1_lr0.001_bs8.json"))
     assert one["test_images"] == 8
     linear.main(linear.build_parser().parse_args(script_argv(root, "--grid")))
-    grid = json.loads((run / "linear" / "ddpm-small_grid_ep1_lr0.001_bs8.json").read_text())
+    grid = json.loads(one_file(run / "linear", "ddpm-small_sha*_grid_ep1_lr0.001_bs8.json"))
     assert set(grid["accuracy"]["21"]) == {f"out_{k}" for k in range(1, 13)}
     linear.main(linear.build_parser().parse_args(script_argv(root, "--grid", "--blocks", "in_3,mid,out_6")))
-    chosen = json.loads((run / "linear" / "ddpm-small_t1-11-21_in_3-mid-out_6_ep1_lr0.001_bs8.json").read_text())
+    chosen = json.loads(one_file(run / "linear", "ddpm-small_sha*_t1-11-21_in_3-mid-out_6_ep1_lr0.001_bs8.json"))
     assert set(chosen["accuracy"]["21"]) == {"in_3", "mid", "out_6"}
 
     knn.main(knn.build_parser().parse_args(script_argv(root, "--k", "3")))
-    assert json.loads((run / "knn" / "ddpm-small_t11_out_6_k3_T0.07.json").read_text())["checkpoint"] == \
+    assert json.loads(one_file(run / "knn", "ddpm-small_sha*_t11_out_6_k3_T0.07.json"))["checkpoint"] == \
         str(root / "ddpm-small")
 
     export_features.main(export_features.build_parser().parse_args(
@@ -218,12 +218,18 @@ def test_probes_knn_export_finetune_and_noisy_classifier(small, tmp_path):
 
     finetune.main(finetune.build_parser().parse_args(
         script_argv(root, "--epochs", "1", "--batch_size", "8", "--layer_decay", "0.9")))
-    tuned = json.loads((run / "finetune" / "ddpm-small_t11_out_6.json").read_text())
+    tuned = json.loads(one_file(run / "finetune", "ddpm-small_sha*_t11_out_6.json"))
     assert tuned["test_images"] == 8
 
     noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(script_argv(root)))
-    result = json.loads(next((run / "noisy_DDAE_ddpm-small").glob("*.json")).read_text())
+    result = json.loads(one_file(run, "noisy_DDAE_ddpm-small_sha*/*.json"))
     assert result["n_test_images"] == 8
+
+
+def one_file(folder, pattern):
+    """The text of the one file under ``folder`` matching ``pattern`` (results are named by the weights' hash)."""
+    (path,) = folder.glob(pattern)
+    return path.read_text()
 
 
 def refusal(cfg, folder):
@@ -336,7 +342,7 @@ def test_a_config_names_the_folder_as_its_network(small, tmp_path):
     knn.main(knn.build_parser().parse_args(["--config", str(config), "--ckpt", str(trained), "--device", "cpu",
                                             "--data_root", str(root / "images"), "--k", "3",
                                             *[a for o in overrides(root) for a in ("--set", o)]]))
-    assert json.loads((root / "run" / "knn" / "model_0_t11_out_6_k3_T0.07.json").read_text())["test_images"] == 8
+    assert json.loads(one_file(root / "run" / "knn", "model_0_sha*_t11_out_6_k3_T0.07.json"))["test_images"] == 8
 
     with pytest.raises(UserError, match=r"key 'network.folder' must be a diffusers UNet2DModel folder, got "
                                         r"'absent' \(no such folder\); get a model with `hf download"):

@@ -13,6 +13,7 @@ from tests.launch import REPO
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages
 from utils.errors import UserError
+from utils.provenance import short_digest
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_split_export_writes_one_array_per_block(tmp_path, tiny_run):
     cfg, checkpoint = tiny_run
     run_cli(tmp_path, checkpoint, "--split", "test", "--max_images", "12", "--blocks", "out_1", "out_3",
             "--timestep", "21", "--seed", "100")
-    out = tmp_path / "run" / "features" / "model_7_t21_test"
+    out = tmp_path / "run" / "features" / f"model_7_{short_digest(checkpoint)}_t21_test"
     assert sorted(p.name for p in out.iterdir()) == ["labels.npy", "meta.json", "out_1.npy", "out_3.npy"]
     out_1, out_3, labels = (np.load(out / name) for name in ("out_1.npy", "out_3.npy", "labels.npy"))
     assert (out_1.shape, out_1.dtype, out_3.shape, labels.dtype) == ((12, 64), np.float32, (12, 32), np.int64)
@@ -77,7 +78,7 @@ def test_image_folder_export_keeps_names_and_folder_labels(tmp_path, tiny_run):
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "grid_0.png")  # sample.py's
     run_cli(tmp_path, checkpoint, "--images", str(folder), "--blocks", "all")
 
-    out = tmp_path / "run" / "features" / "model_7_t11_photos"
+    out = tmp_path / "run" / "features" / f"model_7_{short_digest(checkpoint)}_t11_photos"
     assert (out / "files.txt").read_text().splitlines() == ["cats/a.png", "cats/indoor/b.PNG", "dogs/grey.jpg",
                                                             "loose.png"]
     assert np.load(out / "labels.npy").tolist() == [0, 0, 1, -1]

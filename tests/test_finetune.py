@@ -15,6 +15,7 @@ from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data import SyntheticImages, probe_train_transform
 from utils.errors import UserError
+from utils.provenance import short_digest
 
 TINY_STAGES = ["embedding", "down.0", "down.1", "down.2", "middle", "up.0", "up.1"]  # up to out_2
 
@@ -108,7 +109,7 @@ def without_timings(result):
 
 def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    whole = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "whole", "tag")
+    whole = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "whole", "tag", save_weights=True)
     assert whole["finished"] and whole["epochs_done"] == 2 and whole["test_images"] == 12
 
     real_epoch = finetune.train_one_epoch
@@ -126,24 +127,27 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
     monkeypatch.undo()
     partial = json.loads((tmp_path / "parts" / "tag.json").read_text())
     assert (partial["epochs_done"], partial["finished"]) == (1, False)
+    # Every stage ran at its own rate: the last step's rate times 0.8 ** (stages to the head).
+    groups = load_checkpoint(tmp_path / "parts" / "tag.state.pth")["opt"]["param_groups"]
+    assert {round(group["lr_scale"], 12) for group in groups} == {round(0.8 ** k, 12) for k in range(8)}
+    assert all(group["lr"] == pytest.approx(partial["history"][-1]["lr"] * group["lr_scale"]) for group in groups)
 
     with pytest.raises(UserError, match="tag.state.pth exists: pass --resume"):
         finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
     with pytest.raises(UserError, match="was trained with lr=0.001, not 0.002"):
         finetune.run_finetune(*tiny_run(tmp_path, lr=2e-3), cpu, tmp_path / "parts", "tag", resume=True)
-    resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag", resume=True)
-    assert without_timings(resumed) == without_timings(whole)
+    resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag", resume=True,
+                                    save_weights=True)
+    assert without_timings(resumed) == without_timings(whole) | {"weights_file": resumed["weights_file"]}
     assert without_timings(json.loads((tmp_path / "parts" / "tag.json").read_text())) == \
-        without_timings(json.loads((tmp_path / "whole" / "tag.json").read_text()))
-    whole_state = load_checkpoint(tmp_path / "whole" / "tag.state.pth")
-    resumed_state = load_checkpoint(tmp_path / "parts" / "tag.state.pth")
+        without_timings(json.loads((tmp_path / "whole" / "tag.json").read_text())) | {
+            "weights_file": resumed["weights_file"]}
+    assert not (tmp_path / "parts" / "tag.state.pth").exists()  # finished: the weights stay, the state goes
+    whole_state = load_checkpoint(tmp_path / "whole" / "tag.weights.pth")
+    resumed_state = load_checkpoint(tmp_path / "parts" / "tag.weights.pth")
     assert whole_state["model"].keys() == resumed_state["model"].keys()
     for key, value in whole_state["model"].items():
         assert torch.equal(value, resumed_state["model"][key]), key
-    # Every stage ran at its own rate: the last step's rate times 0.8 ** (stages to the head).
-    groups = whole_state["opt"]["param_groups"]
-    assert {round(group["lr_scale"], 12) for group in groups} == {round(0.8 ** k, 12) for k in range(8)}
-    assert all(group["lr"] == pytest.approx(whole["history"][-1]["lr"] * group["lr_scale"]) for group in groups)
     # The fine-tuned weights moved away from the checkpoint's.
     start = load_checkpoint(tmp_path / "model_3.pth")["MODEL"]
     tuned = whole_state["model"]
@@ -163,14 +167,15 @@ def test_cli_writes_results_named_by_checkpoint_and_cell(tmp_path, capsys):
     save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
     finetune.main(finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint, "--timestep", "21",
                                                               "--block", "out_3", "--tensorboard")))
-    result = json.loads((tmp_path / "run" / "finetune" / "model_3_t21_out_3.json").read_text())
+    tag = f"model_3_{short_digest(checkpoint)}_t21_out_3"
+    result = json.loads((tmp_path / "run" / "finetune" / f"{tag}.json").read_text())
     assert (result["settings"]["timestep"], result["settings"]["block"], result["test_images"]) == (21, "out_3", 16)
     assert result["settings"]["warmup_epochs"] == 0  # the default is a tenth of --epochs: none for 1 epoch
-    scalars = read_scalars(tmp_path / "run" / "tb" / "finetune_model_3_t21_out_3")
+    scalars = read_scalars(tmp_path / "run" / "tb" / f"finetune_{tag}")
     assert scalars["finetune/test_accuracy"] == [(1, pytest.approx(result["test_accuracy"]))]
     assert scalars["finetune/train_loss"] == [(1, pytest.approx(result["history"][0]["train_loss"]))]
     assert result["finished"] and len(result["history"]) == 1 and result["classes"] == 10
-    assert (tmp_path / "run" / "finetune" / "model_3_t21_out_3.state.pth").is_file()
+    assert sorted(path.name for path in (tmp_path / "run" / "finetune").iterdir()) == [f"{tag}.json"]  # no state
     out = capsys.readouterr().out  # epochs count from 0, as train.py, linear.py and log.jsonl count them
     assert re.search(r"^epoch 0/1 ", out, re.M) and not re.search(r"^epoch 1/1 ", out, re.M), out
 
@@ -207,5 +212,6 @@ def test_two_process_run(tmp_path):
     finished = run_two_processes("finetune.py", *cli_argv(tmp_path, checkpoint, "--layer_decay", "0.9",
                                                           "--batch_size", "4"), cwd=REPO, timeout=180)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    result = json.loads((tmp_path / "run" / "finetune" / "model_3_t11_out_2.json").read_text())
+    tag = f"model_3_{short_digest(checkpoint)}_t11_out_2"
+    result = json.loads((tmp_path / "run" / "finetune" / f"{tag}.json").read_text())
     assert (result["settings"]["world_size"], result["test_images"], result["finished"]) == (2, 16, True)

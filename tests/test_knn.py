@@ -16,6 +16,7 @@ from evaluation.features import extract_dataset_features, extract_grid_features
 from evaluation.report import accuracy_table, format_accuracy_table, plot_accuracy_heatmap
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages, build_loader
+from utils.provenance import short_digest
 
 
 def tiny_images(n, train, seed=0):
@@ -208,17 +209,18 @@ def test_cli_single_process_and_two_processes_agree(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
     knn.main(knn.build_parser().parse_args(knn_argv(tmp_path / "one", checkpoint, ["--grid", "--k", "5"])))
-    one = json.loads((tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
+    tag = f"model_3_{short_digest(checkpoint)}_grid_k5_T0.07"
+    one = json.loads((tmp_path / "one" / "knn" / f"{tag}.json").read_text())
     best = one["best"]  # the best: line has linear.py's format (evaluation.report.best_line)
     assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (24 test images; 24 training images; " \
         in capsys.readouterr().out
-    assert (tmp_path / "one" / "knn" / "model_3_grid_k5_T0.07.png").is_file()
+    assert (tmp_path / "one" / "knn" / f"{tag}.png").is_file()
     assert (one["world_size"], one["train_images"], one["test_images"]) == (1, 24, 24)
 
     finished = run_two_processes("knn.py", *knn_argv(tmp_path / "two", checkpoint, ["--grid", "--k", "5"]),
                                  cwd=REPO, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    two = json.loads((tmp_path / "two" / "knn" / "model_3_grid_k5_T0.07.json").read_text())
+    two = json.loads((tmp_path / "two" / "knn" / f"{tag}.json").read_text())
     assert (two["world_size"], two["train_images"], two["test_images"]) == (2, 24, 24)
     assert two["accuracy"] == one["accuracy"]
 

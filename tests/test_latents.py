@@ -80,7 +80,7 @@ def test_encode_cache_and_probe_end_to_end(tmp_path, pretrained):
     assert grid["timesteps"] == [41, 81, 121, 161, 201] and grid["blocks"] == ["layer-0", "layer-1", "layer-2"]
     assert grid["test_images"] == N_IMAGES and (tmp_path / "run" / "linear" / "dit_grid.png").is_file()
     knn.main(knn.build_parser().parse_args(probe + ["--k", "5"]))
-    neighbours = json.loads((tmp_path / "run" / "knn" / "dit_t121_layer-1_k5_T0.07.json").read_text())
+    neighbours = json.loads(next((tmp_path / "run" / "knn").glob("dit_sha*_t121_layer-1_k5_T0.07.json")).read_text())
     assert (neighbours["train_images"], neighbours["test_images"]) == (N_IMAGES, N_IMAGES)
 
     out = tmp_path / "features"

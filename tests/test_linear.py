@@ -1,4 +1,5 @@
 """Linear probing: feature passes (early stop, batched timesteps), heads, outputs, resume, two processes."""
+import hashlib
 import json
 import re
 import textwrap
@@ -23,6 +24,7 @@ from utils import data
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages, build_loader
 from utils.errors import UserError
+from utils.provenance import short_digest
 
 
 def test_probe_cells(tmp_path):
@@ -195,7 +197,8 @@ device = init_distributed("cpu")
 diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), device)
 train_set = SyntheticImages(128, image_size=8, seed=1, transform=probe_train_transform(8))
 test_set = SyntheticImages(101, image_size=8, seed=1, train=False)
-linear.run_probe(cfg, diffusion, train_set, test_set, [0], ["out_2", "out_4"], device, out_dir, "probe")
+linear.run_probe(cfg, diffusion, train_set, test_set, [0], ["out_2", "out_4"], device, out_dir, "probe",
+                 source=checkpoint)
 cleanup()
 """
 
@@ -209,7 +212,8 @@ def test_two_processes_count_every_test_image_once(tmp_path):
     result = run_two_processes(script, config_path, checkpoint, out_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out_dir / "probe.json").read_text())
-    assert report["world_size"] == 2
+    assert report["world_size"] == 2 and report["provenance"]["processes"] == 2
+    assert report["provenance"]["weights"]["sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     assert report["test_images"] == 101  # 50 + 51 images, none padded or repeated
 
     # At t = 0 the features carry no noise, so the same heads must score the same on one process.
@@ -225,7 +229,7 @@ def test_two_processes_count_every_test_image_once(tmp_path):
 
 def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
     cfg, config_path = make_config(tmp_path, overrides=["linear.n_epoch=1"])
-    make_checkpoint(cfg, 3)
+    stem = f"model_3_{short_digest(make_checkpoint(cfg, 3))}"  # the weights' hash keeps models of one name apart
     train_set, test_set = small_sets(64, 40)
     monkeypatch.setattr(data, "build_dataset", lambda name, root, train, transform, image_size:
                         train_set if train else test_set)
@@ -238,17 +242,17 @@ def test_command_line_grid_run_and_bad_epoch(tmp_path, monkeypatch, capsys):
     table = out[out.index("t \\ block"):].splitlines()
     assert table[0].split() == ["t", "\\", "block", "out_1", "out_2", "out_3", "out_4"]
     assert [line.split()[0] for line in table[1:4]] == ["1", "11", "21"]
-    report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.json").read_text())
+    report = json.loads((Path(cfg.save_dir) / "linear" / f"{stem}_grid_ep1_lr0.001_bs32.json").read_text())
     assert report["test_images"] == 40 and len(report["epochs"]) == 1
     best = report["best"]
     assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (40 test images)\n" in out
-    assert (Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.001_bs32.png").is_file()
+    assert (Path(cfg.save_dir) / "linear" / f"{stem}_grid_ep1_lr0.001_bs32.png").is_file()
     # another learning rate is another probe, not a collision; --tag names it; --tensorboard mirrors the log
     linear.main(linear.build_parser().parse_args(argv + ["--set", "linear.lrate=0.01", "--tensorboard"]))
-    assert (Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.01_bs32.json").is_file()
-    scalars = read_scalars(Path(cfg.save_dir) / "tb" / "linear_model_3_grid_ep1_lr0.01_bs32")
+    assert (Path(cfg.save_dir) / "linear" / f"{stem}_grid_ep1_lr0.01_bs32.json").is_file()
+    scalars = read_scalars(Path(cfg.save_dir) / "tb" / f"linear_{stem}_grid_ep1_lr0.01_bs32")
     assert scalars["linear/lr"] == [(1, pytest.approx(0.01))] and len(scalars["accuracy/11/out_2"]) == 1
-    report = json.loads((Path(cfg.save_dir) / "linear" / "model_3_grid_ep1_lr0.01_bs32.json").read_text())
+    report = json.loads((Path(cfg.save_dir) / "linear" / f"{stem}_grid_ep1_lr0.01_bs32.json").read_text())
     assert scalars["linear/best_accuracy"][0][1] == pytest.approx(report["best"]["accuracy"])
     linear.main(linear.build_parser().parse_args(argv + ["--tag", "sweep_a"]))
     assert (Path(cfg.save_dir) / "linear" / "sweep_a.json").is_file()

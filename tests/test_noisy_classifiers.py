@@ -1,8 +1,10 @@
 """Noise-conditional classifiers: noising against the schedules, the DDAE head, both scripts end to
 end on tiny synthetic runs, exact resume of the WRN script, result files, plots, two processes."""
+import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.helpers import read_scalars
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.logging import read_jsonl
+from utils.provenance import short_digest
 from utils.noisy import (RESULT_FILE, draw_comparison, eval_levels, find_results, main as noisy_cli_main,
                          parse_args as noisy_cli_args, read_results, write_results)
 
@@ -200,6 +203,21 @@ def test_wrn_resume_refuses_another_network(wrn_ddpm_run, tmp_path, capsys):
     assert "--width 1, not 2; pass --width 1" in capsys.readouterr().err
 
 
+def test_wrn_identity_is_its_flags_and_its_record_names_its_last_checkpoint(wrn_ddpm_run, tmp_path, capsys):
+    record = read_results(wrn_ddpm_run / RESULT_FILE)["provenance"]
+    last = wrn_ddpm_run / "ckpts" / "model_1.pth"
+    assert record["weights"]["sha256"] == hashlib.sha256(last.read_bytes()).hexdigest()
+    assert record["config"]["max_images"] == 256 and record["seed"] == 1337 and record["command"] == sys.argv
+    # another subset of the data is another classifier: its run is not continued from this one's state
+    save_dir = tmp_path / "copy"
+    save_checkpoint(load_checkpoint(last), save_dir / "ckpts" / "model_1.pth")
+    argv = ["--mode", "DDPM", "--epochs", "3", "--warm_epochs", "1", "--save_dir", str(save_dir), *TINY_WRN,
+            "--max_images", "128", "--resume"]
+    with pytest.raises(SystemExit):
+        run_wrn(argv)
+    assert "--max_images 256, not 128; pass --max_images 256" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def wrn_edm_run(workspace):
     """One epoch of a tiny WRN in EDM mode."""
@@ -239,7 +257,7 @@ def test_ddae_end_to_end_and_comparison_figure(workspace, model_type, request, c
     config, checkpoint = write_tiny_config(workspace, model_type)
     ddae_script.main(ddae_script.parse_args(["--config", str(config), "--ckpt", str(checkpoint),
                                              "--max_images", "160", "--device", "cpu"]))
-    out_dir = workspace / f"output_tiny_{model_type}" / f"noisy_DDAE_tiny_{model_type}"
+    out_dir = workspace / f"output_tiny_{model_type}" / f"noisy_DDAE_tiny_{model_type}_{short_digest(checkpoint)}"
     result = read_results(out_dir / RESULT_FILE)
     assert (result["method"], result["mode"], result["n_test_images"]) == ("DDAE", model_type, 160)
     expected_levels = DDPM_TIMESTEPS if model_type == "DDPM" else list(range(1, 19))
@@ -260,9 +278,14 @@ def test_ddae_end_to_end_and_comparison_figure(workspace, model_type, request, c
     assert methods == ["DDAE", "WRN"]
 
 
-def test_ddae_epoch_flag_names_the_output_folder():
-    assert ddae_script.run_tag("out/ckpts/model_1999.pth") == "ep1999"
-    assert ddae_script.run_tag("/tmp/original_ckpt.pth") == "original_ckpt"
+def test_ddae_epoch_flag_names_the_output_folder(tmp_path):
+    trained, original = tmp_path / "ckpts" / "model_1999.pth", tmp_path / "original_ckpt.pth"
+    trained.parent.mkdir()
+    trained.write_bytes(b"weights")
+    original.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()[:8]  # the same weights under two names
+    assert ddae_script.run_tag(str(trained)) == f"ep1999_sha{digest}"
+    assert ddae_script.run_tag(str(original)) == f"original_ckpt_sha{digest}"
 
 
 def test_comparison_needs_both_methods_and_one_mode(tmp_path, capsys):

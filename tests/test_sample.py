@@ -3,6 +3,8 @@ settings guard, the original's checkpoint, and fp32 vs bf16 autocast."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from model.amp import autocast
 from model.ema import make_ema
 from model.models import build_diffusion, load_config, load_diffusion
 from model.noise import PerImageNoise
+from tests.helpers import make_checkpoint
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
@@ -217,8 +220,30 @@ def test_one_and_two_processes_write_the_same_files(ddpm_config, tmp_path):
     assert "on 2 x cpu" in result.stdout
     one, two = folder_bytes(tmp_path / "one"), folder_bytes(tmp_path / "two")
     assert len(one) == 7 + 1 and one == two
-    assert json.loads((tmp_path / "one" / "sampling.json").read_text()) == \
-        json.loads((tmp_path / "two" / "sampling.json").read_text())
+    settings = [json.loads((tmp_path / name / "sampling.json").read_text()) for name in ("one", "two")]
+    records = [one_settings.pop("provenance") for one_settings in settings]  # what ran differs: the processes
+    assert settings[0] == settings[1] and [record["processes"] for record in records] == [1, 2]
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("batch_size", [3, 400])
+def test_python_and_torchrun_write_the_same_bytes_in_every_run(tmp_path, batch_size):
+    """The README's promise on the demo config (DDIM 5 steps, seed 3, 10 images): `python sample.py` with torch's
+    default threads and torchrun's two processes write the same bytes, in each of three runs. 10 images split
+    unevenly: batches of 3 (two a process, the last of 1) or one batch of 10 (all on one process)."""
+    config = REPO / "config" / "demo.yaml"
+    make_checkpoint(load_config(config, [f"save_dir={tmp_path / 'run'}"]), 14)
+    flags = ["--config", config, "--set", f"save_dir={tmp_path / 'run'}", "--epoch", 14, "--n_samples", 10,
+             "--steps", 5, "--seed", 3, "--batch_size", batch_size, "--device", "cpu"]
+    plain = {key: value for key, value in os.environ.items() if key not in (*LAUNCHER_VARS, "OMP_NUM_THREADS")}
+    for attempt in range(3):
+        one, two = tmp_path / f"one_{attempt}", tmp_path / f"two_{attempt}"
+        result = subprocess.run([sys.executable, "sample.py", *map(str, flags), "--out_dir", str(one)], cwd=REPO,
+                                env=plain, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        result = run_two_processes(REPO / "sample.py", *flags, "--out_dir", two, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(folder_bytes(one)) == 10 + 1 and folder_bytes(one) == folder_bytes(two), f"run {attempt + 1}"
 
 
 def test_rerun_makes_only_the_missing_images(ddpm_config, tmp_path):
@@ -239,6 +264,19 @@ def test_rerun_makes_only_the_missing_images(ddpm_config, tmp_path):
     # asking for more images extends the same run: image i is the same whatever n_samples is
     assert run_sample(ddpm_config, *flags[2:], "--n_samples", 11)["generated"] == 2
     assert all(folder_bytes(out)[path] == before[path] for path in before if path.startswith("pngs/"))
+
+
+def test_a_folder_from_before_the_sampler_record_resumes(ddpm_config, tmp_path):
+    """A sampling.json without "sampler" (written before it was recorded) was made by DDAE's samplers: a rerun
+    of a DDAE checkpoint continues it."""
+    out = tmp_path / "old"
+    flags = ["--n_samples", 3, "--steps", 2, "--out_dir", out]
+    run_sample(ddpm_config, *flags)
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings.pop("sampler") == "DDAE DDIM"
+    (out / "sampling.json").write_text(json.dumps(settings))
+    (out / "pngs" / "1.png").unlink()
+    assert run_sample(ddpm_config, *flags)["generated"] == 1
 
 
 def test_other_settings_never_mix_into_a_folder(ddpm_config, tmp_path, capsys):
@@ -342,7 +380,7 @@ def test_fid_flag_scores_the_run(ddpm_config, tmp_path, monkeypatch, capsys):
     assert result["fid"] == expected > 0
     assert f"FID: {expected}" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "fid.json").read_text()) == \
-        {"fid": expected, "reference": str(reference), "n_images": 6}
+        {"fid": expected, "reference": str(reference), "n_images": 6, "provenance": result["provenance"]}
     assert (tmp_path / "ref.npz").is_file()
     with pytest.raises(UserError, match="--fid nowhere: no such folder or .npz"):  # found before sampling
         sample.run(sample.build_parser().parse_args(

@@ -6,6 +6,7 @@ A plain ``python`` run is world size 1 and starts no process group; every helper
 before ``init_distributed``, without it, and after ``cleanup``.
 """
 import argparse
+import contextlib
 import os
 
 import torch
@@ -50,6 +51,28 @@ def usable_cpus():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torchrun_cpu_threads(device):
+    """On a CPU ``device``, run the block with the intra-op threads torchrun gives each worker: OMP_NUM_THREADS,
+    else 1 (torch's count is restored after); other devices are left as they are.
+
+    A CPU matmul's rounding depends on the number of threads that split it (a (10, 32) GEMM of the demo
+    UNet's time embedding differed by 1.2e-7 between 1 and 2 threads: one pixel of one image in the end),
+    so a script that promises the same bytes under ``python`` and ``torchrun`` (sample.py) runs in this.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads, before = _env_int("OMP_NUM_THREADS", 1), torch.get_num_threads()
+    if threads < 1:
+        raise UserError(f"environment variable OMP_NUM_THREADS={threads} must be at least 1; unset it for 1")
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def get_world_size():

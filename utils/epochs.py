@@ -22,6 +22,7 @@ from utils.errors import UserError
 from utils.logging import JsonlLogger, read_jsonl
 from utils.preemption import exit_stopped
 from utils.progress import LazyText, format_duration, progress
+from utils.provenance import check_same_weights
 from utils.tensorboard import Board
 
 PROGRESS_EVERY = 50  # steps between progress-bar refreshes, the only host syncs inside an epoch (on a terminal)
@@ -84,19 +85,24 @@ class EpochLoop:
         self.logger = JsonlLogger(log_path) if log_path is not None and is_main() else None
         self.started = None
 
-    def resume(self, path, settings, mismatch, keys=None, lenient=False, done=lambda state: state["epoch"]):
-        """The saved state at ``path`` (None when there is none), checked against this run's ``settings``.
-        Restores this rank's random state when the file holds every rank's (``"rng"``).
+    def resume(self, path, settings, mismatch, keys=None, lenient=False, done=lambda state: state["epoch"],
+               weights=None, fix="delete it to start over"):
+        """The saved state at ``path`` (None when there is none), checked against this run's ``settings``
+        and ``weights``. Restores this rank's random state when the file holds every rank's (``"rng"``).
 
         Args:
             mismatch: the error when a setting differs, formatted with path, key, saved and wanted.
             keys: the settings to compare (default: all of ``settings``).
             lenient: skip the keys the file lacks (files written before they existed).
             done: the epochs finished according to the state, for the "resuming" line.
+            weights: the evaluated model's ``utils.provenance.weights_identity``, which the state must
+                record under ``"weights"`` (``save`` it there); ``fix`` ends the error when it does not.
         """
         if path is None or not os.path.isfile(path):
             return None
         state = load_checkpoint(path)
+        if weights is not None:
+            check_same_weights(path, state.get("weights"), weights, fix)
         saved = state.get("settings", {})
         for key in settings if keys is None else keys:
             if (key in saved or not lenient) and saved.get(key) != settings[key]:

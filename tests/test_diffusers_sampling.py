@@ -1,0 +1,188 @@
+"""A diffusers folder samples as diffusers does (model/diffusers_sampling.py): DDIM equals DDIMScheduler's loop and
+the ancestral sampler DDPMScheduler.step's from the same x_T and per-step noise, over their scheduler options;
+sample.py's PNGs equal DDIMPipeline's and DDPMPipeline's; unsupported options are refused in one line."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+import sample
+from model.models import load_config, load_diffusion
+from model.noise import PerImageNoise
+from tests.launch import REPO
+from utils.data import image_seed
+from utils.errors import UserError
+from utils.images import to_uint8
+
+CONFIG = REPO / "config" / "DDPM_ddpm.yaml"
+N_T = 20  # a short schedule, so the ancestral sampler's every-step run is quick
+TINY_LAYOUT = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                   attention_head_dim=None, norm_num_groups=8, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1)
+CONFIG_SETS = ["diffusion.n_T=20", "network.image_shape=[3,16,16]", "network.ch_mults=[1,2]",
+               "network.is_attn=[False,True]", "network.n_blocks=1", "linear.blockname=out_2"]
+SEEDS = (5, 6, 7)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A pipeline folder (random weights, 20 training steps) and its UNet."""
+    root = tmp_path_factory.mktemp("diffusers_sampling") / "ddpm-tiny"
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_LAYOUT).eval()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=N_T)).save_pretrained(root)
+    return root, unet
+
+
+def with_scheduler(folder, config_sets=(), **options):
+    """Our DDPM on ``folder`` after writing its scheduler config anew with ``options`` (``config_sets``: more
+    --set for the config); the DDPMScheduler read back."""
+    root, _ = folder
+    path = root / "scheduler" / "scheduler_config.json"
+    config = {key: value for key, value in json.loads(path.read_text()).items() if key in ("_class_name",
+              "_diffusers_version", "num_train_timesteps", "beta_start", "beta_end")}
+    path.write_text(json.dumps({**config, **options}))
+    diffusion = load_diffusion(load_config(CONFIG, CONFIG_SETS + list(config_sets)), str(root)).eval()
+    return diffusion, DDPMScheduler.from_pretrained(root / "scheduler")
+
+
+def same_start():
+    """Our per-image noise and diffusers' list of generators, each having drawn the same x_T."""
+    noise = PerImageNoise(SEEDS, "cpu")
+    x_T = noise((3, 16, 16))
+    generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+    assert torch.equal(randn_tensor(x_T.shape, generator=generators), x_T)
+    return x_T, noise, generators
+
+
+@pytest.mark.parametrize("steps, eta, options", [
+    (5, 0.0, {}),                                                                  # diffusers' defaults
+    (7, 0.5, {}),                                                                  # stochastic, 20 // 7 stride
+    (4, 1.0, {"timestep_spacing": "trailing"}),
+    (6, 0.0, {"timestep_spacing": "linspace", "set_alpha_to_one": False}),
+    (4, 0.3, {"steps_offset": 1, "set_alpha_to_one": False}),
+    (N_T, 0.0, {"clip_sample": False}),
+    (5, 0.0, {"clip_sample_range": 0.5, "beta_schedule": "squaredcos_cap_v2"}),
+])
+def test_ddim_equals_ddim_scheduler_loop(folder, steps, eta, options):
+    """DDIMScheduler built from the folder's config, stepped with its defaults (no eps from the clipped x0) and
+    the same generators for the per-step noise, ends where our DDIM does."""
+    cosine = options.get("beta_schedule") == "squaredcos_cap_v2"
+    diffusion, scheduler = with_scheduler(folder, ["diffusion.schedule=cosine"] if cosine else [], **options)
+    _, unet = folder
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    x_T, noise, generators = same_start()
+    x = x_T
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, t).sample, t, x, eta=eta, generator=generators).prev_sample
+        ours = diffusion.sample(x_T=x_T, steps=steps, eta=eta, noise=noise)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+    assert diffusion.sampler_name({"mode": "DDIM", "steps": steps, "eta": eta}).startswith(
+        f"diffusers DDIMScheduler(steps={steps}, eta={eta}, timestep_spacing=")
+
+
+@pytest.mark.parametrize("steps, options", [
+    (None, {}),                                                       # DDPMPipeline's every step, fixed_small
+    (None, {"variance_type": "fixed_large", "clip_sample": False}),
+    (7, {"variance_type": "fixed_small_log"}),
+    (5, {"timestep_spacing": "trailing", "clip_sample_range": 0.8}),
+    (6, {"timestep_spacing": "leading", "steps_offset": 1}),
+])
+def test_ancestral_equals_ddpm_scheduler_step(folder, steps, options):
+    diffusion, scheduler = with_scheduler(folder, **options)
+    _, unet = folder
+    scheduler.set_timesteps(steps or N_T)
+    x_T, noise, generators = same_start()
+    x = x_T
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=generators).prev_sample
+        ours = diffusion.sample(x_T=x_T, mode="DDPM", steps=steps, noise=noise)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+
+
+def pipeline_pixels(folder, pipeline_class, indices, seed, **call):
+    """The pipeline's images of ``indices`` (image i's generator seeded as sample.py seeds it), as our uint8."""
+    root, unet = folder
+    pipeline = pipeline_class(unet=unet, scheduler=DDPMScheduler.from_pretrained(root / "scheduler"))
+    pipeline.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+    images = pipeline(batch_size=len(indices), generator=generators, output_type="pt", **call).images
+    return to_uint8(images)  # (B, C, H, W)
+
+
+def read_pngs(folder, count):
+    return torch.stack([torch.from_numpy(np.array(Image.open(folder / "pngs" / f"{i}.png"))).permute(2, 0, 1)
+                        for i in range(count)])
+
+
+def test_sample_py_writes_the_pipelines_images(folder, tmp_path):
+    """`python sample.py --ckpt FOLDER` at --batch_size 2 writes, image for image, what DDIMPipeline (eta 0.5)
+    and DDPMPipeline make in one batch from generators seeded as sample.py seeds image i; sampling.json says
+    which scheduler ran."""
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    runs = {"ddim": (["--steps", "4", "--eta", "0.5"], {"steps_offset": 1}, DDIMPipeline,
+                     {"num_inference_steps": 4, "eta": 0.5}),
+            "ddpm": (["--mode", "DDPM"], {"variance_type": "fixed_large"}, DDPMPipeline, {"num_inference_steps": N_T})}
+    for name, (flags, options, pipeline_class, call) in runs.items():
+        with_scheduler(folder, **options)
+        out = tmp_path / name
+        command = [sys.executable, "sample.py", "--config", str(CONFIG), *sets, "--ckpt", str(root), "--device",
+                   "cpu", "--n_samples", "5", "--batch_size", "2", "--seed", "3", *flags, "--out_dir", str(out)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert torch.equal(read_pngs(out, 5), pipeline_pixels(folder, pipeline_class, range(5), 3, **call)), name
+        recorded = json.loads((out / "sampling.json").read_text())["sampler"]
+        option, value = next(iter(options.items()))
+        assert recorded.startswith(f"diffusers {pipeline_class.__name__[:4]}Scheduler(") and \
+            f"{option}={value!r}" in recorded
+
+
+def refusal(folder, tmp_path, *flags, **options):
+    with_scheduler(folder, **options)
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    args = sample.build_parser().parse_args(["--config", str(CONFIG), *sets, "--ckpt", str(root), "--device", "cpu",
+                                             "--n_samples", "2", "--out_dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(UserError) as caught:
+        sample.run(args, torch.device("cpu"))
+    assert not (tmp_path / "out").exists()  # refused before the folder is made
+    return str(caught.value)
+
+
+def test_unsupported_scheduler_options_are_refused_before_sampling(folder, tmp_path):
+    assert "thresholding True is not supported" in refusal(folder, tmp_path, "--steps", "4", thresholding=True)
+    assert "variance_type 'learned_range'" in refusal(folder, tmp_path, "--mode", "DDPM",
+                                                      variance_type="learned_range")
+    assert "timestep_spacing 'karras'" in refusal(folder, tmp_path, "--steps", "4", timestep_spacing="karras")
+    message = refusal(folder, tmp_path, "--steps", str(N_T), steps_offset=1)
+    assert f"the timesteps reach {N_T}, past the last index {N_T - 1}; pass fewer --steps" in message
+    assert "\n" not in message
+
+
+def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, tmp_path):
+    """A folder sampled before this sampler existed (DDAE's DDIM; its sampling.json has no "sampler") is refused,
+    naming both samplers, instead of being filled up with other images."""
+    with_scheduler(folder)
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    argv = ["--config", str(CONFIG), *sets, "--ckpt", str(root), "--device", "cpu", "--n_samples", "2", "--steps",
+            "2", "--out_dir", str(tmp_path / "old")]
+    sample.main(sample.build_parser().parse_args(argv))
+    settings_file = tmp_path / "old" / "sampling.json"
+    settings = json.loads(settings_file.read_text())
+    del settings["sampler"]
+    settings_file.write_text(json.dumps(settings))
+    (tmp_path / "old" / "pngs" / "1.png").unlink()
+    with pytest.raises(UserError, match="sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
+                                        "DDIMScheduler"):
+        sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))

@@ -1,0 +1,259 @@
+"""Results belong to the model they name: two checkpoints of one file name into one save_dir never share a
+probe, k-NN, classifier, fine-tuning or export, and every result record names the weights' hash, the config
+and the command (utils/provenance.py); a finished fine-tuning run keeps its result, not its optimizer."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import contrastive
+import export_features
+import finetune
+import knn
+import linear
+import noisy_classifier_DDAE
+import sample
+from tests.helpers import TINY_OVERRIDES, make_checkpoint, make_config, small_sets, tiny_config, tiny_diffusion
+from tests.launch import REPO
+from utils import data, provenance
+from utils.checkpoint import save_checkpoint
+from utils.data import SyntheticImages
+
+
+def sha256(path):
+    return hashlib.new("sha256", Path(path).read_bytes()).hexdigest()
+
+
+def checks_record(record, checkpoint, config_key="save_dir"):
+    """The provenance record names ``checkpoint`` by its file's hash, the config and this process's command."""
+    assert record["weights"]["sha256"] == sha256(checkpoint)
+    assert record["weights"]["path"] == os.path.abspath(checkpoint)
+    assert config_key in record["config"] and record["command"] == sys.argv
+    assert record["version"] == provenance.code_version() and record["torch"] == torch.__version__
+    assert record["processes"] == 1 and record["device"] == "cpu"
+
+
+def test_file_hash_is_the_sha256_of_the_bytes_read_once_per_version(tmp_path, monkeypatch):
+    path = tmp_path / "model_1.pth"
+    path.write_bytes(os.urandom(3 * provenance.CHUNK + 5))  # several chunks and a short last one
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(provenance.hashlib, "sha256", lambda: reads.append(1) or real())
+    assert provenance.file_sha256(path) == sha256(path)
+    for _ in range(3):  # every cell, epoch and record of a run asks again: one read
+        assert provenance.short_digest(path) == f"sha{sha256(path)[:8]}"
+        assert provenance.weights_identity(path)["sha256"] == sha256(path)
+    assert len(reads) == 1
+    path.write_bytes(b"other weights")  # replaced in place: hashed again
+    assert provenance.file_sha256(path) == sha256(path) and len(reads) == 2
+
+
+def test_a_diffusers_folder_is_identified_by_its_weights_file(tmp_path):
+    bare, pipeline = tmp_path / "bare", tmp_path / "pipeline"
+    (pipeline / "unet").mkdir(parents=True)
+    bare.mkdir()
+    (bare / "diffusion_pytorch_model.bin").write_bytes(b"bin")
+    (bare / "diffusion_pytorch_model.safetensors").write_bytes(b"safetensors")  # diffusers prefers it
+    (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"unet")
+    assert provenance.weights_identity(bare) == {"path": str(bare), "file": str(bare / "diffusion_pytorch_model."
+                                                                                      "safetensors"),
+                                                 "sha256": hashlib.sha256(b"safetensors").hexdigest()}
+    assert provenance.weights_identity(pipeline)["sha256"] == hashlib.sha256(b"unet").hexdigest()
+
+
+def test_code_version_is_the_commit_or_says_it_is_unknown(tmp_path):
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        assert provenance.code_version().split("+")[0] == commit.stdout.strip()
+    shutil.copytree(REPO / "utils", tmp_path / "utils")  # a copy of the code outside any checkout
+    script = "from utils.provenance import code_version; print(code_version())"
+    printed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": "", "GIT_CEILING_DIRECTORIES": str(tmp_path)})
+    assert printed.stdout.strip() == "unknown (not a git checkout)", printed.stderr
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """The issue's case: save_dir/ckpts/model_3.pth and other/model_3.pth, other weights under the same name."""
+    cfg, config_path = make_config(tmp_path, overrides=["linear.n_epoch=1"])
+    first = make_checkpoint(cfg, 3, seed=0)
+    second = tmp_path / "other" / "model_3.pth"
+    second.parent.mkdir()
+    shutil.copy(make_checkpoint(cfg, 4, seed=1), second)
+    os.remove(Path(cfg.save_dir) / "ckpts" / "model_4.pth")
+    return cfg, config_path, Path(first), second
+
+
+def run_linear(cfg, config_path, checkpoint, monkeypatch, *extra):
+    train_set, test_set = small_sets(48, 24)
+    monkeypatch.setattr(data, "build_dataset", lambda name, root, train, transform, image_size:
+                        train_set if train else test_set)
+    argv = ["--config", str(config_path), "--set", f"save_dir={cfg.save_dir}", "--set", "linear.n_epoch=1",
+            "--ckpt", str(checkpoint), "--device", "cpu", *extra]
+    linear.main(linear.build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("grid", [[], ["--grid"]])
+def test_linear_probes_of_two_same_named_checkpoints_stay_apart(two_models, monkeypatch, capsys, grid):
+    cfg, config_path, first, second = two_models
+    run_linear(cfg, config_path, first, monkeypatch, *grid)
+    capsys.readouterr()
+    run_linear(cfg, config_path, second, monkeypatch, *grid)
+    assert "resuming" not in capsys.readouterr().out  # the first model's finished probe is not its result
+    results = sorted((Path(cfg.save_dir) / "linear").glob("*.json"))
+    assert len(results) == 2
+    by_hash = {json.loads(path.read_text())["provenance"]["weights"]["sha256"]: path for path in results}
+    assert set(by_hash) == {sha256(first), sha256(second)}
+    for checkpoint in (first, second):
+        record = json.loads(by_hash[sha256(checkpoint)].read_text())
+        checks_record(record["provenance"], checkpoint)
+        assert record["checkpoint"] == str(checkpoint) and f"_sha{sha256(checkpoint)[:8]}_" in by_hash[
+            sha256(checkpoint)].name
+    # the same checkpoint again still finds its own finished probe
+    before = json.loads(by_hash[sha256(first)].read_text())["accuracy"]
+    run_linear(cfg, config_path, first, monkeypatch, *grid)
+    assert "1 of 1 epochs done" in capsys.readouterr().out
+    assert json.loads(by_hash[sha256(first)].read_text())["accuracy"] == before
+
+
+def test_linear_state_under_one_tag_refuses_other_weights(two_models, monkeypatch, capsys):
+    cfg, config_path, first, second = two_models
+    run_linear(cfg, config_path, first, monkeypatch, "--tag", "sweep")
+    with pytest.raises(SystemExit) as stopped:
+        run_linear(cfg, config_path, second, monkeypatch, "--tag", "sweep")
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "\n" not in err
+    assert f"sweep.state.pth was made with {first} (sha256 {sha256(first)[:12]}...), not {second}" in err
+
+
+def test_linear_state_named_before_hashes_is_kept_until_the_user_says_whose(two_models, monkeypatch, capsys):
+    cfg, config_path, first, _ = two_models
+    run_linear(cfg, config_path, first, monkeypatch)
+    folder = Path(cfg.save_dir) / "linear"
+    (keyed,) = folder.glob("*.state.pth")
+    old = folder / keyed.name.replace(f"_sha{sha256(first)[:8]}", "")
+    keyed.rename(old)  # what an older version left: a state named without the hash, recording none
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_linear(cfg, config_path, first, monkeypatch)
+    assert f"if it is {first}'s, rename it to {keyed} to resume it" in capsys.readouterr().err
+    assert old.is_file() and not keyed.exists()
+    old.rename(keyed)
+    run_linear(cfg, config_path, first, monkeypatch)
+    assert f"resuming {keyed}: 1 of 1 epochs done" in capsys.readouterr().out
+
+
+def demo_argv(save_dir, checkpoint, *extra):
+    sets = [arg for override in TINY_OVERRIDES + [f"save_dir={save_dir}"] for arg in ("--set", override)]
+    return ["--config", str(REPO / "config" / "demo.yaml"), *sets, "--ckpt", str(checkpoint), "--device", "cpu",
+            *map(str, extra)]
+
+
+@pytest.fixture
+def two_demo_models(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    first, second = tmp_path / "a" / "model_3.pth", tmp_path / "b" / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg, seed=0).state_dict()}, first)
+    save_checkpoint({"MODEL": tiny_diffusion(cfg, seed=1).state_dict()}, second)
+    return cfg, first, second
+
+
+def test_knn_results_of_two_same_named_checkpoints_stay_apart(two_demo_models):
+    cfg, first, second = two_demo_models
+    for checkpoint in (first, second):
+        knn.main(knn.build_parser().parse_args(demo_argv(cfg.save_dir, checkpoint, "--max_images", 16,
+                                                         "--batch_size", 8, "--k", 3)))
+    for checkpoint in (first, second):
+        path = Path(cfg.save_dir) / "knn" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_out_2_k3_T0.07.json"
+        checks_record(json.loads(path.read_text())["provenance"], checkpoint)
+
+
+def test_export_features_of_two_same_named_checkpoints_stay_apart(two_demo_models):
+    cfg, first, second = two_demo_models
+    for checkpoint in (first, second):
+        export_features.main(export_features.build_parser().parse_args(
+            demo_argv(cfg.save_dir, checkpoint, "--max_images", 6, "--batch_size", 3, "--seed", 9)))
+    arrays = []
+    for checkpoint in (first, second):
+        out = Path(cfg.save_dir) / "features" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_test"
+        meta = json.loads((out / "meta.json").read_text())
+        checks_record(meta["provenance"], checkpoint)
+        assert meta["provenance"]["seed"] == 9
+        arrays.append((out / "out_2.npy").read_bytes())
+    assert arrays[0] != arrays[1]
+
+
+def test_noisy_ddae_results_of_two_same_named_checkpoints_stay_apart(two_demo_models):
+    cfg, first, second = two_demo_models
+    for checkpoint in (first, second):
+        noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(demo_argv(
+            cfg.save_dir, checkpoint, "--max_images", 16, "--set", "linear.n_epoch=1")))
+    for checkpoint in (first, second):
+        out = Path(cfg.save_dir) / f"noisy_DDAE_ep3_sha{sha256(checkpoint)[:8]}"
+        checks_record(json.loads((out / "noisy_accuracy.json").read_text())["provenance"], checkpoint)
+        assert (out / "head.pth").is_file()
+
+
+def finetune_argv(cfg, checkpoint, *extra):
+    return demo_argv(cfg.save_dir, checkpoint, "--epochs", 1, "--max_images", 16, "--batch_size", 8, *extra)
+
+
+def test_finetune_of_two_same_named_checkpoints_and_its_end_state(two_demo_models, capsys):
+    cfg, first, second = two_demo_models
+    folder = Path(cfg.save_dir) / "finetune"
+    for checkpoint, extra in ((first, ["--save_weights"]), (second, [])):
+        finetune.main(finetune.build_parser().parse_args(finetune_argv(cfg, checkpoint, *extra)))
+    tags = {checkpoint: f"model_3_sha{sha256(checkpoint)[:8]}_t11_out_2" for checkpoint in (first, second)}
+    for checkpoint, tag in tags.items():
+        result = json.loads((folder / f"{tag}.json").read_text())
+        assert result["finished"] and result["settings"]["checkpoint"] == str(checkpoint)
+        checks_record(result["provenance"], checkpoint)
+    # a finished run keeps its result and, when asked, its weights; not the optimizer's state
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        [f"{tags[first]}.json", f"{tags[first]}.weights.pth", f"{tags[second]}.json"])
+    tuned = torch.load(folder / f"{tags[first]}.weights.pth", weights_only=True)
+    assert tuned["weights"]["sha256"] == sha256(first) and "head.weight" in tuned["model"]
+    assert json.loads((folder / f"{tags[first]}.json").read_text())["weights_file"] == \
+        str(folder / f"{tags[first]}.weights.pth")
+    capsys.readouterr()
+
+    # the same command again, as a user runs it: it says the run is finished and trains nothing
+    again = subprocess.run([sys.executable, "finetune.py", *finetune_argv(cfg, second)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{tags[second]}.json: finished, 1 epochs, test accuracy" in again.stdout
+    assert "nothing to train" in again.stdout and "epoch 0/1" not in again.stdout
+    # other settings into the same name are refused, not mixed with the finished run
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(finetune.build_parser().parse_args(finetune_argv(cfg, second, "--lr", "0.002")))
+    assert stopped.value.code == 2
+    assert f"{tags[second]}.json is a finished run with lr=0.0001, not 0.002; pass --out" in capsys.readouterr().err
+
+
+def test_contrastive_record_names_every_checkpoint_by_hash(tmp_path, monkeypatch):
+    cfg, config_path = make_config(tmp_path, overrides=["n_epoch=3"])
+    checkpoints = [make_checkpoint(cfg, 1, seed=0), make_checkpoint(cfg, 2, seed=1)]
+    monkeypatch.setattr(contrastive, "build_dataset", lambda *args, **kwargs: SyntheticImages(8, image_size=8))
+    contrastive.main(contrastive.build_parser().parse_args(
+        ["--config", str(config_path), "--set", f"save_dir={cfg.save_dir}", "--set", "n_epoch=3",
+         "--epoch_interval", "1", "--device", "cpu"]))
+    record = json.loads((Path(cfg.save_dir) / "contrastive.json").read_text())["provenance"]
+    assert [weights["sha256"] for weights in record["weights"]] == [sha256(path) for path in checkpoints]
+    assert record["config"]["n_epoch"] == 3 and record["command"] == sys.argv
+
+
+def test_sampling_record_names_the_weights(tmp_path):
+    cfg = tiny_config(tmp_path / "run", ["diffusion.n_T=20"])
+    checkpoint = make_checkpoint(cfg, 3)
+    sample.main(sample.build_parser().parse_args(demo_argv(
+        cfg.save_dir, checkpoint, "--set", "diffusion.n_T=20", "--n_samples", 2, "--steps", 2, "--seed", 4,
+        "--out_dir", tmp_path / "out")))
+    record = json.loads((tmp_path / "out" / "sampling.json").read_text())["provenance"]
+    checks_record(record, checkpoint)
+    assert record["seed"] == 4 and record["config"]["diffusion"]["n_T"] == 20
