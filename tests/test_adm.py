@@ -28,6 +28,12 @@ IMAGENET_CONFIG = REPO / "config" / "ADM_guided_256_uncond.yaml"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+def one_file(folder, pattern):
+    """The text of the one file under ``folder`` matching ``pattern`` (results are named by the weights' hash)."""
+    (path,) = folder.glob(pattern)
+    return path.read_text()
+
+
 def golden(layout):
     return torch.load(ADM_GOLDEN[layout], weights_only=True)
 
@@ -170,6 +176,8 @@ def test_sampling_ddim_ancestral_and_fid(tiny, monkeypatch):
     ancestral = sample.main(sample.build_parser().parse_args(
         script_argv(tiny, "--n_samples", "2", "--mode", "DDPM", "--steps", "3")))
     assert len(list(Path(ancestral["out_dir"], "pngs").glob("*.png"))) == 2
+    recorded = json.loads(Path(ancestral["out_dir"], "sampling.json").read_text())["sampler"]
+    assert recorded == "DDAE DDPM, learned variance"  # never mixed with fixed-variance images
 
 
 def test_learned_variance_sampler_uses_v():
@@ -187,17 +195,17 @@ def test_learned_variance_sampler_uses_v():
 def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     run = tiny / "run"
     linear.main(linear.build_parser().parse_args(script_argv(tiny)))
-    one = json.loads((run / "linear" / "cifar10_tiny_t92_output_7_ep1_lr0.001_bs8.json").read_text())
+    one = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_t92_output_7_ep1_lr0.001_bs8.json"))
     assert one["test_images"] == 8
     linear.main(linear.build_parser().parse_args(script_argv(tiny, "--grid")))
-    grid = json.loads((run / "linear" / "cifar10_tiny_grid_ep1_lr0.001_bs8.json").read_text())
+    grid = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_grid_ep1_lr0.001_bs8.json"))
     assert set(grid["accuracy"]["21"]) == {f"output_{k}" for k in range(8)}
     linear.main(linear.build_parser().parse_args(script_argv(tiny, "--grid", "--blocks", "input_2,middle")))
-    chosen = json.loads((run / "linear" / "cifar10_tiny_t1-11-21_input_2-middle_ep1_lr0.001_bs8.json").read_text())
+    chosen = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_t1-11-21_input_2-middle_ep1_lr0.001_bs8.json"))
     assert set(chosen["accuracy"]["21"]) == {"input_2", "middle"}
 
     knn.main(knn.build_parser().parse_args(script_argv(tiny, "--k", "3", "--precision", "bf16")))
-    assert json.loads((run / "knn" / "cifar10_tiny_t92_output_7_k3_T0.07.json").read_text())["test_images"] == 8
+    assert json.loads(one_file(run / "knn", "cifar10_tiny_sha*_t92_output_7_k3_T0.07.json"))["test_images"] == 8
 
     export_features.main(export_features.build_parser().parse_args(
         script_argv(tiny, "--blocks", "output_7", "middle", "--out", str(tmp_path / "features"))))
@@ -206,10 +214,10 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
 
     finetune.main(finetune.build_parser().parse_args(
         script_argv(tiny, "--epochs", "1", "--batch_size", "8", "--layer_decay", "0.9")))
-    assert json.loads((run / "finetune" / "cifar10_tiny_t92_output_7.json").read_text())["test_images"] == 8
+    assert json.loads(one_file(run / "finetune", "cifar10_tiny_sha*_t92_output_7.json"))["test_images"] == 8
 
     noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(script_argv(tiny)))
-    result = json.loads(next((run / "noisy_DDAE_cifar10_tiny").glob("*.json")).read_text())
+    result = json.loads(one_file(run, "noisy_DDAE_cifar10_tiny_sha*/*.json"))
     assert result["n_test_images"] == 8
 
 
@@ -235,8 +243,8 @@ def test_guided_layout_runs_through_the_256_config(tiny, tmp_path):
     argv = ["--config", str(IMAGENET_CONFIG), *[a for s in sets for a in ("--set", s)], "--ckpt",
             str(tmp_path / "guided_tiny.pt"), "--device", "cpu", "--data_root", str(tmp_path / "imagenet")]
     linear.main(linear.build_parser().parse_args([*argv, "--grid", "--blocks", "input_3,output_5"]))
-    grid = json.loads((tmp_path / "run" / "linear" / "guided_tiny_t1-11-21_input_3-output_5_ep1_lr0.001_bs4.json")
-                      .read_text())
+    grid = json.loads(one_file(tmp_path / "run" / "linear",
+                               "guided_tiny_sha*_t1-11-21_input_3-output_5_ep1_lr0.001_bs4.json"))
     assert set(grid["accuracy"]["11"]) == {"input_3", "output_5"} and grid["test_images"] == 4
     export_features.main(export_features.build_parser().parse_args(
         [*argv, "--blocks", "output_8", "--out", str(tmp_path / "features")]))
