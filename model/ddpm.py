@@ -7,6 +7,8 @@
     images = diffusion.sample(16, (3, 32, 32), mode="DDPM")             # ancestral, n_T steps
     images = diffusion.sample(16, (3, 32, 32), mode="DDPM", steps=50)   # ancestral over 50 respaced steps
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,11 +174,13 @@ class DDPM(nn.Module):
         return None if published is None else published(self.n_T, self.betas, self.schedule)
 
     def sampler_name(self, sampler):
-        """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE DDIM", "DDAE DDPM" (ancestral) or a
-        diffusers folder's "diffusers DDIMScheduler(...)"; a UserError for a scheduler option it cannot run."""
+        """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE DDIM", "DDAE DDPM" (ancestral), "DDAE
+        DDPM, learned variance" (a network with ``learn_sigma``) or a diffusers folder's "diffusers
+        DDIMScheduler(...)"; a UserError for a scheduler option it cannot run."""
         published = self.published_sampler()
         if published is None:
-            return f"DDAE {sampler['mode']}"
+            learned = sampler["mode"] == "DDPM" and getattr(self.nn_model, "learn_sigma", False)
+            return f"DDAE {sampler['mode']}" + (", learned variance" if learned else "")
         return published.describe(sampler["mode"], sampler["steps"], sampler["eta"])
 
     def level_record(self, levels):
@@ -269,7 +273,8 @@ class DDPM(nn.Module):
             size: (C, H, W) of one image (ignored when ``x_T`` is given).
             x_T: (B, C, H, W) starting noise; drawn from ``noise`` when None.
             steps: DDIM steps (mode "DDIM", default 100 or n_T if fewer); for mode "DDPM", None runs the original's
-                n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``).
+                n_T ancestral steps and a number runs that many respaced steps (``_respaced_loop``); a network
+                that learns its variance (``learn_sigma``) samples with it (``_learned_variance_loop``).
             eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like); unused by mode "DDPM".
             mode: "DDIM" or "DDPM" (ancestral). A network with ``published_sampler`` (a diffusers folder) runs
                 its own scheduler's DDIM or ancestral sampler with these settings instead of ours.
@@ -290,6 +295,8 @@ class DDPM(nn.Module):
             x = published.sample(lambda x, index: self._eps(x, index + 1), x, mode, steps, eta, noise)
         elif mode == "DDIM":
             x = self._ddim_loop(x, steps, eta, noise)
+        elif getattr(self.nn_model, "learn_sigma", False):
+            x = self._learned_variance_loop(x, steps, noise)
         elif steps is None:
             x = self._ancestral_loop(x, noise)
         else:
@@ -339,4 +346,43 @@ class DDPM(nn.Module):
             x = (x - (1 - alpha) / sqrtmab[t] * eps) / torch.sqrt(alpha)
             if s > 0:
                 x = x + torch.sqrt(1 - alpha) * noise(x.shape[1:])
+        return x
+
+    def learned_variance_steps(self, times):
+        """[(t, s, coef_x0, coef_xt, log beta, log beta-tilde)] for the ancestral steps from each kept timestep t
+        to the one before it, s (0 before the first), as improved-diffusion's respaced schedule has them: beta =
+        1 - alphabar_t / alphabar_s, beta-tilde = beta (1 - alphabar_s) / (1 - alphabar_t), and the posterior
+        mean's coefficients of x0 and x_t, in float64 (the first step's beta-tilde, 0, is replaced by the
+        second's, as its ``posterior_log_variance_clipped`` does)."""
+        betas = SCHEDULES[self.schedule](*self.betas, self.n_T, True).double()
+        alphabar = torch.cumprod(1 - betas, dim=0).tolist()
+        steps = []
+        for t, s in zip(times, [0] + list(times[:-1])):
+            beta = 1 - alphabar[t] / alphabar[s]
+            coef_x0 = beta * math.sqrt(alphabar[s]) / (1 - alphabar[t])
+            coef_xt = (1 - alphabar[s]) * math.sqrt(1 - beta) / (1 - alphabar[t])
+            steps.append([t, s, coef_x0, coef_xt, beta, beta * (1 - alphabar[s]) / (1 - alphabar[t])])
+        steps[0][5] = steps[1][5] if len(steps) > 1 else steps[0][4]
+        return [(t, s, c0, ct, math.log(beta), math.log(tilde)) for t, s, c0, ct, beta, tilde in steps]
+
+    def learned_variance_step(self, x, step):
+        """The mean and log-variance of p(x_s | x_t) for a network that learns its variance, as
+        improved-diffusion's p_mean_variance (learned range): the posterior mean of the clipped x0
+        prediction, and frac log beta + (1 - frac) log beta-tilde with frac = (v + 1) / 2.
+        ``step`` is an entry of ``learned_variance_steps``."""
+        t, _, coef_x0, coef_xt, log_beta, log_tilde = step
+        t_input = torch.full((x.shape[0],), t / self.n_T, device=x.device, dtype=x.dtype)
+        eps, v = self.nn_model(x, t_input, with_variance=True)
+        x0, _ = _clipped_prediction(x, eps.to(x.dtype), self.ddpm_sqrtab[t], self.ddpm_sqrtmab[t])
+        frac = (v.to(x.dtype) + 1) / 2
+        return coef_x0 * x0 + coef_xt * x, frac * log_beta + (1 - frac) * log_tilde
+
+    def _learned_variance_loop(self, x, steps, noise):
+        """improved-diffusion's ancestral sampler for a network that learns its variance: over all n_T
+        timesteps (``steps`` None) or ``respaced_timesteps(n_T, steps)``, from the last; no noise at the last step."""
+        times = list(range(1, self.n_T + 1)) if steps is None else respaced_timesteps(self.n_T, steps)
+        for step in reversed(self.learned_variance_steps(times)):
+            x, log_variance = self.learned_variance_step(x, step)
+            if step[1] > 0:
+                x = x + torch.exp(0.5 * log_variance) * noise(x.shape[1:])
         return x

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from model.adm import ADM
 from model.ddpm import DDPM
 from model.diffusers_unet import DiffusersUNet, folder_network
 from model.dit import DiT, DiTDiffusion
@@ -28,7 +29,7 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM}
 
 
 def network_class(net_type, path="net_type"):
@@ -140,6 +141,9 @@ NETWORK_MARKS = {
     "DiT": ("x_embedder.proj.weight", "a config with model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in "
                                       "linear.py, knn.py or export_features.py"),
     "UNet": ("image_proj.weight", "the DDPM or EDM config it was trained with (e.g. config/DDPM_ddpm.yaml)"),
+    "ADM": ("input_blocks.0.0.weight", "an ADM config with the file's flags, e.g. config/ADM_improved_cifar10.yaml "
+                                       "for cifar10_uncond_50M_500K.pt, config/ADM_guided_256_uncond.yaml for "
+                                       "256x256_diffusion_uncond.pt"),
 }
 
 
@@ -155,7 +159,7 @@ def refuse_other_network(checkpoint, expected, path):
     state = checkpoint.get("EMA") or checkpoint.get("MODEL") or checkpoint
     held, wanted = network_kind(state), network_kind(expected)
     if held and wanted and held != wanted:
-        raise UserError(f"{path} holds a {held} network, but the config describes a {wanted}; evaluate it "
+        raise UserError(f"{path} holds {held} weights, but the config describes a {wanted} network; evaluate it "
                         f"with {NETWORK_MARKS[held][1]}")
 
 
@@ -172,17 +176,19 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
         raise UserError(f"{path}: no {missing} entry; expected a checkpoint written by train.py "
                         f"(top-level keys MODEL / EMA / opt) or the network's state dict, found keys "
                         f"{sorted(checkpoint)[:6]}") from None
+    held = network_kind(state)
+    fix = f"check --config; a {held} file takes {NETWORK_MARKS[held][1]}" if held else "check --config"
     for key, value in expected.items():
         if key not in state:
             raise UserError(f"{path}: key {key!r} is missing; the checkpoint was made for another "
-                            "network than the config describes (check --config)")
+                            f"network than the config describes ({fix})")
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(f"{path}: key {key!r} has shape {tuple(state[key].shape)} in the checkpoint "
-                            f"but {tuple(value.shape)} in the config's network (check --config)")
+                            f"but {tuple(value.shape)} in the config's network ({fix})")
     extra = [k for k in state if k not in expected]
     if extra:
         raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
-                        "network than the config describes (check --config)")
+                        f"network than the config describes ({fix})")
     check_schedule(diffusion, checkpoint, path, origin)
     diffusion.load_state_dict(state, strict=True)
     return diffusion

@@ -204,3 +204,14 @@ class RandomFeatures(nn.Module):
     def forward(self, images):
         self.images_seen += images.shape[0]
         return self.net(images).flatten(1)  # (B, FID_DIMS)
+
+
+# The golden ADM networks (test_adm; recorded by bench/adm_golden.py with OpenAI's code).
+ADM_GOLDEN = {layout: REPO / "tests" / "golden" / f"adm_{layout}.pt" for layout in ("improved", "guided", "new_order")}
+
+
+def seeded_weights(shapes, seed):
+    """Random values for a state dict's ``{name: shape}``: N(0, 0.1^2) drawn in sorted-name order from one
+    generator seeded with ``seed``, so the golden ADM weights are rebuilt from their seed (no file)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: 0.1 * torch.randn(tuple(shapes[name]), generator=generator) for name in sorted(shapes)}

@@ -135,12 +135,12 @@ def test_a_dit_under_a_unet_config_and_the_reverse_name_the_network_and_the_conf
     with pytest.raises(UserError) as refused:
         load_diffusion(unet_cfg, dit_file)
     assert str(refused.value) == (
-        f"{dit_file} holds a DiT network, but the config describes a UNet; evaluate it with a config with "
+        f"{dit_file} holds DiT weights, but the config describes a UNet network; evaluate it with a config with "
         f"model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in linear.py, knn.py or export_features.py")
     unet_file = make_checkpoint(unet_cfg, 3)  # a train.py checkpoint
     dit_cfg = load_config(write_tiny_config(tmp_path), allow_dit=True)
     with pytest.raises(UserError) as refused:
         load_diffusion(dit_cfg, unet_file)
     assert str(refused.value) == (
-        f"{unet_file} holds a UNet network, but the config describes a DiT; evaluate it with the DDPM or EDM "
+        f"{unet_file} holds UNet weights, but the config describes a DiT network; evaluate it with the DDPM or EDM "
         f"config it was trained with (e.g. config/DDPM_ddpm.yaml)")
