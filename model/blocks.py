@@ -97,7 +97,7 @@ class AttentionBlock(nn.Module):
 
 def memory_format(x):
     """The layout of activation ``x``: ``torch.channels_last`` or ``torch.contiguous_format``."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
