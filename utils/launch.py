@@ -8,8 +8,8 @@ is launched differently). Plain torchrun ends a clean stop with exit code 1 and 
 workers exit with 75 (``utils.preemption.EXIT_REQUEUE``), which torchrun counts as a failure, and a
 SIGTERM to torchrun itself surfaces as a SignalException. This wrapper gives the workers a folder in
 $DDAE_LAUNCH_RECORDS, where a worker leaves the line it would have printed (``utils.launch_records``): its
-stop line after a clean stop (``utils.preemption.exit_stopped``, after the save), its one-line error after
-a bad input (``utils.errors.cli_entry``). The launcher decides from them and the workers' exit codes, in
+stop line after a clean stop (``utils.preemption.exit_stopped``, after the save), its one-line error
+(``utils.errors.cli_entry``). The launcher decides from them and the workers' exit codes, in
 the order torchrun saw the workers end, and prints one line:
 
 - every worker done: 0;
@@ -18,9 +18,9 @@ the order torchrun saw the workers end, and prints one line:
   stop line and exit code 75;
 - otherwise the first worker that failed is named: one killed by a signal the launcher did not send
   (SIGKILL: most often the kernel's out-of-memory killer) comes before the workers whose collectives
-  broke because it died; a bad input's line is printed once, as the worker wrote it, with its exit code
-  (2); a crash says its exit code (its traceback is above). The exit code is the worker's own when it
-  is neither 0 nor 75, else 1;
+  broke because it died; a worker's one-line error (a bad input: exit code 2; a full disk: 1) is printed
+  once, as the worker wrote it; a crash says its exit code (its traceback is above). The exit code is
+  the worker's own when it is neither 0 nor 75, else 1;
 - torchrun signalled before any worker saved: one line and 128 + the signal's number.
 
 The signals the launcher sends are the one it received (passed on to the workers), SIGTERM (torchrun
