@@ -35,8 +35,9 @@ def describe_error(err, limit=100):
 
 
 def cli_entry(main):
-    """Decorate a script's ``main`` so that a UserError prints one line and exits with its code, 2 (under
-    ``utils.launch`` the line goes to the launcher, which prints it once for all the workers)."""
+    """Decorate a script's ``main`` so that a UserError prints one line and exits with its ``exit_code`` (2;
+    1 for a ``WriteFailed``). Under ``utils.launch`` the line goes to the launcher, which prints it once
+    for all the workers."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
