@@ -38,7 +38,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.accuracy import AccuracyCounter
 from evaluation.cells import probe_cells
@@ -53,7 +52,7 @@ from utils.data import (add_data_args, add_max_images_arg, build_loader, config_
                         resolve_num_workers)
 from utils.checkpoint import save_checkpoint
 from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
-                               print0)
+                               print0, wrap_ddp)
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
 from utils.logging import save_json
@@ -329,9 +328,8 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     if world_size > 1:
         # The only buffers are the noise schedules, equal everywhere: no need to broadcast them every step.
         # A network without stages trains whole, and its blocks after ``block`` get no gradient.
-        model = DistributedDataParallel(classifier, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False,
-                                        find_unused_parameters=not hasattr(diffusion.nn_model, "stages"))
+        model = wrap_ddp(classifier, device, sync_buffers=False,
+                         find_unused_parameters=not hasattr(diffusion.nn_model, "stages"))
     batch_size = settings["batch_size"]
     train_loader = build_loader(train_set, batch_size, train=True, num_workers=num_workers, seed=settings["seed"],
                                 device=device, batch_flag="--batch_size")

@@ -22,7 +22,6 @@ import argparse
 import os
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.cells import cell_label, probe_cells
 from evaluation.features import extract_grid_features
@@ -37,7 +36,7 @@ from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkp
 from utils.config import add_config_args
 from utils.data import add_data_args, build_loader, config_splits, probe_train_transform, resolve_num_workers
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
-                               init_distributed, is_main, print0)
+                               init_distributed, is_main, print0, wrap_ddp)
 from utils.epochs import EpochLoop, every_rank_rng
 from utils.errors import UserError, cli_entry
 from utils.latents import latent_datasets
@@ -77,7 +76,7 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
 
     Args:
         heads: the ``ProbeHeads``; ``model`` is the module to call, the heads themselves or their
-            DistributedDataParallel wrapper.
+            DistributedDataParallel wrapper (utils.distributed.wrap_ddp).
 
     Returns:
         (per-head sum of the batch losses times batch sizes, (n_heads,) on the device; images seen).
@@ -156,7 +155,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
 
     model = heads
     if world_size > 1:
-        model = DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(heads, device)
     train_loader = build_loader(train_set, cfg.linear.batch_size, train=True, num_workers=num_workers,
                                 seed=cfg.seed, device=device, batch_flag="--set linear.batch_size=N")
     test_loader = build_loader(test_set, cfg.linear.batch_size, train=False, num_workers=num_workers,

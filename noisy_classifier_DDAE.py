@@ -24,7 +24,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.features import extract_features
 from evaluation.frozen import prepare_frozen, to_device
@@ -37,7 +36,8 @@ from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkp
 from utils.config import add_config_args, config_name
 from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, probe_train_transform,
                         resolve_num_workers)
-from utils.distributed import add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0
+from utils.distributed import (add_launcher_args, cleanup, get_rank, get_world_size, init_distributed, is_main, print0,
+                               wrap_ddp)
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
 from utils.noisy import format_table, log_levels, publish_results
@@ -171,8 +171,7 @@ def run(cfg, args, checkpoint, device):
     feature_dim = feature_dims(diffusion, cfg.image_shape)[blockname]
     torch.manual_seed(cfg.seed)  # the same head on every process
     head = NoiseConditionalHead(feature_dim, cfg.classes).to(device)
-    trained = DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size > 1 else head
+    trained = wrap_ddp(head, device) if world_size > 1 else head
     optimizer = torch.optim.Adam(head.parameters(), lr=linear.lrate * world_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=linear.n_epoch)
 

@@ -25,7 +25,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from evaluation.noisy import ImageNoiser, accuracy_per_level
 from model.amp import autocast, make_grad_scaler, scaled_step
@@ -35,7 +34,7 @@ from utils.cli import add_amp_args, resolve_precision
 from utils.data import (DATASETS, add_data_args, add_max_images_arg, build_dataset,
                         build_loader, default_num_workers, limit_images, probe_train_transform, test_transform)
 from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
-                               print0)
+                               print0, wrap_ddp)
 from utils.epochs import EpochLoop, EpochTotals
 from utils.errors import UserError, cli_entry
 from utils.noisy import MODES, format_table, log_levels, publish_results
@@ -229,8 +228,7 @@ def run(args, device):
     start_epoch, step = 0, 0
     if resume_from is not None:
         start_epoch, step = load_resume_state(loop, resume_from, args, model, optimizer, scaler)
-    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size > 1 else model
+    trained = wrap_ddp(model, device) if world_size > 1 else model
 
     noiser = ImageNoiser(args.mode, device)
     steps_per_epoch = len(train_loader)

@@ -8,6 +8,7 @@ import torch
 
 from evaluation.frozen import to_device
 from model.amp import autocast
+from model.blocks import memory_format
 from model.models import feature_dims
 from model.noise import PerImageNoise
 from utils.distributed import is_main
@@ -61,8 +62,7 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     if len(timesteps) == 1:
         features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise, tokens)
         return {(timesteps[0], name): feature for name, feature in features.items()}
-    memory_format = torch.channels_last if _is_channels_last(x0) else torch.contiguous_format
-    repeated = x0.repeat(len(timesteps), 1, 1, 1).contiguous(memory_format=memory_format)  # (T*B, C, H, W)
+    repeated = x0.repeat(len(timesteps), 1, 1, 1).contiguous(memory_format=memory_format(x0))  # (T*B, C, H, W)
     # Filled on the device: building it from a Python list would be a host-to-device copy, which
     # waits for the GPU to finish its queued work.
     per_image_t = torch.cat([torch.full((batch,), t, device=x0.device) for t in timesteps])  # (T*B,)
@@ -71,10 +71,6 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise, tokens)
     return {(t, name): features[name][i * batch:(i + 1) * batch]
             for i, t in enumerate(timesteps) for name in names}
-
-
-def _is_channels_last(x):
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 @torch.no_grad()

@@ -89,8 +89,16 @@ class AttentionBlock(nn.Module):
         tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.projection(tokens).chunk(3, dim=-1)  # each (B, HW, C)
         attended = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C)
-        out = self.output(attended).transpose(1, 2).reshape(b, c, h, w)
-        return out + x
+        out = self.output(attended).transpose(1, 2).reshape(b, c, h, w)  # a view with channels-last strides
+        # Back in the layout of x: else every later activation, and the weight gradients of the 1x1 convs
+        # that read them, silently switch layout (DDP warns "Grad strides do not match bucket view strides").
+        return out.contiguous(memory_format=memory_format(x)) + x
+
+
+def memory_format(x):
+    """The layout of activation ``x``: ``torch.channels_last`` or ``torch.contiguous_format``."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class UpDownBlock(nn.Module):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from model.amp import autocast, make_grad_scaler
 from model.ema import SyncFreeEMA, make_ema
@@ -17,7 +16,7 @@ from model.speed import compile_module
 from utils.checkpoint import (capture_rng_state, checkpoint_epoch, checkpoint_path, epoch_settings, latest_path,
                               restore_rng_state, save_checkpoint, seed_everything)
 from utils.data import TrainData
-from utils.distributed import all_gather_object, get_rank, get_world_size, is_main, print0
+from utils.distributed import all_gather_object, get_rank, get_world_size, is_main, print0, wrap_ddp
 from utils.epochs import EpochMeter
 from utils.errors import UserError, describe_error
 from utils.images import save_grid
@@ -84,8 +83,7 @@ def new_training_state(cfg, data, device, precision, accum=1, compile_mode=None,
     model = diffusion
     if dist.is_initialized() and world_size > 1:
         # The diffusion buffers are constant schedules: no need to broadcast them every step.
-        model = DistributedDataParallel(diffusion, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        model = wrap_ddp(diffusion, device, sync_buffers=False)
     ema = make_ema(diffusion, cfg.ema)  # after DDP, so that it starts from rank 0's weights
     ema.ema_model.eval()
     if compile_mode:

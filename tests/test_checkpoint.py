@@ -1,6 +1,8 @@
 """Checkpoint files: round trip, atomic writes, clear errors, RNG state, and locating checkpoints."""
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,22 @@ from utils.checkpoint import (capture_rng_state, checkpoint_path,
                               latest_checkpoint, list_checkpoints, load_checkpoint,
                               resolve_checkpoint, restore_rng_state, save_checkpoint,
                               strip_module_prefix)
-from utils.errors import UserError
+from utils.errors import UserError, WriteFailed
+from tests.helpers import write_config
+from tests.launch import REPO
+
+# train.py's main on tests.helpers' small synthetic images, in a subprocess.
+TRAIN_PROBE = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import train
+from tests.helpers import small_synthetic
+
+torch.set_num_threads(1)
+train.build_dataset = small_synthetic
+train.main(train.parse_args())
+"""
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -64,6 +81,86 @@ def test_disk_full_while_writing_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot write checkpoint .*model_3.pth \\(No space left"):
         save_checkpoint({"epoch": 3}, tmp_path / "model_3.pth")
     assert os.listdir(tmp_path) == []
+
+
+# What torch.save (2.x) raises when the disk fills up under its zip writer; its OSError is only the context.
+TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 4175360 vs 4175248"
+
+
+def test_torch_saves_full_disk_error_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    latest = tmp_path / "ckpts" / "latest.pth"
+    save_checkpoint({"step": 1}, latest)
+
+    def full_disk_save(obj, file):
+        file.write(b"PK\x03\x04 the first part of a zip archive")
+        raise RuntimeError(TORCH_DISK_FULL)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(WriteFailed) as failure:
+        save_checkpoint({"step": 2}, latest)
+    message = str(failure.value)
+    assert message.startswith(f"cannot write checkpoint {latest} (torch.save could not write the file: "
+                              f"{TORCH_DISK_FULL}; ")
+    assert " free on its disk); free disk space or set save_dir to a disk with room" in message
+    assert "\n" not in message and failure.value.exit_code == 1  # a crash's code: no scheduler reruns it
+    assert load_checkpoint(latest) == {"step": 1}
+    assert os.listdir(latest.parent) == ["latest.pth"]
+
+
+def test_other_runtime_errors_of_torch_save_are_not_disk_errors(tmp_path, monkeypatch):
+    def failing_save(obj, file):
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_checkpoint({"step": 2}, tmp_path / "latest.pth")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs (root only, as in CI; skipped where mounting is not permitted)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_real_full_disk_keeps_latest_pth_loadable(small_disk):
+    latest = small_disk / "ckpts" / "latest.pth"
+    save_checkpoint({"weights": torch.zeros(1000)}, latest)
+    with pytest.raises(WriteFailed, match=f"cannot write checkpoint {latest} \\(No space left on device; "
+                                          f"1[0-9].[0-9] MiB free on its disk\\)"):
+        save_checkpoint({"weights": torch.zeros(5_000_000)}, latest)  # 20 MB
+    assert torch.equal(load_checkpoint(latest)["weights"], torch.zeros(1000))
+    assert os.listdir(latest.parent) == ["latest.pth"]
+
+
+@pytest.mark.cpu_only  # a CPU training subprocess
+def test_training_onto_a_full_disk_ends_with_one_line_and_exit_code_1(small_disk, tmp_path):
+    """train.py whose epoch-1 checkpoint does not fit beside epoch 0's (11 MB each on 16 MiB): one line
+    naming the file, the free space and the fix, exit code 1, and model_0.pth still loads."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(TRAIN_PROBE)
+    config = write_config(tmp_path, n_epoch=2, ckpt_interval=1)
+    save_dir = small_disk / "run"
+    result = subprocess.run([sys.executable, str(probe), "--config", str(config), "--device", "cpu",
+                             "--set", f"save_dir={save_dir}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    failed = save_dir / "ckpts" / "model_1.pth"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith(f"error: cannot write checkpoint {failed} (No space left on device; ")
+    assert "free on its disk); free disk space or set save_dir to a disk with room" in result.stderr
+    assert load_checkpoint(save_dir / "ckpts" / "model_0.pth")["epoch"] == 0
+    assert list(list_checkpoints(save_dir)) == [0]
+    assert not [name for name in os.listdir(save_dir / "ckpts") if name.endswith(".tmp")]
 
 
 def test_unwritable_folder_is_a_user_error(tmp_path):

@@ -1,8 +1,9 @@
 """Files written so that neither a reader nor a crash ever meets half of one."""
 import contextlib
 import os
+import shutil
 
-from utils.errors import UserError
+from utils.errors import UserError, WriteFailed
 
 
 @contextlib.contextmanager
@@ -20,7 +21,8 @@ def atomic_path(path, what="", fix="choose a writable folder", durable=False):
         durable: flush the data and the rename to disk before returning (checkpoints).
 
     Raises:
-        UserError: an OSError (a folder that cannot be written, a full disk), naming ``path``.
+        WriteFailed: an OSError (a folder that cannot be written, a full disk): one line naming ``path``,
+            the reason, the space left on its disk and ``fix``; exit code 1.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -36,10 +38,24 @@ def atomic_path(path, what="", fix="choose a writable folder", durable=False):
                 _fsync(folder, os.O_RDONLY)
     except OSError as err:
         reason = err.strerror or str(err)
-        raise UserError(f"cannot write {what}{path} ({reason}); {fix}") from None
+        with contextlib.suppress(OSError):  # first, so that the space it held counts as free
+            os.remove(temporary)
+        raise WriteFailed(f"cannot write {what}{path} ({reason}; {free_space(folder)} free on its disk); {fix}; "
+                          f"the files written before are unchanged") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def free_space(folder):
+    """The space left on the disk of ``folder`` (or of its nearest existing parent), e.g. "1.4 GiB"."""
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
 
 
 def _fsync(path, flags):

@@ -3,6 +3,7 @@
 Everything stored is a tensor or a plain Python value, so every file loads with
 ``torch.load(..., weights_only=True)``; that includes the RNG states (see ``capture_rng_state``).
 """
+import errno
 import hashlib
 import os
 import random
@@ -15,6 +16,8 @@ from utils.atomic import atomic_path
 from utils.errors import UserError, describe_error
 
 CHECKPOINT_NAME = re.compile(r"^model_(\d+)\.pth$")
+# How torch.save's zip writer reports a write that failed (a full disk, a quota).
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed")
 # The first bytes of a torch.save file: a zip archive (torch >= 1.6) or a pickle (the legacy format).
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 # The time and signal checkpoint of train.py, replaced at each write; evaluation scripts never list it.
@@ -32,10 +35,28 @@ def save_checkpoint(obj, path):
     except OSError as err:
         raise UserError(f"cannot create the checkpoint folder {folder} ({describe_error(err)}); "
                         f"choose a writable save_dir") from None
-    with atomic_path(path, what="checkpoint ", fix="free disk space or choose a writable save_dir",
+    with atomic_path(path, what="checkpoint ", fix="free disk space or set save_dir to a disk with room",
                      durable=True) as temporary:
         with open(temporary, "wb") as file:
-            torch.save(obj, file)
+            try:
+                torch.save(obj, file)
+            except RuntimeError as err:
+                failure = write_failure(err)
+                if failure is err:
+                    raise
+                raise failure from None
+
+
+def write_failure(err):
+    """``err``, a RuntimeError of ``torch.save``, as the OSError behind it when it is a failed write (torch
+    reports a full disk as "[enforce fail at inline_container.cc:...] . unexpected pos N vs M"); any
+    other RuntimeError unchanged."""
+    message = str(err)
+    if not any(mark in message for mark in TORCH_WRITE_FAILURES):
+        return err
+    if isinstance(err.__context__, OSError):  # the file object's own error, e.g. ENOSPC
+        return err.__context__
+    return OSError(errno.EIO, f"torch.save could not write the file: {message.splitlines()[0][:120]}")
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -7,6 +7,7 @@ before ``init_distributed``, without it, and after ``cleanup``.
 """
 import argparse
 import contextlib
+import inspect
 import os
 
 import torch
@@ -154,6 +155,20 @@ def cleanup():
     """Leave the process group, if any."""
     if _initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(module, device, sync_buffers=True, **options):
+    """``DistributedDataParallel(module)`` on ``device``; ``options`` are its other keywords.
+
+    ``sync_buffers=False``: buffers are made equal once, at the start, not before every forward (for
+    constant buffers such as noise schedules). torch 2.13 renamed the keyword (``forward_sync_buffers``;
+    ``broadcast_buffers`` now warns); older versions get the old one.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{keyword: sync_buffers}, **options)
 
 
 def barrier():

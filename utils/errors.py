@@ -2,6 +2,8 @@
 import functools
 import sys
 
+from utils.launch_records import write_record
+
 
 class UserError(Exception):
     """A problem with the user's input (file, key, argument) that the user can fix.
@@ -9,8 +11,17 @@ class UserError(Exception):
     The message must name the offending file, key or argument and say what would fix it.
     """
 
+    exit_code = 2
 
-EXIT_USER_ERROR = 2
+
+class WriteFailed(UserError):
+    """A file that could not be written mid-run (a full disk): one line like a UserError, but exit code 1,
+    as a crash, so that no scheduler reruns a run that cannot save (75 would)."""
+
+    exit_code = 1
+
+
+EXIT_USER_ERROR = UserError.exit_code
 
 
 def describe_error(err, limit=100):
@@ -24,15 +35,19 @@ def describe_error(err, limit=100):
 
 
 def cli_entry(main):
-    """Decorate a script's ``main`` so that a UserError prints one line and exits with code 2."""
+    """Decorate a script's ``main`` so that a UserError prints one line and exits with its ``exit_code`` (2;
+    1 for a ``WriteFailed``). Under ``utils.launch`` the line goes to the launcher, which prints it once
+    for all the workers."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            line = f"error: {err}"
+            if not write_record("error", line):  # under utils.launch, the launcher prints it once
+                print(line, file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             sys.exit(130)

@@ -1,4 +1,5 @@
-"""torchrun with the exit codes a scheduler needs: 75 for a clean stop, another code for a failure.
+"""torchrun with the exit codes a scheduler needs, and one line per event: 75 for a clean stop, another code
+for a failure.
 
     python -m utils.launch --standalone --nproc_per_node=4 train.py --config config/DDPM_ddpm.yaml --resume auto
 
@@ -6,36 +7,44 @@ takes exactly torchrun's options (it calls torchrun's own ``torch.distributed.ru
 is launched differently). Plain torchrun ends a clean stop with exit code 1 and a long traceback: its
 workers exit with 75 (``utils.preemption.EXIT_REQUEUE``), which torchrun counts as a failure, and a
 SIGTERM to torchrun itself surfaces as a SignalException. This wrapper gives the workers a folder in
-$DDAE_STOP_RECORD, where a worker that stops cleanly (``utils.preemption.exit_stopped``, after the
-save) leaves its last line, and decides from it and the workers' exit codes:
+$DDAE_LAUNCH_RECORDS, where a worker leaves the line it would have printed (``utils.launch_records``): its
+stop line after a clean stop (``utils.preemption.exit_stopped``, after the save), its one-line error
+(``utils.errors.cli_entry``). The launcher decides from them and the workers' exit codes, in
+the order torchrun saw the workers end, and prints one line:
 
 - every worker done: 0;
 - the workers stopped cleanly (a stop record, and every worker that torchrun saw end exited with 75
-  or was ended by torchrun's own signal), whether the signal reached torchrun or the workers: the
+  or was ended by a signal the launcher sent), whether the signal reached torchrun or the workers: the
   stop line and exit code 75;
-- otherwise a worker failed: one line naming the first one and its exit code, and exit code 1
-  (or the worker's own code, such as 2 for a bad input, when it is not 75);
+- otherwise the first worker that failed is named: one killed by a signal the launcher did not send
+  (SIGKILL: most often the kernel's out-of-memory killer) comes before the workers whose collectives
+  broke because it died; a worker's one-line error (a bad input: exit code 2; a full disk: 1) is printed
+  once, as the worker wrote it; a crash says its exit code (its traceback is above). The exit code is
+  the worker's own when it is neither 0 nor 75, else 1;
 - torchrun signalled before any worker saved: one line and 128 + the signal's number.
+
+The signals the launcher sends are the one it received (passed on to the workers), SIGTERM (torchrun
+ends the other workers with it after a failure) and SIGKILL at least ``--shutdown-timeout`` seconds
+(30) after the first failure, never as the first. torchrun's own log lines that the final line restates
+(a worker's exit code, "closing signal SIGTERM", "death signal") are dropped; its other warnings stay.
 """
+import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
 
-from utils.preemption import EXIT_REQUEUE, STOP_RECORD_ENV
+from utils.launch_records import RECORDS_ENV, read_records
+from utils.preemption import EXIT_REQUEUE
 
 EXIT_FAILED = 1
-
-
-def read_stop_records(folder):
-    """``{rank: line}`` of the stop records the workers left in ``folder``."""
-    records = {}
-    for name in os.listdir(folder):
-        if name.startswith("stop."):
-            with open(os.path.join(folder, name)) as file:
-                records[int(name.split(".", 1)[1])] = file.read().strip()
-    return dict(sorted(records.items()))
+# torchrun's log lines that the launcher's last line restates, by logger and message template.
+RESTATED_LOGS = {
+    "torch.distributed.elastic.multiprocessing.api": ("failed (exitcode: ", "Sending process %s closing signal",
+                                                      "Closing process %s via signal"),
+    "torch.distributed.elastic.agent.server.api": ("Received %s death signal",),
+}
 
 
 def stop_message(records):
@@ -44,29 +53,85 @@ def stop_message(records):
     return line if rank == 0 else f"rank {rank}: {line}"
 
 
-def decide(failures, records, signalled=None):
+def failure_order(failures, errors, sent, seconds=None):
+    """The ranks of ``failures`` in the order they most likely failed: by the second torchrun recorded
+    (``seconds``), and within one second a death by a signal not in ``sent`` first (the others'
+    collectives broke because of it), then a worker that left an error line, then torchrun's order."""
+    seconds = seconds or {}
+    position = {rank: index for index, rank in enumerate(failures)}
+
+    def key(rank):
+        code = failures[rank]
+        kind = 0 if code < 0 and code not in sent else 1 if rank in errors else 2
+        return seconds.get(rank, 0), kind, position[rank]
+
+    return sorted(failures, key=key)
+
+
+def signal_line(rank, code):
+    name = signal.Signals(-code).name
+    if -code == signal.SIGKILL:
+        why = ("most often the kernel's out-of-memory killer: lower batch_size (and raise --accum to keep the "
+               "batch per step), or check the node's memory (dmesg, sacct's MaxRSS); the other workers' errors "
+               "follow from it")
+    else:
+        why = "its own output above may say more; the other workers' errors follow from it"
+    return f"error: worker rank {rank} was killed by {name}, which the launcher did not send: {why}"
+
+
+def decide(failures, records, signalled=None, seconds=None):
     """Exit code and line of a torchrun run that did not end normally.
 
     Args:
-        failures: ``{rank: exit code}`` of the workers torchrun saw fail (negative: killed by a signal).
-        records: ``read_stop_records``'s answer.
+        failures: ``{rank: exit code}`` of the workers torchrun saw fail (negative: killed by a signal),
+            in the order torchrun recorded them.
+        records: ``utils.launch_records.read_records``'s answer (``{"stop": {rank: line}, "error": ...}``).
         signalled: the signal torchrun itself received (a ``signal.Signals``), if any.
+        seconds: ``{rank: time}`` torchrun recorded each failure at (whole seconds), if known.
     """
-    ended_by_launcher = {-signal.SIGTERM, -signal.SIGKILL} | ({-int(signalled)} if signalled else set())
-    unexpected = {rank: code for rank, code in failures.items()
-                  if code != EXIT_REQUEUE and code not in ended_by_launcher}
-    if records and not unexpected:
-        return EXIT_REQUEUE, stop_message(records)
+    stops, errors = records.get("stop", {}), records.get("error", {})
+    sent = {-signal.SIGTERM} | ({-int(signalled)} if signalled else set())
+    order = failure_order(failures, errors, sent, seconds)
+
+    def by_launcher(rank):  # its SIGKILL comes after the shutdown timeout, never first
+        return failures[rank] in sent or (failures[rank] == -signal.SIGKILL and rank != order[0])
+
+    unexpected = [rank for rank in order if failures[rank] != EXIT_REQUEUE and not by_launcher(rank)]
+    if stops and not unexpected:
+        return EXIT_REQUEUE, stop_message(stops)
     if failures:
-        rank, code = next(iter((unexpected or failures).items()))
-        reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        rank = (unexpected or order)[0]
+        code = failures[rank]
         exit_code = code if 0 < code != EXIT_REQUEUE else EXIT_FAILED
+        if rank in unexpected and code < 0:
+            return exit_code, f"{signal_line(rank, code)} (exit code {exit_code})"
+        if rank in errors:
+            line = errors[rank]
+            return exit_code, line if rank == 0 or errors.get(0) == line else f"rank {rank}: {line}"
+        reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return exit_code, (f"error: worker rank {rank} failed ({reason}); its own output above says why "
                            f"(exit code {exit_code})")
     name = signalled.name if signalled else "a signal"
     exit_code = 128 + int(signalled) if signalled else EXIT_FAILED
     return exit_code, (f"torchrun received {name} before the workers saved anything; the run stopped "
                        f"without a checkpoint of this attempt (exit code {exit_code})")
+
+
+class _Restated(logging.Filter):
+    """Drops the log records whose message template starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_restated_logs():
+    """Drop torchrun's log lines that the launcher's last line restates (``RESTATED_LOGS``)."""
+    for name, prefixes in RESTATED_LOGS.items():
+        logging.getLogger(name).addFilter(_Restated(prefixes))
 
 
 def main(argv=None):
@@ -76,21 +141,23 @@ def main(argv=None):
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    folder = tempfile.mkdtemp(prefix="ddae-stop-")
-    os.environ[STOP_RECORD_ENV] = folder  # the workers inherit it
-    failures, signalled = None, None
+    folder = tempfile.mkdtemp(prefix="ddae-launch-")
+    os.environ[RECORDS_ENV] = folder  # the workers inherit it
+    quiet_restated_logs()
+    failures, seconds, signalled = None, None, None
     try:
         run(args)
         return 0
     except ChildFailedError as err:
-        failures = {rank: failure.exitcode for rank, failure in sorted(err.failures.items())}
+        failures = {rank: failure.exitcode for rank, failure in err.failures.items()}  # torchrun's order
+        seconds = {rank: failure.timestamp for rank, failure in err.failures.items()}
     except SignalException as err:
         signalled = signal.Signals(err.sigval)
         failures = {}
     finally:
-        records = read_stop_records(folder)
+        records = read_records(folder)
         shutil.rmtree(folder, ignore_errors=True)
-    code, line = decide(failures, records, signalled)
+    code, line = decide(failures, records, signalled, seconds)
     print(line, file=sys.stdout if code == EXIT_REQUEUE else sys.stderr, flush=True)
     return code
 

@@ -23,14 +23,16 @@ A script with nothing to save mid-way (sampling, a feature pass, FID) stops at o
 
 There the first signal raises ``Stopped`` in the main thread (at the next Python instruction, so files
 being written atomically are cleaned up), and leaving the block prints "stopped on SIGTERM: <at_once>"
-and exits with ``EXIT_REQUEUE``. Every clean stop ends through ``exit_stopped``, which also leaves a stop
-record for ``utils.launch`` (the torchrun wrapper) when it runs under one.
+and exits with ``EXIT_REQUEUE``. Every clean stop ends through ``exit_stopped``. Under ``utils.launch`` (the
+torchrun wrapper) a worker leaves its stop line in a record instead of printing it, and only rank 0 says
+that a signal came, so that the launcher prints the stop once (``utils.launch_records``).
 """
 import os
 import signal
-import sys
 import threading
 import time
+
+from utils.launch_records import under_launcher, write_record
 
 # Exit code of a run that stopped on a signal after saving: EX_TEMPFAIL of sysexits.h, "temporary
 # failure, try again". It is non-zero, so torchrun restarts the workers (--max-restarts) and a scheduler
@@ -39,8 +41,6 @@ import time
 EXIT_REQUEUE = 75
 REPEAT_SECONDS = 1.0
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Set by utils.launch for its workers: a folder where a worker that stops cleanly leaves its last line.
-STOP_RECORD_ENV = "DDAE_STOP_RECORD"
 
 
 class Stopped(BaseException):
@@ -136,7 +136,8 @@ class StopSignals:
         if self._requested is None:
             self._requested, self._first_time = number.name, now
             when = "now" if self.at_once is not None else "at the next step or epoch boundary, after saving"
-            _say(f"{number.name} received: stopping {when}; send it again to exit at once")
+            if not under_launcher() or os.environ.get("RANK", "0") == "0":  # one notice per run
+                _say(f"{number.name} received: stopping {when}; send it again to exit at once")
         elif now - self._first_time >= self.repeat_seconds:
             _say(f"second {number.name}: exiting at once, without saving")
             os._exit(128 + number)
@@ -144,27 +145,14 @@ class StopSignals:
 
 def exit_stopped(line, rank=None):
     """End a run that stopped cleanly on a signal: ``line`` (which says what was saved and what the rerun
-    does) printed on the main process with "(exit code 75)", a stop record for ``utils.launch`` when
+    does) with "(exit code 75)", printed on the main process, or left for ``utils.launch`` to print when
     running under it, then ``SystemExit(EXIT_REQUEUE)``."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     line = f"{line} (exit code {EXIT_REQUEUE})"
-    if rank == 0:
+    if not write_record("stop", line, rank) and rank == 0:
         print(line, flush=True)
-    write_stop_record(line, rank)
     raise SystemExit(EXIT_REQUEUE)
-
-
-def write_stop_record(line, rank):
-    """Leave ``line`` in the folder named by $DDAE_STOP_RECORD (set by utils.launch), as ``stop.RANK``."""
-    folder = os.environ.get(STOP_RECORD_ENV)
-    if not folder:
-        return
-    try:
-        with open(os.path.join(folder, f"stop.{rank}"), "w") as file:
-            file.write(line + "\n")
-    except OSError as err:  # the launcher's folder is gone: the exit code still says it
-        print(f"note: cannot write the stop record into {folder} ({err.strerror})", file=sys.stderr, flush=True)
 
 
 def requested():
