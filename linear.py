@@ -7,8 +7,8 @@ another probe head (--head / linear.head: mlp, attention over a block's tokens, 
     python linear.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
-trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
-at once, from one forward pass per batch; a head that takes tokens gets each block's (B, T, C) tokens from
+trains a head for every block at DDPM timesteps 1, 11, 21 (on another schedule or n_T, those of the same noise
+levels; EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40) at once, from one forward pass per batch; a head that takes tokens gets each block's (B, T, C) tokens from
 that same pass, one batch at a time, and a fused head (fusion) is one head over every cell. Results go to
 save_dir/linear/{tag}.json (and {tag}.png with --grid and a head per cell); the tag names the checkpoint, the
 start of its weights' SHA-256, the cells, the head (when not linear) and the settings
@@ -54,8 +54,8 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21, "
-                             "EDM 3/4/5 of 18, DiT 41/81/.../201)")
+                        help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21 or "
+                             "their noise levels on another schedule, EDM 3/4/5 of 18, DiT 41/81/.../201)")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
                         help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--head", default=None, metavar="NAME",
