@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from evaluation.accuracy import AccuracyCounter
-from evaluation.cells import probe_cells
+from evaluation.cells import format_timesteps, probe_cells
 from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag
@@ -236,7 +236,7 @@ def main(args):
         precision = resolve_precision(args, device)
         configure_backends(args, device)
         diffusion = prepare_frozen(diffusion, device, compile=args.compile)
-        print0(f"{args.k}-NN on {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+        print0(f"{args.k}-NN on {checkpoint}: timestep(s) {format_timesteps(timesteps)} x {len(blocks)} block(s), "
                f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
                f"{precision}")
         run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,

@@ -24,7 +24,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from evaluation.cells import cell_label, probe_cells
+from evaluation.cells import cell_label, format_timesteps, probe_cells
 from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.heads import FUSED_LABEL, ProbeHeads, evaluate_heads
@@ -245,7 +245,7 @@ def main(args):
             train_set, test_set = latents
         else:
             train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]))
-        print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+        print0(f"linear probe of {checkpoint}: timestep(s) {format_timesteps(timesteps)} x {len(blocks)} block(s), "
                f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
         run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,
                   precision=precision, num_workers=num_workers, heatmap=args.grid, source=checkpoint, board=board)

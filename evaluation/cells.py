@@ -54,6 +54,11 @@ def grid_timesteps(kind, settings):
     return list(probe_grid_for(settings) if probe_grid_for else kind.probe_grid)
 
 
+def format_timesteps(timesteps):
+    """The probed timesteps as printed before a probe, e.g. ``9, 92, 174``."""
+    return ", ".join(map(str, timesteps))
+
+
 def cell_label(t, block):
     """The printed name of a probed cell, e.g. ``11/out_6``."""
     return f"{t}/{block}"

@@ -236,7 +236,7 @@ def test_linear_py_runs_every_head_on_a_plain_openai_file(tiny):
     """linear.py as a user types it, --head attention / fusion --grid and --head mlp, on OpenAI's layout."""
     run = tiny / "heads_run"
     base = [sys.executable, "linear.py", *script_argv(tiny), "--set", f"save_dir={run}"]
-    every_output = {f"output_{k}" for k in range(8)}
+    every_output, grid_run = {f"output_{k}" for k in range(8)}, None
     for flags, name, cells in (
             (["--head", "attention", "--grid", *SMALL_HEAD_FLAGS], "grid_attention-width16-heads2",
              {"9": every_output, "92": every_output, "174": every_output}),
@@ -244,9 +244,11 @@ def test_linear_py_runs_every_head_on_a_plain_openai_file(tiny):
             (["--head", "mlp"], "t92_output_7_mlp", {"92": {"output_7"}})):
         done = subprocess.run(base + flags, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        grid_run = done if flags[1] == "attention" else grid_run
         result = json.loads(one_file(run / "linear", f"cifar10_tiny_sha*_{name}_ep1_lr0.001_bs8.json"))
         assert result["test_images"] == 8 and result["head"] == flags[1]
         assert {t: set(row) if isinstance(row, dict) else None for t, row in result["accuracy"].items()} == cells
+    assert "timestep(s) 9, 92, 174 x 8 block(s)" in grid_run.stdout  # the grid is said before the probe
 
 
 def test_attention_head_on_an_openai_file_resumes_to_the_straight_run(tiny, monkeypatch):
