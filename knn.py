@@ -11,8 +11,8 @@ k = 20 training images of highest cosine similarity s, each votes for its class 
 exp(s / 0.07), and the class with the largest sum wins. Nothing is trained, so the whole grid
 takes one feature pass over both splits where the linear probe takes 15 epochs.
 
-With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or EDM indices 3, 4, 5 of
-18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
+With --grid the cells are linear.py's grid (DDPM timesteps 1, 11, 21 or their noise levels on another
+schedule, EDM indices 3, 4, 5 of 18, every block); without it, linear.timestep / linear.blockname. Each process extracts its shard
 of both splits; the training features are all-gathered and each process classifies its own test
 images. Results go to save_dir/knn/{tag}.json (and {tag}.png, the heatmap, with --grid); the tag names
 the checkpoint, the start of its weights' SHA-256, the cells and k (model_1999_sha1a2b3c4d_grid_k20_T0.07). A DiT
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from evaluation.accuracy import AccuracyCounter
-from evaluation.cells import probe_cells
+from evaluation.cells import format_timesteps, probe_cells
 from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag
@@ -56,7 +56,7 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="every block at three timesteps (DDPM 1/11/21, EDM 3/4/5 of 18), as linear.py --grid")
+                        help="every block at three timesteps (DDPM 1/11/21 or their noise levels, EDM 3/4/5 of 18), as linear.py --grid")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
                         help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote")
@@ -236,7 +236,7 @@ def main(args):
         precision = resolve_precision(args, device)
         configure_backends(args, device)
         diffusion = prepare_frozen(diffusion, device, compile=args.compile)
-        print0(f"{args.k}-NN on {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+        print0(f"{args.k}-NN on {checkpoint}: timestep(s) {format_timesteps(timesteps)} x {len(blocks)} block(s), "
                f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
                f"{precision}")
         run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,

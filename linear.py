@@ -7,8 +7,8 @@ another probe head (--head / linear.head: mlp, attention over a block's tokens, 
     python linear.py --config config/DiT_XL_2_cifar.yaml --precision bf16   # on encode_latents.py's cache
 
 Without --grid the probe reads the features at linear.timestep / linear.blockname; with --grid it
-trains a head for every block at DDPM timesteps 1, 11, 21 (EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40)
-at once, from one forward pass per batch; a head that takes tokens gets each block's (B, T, C) tokens from
+trains a head for every block at DDPM timesteps 1, 11, 21 (on another schedule or n_T, those of the same noise
+levels; EDM: 3, 4, 5 of 18; DiT: 41 to 201 by 40) at once, from one forward pass per batch; a head that takes tokens gets each block's (B, T, C) tokens from
 that same pass, one batch at a time, and a fused head (fusion) is one head over every cell. Results go to
 save_dir/linear/{tag}.json (and {tag}.png with --grid and a head per cell); the tag names the checkpoint, the
 start of its weights' SHA-256, the cells, the head (when not linear) and the settings
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from evaluation.cells import cell_label, probe_cells
+from evaluation.cells import cell_label, format_timesteps, probe_cells
 from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.heads import FUSED_LABEL, ProbeHeads, evaluate_heads
@@ -53,8 +53,8 @@ def build_parser():
     add_amp_args(parser)
     add_checkpoint_args(parser)
     parser.add_argument("--grid", action="store_true",
-                        help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21, "
-                             "EDM 3/4/5 of 18, DiT 41/81/.../201)")
+                        help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21 or "
+                             "their noise levels on another schedule, EDM 3/4/5 of 18, DiT 41/81/.../201)")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
                         help="blocks to probe instead of the grid's (or linear.blockname), e.g. in_3,mid,out_6")
     parser.add_argument("--head", default=None, metavar="NAME",
@@ -244,7 +244,7 @@ def main(args):
             train_set, test_set = latents
         else:
             train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]))
-        print0(f"linear probe of {checkpoint}: {len(timesteps)} timestep(s) x {len(blocks)} block(s), "
+        print0(f"linear probe of {checkpoint}: timestep(s) {format_timesteps(timesteps)} x {len(blocks)} block(s), "
                f"{cfg.linear.n_epoch} epochs, {get_world_size()} process(es), {precision}")
         run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,
                   precision=precision, num_workers=num_workers, heatmap=args.grid, source=checkpoint, board=board)

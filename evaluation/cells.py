@@ -10,7 +10,8 @@ from utils.errors import UserError
 def probe_cells(cfg, grid=False, blocks=None):
     """The timesteps and blocks to probe: the grid or cfg.linear.timestep / blockname.
 
-    The grid's timesteps are the diffusion kind's ``probe_grid`` (the original's for DDPM and EDM) and
+    The grid's timesteps are ``grid_timesteps`` (DDPM: the original's 1, 11, 21, or those of the same
+    noise levels on another schedule; EDM: the original's 3, 4, 5) and
     its blocks the network's ``grid_blocks`` (a UNet's out_k), or ``blocks``. ``model.models.load_config``
     has checked linear.timestep against the same range.
 
@@ -38,10 +39,24 @@ def probe_cells(cfg, grid=False, blocks=None):
     if not grid:
         return [cfg.linear.timestep], names
     low, top, what = kind.feature_timesteps(cfg.diffusion)
-    for t in kind.probe_grid:
+    timesteps = grid_timesteps(kind, cfg.diffusion)
+    for t in timesteps:
         if not low <= t <= top:
             raise UserError(f"--grid: timestep {t} is outside {low}..{top} ({what}); raise diffusion.n_T")
-    return list(kind.probe_grid), names
+    return timesteps, names
+
+
+def grid_timesteps(kind, settings):
+    """The ``--grid`` timesteps of diffusion class ``kind`` with diffusion section ``settings``: its
+    ``probe_grid_for(settings)`` where it has one (DDPM: the noise levels of the original's grid on any
+    schedule), else its fixed ``probe_grid``."""
+    probe_grid_for = getattr(kind, "probe_grid_for", None)
+    return list(probe_grid_for(settings) if probe_grid_for else kind.probe_grid)
+
+
+def format_timesteps(timesteps):
+    """The probed timesteps as printed before a probe, e.g. ``9, 92, 174``."""
+    return ", ".join(map(str, timesteps))
 
 
 def cell_label(t, block):

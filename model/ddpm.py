@@ -96,7 +96,8 @@ class DDPM(nn.Module):
     features and ancestral sampling, "DDIM" for the DDIM sampler (``model.schedules``).
     """
 
-    probe_grid = (1, 11, 21)  # the original's --grid timesteps
+    probe_grid = (1, 11, 21)  # the original's --grid timesteps, on its 1000-step linear schedule
+    ORIGINAL_SCHEDULE = {"betas": (1e-4, 0.02), "n_T": 1000, "schedule": "linear"}
     TRAINING_KEYS = ("betas", "n_T", "schedule")  # what the network learnt; a checkpoint refuses other values
     SAMPLER = "DDIM"  # the sampler of sample() without sampler arguments, in labels
 
@@ -122,6 +123,18 @@ class DDPM(nn.Module):
     def feature_timesteps(settings):
         """(lowest, highest, what) timestep ``get_feature`` takes."""
         return 0, settings["n_T"], "diffusion.n_T"
+
+    @classmethod
+    def probe_grid_for(cls, settings):
+        """The ``--grid`` timesteps of the diffusion section ``settings``: for each of the original's grid
+        timesteps, the timestep of this schedule whose alphabar is nearest the original's there (same noise
+        level, whatever n_T and schedule); the original's own schedule gives exactly ``probe_grid``. Repeats
+        (a very short schedule) are dropped."""
+        reference = make_schedule(*cls.ORIGINAL_SCHEDULE["betas"], cls.ORIGINAL_SCHEDULE["n_T"], True,
+                                  cls.ORIGINAL_SCHEDULE["schedule"])["alphabar_t"]
+        alphabar = make_schedule(*settings["betas"], settings["n_T"], True, settings["schedule"])["alphabar_t"]
+        nearest = [1 + int((alphabar[1:] - reference[t]).abs().argmin()) for t in cls.probe_grid]
+        return tuple(dict.fromkeys(nearest))
 
     @staticmethod
     def sampler_settings(settings, mode, steps, eta):

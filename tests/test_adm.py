@@ -3,6 +3,8 @@ bench/adm_golden.py recorded (loss, network output, every block, learned-varianc
 of improved-diffusion's CIFAR-10 and guided-diffusion's 256x256 models, the published files' parameter names,
 the early stop, bf16, every script on a plain OpenAI-layout state dict, and the refusals."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,15 @@ import knn
 import linear
 import noisy_classifier_DDAE
 import sample
+from evaluation.cells import probe_cells
+from evaluation.frozen import prepare_frozen
 from model.adm import ADM
 from model.ddpm import DDPM
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
-from tests.helpers import ADM_GOLDEN, seeded_weights
+from tests.helpers import ADM_GOLDEN, CPU, seeded_weights
 from tests.launch import REPO
+from utils.checkpoint import load_checkpoint
+from utils.data import config_splits, probe_train_transform
 from utils.errors import UserError
 
 CIFAR_CONFIG = REPO / "config" / "ADM_improved_cifar10.yaml"
@@ -199,10 +205,11 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     assert one["test_images"] == 8
     linear.main(linear.build_parser().parse_args(script_argv(tiny, "--grid")))
     grid = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_grid_ep1_lr0.001_bs8.json"))
-    assert set(grid["accuracy"]["21"]) == {f"output_{k}" for k in range(8)}
+    assert set(grid["accuracy"]["174"]) == {f"output_{k}" for k in range(8)}
     linear.main(linear.build_parser().parse_args(script_argv(tiny, "--grid", "--blocks", "input_2,middle")))
-    chosen = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_t1-11-21_input_2-middle_ep1_lr0.001_bs8.json"))
-    assert set(chosen["accuracy"]["21"]) == {"input_2", "middle"}
+    chosen = json.loads(one_file(run / "linear", "cifar10_tiny_sha*_t9-92-174_input_2-middle_ep1_lr0.001_bs8.json"))
+    assert chosen["timesteps"] == [9, 92, 174]  # the noise levels of DDAE's 1, 11, 21 on the cosine schedule
+    assert set(chosen["accuracy"]["174"]) == {"input_2", "middle"}
 
     knn.main(knn.build_parser().parse_args(script_argv(tiny, "--k", "3", "--precision", "bf16")))
     assert json.loads(one_file(run / "knn", "cifar10_tiny_sha*_t92_output_7_k3_T0.07.json"))["test_images"] == 8
@@ -219,6 +226,61 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(script_argv(tiny)))
     result = json.loads(one_file(run, "noisy_DDAE_cifar10_tiny_sha*/*.json"))
     assert result["n_test_images"] == 8
+
+
+SMALL_HEAD = ["linear.head_args.width=16", "linear.head_args.heads=2"]
+SMALL_HEAD_FLAGS = [arg for value in SMALL_HEAD for arg in ("--set", value)]
+
+
+def test_linear_py_runs_every_head_on_a_plain_openai_file(tiny):
+    """linear.py as a user types it, --head attention / fusion --grid and --head mlp, on OpenAI's layout."""
+    run = tiny / "heads_run"
+    base = [sys.executable, "linear.py", *script_argv(tiny), "--set", f"save_dir={run}"]
+    every_output, grid_run = {f"output_{k}" for k in range(8)}, None
+    for flags, name, cells in (
+            (["--head", "attention", "--grid", *SMALL_HEAD_FLAGS], "grid_attention-width16-heads2",
+             {"9": every_output, "92": every_output, "174": every_output}),
+            (["--head", "fusion", "--grid", *SMALL_HEAD_FLAGS], "grid_fusion-width16-heads2", {"fused": None}),
+            (["--head", "mlp"], "t92_output_7_mlp", {"92": {"output_7"}})):
+        done = subprocess.run(base + flags, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        grid_run = done if flags[1] == "attention" else grid_run
+        result = json.loads(one_file(run / "linear", f"cifar10_tiny_sha*_{name}_ep1_lr0.001_bs8.json"))
+        assert result["test_images"] == 8 and result["head"] == flags[1]
+        assert {t: set(row) if isinstance(row, dict) else None for t, row in result["accuracy"].items()} == cells
+    assert "timestep(s) 9, 92, 174 x 8 block(s)" in grid_run.stdout  # the grid is said before the probe
+
+
+def test_attention_head_on_an_openai_file_resumes_to_the_straight_run(tiny, monkeypatch):
+    """An exact resume of a token head on ADM's features (their own layout, an input and an output block)."""
+    cfg = load_config(CIFAR_CONFIG, [*TINY, *SMALL_HEAD, "dataset=folder", "classes=2", "linear.head=attention",
+                                     "linear.n_epoch=2", "linear.batch_size=8"])
+    splits = config_splits(cfg, str(tiny / "images"), probe_train_transform(32))
+    timesteps, _ = probe_cells(cfg, grid=True)
+
+    def probe(out_dir):
+        diffusion = prepare_frozen(load_diffusion(cfg, str(tiny / "cifar10_tiny.pt")), CPU)
+        return linear.run_probe(cfg, diffusion, *splits, timesteps, ["input_2", "output_7"], CPU, out_dir, "probe")
+
+    straight = probe(tiny / "straight")
+    original = linear.train_one_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        probe(tiny / "resumed")
+    monkeypatch.setattr(linear, "train_one_epoch", original)
+    resumed = probe(tiny / "resumed")
+    first, second = (load_checkpoint(tiny / run / "probe.state.pth")["heads"] for run in ("straight", "resumed"))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    assert [(e["train_loss"], e["test_accuracy"]) for e in straight["epochs"]] == \
+           [(e["train_loss"], e["test_accuracy"]) for e in resumed["epochs"]]
 
 
 # The guided-diffusion 256x256 layout, shrunk to 32x32 and 3 levels (the golden "guided" network).

@@ -17,9 +17,11 @@ from evaluation.frozen import prepare_frozen
 from evaluation.heads import ProbeHeads, evaluate_heads
 from evaluation.throughput import feature_pass_throughput
 from model.blocks import Upsample
-from model.models import build_diffusion, feature_dims, load_diffusion
+from model.ddpm import DDPM
+from model.models import build_diffusion, feature_dims, load_config, load_diffusion
+from model.schedules import make_schedule
 from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
-from tests.launch import run_two_processes
+from tests.launch import REPO, run_two_processes
 from utils import data
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages, build_loader
@@ -36,12 +38,37 @@ def test_probe_cells(tmp_path):
     assert probe_cells(edm) == ([4], ["out_2"])
 
 
-def test_probe_cells_reject_timesteps_outside_the_schedule(tmp_path):
+def test_probe_cells_reject_timesteps_outside_the_schedule(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"key 'linear.timestep' must be in 1..18 \(the EDM feature schedule"):
         make_config(tmp_path, "EDM", timestep=19)  # the config's own check, before any script runs
     short, _ = make_config(tmp_path, overrides=["diffusion.n_T=10", "linear.timestep=5"])
+    # a DDPM grid follows noise level, so it always lies within 1..n_T; a fixed grid is checked against the range
+    assert probe_cells(short, grid=True)[0] == [1, 2, 3]
+    monkeypatch.delattr(DDPM, "probe_grid_for")
     with pytest.raises(UserError, match=r"--grid: timestep 11 is outside 0..10 \(diffusion.n_T\)"):
         probe_cells(short, grid=True)
+
+
+def _alphabar(settings):
+    return make_schedule(*settings["betas"], settings["n_T"], True, settings["schedule"])["alphabar_t"]
+
+
+@pytest.mark.parametrize("config", ["ADM_improved_cifar10.yaml", "ADM_guided_256_uncond.yaml", "DDPM_ddpm.yaml"])
+def test_ddpm_grid_probes_the_noise_levels_of_the_originals_grid(config):
+    """--grid on any DDPM schedule: the timesteps of the original's alphabar at 1, 11, 21 (nearest), and
+    linear.timestep of a shipped config is the grid's middle one (the noise level of DDAE's t = 11)."""
+    cfg = load_config(REPO / "config" / config)
+    grid, _ = probe_cells(cfg, grid=True)
+    original = _alphabar(DDPM.ORIGINAL_SCHEDULE)[[1, 11, 21]]
+    alphabar = _alphabar(cfg.diffusion)
+    for t, target in zip(grid, original):
+        gaps = (alphabar[1:] - target).abs()
+        assert gaps[t - 1] == gaps.min()
+    assert grid[1] == cfg.linear.timestep
+    if cfg.diffusion.n_T == 1000 and cfg.diffusion.schedule == "linear":
+        assert grid == [1, 11, 21]  # the original's grid, exactly
+    else:
+        assert grid == [9, 92, 174]  # improved-diffusion's 4000-step cosine schedule
 
 
 def _noisy_input(diffusion, model_type, x0, t, noise):
