@@ -13,7 +13,6 @@ Writes {out}/probe_heads.md, .json and .png.
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import subprocess
