@@ -215,3 +215,19 @@ def seeded_weights(shapes, seed):
     generator seeded with ``seed``, so the golden ADM weights are rebuilt from their seed (no file)."""
     generator = torch.Generator().manual_seed(seed)
     return {name: 0.1 * torch.randn(tuple(shapes[name]), generator=generator) for name in sorted(shapes)}
+
+
+def interrupt_on_call(monkeypatch, module, name, call=2):
+    """Make ``module.name`` raise KeyboardInterrupt at its ``call``-th call, as if the run were killed there
+    (``train_one_epoch`` at call 2: during the second epoch, after the first one's state was saved).
+    Returns the original function, to put back for the resumed run."""
+    original, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+    return original

@@ -23,7 +23,7 @@ from evaluation.frozen import prepare_frozen
 from model.adm import ADM
 from model.ddpm import DDPM
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
-from tests.helpers import ADM_GOLDEN, CPU, seeded_weights
+from tests.helpers import ADM_GOLDEN, CPU, interrupt_on_call, seeded_weights
 from tests.launch import REPO
 from utils.checkpoint import load_checkpoint
 from utils.data import config_splits, probe_train_transform
@@ -263,16 +263,7 @@ def test_attention_head_on_an_openai_file_resumes_to_the_straight_run(tiny, monk
         return linear.run_probe(cfg, diffusion, *splits, timesteps, ["input_2", "output_7"], CPU, out_dir, "probe")
 
     straight = probe(tiny / "straight")
-    original = linear.train_one_epoch
-    calls = []
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    original = interrupt_on_call(monkeypatch, linear, "train_one_epoch")
     with pytest.raises(KeyboardInterrupt):
         probe(tiny / "resumed")
     monkeypatch.setattr(linear, "train_one_epoch", original)

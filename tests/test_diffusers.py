@@ -21,6 +21,7 @@ import noisy_classifier_DDAE
 import sample
 import train
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
+from tests.helpers import interrupt_on_call
 from tests.launch import REPO
 from utils.errors import UserError
 
@@ -239,15 +240,7 @@ def test_token_heads_on_a_folder_resume_to_the_straight_run(small, tmp_path, mon
     else:
         assert sum(len(row) for row in straight["accuracy"].values()) == 3 * 12
 
-    original, calls = linear.train_one_epoch, []
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    original = interrupt_on_call(monkeypatch, linear, "train_one_epoch")
     with pytest.raises(SystemExit):  # cli_entry's exit on Ctrl-C, after the first epoch's state was saved
         linear.main(linear.build_parser().parse_args(argv + ["--tag", "resumed"]))
     monkeypatch.setattr(linear, "train_one_epoch", original)

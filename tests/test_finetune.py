@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import finetune
 from model.blocks import Upsample
 from model.models import load_config, load_diffusion
-from tests.helpers import TINY_OVERRIDES, read_scalars, tiny_config, tiny_diffusion
+from tests.helpers import TINY_OVERRIDES, interrupt_on_call, read_scalars, tiny_config, tiny_diffusion
 from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data import SyntheticImages, probe_train_transform
@@ -112,16 +112,7 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
     whole = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "whole", "tag", save_weights=True)
     assert whole["finished"] and whole["epochs_done"] == 2 and whole["test_images"] == 12
 
-    real_epoch = finetune.train_one_epoch
-    calls = []
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "train_one_epoch", killed_in_second_epoch)
+    interrupt_on_call(monkeypatch, finetune, "train_one_epoch")
     with pytest.raises(KeyboardInterrupt):
         finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from evaluation.cells import probe_cells
 from evaluation.features import extract_features, extract_grid_features
 from evaluation.frozen import prepare_frozen
 from model.models import build_diffusion, load_diffusion
-from tests.helpers import CPU, make_checkpoint, make_config, small_sets, tiny_config
+from tests.helpers import CPU, interrupt_on_call, make_checkpoint, make_config, small_sets, tiny_config
 from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages
@@ -64,16 +64,7 @@ def test_heads_resume_to_the_straight_run(tmp_path, monkeypatch, head):
     else:
         assert sum(len(row) for row in straight["accuracy"].values()) == 12
 
-    calls = []
-    original = linear.train_one_epoch
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    original = interrupt_on_call(monkeypatch, linear, "train_one_epoch")
     with pytest.raises(KeyboardInterrupt):
         probe(tmp_path / "resumed")
     state = load_checkpoint(tmp_path / "resumed" / "probe.state.pth")

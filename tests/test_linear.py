@@ -20,7 +20,7 @@ from model.blocks import Upsample
 from model.ddpm import DDPM
 from model.models import build_diffusion, feature_dims, load_config, load_diffusion
 from model.schedules import make_schedule
-from tests.helpers import CPU, make_checkpoint, make_config, read_scalars, small_sets
+from tests.helpers import CPU, interrupt_on_call, make_checkpoint, make_config, read_scalars, small_sets
 from tests.launch import REPO, run_two_processes
 from utils import data
 from utils.checkpoint import load_checkpoint
@@ -179,17 +179,8 @@ def test_probe_writes_outputs_and_resumes_to_identical_heads(tmp_path, monkeypat
     assert (straight / "probe.png").stat().st_size > 0
 
     # A run killed during its second epoch, then started again.
-    calls = []
-    original = linear.train_one_epoch
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(linear, "train_one_epoch", killed_in_second_epoch)
+    original = interrupt_on_call(monkeypatch, linear, "train_one_epoch")
     with pytest.raises(KeyboardInterrupt):
         probe(resumed)
     assert load_checkpoint(resumed / "probe.state.pth")["epoch"] == 1
