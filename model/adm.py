@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.blocks import BlockRecorder
+from model.schedules import published_index
 
 # OpenAI's channel_mult for channel_mult "" by image_size (guided-diffusion's table; 32 is improved-diffusion's).
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
@@ -315,9 +316,7 @@ class ADM(nn.Module):
     def unet_timesteps(self, t, batch_size):
         """(B,) float timesteps for the UNet from our t / n_T: the index round(t * n_T) - 1 of OpenAI's
         schedule (our t = 1 is index 0), times 1000 / diffusion_steps with ``rescale_timesteps``."""
-        t = torch.as_tensor(t)
-        index = torch.round(t.float() * self.diffusion_steps) - 1
-        index = index.expand(batch_size) if index.dim() == 0 else index
+        index = published_index(t, self.diffusion_steps, batch_size)
         return index * (1000.0 / self.diffusion_steps) if self.rescale_timesteps else index
 
     def _run(self, x, t, wanted, y=None):

@@ -29,7 +29,7 @@ from torch import nn
 
 from model.blocks import BlockRecorder
 from model.diffusers_sampling import SchedulerSampler
-from model.schedules import make_schedule
+from model.schedules import make_schedule, published_index
 from utils.distributed import print0
 from utils.errors import UserError, describe_error
 from utils.provenance import DIFFUSERS_WEIGHT_FILES
@@ -101,8 +101,7 @@ class DiffusersUNet(nn.Module):
 
     def timestep_index(self, t, batch_size):
         """The UNet2DModel timestep (B,) long of our t / n_T: round(t * n_T) - 1, so that t = 1 is 0."""
-        index = torch.round(t.float() * self.n_T).long() - 1
-        return index.expand(batch_size) if index.dim() == 0 else index
+        return published_index(t, self.n_T, batch_size).long()
 
     @staticmethod
     def _pairs(block):

@@ -65,3 +65,11 @@ def make_schedule(beta1, beta2, T, leading_zero, kind="linear"):
         "ma_over_sqrtmab": (1 - alpha) / sqrtmab,
     }
     return {key: value.to(torch.float32) for key, value in schedule.items()}
+
+
+def published_index(t, n_T, batch_size):
+    """The 0-based index into a published model's n_T-step schedule (diffusers', OpenAI's) of our ``t / n_T``
+    (a scalar or (B,) tensor): round(t * n_T) - 1, so that our t = 1 is index 0; a (batch_size,) float tensor.
+    Rounded, not truncated: t / n_T * n_T is not always an integer in float32 (t = 251 of 1000)."""
+    index = torch.round(torch.as_tensor(t).float() * n_T) - 1
+    return index.expand(batch_size) if index.dim() == 0 else index
