@@ -53,12 +53,12 @@ from utils.data import (add_data_args, add_max_images_arg, build_loader, config_
 from utils.checkpoint import save_checkpoint
 from utils.distributed import (add_launcher_args, barrier, cleanup, get_rank, get_world_size, init_distributed, is_main,
                                print0, wrap_ddp)
-from utils.epochs import EpochLoop, EpochTotals
+from utils.epochs import EpochLoop, EpochTotals, check_saved_run
 from utils.errors import UserError, cli_entry
 from utils.logging import save_json
 from utils.preemption import StopSignals
 from utils.progress import batches
-from utils.provenance import check_same_weights, provenance, refuse_unkeyed_state, weights_identity
+from utils.provenance import provenance, refuse_unkeyed_state, weights_identity
 from utils.schedule import lr_factor
 from utils.tensorboard import Board, add_tensorboard_arg, open_board
 
@@ -239,12 +239,9 @@ def finished_result(path, settings, weights):
         return None  # a damaged record is a run to redo, as one that never finished
     if not result.get("finished"):
         return None
-    for key in RESUME_KEYS:
-        if result["settings"].get(key) != settings[key]:
-            raise UserError(FINISHED_MISMATCH.format(path=path, key=key, saved=result["settings"].get(key),
-                                                     wanted=settings[key]))
-    check_same_weights(path, (result.get("provenance") or {}).get("weights"), weights,
-                       "pass --out for a new run, or delete it to train again")
+    check_saved_run(path, result["settings"], settings, FINISHED_MISMATCH, RESUME_KEYS,
+                    recorded=(result.get("provenance") or {}).get("weights"), weights=weights,
+                    fix="pass --out for a new run, or delete it to train again")
     return result
 
 

@@ -64,6 +64,25 @@ class EpochTotals:
         return (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item(), int(totals[2])
 
 
+def check_saved_run(path, saved, settings, mismatch, keys=None, lenient=False, recorded=None, weights=None,
+                    fix="delete it to start over"):
+    """Refuse the saved run at ``path`` (a resume state, or a finished run's record) unless it is one of this
+    run: the same weights (when ``weights``, a ``utils.provenance.weights_identity``, is given: ``recorded`` is
+    the file's) and the same ``settings`` as the file's ``saved`` ones.
+
+    Args:
+        mismatch: the error when a setting differs, formatted with path, key, saved and wanted.
+        keys: the settings to compare (default: all of ``settings``).
+        lenient: skip the keys the file lacks (files written before they existed).
+        fix: ends the error when the weights differ.
+    """
+    if weights is not None:
+        check_same_weights(path, recorded, weights, fix)
+    for key in settings if keys is None else keys:
+        if (key in saved or not lenient) and saved.get(key) != settings[key]:
+            raise UserError(mismatch.format(path=path, key=key, saved=saved.get(key), wanted=settings[key]))
+
+
 class EpochLoop:
     """Resume, per-epoch state, log and stop of a loop over epochs (see the module docstring).
 
@@ -91,22 +110,16 @@ class EpochLoop:
         and ``weights``. Restores this rank's random state when the file holds every rank's (``"rng"``).
 
         Args:
-            mismatch: the error when a setting differs, formatted with path, key, saved and wanted.
-            keys: the settings to compare (default: all of ``settings``).
-            lenient: skip the keys the file lacks (files written before they existed).
+            mismatch, keys, lenient, fix: as for ``check_saved_run``.
             done: the epochs finished according to the state, for the "resuming" line.
             weights: the evaluated model's ``utils.provenance.weights_identity``, which the state must
-                record under ``"weights"`` (``save`` it there); ``fix`` ends the error when it does not.
+                record under ``"weights"`` (``save`` it there).
         """
         if path is None or not os.path.isfile(path):
             return None
         state = load_checkpoint(path)
-        if weights is not None:
-            check_same_weights(path, state.get("weights"), weights, fix)
-        saved = state.get("settings", {})
-        for key in settings if keys is None else keys:
-            if (key in saved or not lenient) and saved.get(key) != settings[key]:
-                raise UserError(mismatch.format(path=path, key=key, saved=saved.get(key), wanted=settings[key]))
+        check_saved_run(path, state.get("settings", {}), settings, mismatch, keys, lenient,
+                        state.get("weights"), weights, fix)
         if "rng" in state:
             restore_rng_state(state["rng"][get_rank()])
         print0(f"resuming {path}: {done(state)} of {self.n_epoch} epochs done")
