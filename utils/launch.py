@@ -35,7 +35,7 @@ import signal
 import sys
 import tempfile
 
-from utils.launch_records import RECORDS_ENV, read_records
+from utils.launch_records import RECORDS_ENV, mark_teardown, read_records
 from utils.preemption import EXIT_REQUEUE
 
 EXIT_FAILED = 1
@@ -53,17 +53,18 @@ def stop_message(records):
     return line if rank == 0 else f"rank {rank}: {line}"
 
 
-def failure_order(failures, errors, sent, seconds=None):
-    """The ranks of ``failures`` in the order they most likely failed: by the second torchrun recorded
-    (``seconds``), and within one second a death by a signal not in ``sent`` first (the others'
-    collectives broke because of it), then a worker that left an error line, then torchrun's order."""
+def failure_order(failures, errors, sent, seconds=None, peers=()):
+    """The ranks of ``failures`` in the order they most likely failed: the workers whose end followed from
+    another's (``peers``: a broken collective, the launcher's teardown) last; the others by the second
+    torchrun recorded (``seconds``), and within one second a death by a signal not in ``sent`` first (the
+    others' collectives broke because of it), then a worker that left an error line, then torchrun's order."""
     seconds = seconds or {}
     position = {rank: index for index, rank in enumerate(failures)}
 
     def key(rank):
         code = failures[rank]
         kind = 0 if code < 0 and code not in sent else 1 if rank in errors else 2
-        return seconds.get(rank, 0), kind, position[rank]
+        return rank in peers, seconds.get(rank, 0), kind, position[rank]
 
     return sorted(failures, key=key)
 
@@ -85,16 +86,18 @@ def decide(failures, records, signalled=None, seconds=None):
     Args:
         failures: ``{rank: exit code}`` of the workers torchrun saw fail (negative: killed by a signal),
             in the order torchrun recorded them.
-        records: ``utils.launch_records.read_records``'s answer (``{"stop": {rank: line}, "error": ...}``).
+        records: ``utils.launch_records.read_records``'s answer (``{"stop": {rank: line}, "error": ...,
+            "peer": ...}``).
         signalled: the signal torchrun itself received (a ``signal.Signals``), if any.
         seconds: ``{rank: time}`` torchrun recorded each failure at (whole seconds), if known.
     """
-    stops, errors = records.get("stop", {}), records.get("error", {})
+    stops, errors, peers = records.get("stop", {}), records.get("error", {}), records.get("peer", {})
     sent = {-signal.SIGTERM} | ({-int(signalled)} if signalled else set())
-    order = failure_order(failures, errors, sent, seconds)
+    order = failure_order(failures, errors, sent, seconds, peers)
 
     def by_launcher(rank):  # its SIGKILL comes after the shutdown timeout, never first
-        return failures[rank] in sent or (failures[rank] == -signal.SIGKILL and rank != order[0])
+        return (failures[rank] in sent or rank in peers
+                or (failures[rank] == -signal.SIGKILL and rank != order[0]))
 
     unexpected = [rank for rank in order if failures[rank] != EXIT_REQUEUE and not by_launcher(rank)]
     if stops and not unexpected:
@@ -108,6 +111,10 @@ def decide(failures, records, signalled=None, seconds=None):
         if rank in errors:
             line = errors[rank]
             return exit_code, line if rank == 0 or errors.get(0) == line else f"rank {rank}: {line}"
+        if rank in peers and "\n" in peers[rank]:  # a broken collective, and no other worker failed
+            trace, _, line = peers[rank].rpartition("\n")
+            return exit_code, (f"{trace}\nerror: worker rank {rank}: a collective failed ({line}) and no other "
+                               f"worker failed before it; its traceback is above (exit code {exit_code})")
         reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return exit_code, (f"error: worker rank {rank} failed ({reason}); its own output above says why "
                            f"(exit code {exit_code})")
@@ -128,10 +135,34 @@ class _Restated(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
-def quiet_restated_logs():
-    """Drop torchrun's log lines that the launcher's last line restates (``RESTATED_LOGS``)."""
+class _Teardown(logging.Filter):
+    """Marks each worker that torchrun is about to send SIGTERM to because another worker failed
+    (``utils.launch_records.mark_teardown``; torchrun logs "Sending process PID closing signal" just before
+    it sends it), so that the worker ends quietly instead of stopping as on a user's signal. After
+    torchrun itself received a signal ("death signal"), the signal it passes on is the user's: no mark."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+        self.signalled = False
+
+    def filter(self, record):
+        message = str(record.msg)
+        if message.startswith("Received %s death signal"):
+            self.signalled = True
+        elif message.startswith("Sending process %s closing signal") and not self.signalled:
+            mark_teardown(self.folder, record.args[0])
+        return True
+
+
+def watch_logs(folder):
+    """Mark torchrun's teardowns in ``folder`` (``_Teardown``) and drop its log lines that the launcher's
+    last line restates (``RESTATED_LOGS``)."""
+    teardown = _Teardown(folder)
     for name, prefixes in RESTATED_LOGS.items():
-        logging.getLogger(name).addFilter(_Restated(prefixes))
+        logger = logging.getLogger(name)
+        logger.addFilter(teardown)  # first: a filter that drops a record ends the chain
+        logger.addFilter(_Restated(prefixes))
 
 
 def main(argv=None):
@@ -143,7 +174,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     folder = tempfile.mkdtemp(prefix="ddae-launch-")
     os.environ[RECORDS_ENV] = folder  # the workers inherit it
-    quiet_restated_logs()
+    watch_logs(folder)
     failures, seconds, signalled = None, None, None
     try:
         run(args)
