@@ -9,18 +9,23 @@ workers exit with 75 (``utils.preemption.EXIT_REQUEUE``), which torchrun counts 
 SIGTERM to torchrun itself surfaces as a SignalException. This wrapper gives the workers a folder in
 $DDAE_LAUNCH_RECORDS, where a worker leaves the line it would have printed (``utils.launch_records``): its
 stop line after a clean stop (``utils.preemption.exit_stopped``, after the save), its one-line error
-(``utils.errors.cli_entry``). The launcher decides from them and the workers' exit codes, in
-the order torchrun saw the workers end, and prints one line:
+(``utils.errors.cli_entry``), or, when its end followed from another worker's, a ``peer`` record instead
+of a traceback: a collective that broke because a peer left (its traceback, kept), or the SIGTERM the
+launcher sends the other workers after a failure (no stop: the worker exits at once with 143 and says
+nothing; the launcher marks the workers it ends so, ``_Teardown``). The launcher decides from them and the
+workers' exit codes, in the order torchrun saw the workers end, and prints one line, the last:
 
 - every worker done: 0;
 - the workers stopped cleanly (a stop record, and every worker that torchrun saw end exited with 75
   or was ended by a signal the launcher sent), whether the signal reached torchrun or the workers: the
   stop line and exit code 75;
-- otherwise the first worker that failed is named: one killed by a signal the launcher did not send
-  (SIGKILL: most often the kernel's out-of-memory killer) comes before the workers whose collectives
-  broke because it died; a worker's one-line error (a bad input: exit code 2; a full disk: 1) is printed
-  once, as the worker wrote it; a crash says its exit code (its traceback is above). The exit code is
-  the worker's own when it is neither 0 nor 75, else 1;
+- otherwise the first worker that failed is named, never one with a ``peer`` record while another
+  failed: one killed by a signal the launcher did not send (SIGKILL: most often the kernel's
+  out-of-memory killer) comes before a worker that printed an error in the same second; a worker's
+  one-line error (a bad input: exit code 2; a full disk: 1) is printed once, as the worker wrote it; a
+  crash says its exit code (its traceback is above); a collective that broke with no other worker
+  failing shows its traceback, then the line. The exit code is the worker's own when it is neither 0
+  nor 75, else 1;
 - torchrun signalled before any worker saved: one line and 128 + the signal's number.
 
 The signals the launcher sends are the one it received (passed on to the workers), SIGTERM (torchrun
@@ -103,7 +108,8 @@ def decide(failures, records, signalled=None, seconds=None):
     if stops and not unexpected:
         return EXIT_REQUEUE, stop_message(stops)
     if failures:
-        rank = (unexpected or order)[0]
+        broken = [rank for rank in order if "\n" in peers.get(rank, "")]  # a collective's traceback
+        rank = (unexpected or broken or order)[0]
         code = failures[rank]
         exit_code = code if 0 < code != EXIT_REQUEUE else EXIT_FAILED
         if rank in unexpected and code < 0:
@@ -111,7 +117,7 @@ def decide(failures, records, signalled=None, seconds=None):
         if rank in errors:
             line = errors[rank]
             return exit_code, line if rank == 0 or errors.get(0) == line else f"rank {rank}: {line}"
-        if rank in peers and "\n" in peers[rank]:  # a broken collective, and no other worker failed
+        if rank in broken:  # and no other worker failed
             trace, _, line = peers[rank].rpartition("\n")
             return exit_code, (f"{trace}\nerror: worker rank {rank}: a collective failed ({line}) and no other "
                                f"worker failed before it; its traceback is above (exit code {exit_code})")
