@@ -13,7 +13,9 @@ import yaml
 
 from tests.helpers import TINY, write_config
 from tests.launch import REPO, run_two_processes, two_process_command
+from utils.errors import cli_entry
 from utils.launch import decide
+from utils.launch_records import RECORDS_ENV, read_records, write_record
 
 pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
 
@@ -172,3 +174,25 @@ def test_a_bad_input_under_the_launcher_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines() == [f"error: {config}: unknown key 'batch_sise'; did you mean 'batch_size'?"]
     assert result.stdout == ""
+
+
+def test_only_the_last_attempts_records_count(tmp_path, monkeypatch):
+    """torchrun's restarts (--max-restarts) keep the records folder: a full disk of the first attempt is not
+    the cause of the second's end, even when the second left no record but its workers' start."""
+    monkeypatch.setenv(RECORDS_ENV, str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    write_record("error", "error: cannot write checkpoint model_1.pth (No space left on device)", rank=0)
+    write_record("peer", "ended by the launcher after another worker failed", rank=1)
+
+    @cli_entry
+    def main():
+        """A worker of the second attempt that crashes after its start (not a UserError: no record)."""
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        main()
+    records = read_records(tmp_path)
+    assert records == {"stop": {}, "error": {}, "peer": {}}
+    assert decide({1: 1, 0: -15}, records) == (
+        1, "error: worker rank 1 failed (exit code 1); its own output above says why (exit code 1)")

@@ -3,7 +3,7 @@ import functools
 import sys
 import traceback
 
-from utils.launch_records import is_collective_error, write_record
+from utils.launch_records import is_collective_error, mark_started, write_record
 
 
 class UserError(Exception):
@@ -44,6 +44,7 @@ def cli_entry(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        mark_started()  # under utils.launch: this attempt's records replace the last one's
         try:
             return main(*args, **kwargs)
         except UserError as err:
