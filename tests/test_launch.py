@@ -87,7 +87,7 @@ def test_the_launchers_sigterm_after_a_failure_is_no_stop(tmp_path):
 
 
 # train.py on tests.helpers' small synthetic images, whose rank 0 finds the disk full when it writes
-# model_1.pth (rank 1 is then in the next epoch's collectives).
+# model_0.pth (rank 1 is then in the next epoch's collectives).
 FULL_DISK = f"""
 import os, sys
 sys.path.insert(0, {str(REPO)!r})
@@ -100,7 +100,7 @@ train.build_dataset = small_synthetic
 save = torch.save
 
 def full_disk_save(obj, file, *args, **kwargs):
-    if os.environ["RANK"] == "0" and "model_1.pth" in str(file):
+    if os.environ["RANK"] == "0" and "model_0.pth" in str(file):
         raise OSError(28, "No space left on device")
     return save(obj, file, *args, **kwargs)
 
@@ -112,11 +112,11 @@ train.main(train.parse_args())
 def test_a_full_disk_under_the_launcher_is_one_line(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(FULL_DISK)
-    config = write_config(tmp_path, n_epoch=3, ckpt_interval=1, save_dir=str(tmp_path / "run"))
+    config = write_config(tmp_path, n_epoch=2, ckpt_interval=1, save_dir=str(tmp_path / "run"))
     result = run_two_processes(probe, "--config", config, "--device", "cpu", cwd=tmp_path, launcher="utils.launch")
     assert result.returncode == 1, result.stderr[-3000:]
     [line] = result.stderr.splitlines()  # not rank 1's gloo traceback first
-    failed = tmp_path / "run" / "ckpts" / "model_1.pth"
+    failed = tmp_path / "run" / "ckpts" / "model_0.pth"
     assert line.startswith(f"error: cannot write checkpoint {failed} (No space left on device; ")
 
 
