@@ -33,6 +33,7 @@ ends the other workers with it after a failure) and SIGKILL at least ``--shutdow
 (30) after the first failure, never as the first. torchrun's own log lines that the final line restates
 (a worker's exit code, "closing signal SIGTERM", "death signal") are dropped; its other warnings stay.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -157,7 +158,8 @@ class _Teardown(logging.Filter):
         if message.startswith("Received %s death signal"):
             self.signalled = True
         elif message.startswith("Sending process %s closing signal") and not self.signalled:
-            mark_teardown(self.folder, record.args[0])
+            with contextlib.suppress(OSError, IndexError, TypeError):  # never break torchrun's teardown
+                mark_teardown(self.folder, record.args[0])
         return True
 
 
