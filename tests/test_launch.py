@@ -2,6 +2,7 @@
 kernel's OOM killer sends) or a full disk is named, and the survivor whose collective broke, or whom the
 launcher ended, prints no traceback and claims no stop; a bad input is one line, not one per worker plus
 torchrun's; the order of failures decides whom to blame."""
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import yaml
 from tests.helpers import TINY, write_config
 from tests.launch import REPO, run_two_processes, two_process_command
 from utils.errors import cli_entry
-from utils.launch import decide
+from utils.launch import decide, watch_logs
 from utils.launch_records import RECORDS_ENV, read_records, write_record
 
 pytestmark = pytest.mark.cpu_only  # gloo processes on the CPU, whatever the test device; CI runs them
@@ -196,3 +197,24 @@ def test_only_the_last_attempts_records_count(tmp_path, monkeypatch):
     assert records == {"stop": {}, "error": {}, "peer": {}}
     assert decide({1: 1, 0: -15}, records) == (
         1, "error: worker rank 1 failed (exit code 1); its own output above says why (exit code 1)")
+
+
+def test_the_teardown_is_marked_under_a_quiet_loglevel(tmp_path, monkeypatch):
+    """LOGLEVEL=ERROR (torchrun's own variable, for quieter cluster logs) hides torchrun's warnings, but
+    the launcher still marks the workers torchrun ends after a failure, and not after a user's signal."""
+    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    agent = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    saved = [(each, each.level, each.filters[:]) for each in (logger, agent)]
+    try:
+        for each in (logger, agent):
+            each.setLevel(logging.ERROR)
+        watch_logs(str(tmp_path))
+        logger.warning("Sending process %s closing signal %s", 1234, "SIGTERM")  # torchrun's teardown
+        agent.warning("Received %s death signal, shutting down workers", signal.SIGTERM)
+        logger.warning("Sending process %s closing signal %s", 1235, "SIGTERM")  # passes the user's signal on
+        assert sorted(os.listdir(tmp_path)) == ["teardown.1234"]
+        assert not logger.filter(logger.makeRecord(logger.name, logging.WARNING, "", 0, "a warning", (), None))
+    finally:
+        for each, level, filters in saved:
+            each.setLevel(level)
+            each.filters[:] = filters

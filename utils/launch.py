@@ -132,14 +132,16 @@ def decide(failures, records, signalled=None, seconds=None):
 
 
 class _Restated(logging.Filter):
-    """Drops the log records whose message template starts with one of ``prefixes``."""
+    """Drops the log records whose message template starts with one of ``prefixes``, and those below
+    ``level``."""
 
-    def __init__(self, prefixes):
+    def __init__(self, prefixes, level=logging.NOTSET):
         super().__init__()
         self.prefixes = prefixes
+        self.level = level
 
     def filter(self, record):
-        return not str(record.msg).startswith(self.prefixes)
+        return record.levelno >= self.level and not str(record.msg).startswith(self.prefixes)
 
 
 class _Teardown(logging.Filter):
@@ -169,8 +171,10 @@ def watch_logs(folder):
     teardown = _Teardown(folder)
     for name, prefixes in RESTATED_LOGS.items():
         logger = logging.getLogger(name)
+        level = logger.getEffectiveLevel()  # torchrun's LOGLEVEL (WARNING unless set)
+        logger.setLevel(min(level, logging.WARNING))  # its teardown's warning must reach the filters, ...
         logger.addFilter(teardown)  # first: a filter that drops a record ends the chain
-        logger.addFilter(_Restated(prefixes))
+        logger.addFilter(_Restated(prefixes, level))  # ... which still show only what LOGLEVEL lets through
 
 
 def main(argv=None):
