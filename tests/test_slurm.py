@@ -1,7 +1,8 @@
 """slurm/train.sbatch's shell logic on the CPU, with a stub ``srun`` and ``scontrol`` on PATH (bash only, no
 Python starts): the CPUs are passed to the step when SLURM gives them, the job is requeued only after the
 time-limit signal and a save (exit 75), also when srun exits at the very moment the signal interrupts the
-script's ``wait``, and never after scancel, a preemption's SIGTERM or a crash."""
+script's ``wait``, and never after scancel, a preemption's SIGTERM or a crash (also one after the
+time-limit signal)."""
 import contextlib
 import os
 import signal
@@ -14,9 +15,10 @@ from tests.launch import REPO
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
 # The training: on SIGTERM it "saves" and exits 75 at once (the race: srun ends while the script's trap
-# runs), else exits $STUB_EXIT, or waits. Its first line is logged once the trap is installed.
+# runs), or $STUB_TERM_EXIT (a crash while saving), else exits $STUB_EXIT, or waits. Its first line is
+# logged once the trap is installed.
 SRUN = """#!/bin/bash
-trap 'echo save >> "$STUB_LOG"; exit 75' TERM
+trap 'echo save >> "$STUB_LOG"; exit ${STUB_TERM_EXIT:-75}' TERM
 echo $$ > "$STUB_LOG.pid"
 echo "srun $*" >> "$STUB_LOG"
 [ -n "$STUB_EXIT" ] && exit "$STUB_EXIT"
@@ -87,6 +89,19 @@ def test_the_time_limit_saves_then_exits_75_then_requeues_even_when_srun_ends_at
             "scontrol requeue 42",       # ... the requeue (which ends the job) only after the exit
         ], attempt
         assert "requeueing job 42" in output
+
+
+@pytest.mark.parametrize("code", [1, 0])
+def test_a_crash_or_the_end_after_the_time_limit_signal_is_not_requeued(tmp_path, code):
+    """USR1, then the training exits with 1 (it crashed while saving: a full disk) or 0 (it ended just
+    then) instead of 75: the job is not requeued; the script exits with the training's code."""
+    log = tmp_path / "log"
+    process, _ = start(tmp_path, log, STUB_TERM_EXIT=str(code))
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == code, output
+    assert log.read_text().splitlines() == [f"srun --cpus-per-task=8 {COMMAND}", "save"]  # no scontrol
+    assert "slurm: time limit near" in output and "requeue" not in output
 
 
 @pytest.mark.parametrize("how", ["scancel", "preemption"])

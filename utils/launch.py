@@ -9,18 +9,23 @@ workers exit with 75 (``utils.preemption.EXIT_REQUEUE``), which torchrun counts 
 SIGTERM to torchrun itself surfaces as a SignalException. This wrapper gives the workers a folder in
 $DDAE_LAUNCH_RECORDS, where a worker leaves the line it would have printed (``utils.launch_records``): its
 stop line after a clean stop (``utils.preemption.exit_stopped``, after the save), its one-line error
-(``utils.errors.cli_entry``). The launcher decides from them and the workers' exit codes, in
-the order torchrun saw the workers end, and prints one line:
+(``utils.errors.cli_entry``), or, when its end followed from another worker's, a ``peer`` record instead
+of a traceback: a collective that broke because a peer left (its traceback, kept), or the SIGTERM the
+launcher sends the other workers after a failure (no stop: the worker exits at once with 143 and says
+nothing; the launcher marks the workers it ends so, ``_Teardown``). The launcher decides from them and the
+workers' exit codes, in the order torchrun saw the workers end, and prints one line, the last:
 
 - every worker done: 0;
 - the workers stopped cleanly (a stop record, and every worker that torchrun saw end exited with 75
   or was ended by a signal the launcher sent), whether the signal reached torchrun or the workers: the
   stop line and exit code 75;
-- otherwise the first worker that failed is named: one killed by a signal the launcher did not send
-  (SIGKILL: most often the kernel's out-of-memory killer) comes before the workers whose collectives
-  broke because it died; a worker's one-line error (a bad input: exit code 2; a full disk: 1) is printed
-  once, as the worker wrote it; a crash says its exit code (its traceback is above). The exit code is
-  the worker's own when it is neither 0 nor 75, else 1;
+- otherwise the first worker that failed is named, never one with a ``peer`` record while another
+  failed: one killed by a signal the launcher did not send (SIGKILL: most often the kernel's
+  out-of-memory killer) comes before a worker that printed an error in the same second; a worker's
+  one-line error (a bad input: exit code 2; a full disk: 1) is printed once, as the worker wrote it; a
+  crash says its exit code (its traceback is above); a collective that broke with no other worker
+  failing shows its traceback, then the line. The exit code is the worker's own when it is neither 0
+  nor 75, else 1;
 - torchrun signalled before any worker saved: one line and 128 + the signal's number.
 
 The signals the launcher sends are the one it received (passed on to the workers), SIGTERM (torchrun
@@ -28,6 +33,7 @@ ends the other workers with it after a failure) and SIGKILL at least ``--shutdow
 (30) after the first failure, never as the first. torchrun's own log lines that the final line restates
 (a worker's exit code, "closing signal SIGTERM", "death signal") are dropped; its other warnings stay.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -35,7 +41,7 @@ import signal
 import sys
 import tempfile
 
-from utils.launch_records import RECORDS_ENV, read_records
+from utils.launch_records import RECORDS_ENV, mark_teardown, read_records
 from utils.preemption import EXIT_REQUEUE
 
 EXIT_FAILED = 1
@@ -53,17 +59,18 @@ def stop_message(records):
     return line if rank == 0 else f"rank {rank}: {line}"
 
 
-def failure_order(failures, errors, sent, seconds=None):
-    """The ranks of ``failures`` in the order they most likely failed: by the second torchrun recorded
-    (``seconds``), and within one second a death by a signal not in ``sent`` first (the others'
-    collectives broke because of it), then a worker that left an error line, then torchrun's order."""
+def failure_order(failures, errors, sent, seconds=None, peers=()):
+    """The ranks of ``failures`` in the order they most likely failed: the workers whose end followed from
+    another's (``peers``: a broken collective, the launcher's teardown) last; the others by the second
+    torchrun recorded (``seconds``), and within one second a death by a signal not in ``sent`` first (the
+    others' collectives broke because of it), then a worker that left an error line, then torchrun's order."""
     seconds = seconds or {}
     position = {rank: index for index, rank in enumerate(failures)}
 
     def key(rank):
         code = failures[rank]
         kind = 0 if code < 0 and code not in sent else 1 if rank in errors else 2
-        return seconds.get(rank, 0), kind, position[rank]
+        return rank in peers, seconds.get(rank, 0), kind, position[rank]
 
     return sorted(failures, key=key)
 
@@ -85,22 +92,25 @@ def decide(failures, records, signalled=None, seconds=None):
     Args:
         failures: ``{rank: exit code}`` of the workers torchrun saw fail (negative: killed by a signal),
             in the order torchrun recorded them.
-        records: ``utils.launch_records.read_records``'s answer (``{"stop": {rank: line}, "error": ...}``).
+        records: ``utils.launch_records.read_records``'s answer (``{"stop": {rank: line}, "error": ...,
+            "peer": ...}``).
         signalled: the signal torchrun itself received (a ``signal.Signals``), if any.
         seconds: ``{rank: time}`` torchrun recorded each failure at (whole seconds), if known.
     """
-    stops, errors = records.get("stop", {}), records.get("error", {})
+    stops, errors, peers = records.get("stop", {}), records.get("error", {}), records.get("peer", {})
     sent = {-signal.SIGTERM} | ({-int(signalled)} if signalled else set())
-    order = failure_order(failures, errors, sent, seconds)
+    order = failure_order(failures, errors, sent, seconds, peers)
 
     def by_launcher(rank):  # its SIGKILL comes after the shutdown timeout, never first
-        return failures[rank] in sent or (failures[rank] == -signal.SIGKILL and rank != order[0])
+        return (failures[rank] in sent or rank in peers
+                or (failures[rank] == -signal.SIGKILL and rank != order[0]))
 
     unexpected = [rank for rank in order if failures[rank] != EXIT_REQUEUE and not by_launcher(rank)]
     if stops and not unexpected:
         return EXIT_REQUEUE, stop_message(stops)
     if failures:
-        rank = (unexpected or order)[0]
+        broken = [rank for rank in order if "\n" in peers.get(rank, "")]  # a collective's traceback
+        rank = (unexpected or broken or order)[0]
         code = failures[rank]
         exit_code = code if 0 < code != EXIT_REQUEUE else EXIT_FAILED
         if rank in unexpected and code < 0:
@@ -108,6 +118,10 @@ def decide(failures, records, signalled=None, seconds=None):
         if rank in errors:
             line = errors[rank]
             return exit_code, line if rank == 0 or errors.get(0) == line else f"rank {rank}: {line}"
+        if rank in broken:  # and no other worker failed
+            trace, _, line = peers[rank].rpartition("\n")
+            return exit_code, (f"{trace}\nerror: worker rank {rank}: a collective failed ({line}) and no other "
+                               f"worker failed before it; its traceback is above (exit code {exit_code})")
         reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return exit_code, (f"error: worker rank {rank} failed ({reason}); its own output above says why "
                            f"(exit code {exit_code})")
@@ -118,20 +132,49 @@ def decide(failures, records, signalled=None, seconds=None):
 
 
 class _Restated(logging.Filter):
-    """Drops the log records whose message template starts with one of ``prefixes``."""
+    """Drops the log records whose message template starts with one of ``prefixes``, and those below
+    ``level``."""
 
-    def __init__(self, prefixes):
+    def __init__(self, prefixes, level=logging.NOTSET):
         super().__init__()
         self.prefixes = prefixes
+        self.level = level
 
     def filter(self, record):
-        return not str(record.msg).startswith(self.prefixes)
+        return record.levelno >= self.level and not str(record.msg).startswith(self.prefixes)
 
 
-def quiet_restated_logs():
-    """Drop torchrun's log lines that the launcher's last line restates (``RESTATED_LOGS``)."""
+class _Teardown(logging.Filter):
+    """Marks each worker that torchrun is about to send SIGTERM to because another worker failed
+    (``utils.launch_records.mark_teardown``; torchrun logs "Sending process PID closing signal" just before
+    it sends it), so that the worker ends quietly instead of stopping as on a user's signal. After
+    torchrun itself received a signal ("death signal"), the signal it passes on is the user's: no mark."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+        self.signalled = False
+
+    def filter(self, record):
+        message = str(record.msg)
+        if message.startswith("Received %s death signal"):
+            self.signalled = True
+        elif message.startswith("Sending process %s closing signal") and not self.signalled:
+            with contextlib.suppress(OSError, IndexError, TypeError):  # never break torchrun's teardown
+                mark_teardown(self.folder, record.args[0])
+        return True
+
+
+def watch_logs(folder):
+    """Mark torchrun's teardowns in ``folder`` (``_Teardown``) and drop its log lines that the launcher's
+    last line restates (``RESTATED_LOGS``)."""
+    teardown = _Teardown(folder)
     for name, prefixes in RESTATED_LOGS.items():
-        logging.getLogger(name).addFilter(_Restated(prefixes))
+        logger = logging.getLogger(name)
+        level = logger.getEffectiveLevel()  # torchrun's LOGLEVEL (WARNING unless set)
+        logger.setLevel(min(level, logging.WARNING))  # its teardown's warning must reach the filters, ...
+        logger.addFilter(teardown)  # first: a filter that drops a record ends the chain
+        logger.addFilter(_Restated(prefixes, level))  # ... which still show only what LOGLEVEL lets through
 
 
 def main(argv=None):
@@ -143,7 +186,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     folder = tempfile.mkdtemp(prefix="ddae-launch-")
     os.environ[RECORDS_ENV] = folder  # the workers inherit it
-    quiet_restated_logs()
+    watch_logs(folder)
     failures, seconds, signalled = None, None, None
     try:
         run(args)

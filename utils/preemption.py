@@ -25,14 +25,16 @@ There the first signal raises ``Stopped`` in the main thread (at the next Python
 being written atomically are cleaned up), and leaving the block prints "stopped on SIGTERM: <at_once>"
 and exits with ``EXIT_REQUEUE``. Every clean stop ends through ``exit_stopped``. Under ``utils.launch`` (the
 torchrun wrapper) a worker leaves its stop line in a record instead of printing it, and only rank 0 says
-that a signal came, so that the launcher prints the stop once (``utils.launch_records``).
+that a signal came, so that the launcher prints the stop once (``utils.launch_records``). A SIGTERM the
+launcher sends because another worker failed is no stop: the worker exits at once, says nothing and
+leaves a ``peer`` record, so that the launcher names the worker that failed.
 """
 import os
 import signal
 import threading
 import time
 
-from utils.launch_records import under_launcher, write_record
+from utils.launch_records import EXIT_TORN_DOWN, torn_down, under_launcher, write_record
 
 # Exit code of a run that stopped on a signal after saving: EX_TEMPFAIL of sysexits.h, "temporary
 # failure, try again". It is non-zero, so torchrun restarts the workers (--max-restarts) and a scheduler
@@ -106,7 +108,7 @@ class StopSignals:
 
     def _raise(self, number, frame):
         """The main thread's handler with ``at_once``: unwind to ``__exit__`` (once)."""
-        if not self._raised:
+        if not self._raised and not torn_down():  # the launcher's teardown: the watcher thread exits
             self._raised = True
             raise Stopped(signal.Signals(number).name)
 
@@ -132,6 +134,9 @@ class StopSignals:
                     self._receive(signal.Signals(number))
 
     def _receive(self, number):
+        if torn_down():  # not a user's signal: the launcher ends the workers after another one failed
+            write_record("peer", "ended by the launcher after another worker failed")
+            os._exit(EXIT_TORN_DOWN)
         now = time.monotonic()
         if self._requested is None:
             self._requested, self._first_time = number.name, now
