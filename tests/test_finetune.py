@@ -96,7 +96,8 @@ def tiny_run(tmp_path, **changes):
         save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
     settings = {"checkpoint": str(checkpoint), "timestep": 11, "block": "out_2", "epochs": 2, "lr": 1e-3,
                 "weight_decay": 0.05, "warmup_epochs": 1, "batch_size": 8, "layer_decay": 0.8,
-                "label_smoothing": 0.1, "seed": 3, "world_size": 1, "dataset": "synthetic", "max_images": 0}
+                "label_smoothing": 0.1, "seed": 3, "world_size": 1, "dataset": "synthetic", "max_images": 0,
+                "precision": "fp32"}
     settings.update(changes)
     train_set = SyntheticImages(n=24, image_size=16, train=True, transform=probe_train_transform(16))
     test_set = SyntheticImages(n=12, image_size=16, train=False)

@@ -203,6 +203,6 @@ def provenance(checkpoint=None, cfg=None, device=None, seed=None, **extra):
         weights = None if checkpoint is None else weights_identity(checkpoint)
     config = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
     return {"weights": weights, "config": config, "command": command(),
-            "version": code_version(), "torch": torch.__version__,
+            "version": code_version(), "torch": str(torch.__version__),
             "device": None if device is None else str(device), "processes": get_world_size(), "seed": seed,
             **extra}
