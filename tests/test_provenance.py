@@ -39,32 +39,54 @@ def checks_record(record, checkpoint, config_key="save_dir"):
     assert record["processes"] == 1 and record["device"] == "cpu"
 
 
-def test_file_hash_is_the_sha256_of_the_bytes_read_once_per_version(tmp_path, monkeypatch):
+def test_a_checkpoint_rewritten_with_other_bytes_of_the_same_size_and_time_gets_a_new_hash(tmp_path):
     path = tmp_path / "model_1.pth"
     path.write_bytes(os.urandom(3 * provenance.CHUNK + 5))  # several chunks and a short last one
-    reads = []
-    real = hashlib.sha256
-    monkeypatch.setattr(provenance.hashlib, "sha256", lambda: reads.append(1) or real())
-    assert provenance.file_sha256(path) == sha256(path)
-    for _ in range(3):  # every cell, epoch and record of a run asks again: one read
-        assert provenance.short_digest(path) == f"sha{sha256(path)[:8]}"
-        assert provenance.weights_identity(path)["sha256"] == sha256(path)
-    assert len(reads) == 1
-    path.write_bytes(b"other weights")  # replaced in place: hashed again
-    assert provenance.file_sha256(path) == sha256(path) and len(reads) == 2
+    assert provenance.weights_identity(path)["sha256"] == sha256(path)
+    assert provenance.short_digest(path) == f"sha{sha256(path)[:8]}"
+    stat = path.stat()
+    path.write_bytes(os.urandom(stat.st_size))  # rewritten in place: same size, and the same time below
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert provenance.weights_identity(path)["sha256"] == sha256(path)
+    assert provenance.short_digest(path) == f"sha{sha256(path)[:8]}"
 
 
-def test_a_diffusers_folder_is_identified_by_its_weights_file(tmp_path):
-    bare, pipeline = tmp_path / "bare", tmp_path / "pipeline"
-    (pipeline / "unet").mkdir(parents=True)
-    bare.mkdir()
-    (bare / "diffusion_pytorch_model.bin").write_bytes(b"bin")
-    (bare / "diffusion_pytorch_model.safetensors").write_bytes(b"safetensors")  # diffusers prefers it
-    (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"unet")
-    assert provenance.weights_identity(bare) == {"path": str(bare), "file": str(bare / "diffusion_pytorch_model."
-                                                                                      "safetensors"),
-                                                 "sha256": hashlib.sha256(b"safetensors").hexdigest()}
-    assert provenance.weights_identity(pipeline)["sha256"] == hashlib.sha256(b"unet").hexdigest()
+def diffusers_folder(root, layout="pipeline"):
+    """A folder with the files DiffusersUNet reads (contents need not be a real model for the identity)."""
+    unet = root / "unet" if layout == "pipeline" else root
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text(json.dumps({"flip_sin_to_cos": True, "freq_shift": 0}))
+    (unet / "diffusion_pytorch_model.bin").write_bytes(b"bin")
+    (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"safetensors")  # diffusers prefers it
+    scheduler = root / "scheduler" / "scheduler_config.json" if layout == "pipeline" else root / "scheduler_config.json"
+    scheduler.parent.mkdir(exist_ok=True)
+    scheduler.write_text(json.dumps({"num_train_timesteps": 1000}))
+    (root / "model_index.json").write_text("{}")  # names the parts, defines none of them
+    return root
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "bare"])
+def test_a_diffusers_folder_is_identified_by_its_configs_and_weights_as_sha256sum_prints_them(tmp_path, layout):
+    folder = diffusers_folder(tmp_path / "ddpm", layout)
+    identity = provenance.weights_identity(folder)
+    unet = "unet/" if layout == "pipeline" else ""
+    scheduler = "scheduler/scheduler_config.json" if layout == "pipeline" else "scheduler_config.json"
+    assert sorted(identity["files"]) == sorted([f"{unet}config.json", f"{unet}diffusion_pytorch_model.safetensors",
+                                                scheduler])
+    assert identity["files"][f"{unet}diffusion_pytorch_model.safetensors"] == hashlib.sha256(b"safetensors").hexdigest()
+    if shutil.which("sha256sum"):  # the documented command prints the same hash
+        printed = subprocess.run(["bash", "-c", identity["check"]], capture_output=True, text=True, check=True)
+        assert printed.stdout.split()[0] == identity["sha256"]
+    seen = {identity["sha256"]}
+    for name, text in ((f"{unet}config.json", '{"flip_sin_to_cos": false, "freq_shift": 1}'),
+                       (scheduler, '{"num_train_timesteps": 500}'),
+                       (f"{unet}diffusion_pytorch_model.safetensors", "other weights")):
+        (folder / name).write_text(text)
+        seen.add(provenance.weights_identity(folder)["sha256"])
+    assert len(seen) == 4  # each file that defines the model changes the identity
+    (folder / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    assert provenance.weights_identity(folder)["sha256"] in seen
 
 
 def test_code_version_is_the_commit_or_says_it_is_unknown(tmp_path):
@@ -170,7 +192,7 @@ def test_knn_results_of_two_same_named_checkpoints_stay_apart(two_demo_models):
         knn.main(knn.build_parser().parse_args(demo_argv(cfg.save_dir, checkpoint, "--max_images", 16,
                                                          "--batch_size", 8, "--k", 3)))
     for checkpoint in (first, second):
-        path = Path(cfg.save_dir) / "knn" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_out_2_k3_T0.07.json"
+        path = Path(cfg.save_dir) / "knn" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_out_2_k3_T0.07_max16.json"
         checks_record(json.loads(path.read_text())["provenance"], checkpoint)
 
 
@@ -181,7 +203,7 @@ def test_export_features_of_two_same_named_checkpoints_stay_apart(two_demo_model
             demo_argv(cfg.save_dir, checkpoint, "--max_images", 6, "--batch_size", 3, "--seed", 9)))
     arrays = []
     for checkpoint in (first, second):
-        out = Path(cfg.save_dir) / "features" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_test"
+        out = Path(cfg.save_dir) / "features" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_test_max6_seed9"
         meta = json.loads((out / "meta.json").read_text())
         checks_record(meta["provenance"], checkpoint)
         assert meta["provenance"]["seed"] == 9
@@ -195,7 +217,7 @@ def test_noisy_ddae_results_of_two_same_named_checkpoints_stay_apart(two_demo_mo
         noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(demo_argv(
             cfg.save_dir, checkpoint, "--max_images", 16, "--set", "linear.n_epoch=1")))
     for checkpoint in (first, second):
-        out = Path(cfg.save_dir) / f"noisy_DDAE_ep3_sha{sha256(checkpoint)[:8]}"
+        out = Path(cfg.save_dir) / f"noisy_DDAE_ep3_sha{sha256(checkpoint)[:8]}_max16"
         checks_record(json.loads((out / "noisy_accuracy.json").read_text())["provenance"], checkpoint)
         assert (out / "head.pth").is_file()
 
