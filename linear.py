@@ -195,7 +195,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)
-    result["provenance"] = record
+    result["precision"], result["provenance"] = precision, record
     if is_main():
         save_json(result, result_path)
         if heads.fused:

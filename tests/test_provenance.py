@@ -171,6 +171,75 @@ def test_linear_state_named_before_hashes_is_kept_until_the_user_says_whose(two_
     assert f"resuming {keyed}: 1 of 1 epochs done" in capsys.readouterr().out
 
 
+def on_first_call(monkeypatch, module, name, action):
+    """Run ``action`` once, when ``module.name`` is first called: after the weights were loaded."""
+    original, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        if not calls:
+            calls.append(action())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_checkpoint_changed_while_a_probe_trains_is_recorded_as_it_was_loaded(two_models, monkeypatch, change):
+    """The issue's runs: model_3.pth replaced by another model, or deleted, once the probe has started: the
+    result is written, and names the loaded bytes' hash (in its name, record and resume state)."""
+    cfg, config_path, first, second = two_models
+    loaded = sha256(first)
+    on_first_call(monkeypatch, linear, "train_one_epoch",
+                  lambda: shutil.copy(second, first) if change == "replaced" else first.unlink())
+    run_linear(cfg, config_path, first, monkeypatch)
+    (result,) = (Path(cfg.save_dir) / "linear").glob("*.json")
+    assert json.loads(result.read_text())["provenance"]["weights"]["sha256"] == loaded
+    assert f"_sha{loaded[:8]}_" in result.name
+    state = torch.load(result.with_name(result.stem + ".state.pth"), weights_only=True)
+    assert state["weights"]["sha256"] == loaded and first.exists() == (change == "replaced")
+
+
+def test_a_resume_state_that_records_no_weights_is_refused(two_models, monkeypatch, capsys):
+    cfg, config_path, first, _ = two_models
+    run_linear(cfg, config_path, first, monkeypatch, "--tag", "old")
+    path = Path(cfg.save_dir) / "linear" / "old.state.pth"
+    state = torch.load(path, weights_only=True)
+    del state["weights"]  # as a state written before states recorded the weights
+    save_checkpoint(state, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_linear(cfg, config_path, first, monkeypatch, "--tag", "old")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert f"{path} records no hash of the weights it was made with, so it may be another model's" in err
+
+
+def test_a_rerun_of_a_finished_probe_leaves_its_record_and_another_precision_is_another_probe(
+        two_models, monkeypatch, capsys):
+    cfg, config_path, first, _ = two_models
+    run_linear(cfg, config_path, first, monkeypatch)
+    (result,) = (Path(cfg.save_dir) / "linear").glob("*.json")
+    before = result.read_bytes()
+    capsys.readouterr()
+    run_linear(cfg, config_path, first, monkeypatch, "--num_workers", "0")  # another command, no work
+    assert "nothing to train" in capsys.readouterr().out
+    assert result.read_bytes() == before  # not re-stamped with the rerun's command
+    run_linear(cfg, config_path, first, monkeypatch, "--precision", "bf16")
+    assert result.read_bytes() == before
+    bf16 = result.with_name(result.stem + "_bf16.json")
+    assert json.loads(bf16.read_text())["precision"] == "bf16"
+    # under one --tag, a state of another precision is refused in one line, not resumed into a mix
+    run_linear(cfg, config_path, first, monkeypatch, "--tag", "sweep")
+    tagged = (Path(cfg.save_dir) / "linear" / "sweep.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_linear(cfg, config_path, first, monkeypatch, "--tag", "sweep", "--precision", "bf16")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert "sweep.state.pth holds a probe with precision='fp32', not 'bf16'" in err
+    assert (Path(cfg.save_dir) / "linear" / "sweep.json").read_bytes() == tagged
+
+
 def demo_argv(save_dir, checkpoint, *extra):
     sets = [arg for override in TINY_OVERRIDES + [f"save_dir={save_dir}"] for arg in ("--set", override)]
     return ["--config", str(REPO / "config" / "demo.yaml"), *sets, "--ckpt", str(checkpoint), "--device", "cpu",
@@ -186,7 +255,7 @@ def two_demo_models(tmp_path):
     return cfg, first, second
 
 
-def test_knn_results_of_two_same_named_checkpoints_stay_apart(two_demo_models):
+def test_knn_results_of_two_same_named_checkpoints_stay_apart(two_demo_models, monkeypatch):
     cfg, first, second = two_demo_models
     for checkpoint in (first, second):
         knn.main(knn.build_parser().parse_args(demo_argv(cfg.save_dir, checkpoint, "--max_images", 16,
@@ -194,6 +263,16 @@ def test_knn_results_of_two_same_named_checkpoints_stay_apart(two_demo_models):
     for checkpoint in (first, second):
         path = Path(cfg.save_dir) / "knn" / f"model_3_sha{sha256(checkpoint)[:8]}_t11_out_2_k3_T0.07_max16.json"
         checks_record(json.loads(path.read_text())["provenance"], checkpoint)
+    # another --max_images is another result, beside the first; the checkpoint deleted mid-run loses nothing
+    hashed = sha256(first)
+    on_first_call(monkeypatch, knn, "extract_dataset_features", first.unlink)
+    knn.main(knn.build_parser().parse_args(demo_argv(cfg.save_dir, first, "--max_images", 8, "--batch_size", 8,
+                                                     "--k", 3)))
+    results = {path.name: json.loads(path.read_text()) for path in (Path(cfg.save_dir) / "knn").glob("*.json")}
+    assert len(results) == 3
+    eight = results[f"model_3_sha{hashed[:8]}_t11_out_2_k3_T0.07_max8.json"]
+    assert eight["test_images"] == 8 and eight["provenance"]["weights"]["sha256"] == hashed
+    assert results[f"model_3_sha{hashed[:8]}_t11_out_2_k3_T0.07_max16.json"]["test_images"] == 16
 
 
 def test_export_features_of_two_same_named_checkpoints_stay_apart(two_demo_models):
@@ -276,6 +355,21 @@ def test_sampling_record_names_the_weights(tmp_path):
     sample.main(sample.build_parser().parse_args(demo_argv(
         cfg.save_dir, checkpoint, "--set", "diffusion.n_T=20", "--n_samples", 2, "--steps", 2, "--seed", 4,
         "--out_dir", tmp_path / "out")))
-    record = json.loads((tmp_path / "out" / "sampling.json").read_text())["provenance"]
-    checks_record(record, checkpoint)
-    assert record["seed"] == 4 and record["config"]["diffusion"]["n_T"] == 20
+    settings_file = tmp_path / "out" / "sampling.json"
+    settings = json.loads(settings_file.read_text())
+    checks_record(settings["provenance"], checkpoint)
+    assert settings["provenance"]["seed"] == 4 and settings["provenance"]["config"]["diffusion"]["n_T"] == 20
+    # one hash names the model, the one sha256sum prints
+    assert settings["checkpoint_sha256"] == sha256(checkpoint) and "weights_sha256" not in settings
+    # a rerun that draws nothing leaves the record; one that draws images is listed apart, not as the producer
+    before = settings_file.read_bytes()
+    argv = demo_argv(cfg.save_dir, checkpoint, "--set", "diffusion.n_T=20", "--n_samples", 2, "--steps", 2, "--seed",
+                     4, "--out_dir", tmp_path / "out")
+    assert sample.main(sample.build_parser().parse_args(argv + ["--batch_size", "1"]))["generated"] == 0
+    assert settings_file.read_bytes() == before
+    (tmp_path / "out" / "pngs" / "1.png").unlink()
+    assert sample.main(sample.build_parser().parse_args(argv + ["--batch_size", "1"]))["generated"] == 1
+    after = json.loads(settings_file.read_text())
+    assert after["provenance"] == settings["provenance"] and after["n_samples"] == 2
+    assert [run["images"] for run in after["continued"]] == [1]
+    assert after["continued"][0]["provenance"]["weights"]["sha256"] == sha256(checkpoint)
