@@ -373,3 +373,55 @@ def test_sampling_record_names_the_weights(tmp_path):
     assert after["provenance"] == settings["provenance"] and after["n_samples"] == 2
     assert [run["images"] for run in after["continued"]] == [1]
     assert after["continued"][0]["provenance"]["weights"]["sha256"] == sha256(checkpoint)
+
+
+def test_a_diffusers_folder_with_another_unet_config_is_another_model_to_sample_py(tmp_path, capsys):
+    """The issue's case: the same safetensors with flip_sin_to_cos and freq_shift changed in unet/config.json
+    makes other images; sample.py names it by another hash and refuses to add its images to the folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tests.test_diffusers_sampling import CONFIG, CONFIG_SETS, N_T, TINY_LAYOUT
+    root = tmp_path / "ddpm-tiny"
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**TINY_LAYOUT).eval(),
+                 scheduler=DDPMScheduler(num_train_timesteps=N_T)).save_pretrained(root)
+    out = tmp_path / "out"
+    argv = ["--config", str(CONFIG), *[arg for setting in CONFIG_SETS for arg in ("--set", setting)], "--ckpt",
+            str(root), "--device", "cpu", "--n_samples", "2", "--steps", "2", "--out_dir", str(out)]
+    sample.main(sample.build_parser().parse_args(argv))
+    recorded = json.loads((out / "sampling.json").read_text())
+    original = recorded["checkpoint_sha256"]
+    assert recorded["provenance"]["weights"]["sha256"] == original and "weights_sha256" not in recorded
+    if shutil.which("sha256sum"):  # the one documented command confirms it
+        check = recorded["provenance"]["weights"]["check"]
+        assert subprocess.run(["bash", "-c", check], capture_output=True, text=True).stdout.split()[0] == original
+    (out / "pngs" / "1.png").unlink()
+    config_path = root / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"flip_sin_to_cos": True, "freq_shift": 0}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        sample.main(sample.build_parser().parse_args(argv))
+    err = capsys.readouterr().err
+    changed = provenance.weights_identity(root)["sha256"]
+    assert stopped.value.code == 2 and err.count("\n") == 1 and changed != original
+    assert f"{out} holds images sampled with checkpoint_sha256={original}, but this run has " \
+           f"checkpoint_sha256={changed}" in err
+    assert not (out / "pngs" / "1.png").exists()
+
+
+LAUNCHED = """import json, sys
+from utils.provenance import provenance
+print("COMMAND " + json.dumps(provenance()["command"]), flush=True)
+"""
+
+
+def test_under_the_launcher_the_command_is_what_the_user_typed(tmp_path):
+    script = tmp_path / "show_command.py"
+    script.write_text(LAUNCHED)
+    typed = [sys.executable, "-m", "utils.launch", "--standalone", "--nproc_per_node=1", str(script), "--flag", "x"]
+    done = subprocess.run(typed, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("COMMAND ")]
+    assert json.loads(line.removeprefix("COMMAND ")) == typed
