@@ -189,7 +189,7 @@ def test_a_checkpoint_changed_while_a_probe_trains_is_recorded_as_it_was_loaded(
     result is written, and names the loaded bytes' hash (in its name, record and resume state)."""
     cfg, config_path, first, second = two_models
     loaded = sha256(first)
-    on_first_call(monkeypatch, linear, "train_one_epoch",
+    on_first_call(monkeypatch, linear, "prepare_frozen",  # after the load, before the data and the epochs
                   lambda: shutil.copy(second, first) if change == "replaced" else first.unlink())
     run_linear(cfg, config_path, first, monkeypatch)
     (result,) = (Path(cfg.save_dir) / "linear").glob("*.json")
