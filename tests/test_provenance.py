@@ -349,7 +349,7 @@ def test_contrastive_record_names_every_checkpoint_by_hash(tmp_path, monkeypatch
     assert record["config"]["n_epoch"] == 3 and record["command"] == sys.argv
 
 
-def test_sampling_record_names_the_weights(tmp_path):
+def test_sampling_record_names_the_weights(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "run", ["diffusion.n_T=20"])
     checkpoint = make_checkpoint(cfg, 3)
     sample.main(sample.build_parser().parse_args(demo_argv(
@@ -363,6 +363,7 @@ def test_sampling_record_names_the_weights(tmp_path):
     assert settings["checkpoint_sha256"] == sha256(checkpoint) and "weights_sha256" not in settings
     # a rerun that draws nothing leaves the record; one that draws images is listed apart, not as the producer
     before = settings_file.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--a-later-command"])
     argv = demo_argv(cfg.save_dir, checkpoint, "--set", "diffusion.n_T=20", "--n_samples", 2, "--steps", 2, "--seed",
                      4, "--out_dir", tmp_path / "out")
     assert sample.main(sample.build_parser().parse_args(argv + ["--batch_size", "1"]))["generated"] == 0
