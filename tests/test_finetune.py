@@ -128,6 +128,9 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
         finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
     with pytest.raises(UserError, match="was trained with lr=0.001, not 0.002"):
         finetune.run_finetune(*tiny_run(tmp_path, lr=2e-3), cpu, tmp_path / "parts", "tag", resume=True)
+    with pytest.raises(UserError, match="was trained with precision='fp32', not 'bf16'"):  # no mix of two
+        finetune.run_finetune(*tiny_run(tmp_path, precision="bf16"), cpu, tmp_path / "parts", "tag", resume=True,
+                              precision="bf16")
     resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag", resume=True,
                                     save_weights=True)
     assert without_timings(resumed) == without_timings(whole) | {"weights_file": resumed["weights_file"]}

@@ -426,3 +426,33 @@ def test_under_the_launcher_the_command_is_what_the_user_typed(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("COMMAND ")]
     assert json.loads(line.removeprefix("COMMAND ")) == typed
+
+
+def test_a_sample_folder_recorded_by_its_tensors_continues_when_they_are_this_models(tmp_path, capsys):
+    """sampling.json from before checkpoint_sha256 named the model by its tensors (weights_sha256): the same
+    tensors continue the folder and the record takes the file's hash; other tensors are refused."""
+    from utils.checkpoint import weights_digest
+
+    cfg = tiny_config(tmp_path / "run", ["diffusion.n_T=20"])
+    checkpoint = make_checkpoint(cfg, 3)
+    out = tmp_path / "out"
+    argv = demo_argv(cfg.save_dir, checkpoint, "--set", "diffusion.n_T=20", "--n_samples", 2, "--steps", 2,
+                     "--out_dir", out)
+    sample.main(sample.build_parser().parse_args(argv))
+    settings_file = out / "sampling.json"
+    settings = json.loads(settings_file.read_text())
+    loaded = sample.load_diffusion(sample.load_config(str(REPO / "config" / "demo.yaml"),
+                                                      TINY_OVERRIDES + ["diffusion.n_T=20"]), str(checkpoint))
+    old = {key: value for key, value in settings.items() if key != "checkpoint_sha256"}
+    for tensors, refused in (("0" * 64, True), (weights_digest(loaded), False)):
+        settings_file.write_text(json.dumps(old | {"weights_sha256": tensors}))
+        (out / "pngs" / "1.png").unlink(missing_ok=True)
+        if refused:
+            with pytest.raises(SystemExit):
+                sample.main(sample.build_parser().parse_args(argv))
+            assert "holds images sampled with checkpoint_sha256=unknown (other weights: weights_sha256 " \
+                   "000000000000...)" in capsys.readouterr().err
+        else:
+            assert sample.main(sample.build_parser().parse_args(argv))["generated"] == 1
+    upgraded = json.loads(settings_file.read_text())
+    assert upgraded["checkpoint_sha256"] == sha256(checkpoint) and "weights_sha256" not in upgraded
