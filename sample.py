@@ -17,8 +17,9 @@ generator (model.noise.PerImageNoise), and every process count cuts the same bat
 and, on a CPU, the same intra-op thread count: a plain python run takes torchrun's (OMP_NUM_THREADS,
 else 1), since a CPU matmul's rounding depends on it. At another --batch_size they agree up to kernel
 rounding. Work is split by index; a rerun into the same folder makes only the missing images, and
-sampling.json in the folder stops a run with other settings from mixing its images in; its "sampler"
-says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
+sampling.json in the folder stops a run with other settings from mixing its images in (the model is named by
+one hash, checkpoint_sha256: sha256sum of the file, or a diffusers folder's documented command; its record stays
+the first run's, a later run that adds images is listed under "continued"); its "sampler" says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
 """
 import argparse
 import json
@@ -53,8 +54,8 @@ IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 40
 GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
-IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
-                 "precision", "noise_device")
+IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta",
+                 "seed", "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 
 

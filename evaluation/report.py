@@ -38,7 +38,8 @@ def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True, precision="
     (``settings_tag``)."""
     settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
     head = head_tag(cfg.linear.head, cfg.linear.head_args)
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}{head}_{settings}{settings_tag(precision=precision)}"
+    settings += settings_tag(precision=precision)
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}{head}_{settings}"
 
 
 def settings_tag(max_images=0, precision="fp32", seed=None, default_seed=None):
