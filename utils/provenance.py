@@ -195,7 +195,8 @@ def provenance(checkpoint=None, cfg=None, device=None, seed=None, **extra):
 
     Returns:
         ``{"weights", "config", "command", "version", "torch", "device", "processes", "seed", ...}``;
-        ``weights`` is ``weights_identity`` (a list of them for a list of paths).
+        ``weights`` is ``weights_identity`` (a list of them for a list of paths): what this process loaded
+        from the path, so ask after the load; ``command`` is ``command()``.
     """
     if isinstance(checkpoint, (list, tuple)):
         weights = [weights_identity(path) for path in checkpoint]
