@@ -35,6 +35,7 @@ from torchvision.transforms import v2
 from evaluation.cells import probe_cells
 from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
+from evaluation.report import settings_tag
 from model.models import block_names, load_config, load_diffusion, on_latents
 from utils.atomic import atomic_path, check_writable
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
@@ -186,12 +187,15 @@ def resolve_blocks(cfg, requested):
     return list(dict.fromkeys(requested))
 
 
-def default_out_dir(cfg, checkpoint, timestep, args):
-    """save_dir/features/{checkpoint}_{hash}_t{T}_{split or folder}[_norm]: another model of the same file
-    name gets its own folder."""
+def default_out_dir(cfg, checkpoint, timestep, args, precision="fp32"):
+    """save_dir/features/{checkpoint}_{hash}_t{T}_{split or folder}[_norm][settings]: another model of the same
+    file name gets its own folder, and so do --max_images, the precision and --seed when not their defaults
+    (``evaluation.report.settings_tag``: ``_max500_bf16_seed3``)."""
     stem = f"{os.path.splitext(os.path.basename(checkpoint))[0]}_{short_digest(checkpoint)}"
     source = os.path.basename(os.path.normpath(args.images)) if args.images else args.split
-    return os.path.join(cfg.save_dir, "features", f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}")
+    settings = settings_tag(args.max_images, precision, args.seed, cfg.seed)
+    return os.path.join(cfg.save_dir, "features",
+                        f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}{settings}")
 
 
 def check_args(args):
@@ -209,14 +213,10 @@ def main(args):
                       allow_dit=True)
     (timestep,), _ = probe_cells(cfg)
     blocks = resolve_blocks(cfg, args.blocks)
-    checkpoint = checkpoint_from_args(cfg, args)
-    out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args)
-    check_writable(out_dir, "--out" if args.out else "save_dir",
-                   "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))
-    image_size = cfg.image_shape[-1]
     if args.images and on_latents(cfg):
         raise UserError(f"--images with a DiT config: the DiT reads cached VAE latents; export a cached split "
                         f"(--split train or test) of {cfg.latents.cache_dir}")
+    image_size = cfg.image_shape[-1]
     if args.images:
         dataset = ImageFiles(args.images, image_size, args.max_images)
     elif on_latents(cfg):
@@ -225,11 +225,16 @@ def main(args):
     else:
         dataset = limit_images(build_dataset(cfg.dataset, args.data_root, train=args.split == "train",
                                              transform=test_transform(), image_size=image_size), args.max_images)
-
+    checkpoint = checkpoint_from_args(cfg, args)
     device = resolve_device(args.device)
     precision = resolve_precision(args, device)
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema")  # before the name: its hash is the loaded bytes'
+    out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args, precision)
+    check_writable(out_dir, "--out" if args.out else "save_dir",
+                   "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))
+
     configure_backends(args, device)
-    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema"), device, compile=args.compile)
+    diffusion = prepare_frozen(diffusion, device, compile=args.compile)
     print(f"features of {len(dataset)} images at t={timestep}, blocks {', '.join(blocks)}, from {checkpoint}")
     record = export_features(
         diffusion, dataset, timestep, blocks, device, out_dir, precision=precision, norm=args.norm,

@@ -42,7 +42,7 @@ from torch import nn
 from evaluation.accuracy import AccuracyCounter
 from evaluation.cells import probe_cells
 from evaluation.frozen import to_device, use_channels_last
-from evaluation.report import probe_tag
+from evaluation.report import probe_tag, settings_tag
 from model.amp import autocast, make_grad_scaler, scaled_step
 from model.models import count_parameters, feature_dims, load_config, load_diffusion
 from utils.atomic import check_writable
@@ -65,7 +65,7 @@ from utils.tensorboard import Board, add_tensorboard_arg, open_board
 # Settings a saved state must share with the run that resumes it (the weights are compared by their hash,
 # not by the checkpoint's path, so a copied run folder resumes too).
 RESUME_KEYS = ("timestep", "block", "epochs", "lr", "weight_decay", "warmup_epochs", "batch_size",
-               "layer_decay", "label_smoothing", "seed", "world_size", "dataset", "max_images")
+               "layer_decay", "label_smoothing", "seed", "world_size", "dataset", "max_images", "precision")
 RESUME_MISMATCH = ("{path} was trained with {key}={saved!r}, not {wanted!r}; rerun with the same settings to resume "
                    "it, or pass --out for a new run")
 FINISHED_MISMATCH = ("{path} is a finished run with {key}={saved!r}, not {wanted!r}; pass --out for a new run, or "
@@ -340,7 +340,9 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
     trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
     print0(f"fine-tuning {trainable:,} of {count_parameters(classifier):,} parameters at t={settings['timestep']}, "
            f"{settings['block']}: {len(train_set)} training images, {world_size} process(es), {precision}")
-    record = provenance(settings["checkpoint"], cfg, device, settings["seed"])
+    # What trained the classifier: this command, or the saved state's when it finished there (nothing to train).
+    record = state["provenance"] if state is not None and start_epoch == settings["epochs"] and \
+        state.get("provenance") else provenance(settings["checkpoint"], cfg, device, settings["seed"])
     result = None
     for epoch in loop.epochs(start_epoch, train_loader, seed=settings["seed"]):
         step, totals = train_one_epoch(model, train_loader, optimizer, scaler, lr_at_step, step, device, precision,
@@ -360,7 +362,8 @@ def run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir,
         loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "step": step,
                                "model": classifier.state_dict(), "opt": optimizer.state_dict(),
                                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                               "history": history, "test_images": test_images, "weights": weights})
+                               "history": history, "test_images": test_images, "weights": weights,
+                               "provenance": record})
         if is_main():
             save_json(result, os.path.join(out_dir, f"{tag}.json"))
         loop.stop_if_asked(epoch, state_path)
@@ -386,9 +389,11 @@ def summary(cfg, settings, history, test_images, trainable, record):
             "provenance": record}
 
 
-def finetune_tag(checkpoint, timestep, block):
-    """Name of the outputs: checkpoint stem, weights' hash and cell, e.g. ``model_1999_sha1a2b3c4d_t11_out_6``."""
-    return probe_tag(checkpoint, [timestep], [block], grid=False)
+def finetune_tag(checkpoint, timestep, block, precision="fp32"):
+    """Name of the outputs: checkpoint stem, weights' hash, cell and the precision when not fp32, e.g.
+    ``model_1999_sha1a2b3c4d_t11_out_6`` or ``..._out_6_bf16``; the other settings are checked by the
+    resume state and the finished record (``RESUME_KEYS``)."""
+    return probe_tag(checkpoint, [timestep], [block], grid=False) + settings_tag(precision=precision)
 
 
 @cli_entry
@@ -405,24 +410,27 @@ def main(args):
     else:
         check_writable(out_dir, "save_dir", "pass --out with a writable folder, or --set save_dir=DIR")
     checkpoint = checkpoint_from_args(cfg, args)
-    tag = finetune_tag(checkpoint, timestep, block)
-    refuse_unkeyed_state(os.path.join(out_dir, f"{probe_tag(checkpoint, [timestep], [block], False, False)}.state.pth"),
-                         os.path.join(out_dir, f"{tag}.state.pth"), checkpoint, "fine-tuning state")
-    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
-    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    diffusion = load_diffusion(cfg, checkpoint, weights="ema")  # before the tag: its hash is the loaded bytes'
     train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]),
                                         args.max_images)
 
     device = init_distributed(args.device)
+    board = Board()
     try:
+        precision = resolve_precision(args, device)
+        tag = finetune_tag(checkpoint, timestep, block, precision)
+        old = probe_tag(checkpoint, [timestep], [block], False, False) + settings_tag(precision=precision)
+        refuse_unkeyed_state(os.path.join(out_dir, f"{old}.state.pth"), os.path.join(out_dir, f"{tag}.state.pth"),
+                             checkpoint, "fine-tuning state")
+        board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"finetune_{tag}"))
         settings = {"checkpoint": os.path.abspath(checkpoint), "timestep": timestep, "block": block,
                     "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
                     "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size or cfg.linear.batch_size,
                     "layer_decay": args.layer_decay, "label_smoothing": args.label_smoothing,
                     "seed": cfg.seed if args.seed is None else args.seed, "world_size": get_world_size(),
-                    "dataset": cfg.dataset, "max_images": args.max_images}
+                    "dataset": cfg.dataset, "max_images": args.max_images, "precision": precision}
         run_finetune(cfg, diffusion, train_set, test_set, settings, device, out_dir=out_dir, tag=tag,
-                     precision=resolve_precision(args, device), num_workers=resolve_num_workers(args, cfg),
+                     precision=precision, num_workers=resolve_num_workers(args, cfg),
                      resume=args.resume, board=board, save_weights=args.save_weights)
     finally:
         board.close()

@@ -29,7 +29,8 @@ from evaluation.accuracy import AccuracyCounter
 from evaluation.cells import format_timesteps, probe_cells
 from evaluation.features import extract_dataset_features
 from evaluation.frozen import prepare_frozen
-from evaluation.report import accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag
+from evaluation.report import (accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag,
+                               settings_tag)
 from evaluation.throughput import synchronize
 from model.models import load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
@@ -205,10 +206,11 @@ def run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_
     return result
 
 
-def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature):
-    """Name of the outputs: checkpoint stem, weights' hash, cells and k-NN settings, e.g.
-    ``model_1999_sha1a2b3c4d_grid_k20_T0.07``."""
-    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_k{k}_T{temperature:g}"
+def knn_tag(checkpoint, timesteps, blocks, grid, k, temperature, settings=""):
+    """Name of the outputs: checkpoint stem, weights' hash, cells, k-NN settings and ``settings``
+    (``evaluation.report.settings_tag``: --max_images, precision, --seed when not their defaults), e.g.
+    ``model_1999_sha1a2b3c4d_grid_k20_T0.07`` or ``..._k20_T0.07_max500_bf16``."""
+    return f"{probe_tag(checkpoint, timesteps, blocks, grid)}_k{k}_T{temperature:g}{settings}"
 
 
 @cli_entry
@@ -239,12 +241,12 @@ def main(args):
         print0(f"{args.k}-NN on {checkpoint}: timestep(s) {format_timesteps(timesteps)} x {len(blocks)} block(s), "
                f"{len(train_set)} training and {len(test_set)} test images, {get_world_size()} process(es), "
                f"{precision}")
-        run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device,
-                out_dir=out_dir,
-                tag=knn_tag(checkpoint, timesteps, blocks, args.grid and not args.blocks, args.k, args.temperature),
+        seed = cfg.seed if args.seed is None else args.seed
+        tag = knn_tag(checkpoint, timesteps, blocks, args.grid and not args.blocks, args.k, args.temperature,
+                      settings_tag(args.max_images, precision, seed, cfg.seed))
+        run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,
                 precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
-                num_workers=resolve_num_workers(args, cfg),
-                k=args.k, temperature=args.temperature, seed=cfg.seed if args.seed is None else args.seed,
+                num_workers=resolve_num_workers(args, cfg), k=args.k, temperature=args.temperature, seed=seed,
                 heatmap=args.grid, source=checkpoint)
     finally:
         cleanup()

@@ -19,6 +19,7 @@ also writes each epoch's loss, lr and accuracies to save_dir/tb/linear_{tag}/.
 A DiT config probes cached VAE latents, each training example read from one of its cached copies at random.
 """
 import argparse
+import json
 import os
 
 import torch
@@ -98,11 +99,12 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
     return loss_sum, images_seen
 
 
-def _settings(cfg, heads, world_size):
-    """What a saved probe state must match to be resumed."""
+def _settings(cfg, heads, world_size, precision):
+    """What a saved probe state must match to be resumed: everything that changes its numbers."""
     return {"cells": [cell_label(t, block) for t, block in heads.cells], "head": cfg.linear.head,
             "head_args": dict(cfg.linear.head_args), "n_epoch": cfg.linear.n_epoch, "batch_size": cfg.linear.batch_size,
-            "lrate": cfg.linear.lrate, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": world_size}
+            "lrate": cfg.linear.lrate, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": world_size,
+            "precision": precision}
 
 
 def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir, tag, precision="fp32",
@@ -139,7 +141,7 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
     torch.manual_seed(cfg.seed + rank)  # noise and augmentation differ between processes
 
-    settings = _settings(cfg, heads, world_size)
+    settings = _settings(cfg, heads, world_size, precision)
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
     loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe")
     history, start_epoch, test_images = [], 0, None
@@ -152,6 +154,14 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch, test_images = state["history"], state["epoch"], state["test_images"]
+    result_path = os.path.join(out_dir, f"{tag}.json")
+    done = _finished(result_path) if start_epoch == n_epoch else None
+    if done is not None:  # nothing to train: the result stays the finished run's, not this command's
+        print0(f"{result_path}: finished, {n_epoch} epochs; nothing to train")
+        return done
+    # The record of what trained the heads: this command's, or the finished state's when only its JSON is missing.
+    record = state["provenance"] if start_epoch == n_epoch and state.get("provenance") else \
+        provenance(source, cfg, device, cfg.seed)
 
     model = heads
     if world_size > 1:
@@ -180,14 +190,14 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
         loop.save(state_path, {"settings": settings, "epoch": epoch + 1, "heads": heads.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "rng": every_rank_rng(), "history": history, "test_images": test_images,
-                               "weights": weights})
+                               "weights": weights, "provenance": record})
         loop.stop_if_asked(epoch, state_path)
     barrier()
 
     result = _summary(cfg, heads, history, test_images, world_size, source)
-    result["provenance"] = provenance(source, cfg, device, cfg.seed)
+    result["precision"], result["provenance"] = precision, record
     if is_main():
-        save_json(result, os.path.join(out_dir, f"{tag}.json"))
+        save_json(result, result_path)
         if heads.fused:
             print0(f"fused {cfg.linear.head} head over {len(heads.cells)} cell(s): "
                    f"{result['accuracy'][FUSED_LABEL]:.2f}% ({test_images} test images)")
@@ -199,6 +209,15 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
             plot_accuracy_heatmap(result["accuracy"], timesteps, blocks, os.path.join(out_dir, f"{tag}.png"),
                                   title=f"{cfg.linear.head} probe test accuracy (%), {tag}")
     return result
+
+
+def _finished(path):
+    """The result record at ``path``; None when there is none or it is damaged (then it is written again)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
 
 
 def _summary(cfg, heads, history, test_images, world_size, source):
@@ -226,18 +245,19 @@ def main(args):
     out_dir = os.path.join(cfg.save_dir, "linear")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
     grid = args.grid and not args.blocks
-    tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, grid)
-    if os.sep in tag or (os.altsep and os.altsep in tag):
-        raise UserError(f"--tag {tag}: a file name, without folders; pass a plain name")
-    if not args.tag:
-        refuse_unkeyed_state(os.path.join(out_dir, f"{linear_tag(cfg, checkpoint, timesteps, blocks, grid, False)}"
-                                                    f".state.pth"), os.path.join(out_dir, f"{tag}.state.pth"),
-                             checkpoint, "probe state")
-    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"linear_{tag}"))
+    if args.tag and (os.sep in args.tag or (os.altsep and os.altsep in args.tag)):
+        raise UserError(f"--tag {args.tag}: a file name, without folders; pass a plain name")
 
     device = init_distributed(args.device)
+    board = Board()
     try:
-        precision = resolve_precision(args, device)
+        precision = resolve_precision(args, device)  # in the tag: it changes the numbers
+        tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, grid, precision=precision)
+        if not args.tag:
+            old = linear_tag(cfg, checkpoint, timesteps, blocks, grid, False, precision)
+            refuse_unkeyed_state(os.path.join(out_dir, f"{old}.state.pth"), os.path.join(out_dir, f"{tag}.state.pth"),
+                                 checkpoint, "probe state")
+        board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"linear_{tag}"))
         configure_backends(args, device)
         diffusion = prepare_frozen(diffusion, device, compile=args.compile)
         if latents:

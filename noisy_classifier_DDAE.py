@@ -28,6 +28,7 @@ from torch import nn
 from evaluation.features import extract_features
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.noisy import accuracy_per_level
+from evaluation.report import settings_tag
 from model.blocks import TimeEmbedding
 from model.models import diffusion_class, feature_dims, load_config, load_diffusion
 from utils.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -85,12 +86,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_tag(checkpoint):
+def run_tag(checkpoint, max_images=0, precision="fp32"):
     """``ep{E}`` for save_dir/ckpts/model_{E}.pth, else the checkpoint file's name without suffix, then the
-    start of the weights' hash (``ep1999_sha1a2b3c4d``): another model of the same name gets its own folder."""
+    start of the weights' hash and --max_images and the precision when not their defaults
+    (``ep1999_sha1a2b3c4d``, ``ep1999_sha1a2b3c4d_max500_bf16``): another model of the same name, or other
+    settings, get their own folder."""
     name = os.path.basename(checkpoint)
     match = CHECKPOINT_NAME.match(name)
-    return f"{f'ep{match.group(1)}' if match else os.path.splitext(name)[0]}_{short_digest(checkpoint)}"
+    stem = f"{f'ep{match.group(1)}' if match else os.path.splitext(name)[0]}_{short_digest(checkpoint)}"
+    return stem + settings_tag(max_images, precision)
 
 
 def max_level(cfg):
@@ -142,7 +146,6 @@ def run(cfg, args, checkpoint, device):
     rank, world_size = get_rank(), get_world_size()
     precision = resolve_precision(args, device)
     linear, blockname = cfg.linear, cfg.linear.blockname
-    out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{run_tag(checkpoint)}")
     kind = diffusion_class(cfg.model_type)
     if not hasattr(kind, "noisy_levels"):
         raise UserError(f"{args.config}: model_type {cfg.model_type} has no noisy_levels(settings), the levels this "
@@ -151,8 +154,6 @@ def run(cfg, args, checkpoint, device):
         levels = kind.noisy_levels(cfg.diffusion)
     except ValueError as err:
         raise UserError(f"{args.config}: {err}") from None
-    # After the input checks: --tensorboard creates its folder at once.
-    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{run_tag(checkpoint)}"))
 
     train_set, test_set = config_splits(cfg, args.data_root, probe_train_transform(cfg.image_shape[-1]),
                                         args.max_images)
@@ -168,6 +169,9 @@ def run(cfg, args, checkpoint, device):
     configure_backends(args, device)
     diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema", device=device), device,
                                compile=args.compile)
+    tag = run_tag(checkpoint, args.max_images, precision)  # after the load: its hash is the loaded bytes'
+    out_dir = os.path.join(cfg.save_dir, f"noisy_DDAE_{tag}")
+    board = open_board(args.tensorboard, os.path.join(cfg.save_dir, "tb", f"noisy_DDAE_{tag}"))
     feature_dim = feature_dims(diffusion, cfg.image_shape)[blockname]
     torch.manual_seed(cfg.seed)  # the same head on every process
     head = NoiseConditionalHead(feature_dim, cfg.classes).to(device)
@@ -191,7 +195,7 @@ def run(cfg, args, checkpoint, device):
     loop.close()
 
     accuracies, n_test_images = evaluate(diffusion, head, test_loader, levels, blockname, device, precision)
-    label = f"DDAE {config_name(args.config)} {run_tag(checkpoint)} {blockname}"
+    label = f"DDAE {config_name(args.config)} {tag} {blockname}"
     print0(format_table(levels, accuracies, cfg.model_type, f"{label} + noise-conditional MLP: test accuracy"))
     log_levels(board, levels, accuracies)
     board.close()

@@ -17,8 +17,9 @@ generator (model.noise.PerImageNoise), and every process count cuts the same bat
 and, on a CPU, the same intra-op thread count: a plain python run takes torchrun's (OMP_NUM_THREADS,
 else 1), since a CPU matmul's rounding depends on it. At another --batch_size they agree up to kernel
 rounding. Work is split by index; a rerun into the same folder makes only the missing images, and
-sampling.json in the folder stops a run with other settings from mixing its images in; its "sampler"
-says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
+sampling.json in the folder stops a run with other settings from mixing its images in (the model is named by
+one hash, checkpoint_sha256: sha256sum of the file, or a diffusers folder's documented command; its record stays
+the first run's, a later run that adds images is listed under "continued"); its "sampler" says which ran ("DDAE DDIM", or a diffusers folder's own "diffusers DDIMScheduler(...)").
 """
 import argparse
 import json
@@ -53,8 +54,8 @@ IMAGES_PER_GRID = 400   # the original's sampling batch: one grid_{b}.png per 40
 GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
-IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
-                 "precision", "noise_device")
+IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta",
+                 "seed", "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 
 
@@ -148,8 +149,31 @@ def _describe(values):
     return ", ".join(f"{key}={values[key]}" for key in values)
 
 
-def prepare_folder(out_dir, settings, n_samples):
-    """Check ``out_dir`` against ``settings``, record them, and list the images still to make.
+def _legacy(recorded, settings, settings_path, tensor_digest):
+    """A sampling.json from before ``checkpoint_sha256`` named the model by the SHA-256 of its file, when it
+    named the loaded tensors (``weights_sha256``): the same tensors of a checkpoint file are the same model
+    (the record is upgraded); a diffusers folder's configs were not recorded, so its images are refused."""
+    if "checkpoint_sha256" in recorded or "weights_sha256" not in recorded:
+        return
+    if os.path.isdir(settings["checkpoint"]):
+        raise UserError(f"{settings_path} was written before sampling.json named a diffusers folder's UNet and "
+                        f"scheduler configs, so its images may be of another configuration of these weights; pass "
+                        f"--out_dir with a new folder, or delete that one to start over")
+    if tensor_digest() == recorded["weights_sha256"]:
+        recorded["checkpoint_sha256"] = settings["checkpoint_sha256"]
+        del recorded["weights_sha256"]
+    else:
+        recorded["checkpoint_sha256"] = f"unknown (other weights: weights_sha256 {recorded['weights_sha256'][:12]}...)"
+
+
+def prepare_folder(out_dir, settings, n_samples, tensor_digest=None):
+    """Check ``out_dir`` against ``settings``, record them, and list the images still to make. A folder's
+    record stays the first run's; a later run that adds images is listed under ``"continued"`` (images and
+    provenance), and one that adds none leaves the file as it was.
+
+    Args:
+        tensor_digest: gives ``utils.checkpoint.weights_digest`` of the loaded model, for folders recorded
+            before ``checkpoint_sha256`` (``_legacy``).
 
     Returns:
         the sorted indices below ``n_samples`` whose ``pngs/{i}.png`` is missing.
@@ -161,6 +185,7 @@ def prepare_folder(out_dir, settings, n_samples):
     except OSError as err:
         raise UserError(f"cannot create {pngs} ({err.strerror}); pass --out_dir with a writable folder") from None
     present = {name for name in os.listdir(pngs) if name.endswith(".png")}
+    recorded = None
     if os.path.isfile(settings_path):
         try:
             with open(settings_path) as file:
@@ -170,6 +195,7 @@ def prepare_folder(out_dir, settings, n_samples):
                             f"delete that one") from None
         wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
         recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
+        _legacy(recorded, settings, settings_path, tensor_digest)
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -181,10 +207,19 @@ def prepare_folder(out_dir, settings, n_samples):
                         f"pass --out_dir with a new folder, or delete that one")
     remove_temporary_files(pngs)
     remove_temporary_files(out_dir)
+    missing = [i for i in range(n_samples) if f"{i}.png" not in present]
+    if recorded is None:
+        record = dict(settings, n_samples=n_samples)
+    elif missing:  # the images of this run are listed apart: the record's provenance made the first ones
+        record = dict(recorded, n_samples=max(recorded.get("n_samples", 0), n_samples),
+                      continued=recorded.get("continued", []) + [{"images": len(missing),
+                                                                   "provenance": settings["provenance"]}])
+    else:
+        return missing  # nothing to draw: the record stays the one of the runs that drew the images
     with atomic_path(settings_path, fix="pass --out_dir with a writable folder") as temporary:
         with open(temporary, "w") as file:
-            json.dump(dict(settings, n_samples=n_samples), file, indent=1)
-    return [i for i in range(n_samples) if f"{i}.png" not in present]
+            json.dump(record, file, indent=1)
+    return missing
 
 
 class GridCollector:
@@ -334,13 +369,13 @@ def run(args, device):
     record = provenance(checkpoint, cfg, device, args.seed)
 
     def prepare():
+        # One hash names the model: the loaded bytes' (``sha256sum FILE``, or a folder's ``check`` command).
         settings = dict(provenance=record,
-            weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
+            checkpoint_sha256=record["weights"]["sha256"], model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
-            checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
-        return prepare_folder(out_dir, settings, n_samples)
+        return prepare_folder(out_dir, settings, n_samples, lambda: weights_digest(diffusion))
 
     missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
     rank, world_size = get_rank(), get_world_size()

@@ -30,14 +30,26 @@ def best_line(best, test_images, details=""):
            f"{'; ' + details if details else ''})"
 
 
-def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True):
+def linear_tag(cfg, checkpoint, timesteps, blocks, grid, keyed=True, precision="fp32"):
     """Default name of linear.py's files: checkpoint, cells, head and the settings a sweep varies, so that
     probes of one checkpoint with other settings never meet, e.g.
-    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (the linear head; ``keyed``: see ``probe_tag``) or
-    ``model_1999_sha1a2b3c4d_grid_attention-width64_ep15_lr0.001_bs128``."""
+    ``model_1999_sha1a2b3c4d_grid_ep15_lr0.001_bs128`` (the linear head; ``keyed``: see ``probe_tag``),
+    ``model_1999_sha1a2b3c4d_grid_attention-width64_ep15_lr0.001_bs128`` or ``..._bs128_bf16``
+    (``settings_tag``)."""
     settings = f"ep{cfg.linear.n_epoch}_lr{cfg.linear.lrate:g}_bs{cfg.linear.batch_size}"
     head = head_tag(cfg.linear.head, cfg.linear.head_args)
+    settings += settings_tag(precision=precision)
     return f"{probe_tag(checkpoint, timesteps, blocks, grid, keyed)}{head}_{settings}"
+
+
+def settings_tag(max_images=0, precision="fp32", seed=None, default_seed=None):
+    """The part of a result's name for the run settings that change its numbers, each only when it is not the
+    default (so the default's names stay as they were): ``_max{N}`` for --max_images N, ``_{precision}`` for
+    an autocast precision (``_bf16``, ``_fp16``: --use_amp), ``_seed{S}`` for a ``seed`` other than
+    ``default_seed`` (the config's). E.g. ``_max500_bf16``."""
+    parts = [f"_max{max_images}" if max_images else "", "" if precision == "fp32" else f"_{precision}",
+             "" if seed is None or seed == default_seed else f"_seed{seed}"]
+    return "".join(parts)
 
 
 def head_tag(head, settings):

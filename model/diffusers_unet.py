@@ -21,6 +21,7 @@ and names its blocks as our UNet does (``in_k``, ``mid``, ``out_k``).
 
 diffusers is imported only when a folder is read.
 """
+import io
 import json
 import os
 
@@ -32,7 +33,8 @@ from model.diffusers_sampling import SchedulerSampler
 from model.schedules import make_schedule, published_index
 from utils.distributed import print0
 from utils.errors import UserError, describe_error
-from utils.provenance import DIFFUSERS_WEIGHT_FILES
+from utils.provenance import (DIFFUSERS_WEIGHT_FILES, folder_files, folder_identity, read_hashed, remember,
+                              weights_file)
 
 HOW_TO_GET = ("get a model with `hf download google/ddpm-cifar10-32 --local-dir weights/ddpm-cifar10-32` "
               "(older huggingface_hub: `huggingface-cli download ...`) and pass that folder")
@@ -76,10 +78,11 @@ class DiffusersUNet(nn.Module):
         """The UNet2DModel saved in ``folder`` (either layout), its weights loaded; only its config.json is
         read when built on the meta device (``model.models.block_names``)."""
         unet_folder, scheduler_path = locate(folder)
-        scheduler = None if scheduler_path is None else _read_json(scheduler_path)
+        # Built for real, the model comes from one read of its files, which also gives the folder's identity.
+        contents = None if torch.get_default_device().type == "meta" else read_folder(folder)
+        scheduler = None if scheduler_path is None else _read_json(scheduler_path, contents, folder)
         steps = 1000 if scheduler is None else scheduler.get("num_train_timesteps", 1000)
-        return cls(read_unet(unet_folder, weights=torch.get_default_device().type != "meta"), steps, scheduler,
-                   scheduler_path or folder)
+        return cls(read_unet(unet_folder, contents, folder), steps, scheduler, scheduler_path or folder)
 
     def published_sampler(self, n_T, betas, schedule):
         """The folder's own samplers (``model.diffusers_sampling.SchedulerSampler``): DDIM and ancestral sampling
@@ -176,8 +179,11 @@ class DiffusersUNet(nn.Module):
         return stages
 
 
-def _read_json(path):
+def _read_json(path, contents=None, folder=None):
+    """The JSON file at ``path``; from ``contents`` (``read_folder``'s, of ``folder``) when it holds it."""
     try:
+        if contents is not None and os.path.relpath(path, folder) in contents:
+            return json.loads(contents[os.path.relpath(path, folder)])
         with open(path) as file:
             return json.load(file)
     except (OSError, ValueError) as err:
@@ -289,23 +295,50 @@ def check_folder(cfg, folder):
     return config_path
 
 
-def read_unet(unet_folder, weights=True):
-    """The UNet2DModel of ``unet_folder`` (``weights``: loaded, else only built from its config.json)."""
+def read_folder(folder):
+    """``{name: bytes}`` of the files that define ``folder``'s model (``utils.provenance.folder_files``: the
+    UNet's config and weights, the scheduler's config), each read once; their hashes, the folder's identity
+    (``utils.provenance.folder_identity``), are remembered for this process's records: the loaded bytes'."""
+    contents, digests = {}, {}
+    for name in folder_files(folder):
+        path = os.path.join(folder, name)
+        try:
+            contents[name], digests[name] = read_hashed(path)
+        except OSError as err:
+            raise UserError(f"{path}: cannot be read ({describe_error(err)}); {HOW_TO_GET}") from None
+    remember(folder, folder_identity(folder, digests))
+    return contents
+
+
+def read_unet(unet_folder, contents=None, folder=None):
+    """The UNet2DModel of ``unet_folder``: with ``contents`` (``read_folder``'s, of ``folder``) built from its
+    config.json and weights there, as ``UNet2DModel.from_pretrained`` builds it; else only built from its
+    config.json (no weights: for the meta device)."""
     try:
         from diffusers import UNet2DModel
-        from diffusers.utils import logging as diffusers_logging
     except ImportError:
         raise UserError("a diffusers folder needs diffusers: pip install diffusers") from None
+    from diffusers.utils import logging as diffusers_logging
+
     diffusers_logging.set_verbosity_error()  # a problem is our one-line error, not its log lines
-    if not weights:
-        return UNet2DModel.from_config(_read_json(os.path.join(unet_folder, "config.json")))
-    safetensors = os.path.isfile(os.path.join(unet_folder, WEIGHT_FILES[0]))
+    unet = UNet2DModel.from_config(_read_json(os.path.join(unet_folder, "config.json"), contents, folder))
+    if contents is None:
+        return unet
+    name = os.path.relpath(weights_file(folder), folder)
     try:
-        return UNet2DModel.from_pretrained(unet_folder, local_files_only=True, use_safetensors=safetensors,
-                                           low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as err:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(contents[name])
+        else:
+            state = torch.load(io.BytesIO(contents[name]), map_location="cpu", weights_only=True)
+        # What from_pretrained does to files saved before diffusers renamed its attention layers (google/ddpm-*).
+        unet._fix_state_dict_keys_on_load(state)
+        unet.load_state_dict(state, strict=True)
+    except Exception as err:  # safetensors, torch.load and load_state_dict each raise their own types
         raise UserError(f"diffusers folder {unet_folder} is incomplete or damaged ({describe_error(err)}); "
                         f"{HOW_TO_GET}") from None
+    return unet.eval()
 
 
 def folder_network(cfg, folder, blocks):

@@ -23,10 +23,11 @@ from model.edm import EDM
 from model.heads import head_class
 from model.unet import UNet
 from utils import config
-from utils.checkpoint import load_checkpoint, strip_module_prefix
+from utils.checkpoint import read_checkpoint, strip_module_prefix
 from utils.config import settings_of
 from utils.errors import UserError
 from utils.latents import DiTConfig
+from utils.provenance import file_identity, remember
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
 NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM}
@@ -164,9 +165,13 @@ def refuse_other_network(checkpoint, expected, path):
 
 
 def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
-    """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
-    naming the file and the first key that does not fit (``origin``: see ``check_schedule``)."""
-    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    """Load ``weights`` from the checkpoint at ``path`` (or from ``checkpoint``, its dict, already loaded) into
+    ``diffusion``, or raise a UserError naming the file and the first key that does not fit (``origin``: see
+    ``check_schedule``). Read here, the file's hash is taken from the bytes loaded and remembered as its
+    identity for this process's records (``utils.provenance.remember``)."""
+    if checkpoint is None:
+        checkpoint, digest = read_checkpoint(path)
+        remember(path, file_identity(path, digest))
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
     refuse_other_network(checkpoint, expected, path)

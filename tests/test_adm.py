@@ -212,7 +212,7 @@ def test_probes_knn_export_finetune_and_noisy_classifier(tiny, tmp_path):
     assert set(chosen["accuracy"]["174"]) == {"input_2", "middle"}
 
     knn.main(knn.build_parser().parse_args(script_argv(tiny, "--k", "3", "--precision", "bf16")))
-    assert json.loads(one_file(run / "knn", "cifar10_tiny_sha*_t92_output_7_k3_T0.07.json"))["test_images"] == 8
+    assert json.loads(one_file(run / "knn", "cifar10_tiny_sha*_t92_output_7_k3_T0.07_bf16.json"))["test_images"] == 8
 
     export_features.main(export_features.build_parser().parse_args(
         script_argv(tiny, "--blocks", "output_7", "middle", "--out", str(tmp_path / "features"))))

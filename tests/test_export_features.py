@@ -36,7 +36,7 @@ def test_split_export_writes_one_array_per_block(tmp_path, tiny_run):
     cfg, checkpoint = tiny_run
     run_cli(tmp_path, checkpoint, "--split", "test", "--max_images", "12", "--blocks", "out_1", "out_3",
             "--timestep", "21", "--seed", "100")
-    out = tmp_path / "run" / "features" / f"model_7_{short_digest(checkpoint)}_t21_test"
+    out = tmp_path / "run" / "features" / f"model_7_{short_digest(checkpoint)}_t21_test_max12_seed100"
     assert sorted(p.name for p in out.iterdir()) == ["labels.npy", "meta.json", "out_1.npy", "out_3.npy"]
     out_1, out_3, labels = (np.load(out / name) for name in ("out_1.npy", "out_3.npy", "labels.npy"))
     assert (out_1.shape, out_1.dtype, out_3.shape, labels.dtype) == ((12, 64), np.float32, (12, 32), np.int64)

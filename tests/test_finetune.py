@@ -96,7 +96,8 @@ def tiny_run(tmp_path, **changes):
         save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
     settings = {"checkpoint": str(checkpoint), "timestep": 11, "block": "out_2", "epochs": 2, "lr": 1e-3,
                 "weight_decay": 0.05, "warmup_epochs": 1, "batch_size": 8, "layer_decay": 0.8,
-                "label_smoothing": 0.1, "seed": 3, "world_size": 1, "dataset": "synthetic", "max_images": 0}
+                "label_smoothing": 0.1, "seed": 3, "world_size": 1, "dataset": "synthetic", "max_images": 0,
+                "precision": "fp32"}
     settings.update(changes)
     train_set = SyntheticImages(n=24, image_size=16, train=True, transform=probe_train_transform(16))
     test_set = SyntheticImages(n=12, image_size=16, train=False)
@@ -127,6 +128,9 @@ def test_resumed_run_equals_the_run_that_was_never_stopped(tmp_path, monkeypatch
         finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag")
     with pytest.raises(UserError, match="was trained with lr=0.001, not 0.002"):
         finetune.run_finetune(*tiny_run(tmp_path, lr=2e-3), cpu, tmp_path / "parts", "tag", resume=True)
+    with pytest.raises(UserError, match="was trained with precision='fp32', not 'bf16'"):  # no mix of two
+        finetune.run_finetune(*tiny_run(tmp_path, precision="bf16"), cpu, tmp_path / "parts", "tag", resume=True,
+                              precision="bf16")
     resumed = finetune.run_finetune(*tiny_run(tmp_path), cpu, tmp_path / "parts", "tag", resume=True,
                                     save_weights=True)
     assert without_timings(resumed) == without_timings(whole) | {"weights_file": resumed["weights_file"]}

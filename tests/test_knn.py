@@ -209,7 +209,7 @@ def test_cli_single_process_and_two_processes_agree(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     checkpoint = write_tiny_checkpoint(cfg, tmp_path / "model_3.pth")
     knn.main(knn.build_parser().parse_args(knn_argv(tmp_path / "one", checkpoint, ["--grid", "--k", "5"])))
-    tag = f"model_3_{short_digest(checkpoint)}_grid_k5_T0.07"
+    tag = f"model_3_{short_digest(checkpoint)}_grid_k5_T0.07_max24"
     one = json.loads((tmp_path / "one" / "knn" / f"{tag}.json").read_text())
     best = one["best"]  # the best: line has linear.py's format (evaluation.report.best_line)
     assert f"\nbest: {best['timestep']}/{best['block']} {best['accuracy']:.2f}% (24 test images; 24 training images; " \

@@ -257,7 +257,8 @@ def test_ddae_end_to_end_and_comparison_figure(workspace, model_type, request, c
     config, checkpoint = write_tiny_config(workspace, model_type)
     ddae_script.main(ddae_script.parse_args(["--config", str(config), "--ckpt", str(checkpoint),
                                              "--max_images", "160", "--device", "cpu"]))
-    out_dir = workspace / f"output_tiny_{model_type}" / f"noisy_DDAE_tiny_{model_type}_{short_digest(checkpoint)}"
+    out_dir = workspace / f"output_tiny_{model_type}" / \
+        f"noisy_DDAE_tiny_{model_type}_{short_digest(checkpoint)}_max160"
     result = read_results(out_dir / RESULT_FILE)
     assert (result["method"], result["mode"], result["n_test_images"]) == ("DDAE", model_type, 160)
     expected_levels = DDPM_TIMESTEPS if model_type == "DDPM" else list(range(1, 19))

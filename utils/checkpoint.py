@@ -5,6 +5,7 @@ Everything stored is a tensor or a plain Python value, so every file loads with
 """
 import errno
 import hashlib
+import io
 import os
 import random
 import re
@@ -62,19 +63,34 @@ def write_failure(err):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict written by ``save_checkpoint`` or by the original code; a UserError for a file that is
     missing, truncated, not a PyTorch file, holds arbitrary Python objects, or is not a dict."""
+    return read_checkpoint(path, map_location, hashed=False)[0]
+
+
+def read_checkpoint(path, map_location="cpu", hashed=True):
+    """``(checkpoint dict, hex SHA-256 of the bytes it was loaded from)``: one read of the file serves both, so
+    the hash is the loaded weights' even when the file is replaced meanwhile (``hashed=False``: no hash, None).
+    The errors of ``load_checkpoint``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found; check save_dir and --epoch, or train first")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if hashed:
+            with open(path, "rb") as file:
+                data = file.read()
+            digest = hashlib.sha256(data).hexdigest()
+            source = io.BytesIO(data)
+        else:
+            data, digest, source = None, None, path
+        checkpoint = torch.load(source, map_location=map_location, weights_only=True)
+    except OSError as err:
+        raise UserError(f"checkpoint {path} cannot be read ({describe_error(err)}); check the file") from None
     except Exception as err:  # torch.load signals a damaged file with many exception types
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if unsupported:
             raise UserError(f"checkpoint {path} holds a Python object ({unsupported.group(1)}) "
                             f"besides tensors and plain values; re-save it with tensors and plain "
                             f"values only") from None
-        with open(path, "rb") as file:
-            head = file.read(4)
+        head = data[:4] if data is not None else _head(path)
         if not head.startswith(TORCH_FILE_MAGIC):  # not damaged: simply some other kind of file
             raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip or pickle file); "
                             f"pass a model_{{epoch}}.pth written by train.py") from None
@@ -83,7 +99,12 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
                         f"pass a model_{{epoch}}.pth file written by training")
-    return checkpoint
+    return checkpoint, digest
+
+
+def _head(path):
+    with open(path, "rb") as file:
+        return file.read(4)
 
 
 def weights_digest(module):
