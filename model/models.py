@@ -22,6 +22,7 @@ from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.heads import head_class
 from model.unet import UNet
+from model.uvit import UViT
 from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
 from utils.config import settings_of
@@ -29,7 +30,7 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UViT": UViT}
 
 
 def network_class(net_type, path="net_type"):
@@ -144,6 +145,7 @@ NETWORK_MARKS = {
     "ADM": ("input_blocks.0.0.weight", "an ADM config with the file's flags, e.g. config/ADM_improved_cifar10.yaml "
                                        "for cifar10_uncond_50M_500K.pt, config/ADM_guided_256_uncond.yaml for "
                                        "256x256_diffusion_uncond.pt"),
+    "UViT": ("mid_block.norm1.weight", "a UViT config, e.g. config/cifar_unconditional_vit.yaml"),
 }
 
 
