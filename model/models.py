@@ -70,7 +70,18 @@ def load_config(path, overrides=(), flags=None, allow_dit=False):
     """``utils.config.load_config`` (same arguments) with the ``network`` and ``diffusion`` sections
     checked against the classes that ``net_type`` and ``model_type`` name."""
     return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
-                              kinds={"DiT": DiTConfig})
+                              kinds={"DiT": DiTConfig}, fill=_fill_probe)
+
+
+def _fill_probe(raw):
+    """The probe cell of a file that names none (FutureXiang/Diffusion's configs have no ``linear`` section):
+    ``linear.timestep`` / ``linear.blockname`` from the network class's ``probe_defaults(network)``, if it has
+    one (a registered class; the config's checks then see the values as if the file gave them)."""
+    cls = NETWORKS.get(raw.get("net_type")) if isinstance(raw.get("net_type"), str) else None
+    network, linear = raw.get("network"), raw.get("linear", {})
+    if hasattr(cls, "probe_defaults") and isinstance(network, dict) and isinstance(linear, dict):
+        for key, value in cls.probe_defaults(network).items():
+            raw.setdefault("linear", linear).setdefault(key, value)
 
 
 def on_latents(cfg):

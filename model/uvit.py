@@ -14,6 +14,8 @@ from torch import nn
 from model.adm import timestep_embedding
 from model.blocks import BlockRecorder
 
+PROBE_BLOCK = 0.5  # the default probed out-block, as a fraction of the out-blocks (see probe_defaults)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention over (B, T, D) tokens, one q/k/v projection without bias (timm's layout)."""
@@ -138,6 +140,15 @@ class UViT(nn.Module):
         self.apply(_init_weights)
 
     @staticmethod
+    def probe_defaults(network):
+        """The probe cell of a config without one (the sister codebase's have no ``linear`` section): DDAE's
+        DDPM timestep 11 and the out-block PROBE_BLOCK of the way up (what bench/results measured best)."""
+        depth = network.get("depth", 12)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 2:
+            return {"timestep": 11}  # the config's checks name the bad depth
+        return {"timestep": 11, "blockname": f"out_{max(1, round(PROBE_BLOCK * (depth // 2)))}"}
+
+    @staticmethod
     def check_settings(cfg, require):
         """Cross-key checks of the ``network`` section, at config load."""
         net = cfg.network
@@ -188,11 +199,11 @@ class UViT(nn.Module):
                 return None, recorder.activations
         return self.final(h[:, self.extras:]), recorder.activations
 
-    def forward(self, x, t, c=None, drop_mask=None, aug=None, ret_activation=False):
-        """``x`` (B, C, H, W) noisy images in [-1, 1], ``t`` (B,) or one value: timestep / n_T. ``c`` (B,)
-        labels and ``drop_mask`` (B,), nonzero where the label is replaced by the null one (a conditional
-        network; ``c`` None: the null label for all). Returns the noise (B, C, H, W); with ``ret_activation``
-        also ``{out_k: (B, T, D)}``."""
+    def forward(self, x, t, aug=None, ret_activation=False, c=None, drop_mask=None):
+        """``x`` (B, C, H, W) noisy images in [-1, 1], ``t`` (B,) or one value: timestep / n_T. A conditional
+        network takes ``c`` (B,) labels and ``drop_mask`` (B,), nonzero where the null label replaces the label
+        (``c`` None: the null label for all). Returns the noise (B, C, H, W); with ``ret_activation`` also
+        ``{out_k: (B, T, D)}``. ``aug`` stays None (the contract's place for EDM's augmentation labels)."""
         if aug is not None:
             raise ValueError("a UViT takes no augmentation labels")
         out, activations = self._run(x, t, c, drop_mask, None)
