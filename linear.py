@@ -26,7 +26,7 @@ import torch
 from evaluation.cells import cell_label, format_timesteps, probe_cells
 from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
-from evaluation.heads import FUSED_LABEL, ProbeHeads, evaluate_heads
+from evaluation.heads import FUSED_LABEL, ProbeHeads, check_heads, evaluate_heads
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
 from model.heads import HEADS, head_class
 from model.models import feature_dims, load_config, load_diffusion, on_latents
@@ -133,7 +133,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     n_epoch = cfg.linear.n_epoch
     torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
     heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes,
-                       head_class(cfg.linear.head), cfg.linear.head_args).to(device)
+                       head_class(cfg.linear.head), cfg.linear.head_args, name=cfg.linear.head).to(device)
+    check_heads(heads, diffusion, test_set, device, precision)  # a head that cannot train: one line, no epoch
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate * world_size,
                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
