@@ -175,6 +175,16 @@ class TransposedHead(torch.nn.Linear):
         return super().forward(feature).t()
 
 
+class BatchPooledHead(torch.nn.Linear):
+    """Pools over the batch instead of the tokens: (classes,) logits."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+
+    def forward(self, feature):
+        return super().forward(feature.mean(dim=0))
+
+
 class RaisingHead(torch.nn.Linear):
     def __init__(self, dim, num_classes):
         super().__init__(dim, num_classes)
@@ -217,6 +227,7 @@ class FusedTransposedHead(torch.nn.Module):
 BAD_HEADS = {
     "WideHead": "its forward returns shape (2, 13) for a batch of 2, not (batch, classes) = (2, 10)",
     "TransposedHead": "its forward returns shape (10, 2) for a batch of 2, not (batch, classes) = (2, 10)",
+    "BatchPooledHead": "its forward returns shape (10,) for a batch of 2, not (batch, classes) = (2, 10)",
     "RaisingHead": "its forward fails on a batch of 2 (ValueError: forgot to pool the tokens)",
     "FrozenHead": "the head has no trainable parameters",
     "OneArgumentHead": "OneArgumentHead(channels, 10) failed (TypeError: ",
