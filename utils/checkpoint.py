@@ -78,8 +78,10 @@ def load_checkpoint(path, map_location="cpu"):
         if not head.startswith(TORCH_FILE_MAGIC):  # not damaged: simply some other kind of file
             raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip or pickle file); "
                             f"pass a model_{{epoch}}.pth written by train.py") from None
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it may "
-                        f"be truncated or damaged: delete it and use another epoch") from None
+        fix = "delete it and use another epoch" if CHECKPOINT_NAME.match(os.path.basename(path)) else \
+            "download or copy it again"  # a file from elsewhere (a publisher's .pt): no other epoch to use
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it is "
+                        f"truncated or damaged: {fix}") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
                         f"pass a model_{{epoch}}.pth file written by training")
