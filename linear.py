@@ -142,7 +142,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
 
     settings = _settings(cfg, heads, world_size)
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
-    loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe")
+    loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe",
+                     what="probe state")
     history, start_epoch, test_images = [], 0, None
     weights = weights_identity(source) if source else None
     state = loop.resume(state_path, settings, "{path} holds a probe with {key}={saved!r}, not {wanted!r}; run "

@@ -1,7 +1,9 @@
 """Probe heads in linear.py (model/heads.py): token features, the heads by name with their settings in the
 file tag, resume state and result, exact resume of attention and fusion, and linear.py run as a user types
 it on the demo config (its dataset named by import path)."""
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -297,3 +299,31 @@ def test_a_fused_head_reads_every_cell_it_is_given():
         changed = list(features)
         changed[cell] = features[cell] + 1
         assert not torch.allclose(heads(changed), logits), f"cell {cell} is ignored"
+
+
+def test_linear_py_one_line_messages(tmp_path, monkeypatch, capsys):
+    """head_args for the linear head (which takes none), and a full disk at the probe's state: one line each,
+    naming what it is about, exit codes 2 and 1."""
+    cfg, config_path = make_config(tmp_path)
+    make_checkpoint(cfg, 3)
+    argv = ["--config", str(config_path), "--epoch", "3", "--device", "cpu", "--set", f"save_dir={tmp_path / 'run'}",
+            "--set", "dataset=tests.test_heads.few_shapes", "--set", "linear.n_epoch=1"]
+
+    def refusal(*extra):
+        with pytest.raises(SystemExit) as stopped:
+            linear.main(linear.build_parser().parse_args(argv + list(extra)))
+        return stopped.value.code, capsys.readouterr().err
+
+    assert refusal("--set", "linear.head_args.width=8") == (2, (
+        f"error: {config_path}: unknown key 'linear.head_args.width' for linear.head linear, which takes none: "
+        f"remove 'linear.head_args' (from --set linear.head_args.width=8)\n"))
+
+    def full_disk(obj, file):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = refusal()
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write probe state {tmp_path / 'run' / 'linear'}/model_3_sha"), err
+    assert ".state.pth (No space left on device; " in err and "checkpoint" not in err
+    assert not list((tmp_path / "run" / "linear").glob("*"))  # no partial state, no result

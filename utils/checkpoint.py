@@ -26,16 +26,17 @@ TEMPORARY_NAME = re.compile(r"^\..+\.pth\.\d+\.tmp$")  # utils.atomic's name whi
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
-def save_checkpoint(obj, path):
-    """Write ``obj`` to ``path`` with ``torch.save`` through ``utils.atomic``: a crash never leaves a partial file."""
+def save_checkpoint(obj, path, what="checkpoint"):
+    """Write ``obj`` to ``path`` with ``torch.save`` through ``utils.atomic``: a crash never leaves a partial file.
+    ``what`` names the file in messages (a probe's resume state is no checkpoint of a model)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the checkpoint folder {folder} ({describe_error(err)}); "
+        raise UserError(f"cannot create the {what} folder {folder} ({describe_error(err)}); "
                         f"choose a writable save_dir") from None
-    with atomic_path(path, what="checkpoint ", fix="free disk space or set save_dir to a disk with room",
+    with atomic_path(path, what=f"{what} ", fix="free disk space or set save_dir to a disk with room",
                      durable=True) as temporary:
         with open(temporary, "wb") as file:
             try:
