@@ -43,7 +43,7 @@ from utils.config import add_config_args
 from utils.data import DATASETS, FID_SAMPLES, dataset_spec, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0, torchrun_cpu_threads)
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, WriteFailed, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
 from utils.preemption import StopSignals
 from utils.progress import progress as progress_bar
@@ -56,6 +56,8 @@ SETTINGS_FILE = "sampling.json"
 IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
                  "precision", "noise_device")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
+WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
+             "missing images")  # a failed PNG write
 
 
 def build_parser():
@@ -215,12 +217,16 @@ class GridCollector:
 
 def _write_pngs(folder, indices, pixels):
     for index, image in zip(indices, pixels):
-        path = os.path.join(folder, f"{index}.png")
-        try:
-            save_png(image, path)
-        except OSError as err:
-            raise UserError(f"cannot write {path} ({err.strerror or err}); free disk space or pass --out_dir "
-                            f"with a writable folder (a rerun keeps the images already written)") from None
+        save_png(image, os.path.join(folder, f"{index}.png"), WRITE_FIX)
+
+
+def _raise_failed_write(written, wait_for):
+    """Raise the first failed write (a WriteFailed) of ``written``, the write jobs of each batch drawn: wait
+    for those of the first ``wait_for`` batches, look at the others' only when they are done."""
+    for number, jobs in enumerate(written):
+        for job in jobs:
+            if number < wait_for or job.done():
+                job.result()
 
 
 def draw_images(diffusion, sampler, noise, n, image_shape):
@@ -254,24 +260,30 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
     mine = sum(len(batch) for batch in batches)
     total = mine if total is None else total
     share = total / max(mine, 1)  # this process's batches stand for the others' in the bar
-    pending = []
+    written = []  # the write jobs of each batch drawn, until they are done
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
             progress_bar(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
-        for batch in batches:
-            padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
-            noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
-            with autocast(device, precision):
-                images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
-            pixels = to_uint8(images[:len(batch)]).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
-            pending.append(writer.submit(_write_pngs, pngs, batch, pixels))
-            for grid, grid_images in grids.add(batch, pixels):
-                pending.append(writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"),
-                                             GRID_NROW))
-            bar.update(min(round(len(batch) * share), total - bar.n))
-            while len(pending) > 2 * PNG_WRITERS:  # bounded memory; a failed write stops the run here
-                pending.pop(0).result()
-        for job in pending:
-            job.result()
+        try:
+            for batch in batches:
+                # The previous batch's files are written while this one is drawn; those of every batch before
+                # it are done: a failed write (a full disk) stops the run here, not thousands of images later.
+                _raise_failed_write(written, len(written) - 1)
+                del written[:-1]
+                padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
+                noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
+                with autocast(device, precision):
+                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
+                pixels = to_uint8(images[:len(batch)]).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
+                jobs = [writer.submit(_write_pngs, pngs, batch[part::PNG_WRITERS], pixels[part::PNG_WRITERS])
+                        for part in range(min(PNG_WRITERS, len(batch)))]
+                jobs += [writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"), GRID_NROW,
+                                       WRITE_FIX) for grid, grid_images in grids.add(batch, pixels)]
+                written.append(jobs)
+                bar.update(min(round(len(batch) * share), total - bar.n))
+            _raise_failed_write(written, len(written))
+        except WriteFailed:
+            writer.shutdown(cancel_futures=True)  # nothing queued after the failure is written
+            raise
     return mine
 
 

@@ -49,7 +49,7 @@ def _as_pixel_array(image):
     return to_uint8(image.detach()).cpu().permute(1, 2, 0).numpy()  # (H, W, C)
 
 
-def save_png(image, path):
+def save_png(image, path, fix="choose a writable folder"):
     """Write one image as a PNG so that ``path`` is either absent or complete, never truncated.
 
     Args:
@@ -57,20 +57,22 @@ def save_png(image, path):
             PIL image; 1-channel tensors are written as RGB, as torchvision's ``save_image`` does.
         path: destination. The bytes go to a hidden temporary file in the same folder (ending in
             .tmp, so image globs skip it) that then replaces ``path`` (utils.atomic).
+        fix: what the user can do when the write fails (a ``utils.errors.WriteFailed``, one line).
     """
-    with atomic_path(path) as temporary:
+    with atomic_path(path, what="image ", fix=fix) as temporary:
         Image.fromarray(_as_pixel_array(image)).save(temporary, format="PNG")
 
 
-def save_grid(images, path, nrow):
+def save_grid(images, path, nrow, fix="choose a writable folder"):
     """Write a batch as one PNG grid, ``nrow`` images per row, as torchvision's ``save_image`` lays it out.
 
     Args:
         images: (B, C, H, W) float tensor in [0, 1] or uint8 tensor.
         path: destination PNG (written atomically, see ``save_png``).
         nrow: images per row.
+        fix: as for ``save_png``.
     """
-    save_png(make_grid(to_uint8(images).cpu(), nrow), path)
+    save_png(make_grid(to_uint8(images).cpu(), nrow), path, fix)
 
 
 def make_grid(images, nrow, padding=GRID_PADDING):
