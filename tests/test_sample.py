@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +429,7 @@ def test_a_failed_png_write_stops_sampling_at_once_in_one_line(ddpm_config, tmp_
 
     def failing_save(image, fp, *args, **kwargs):
         if ".4.png." in str(fp):
+            time.sleep(0.3)  # a slow disk: the run waits for the write rather than drawing on
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(image, fp, *args, **kwargs)
 
