@@ -54,7 +54,7 @@ GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
 IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta", "seed",
-                 "precision", "noise_device")
+                 "precision", "noise_device", "pixels")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
              "missing images")  # a failed PNG write
@@ -172,6 +172,7 @@ def prepare_folder(out_dir, settings, n_samples):
                             f"delete that one") from None
         wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
         recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
+        recorded.setdefault("pixels", "truncate")  # folders from before the key: torchvision's rule
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -235,7 +236,7 @@ def draw_images(diffusion, sampler, noise, n, image_shape):
 
 
 def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
-             total=None, progress=True, pad_to=None):
+             total=None, progress=True, pad_to=None, pixel_rule="truncate"):
     """Sample ``batches`` (lists of image indices) into ``out_dir/pngs`` and the grids they complete.
 
     Args:
@@ -251,6 +252,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
         pad_to: sample a shorter batch (the run's last) at this size and drop the extra images, so a
             compiled network sees one shape only: no second compilation or CUDA graph at the end.
             The extra images have seeds of their own, so the kept ones are unchanged.
+        pixel_rule: how samples become pixels, a ``utils.images.to_uint8`` rule (the diffusion's ``pixel_rule()``).
 
     Returns:
         the number of images this process wrote.
@@ -273,7 +275,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
                 noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
                 with autocast(device, precision):
                     images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
-                pixels = to_uint8(images[:len(batch)]).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
+                pixels = to_uint8(images[:len(batch)], pixel_rule).cpu()  # (B, C, H, W) uint8: one copy to the host
                 jobs = [writer.submit(_write_pngs, pngs, batch[part::PNG_WRITERS], pixels[part::PNG_WRITERS])
                         for part in range(min(PNG_WRITERS, len(batch)))]
                 jobs += [writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"), GRID_NROW,
@@ -340,6 +342,7 @@ def run(args, device):
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
     sampler_name = diffusion.sampler_name(sampler)  # e.g. "DDAE DDIM" or a diffusers folder's own scheduler
+    pixel_rule = getattr(diffusion, "pixel_rule", lambda: "truncate")()  # "round" for a diffusers folder
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.image_shape)
 
@@ -351,7 +354,8 @@ def run(args, device):
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),
-            config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
+            config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW,
+            pixels=pixel_rule)
         return prepare_folder(out_dir, settings, n_samples)
 
     missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
@@ -365,7 +369,7 @@ def run(args, device):
     start = time.perf_counter()
     generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
                          n_samples, total=len(missing), progress=is_main(),
-                         pad_to=min(args.batch_size, len(missing)) if args.compile else None)
+                         pad_to=min(args.batch_size, len(missing)) if args.compile else None, pixel_rule=pixel_rule)
     seconds = time.perf_counter() - start
     barrier()
     write_missing_grids(out_dir, n_samples, rank, world_size)

@@ -9,7 +9,8 @@ Unpack the CIFAR-10 training images for FID (what extract_cifar10_pngs.ipynb run
     python -m utils.images export-cifar10 --data_root ./data --out data/cifar10-pngs
 
 Pixels are quantised as torchvision's ``save_image`` does (x * 255 + 0.5, clamped, truncated),
-so a PNG written here has the same bytes as one written by the original code.
+so a PNG written here has the same bytes as one written by the original code; ``to_uint8(x, "round")``
+rounds x * 255 half to even as diffusers' pipelines do (``numpy_to_pil``), for a diffusers folder's samples.
 """
 import argparse
 import os
@@ -26,11 +27,17 @@ from utils.progress import iterate
 GRID_PADDING = 2  # torchvision's save_image default, used by the original's grids
 
 
-def to_uint8(images):
-    """Quantise float images of any shape in [0, 1] (clamped) to uint8 like torchvision's ``save_image``, on their
-    device; uint8 passes through."""
+def to_uint8(images, rule="truncate"):
+    """Quantise float images of any shape in [0, 1] (clamped) to uint8 on their device; uint8 passes through.
+
+    Args:
+        rule: "truncate", torchvision's ``save_image`` (x * 255 + 0.5, truncated), the original's PNGs; or
+            "round", diffusers' ``numpy_to_pil`` (x * 255 rounded half to even), a pipeline's PNGs.
+    """
     if images.dtype == torch.uint8:
         return images
+    if rule == "round":
+        return images.clamp(0, 1).mul_(255).round_().to(torch.uint8)
     return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
