@@ -173,7 +173,8 @@ def test_unsupported_scheduler_options_are_refused_before_sampling(folder, tmp_p
 
 def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, tmp_path):
     """A folder sampled before this sampler existed (DDAE's DDIM; its sampling.json has no "sampler") is refused,
-    naming both samplers, instead of being filled up with other images."""
+    naming both samplers, instead of being filled up with other images; so is one of this sampler from before
+    its PNGs were rounded as the pipeline's (no "pixels": truncated)."""
     with_scheduler(folder)
     root, _ = folder
     sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
@@ -182,12 +183,14 @@ def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, 
     sample.main(sample.build_parser().parse_args(argv))
     settings_file = tmp_path / "old" / "sampling.json"
     settings = json.loads(settings_file.read_text())
-    del settings["sampler"]
-    settings_file.write_text(json.dumps(settings))
+    assert settings["pixels"] == "round"
     (tmp_path / "old" / "pngs" / "1.png").unlink()
-    with pytest.raises(UserError, match="sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
-                                        "DDIMScheduler"):
-        sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))
+    for removed, message in (("sampler", "sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
+                                         "DDIMScheduler"),
+                             ("pixels", "sampled with pixels=truncate, but this run has pixels=round;")):
+        settings_file.write_text(json.dumps({key: value for key, value in settings.items() if key != removed}))
+        with pytest.raises(UserError, match=message):
+            sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))
 
 
 def test_round_pixels_are_numpy_to_pils(tmp_path):
