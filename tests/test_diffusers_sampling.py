@@ -193,11 +193,17 @@ def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, 
             sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))
 
 
-def test_round_pixels_are_numpy_to_pils(tmp_path):
-    """Every float32 level, the halves between levels and their neighbours: the "round" rule's PNG is the one
-    diffusers' numpy_to_pil makes; the original's rule ("truncate", x * 255 + 0.5) differs."""
+def boundary_values():
+    """768 float32 values in [0, 1]: every level, every half between two levels and the float just below it."""
     levels = torch.arange(256, dtype=torch.float32)
-    values = torch.cat([levels, levels + 0.5, torch.nextafter(levels + 0.5, levels), torch.rand(2000) * 255]) / 255
+    halves = levels[:-1] + 0.5
+    return torch.cat([levels, halves, torch.nextafter(halves, levels[:-1]), torch.tensor([0.0, 255.0])]) / 255
+
+
+def test_round_pixels_are_numpy_to_pils(tmp_path):
+    """At the boundaries and at random values, the "round" rule's PNG is the one diffusers' numpy_to_pil makes;
+    the original's rule ("truncate", x * 255 + 0.5) differs."""
+    values = torch.cat([boundary_values(), torch.rand(2000)])
     values = torch.cat([values, values[:(-len(values)) % 48]])  # whole 4x4 RGB images
     images = values.clamp(0, 1).view(-1, 4, 4, 3)  # (N, H, W, C), as the pipeline hands them to numpy_to_pil
     theirs = DDIMPipeline.numpy_to_pil(images.numpy())
@@ -206,3 +212,19 @@ def test_round_pixels_are_numpy_to_pils(tmp_path):
         save_png(pixels, tmp_path / f"{index}.png")
         assert (tmp_path / f"{index}.png").read_bytes() == png_bytes(image)
     assert not torch.equal(to_uint8(images.permute(0, 3, 1, 2)), ours)
+
+
+def test_sample_py_writes_a_folders_pixels_by_the_pipelines_rule(folder, tmp_path, monkeypatch):
+    """Samples at the rounding boundaries (the sampler replaced): sample.py on a diffusers folder writes the PNG
+    that numpy_to_pil's image of them saves to."""
+    image = boundary_values().view(16, 16, 3)  # (H, W, C)
+    monkeypatch.setattr(sample, "draw_images", lambda diffusion, sampler, noise, n, shape:
+                        image.permute(2, 0, 1).expand(n, -1, -1, -1))
+    with_scheduler(folder)
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    out = tmp_path / "out"
+    sample.main(sample.build_parser().parse_args(["--config", str(CONFIG), *sets, "--ckpt", str(root), "--device",
+                                                  "cpu", "--n_samples", "1", "--steps", "2", "--out_dir", str(out)]))
+    (expected,) = DDIMPipeline.numpy_to_pil(image.numpy())
+    assert (out / "pngs" / "0.png").read_bytes() == png_bytes(expected)
