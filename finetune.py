@@ -239,10 +239,27 @@ def finished_result(path, settings, weights):
         return None  # a damaged record is a run to redo, as one that never finished
     if not result.get("finished"):
         return None
+    absent = _absent_key(result)
+    if absent:
+        raise UserError(f"{path}: this finished run's record has no '{absent}' (edited or damaged); restore it, pass "
+                        f"--out for a new run, or delete it to train again")
     check_saved_run(path, result["settings"], settings, FINISHED_MISMATCH, RESUME_KEYS,
                     recorded=(result.get("provenance") or {}).get("weights"), weights=weights,
                     fix="pass --out for a new run, or delete it to train again")
     return result
+
+
+def _absent_key(result):
+    """The first key that ``finished_result`` and its caller read and the record ``result`` lacks, or None."""
+    for key in ("settings", "epochs_done", "test_accuracy"):
+        if key not in result:
+            return key
+    if not isinstance(result["settings"], dict):
+        return "settings"
+    absent = [f"settings.{key}" for key in RESUME_KEYS if key not in result["settings"]]
+    weights = (result.get("provenance") or {}).get("weights")
+    absent += ["provenance.weights.sha256"] if isinstance(weights, dict) and "sha256" not in weights else []
+    return absent[0] if absent else None
 
 
 def finish(out_dir, tag, result, classifier, settings, weights, save_weights):

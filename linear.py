@@ -27,7 +27,7 @@ import torch
 from evaluation.cells import cell_label, format_timesteps, probe_cells
 from evaluation.features import extract_grid_features
 from evaluation.frozen import prepare_frozen, to_device
-from evaluation.heads import FUSED_LABEL, ProbeHeads, evaluate_heads
+from evaluation.heads import FUSED_LABEL, ProbeHeads, check_heads, evaluate_heads
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
 from model.heads import HEADS, head_class
 from model.models import feature_dims, load_config, load_diffusion, on_latents
@@ -135,7 +135,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
     n_epoch = cfg.linear.n_epoch
     torch.manual_seed(cfg.seed)  # the same initial heads on every process and at any world size
     heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes,
-                       head_class(cfg.linear.head), cfg.linear.head_args).to(device)
+                       head_class(cfg.linear.head), cfg.linear.head_args, name=cfg.linear.head).to(device)
+    check_heads(heads, diffusion, test_set, device, precision)  # a head that cannot train: one line, no epoch
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate * world_size,
                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epoch)
@@ -143,7 +144,8 @@ def run_probe(cfg, diffusion, train_set, test_set, timesteps, blocks, device, ou
 
     settings = _settings(cfg, heads, world_size, precision)
     state_path = os.path.join(out_dir, f"{tag}.state.pth")
-    loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe")
+    loop = EpochLoop(n_epoch, device, board=board, prefix="linear/", how="the same command continues the probe",
+                     what="probe state")
     history, start_epoch, test_images = [], 0, None
     weights = weights_identity(source) if source else None
     state = loop.resume(state_path, settings, "{path} holds a probe with {key}={saved!r}, not {wanted!r}; run "

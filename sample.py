@@ -44,7 +44,7 @@ from utils.config import add_config_args
 from utils.data import DATASETS, FID_SAMPLES, dataset_spec, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0, torchrun_cpu_threads)
-from utils.errors import UserError, cli_entry
+from utils.errors import UserError, WriteFailed, cli_entry
 from utils.images import remove_temporary_files, save_grid, save_png, to_uint8
 from utils.preemption import StopSignals
 from utils.progress import progress as progress_bar
@@ -55,8 +55,10 @@ GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
 IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta",
-                 "seed", "precision", "noise_device")
+                 "seed", "precision", "noise_device", "pixels")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
+WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
+             "missing images")  # a failed PNG write
 
 
 def build_parser():
@@ -196,6 +198,7 @@ def prepare_folder(out_dir, settings, n_samples, tensor_digest=None):
         wanted = json.loads(json.dumps(_identity(settings)))  # tuples -> lists, as the file holds them
         recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
         _legacy(recorded, settings, settings_path, tensor_digest)
+        recorded.setdefault("pixels", "truncate")  # folders from before the key: torchvision's rule
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -250,12 +253,16 @@ class GridCollector:
 
 def _write_pngs(folder, indices, pixels):
     for index, image in zip(indices, pixels):
-        path = os.path.join(folder, f"{index}.png")
-        try:
-            save_png(image, path)
-        except OSError as err:
-            raise UserError(f"cannot write {path} ({err.strerror or err}); free disk space or pass --out_dir "
-                            f"with a writable folder (a rerun keeps the images already written)") from None
+        save_png(image, os.path.join(folder, f"{index}.png"), WRITE_FIX)
+
+
+def _raise_failed_write(written, wait_for):
+    """Raise the first failed write (a WriteFailed) of ``written``, the write jobs of each batch drawn: wait
+    for those of the first ``wait_for`` batches, look at the others' only when they are done."""
+    for number, jobs in enumerate(written):
+        for job in jobs:
+            if number < wait_for or job.done():
+                job.result()
 
 
 def draw_images(diffusion, sampler, noise, n, image_shape):
@@ -264,7 +271,7 @@ def draw_images(diffusion, sampler, noise, n, image_shape):
 
 
 def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
-             total=None, progress=True, pad_to=None):
+             total=None, progress=True, pad_to=None, pixel_rule="truncate"):
     """Sample ``batches`` (lists of image indices) into ``out_dir/pngs`` and the grids they complete.
 
     Args:
@@ -280,6 +287,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
         pad_to: sample a shorter batch (the run's last) at this size and drop the extra images, so a
             compiled network sees one shape only: no second compilation or CUDA graph at the end.
             The extra images have seeds of their own, so the kept ones are unchanged.
+        pixel_rule: how samples become pixels, a ``utils.images.to_uint8`` rule (the diffusion's ``pixel_rule()``).
 
     Returns:
         the number of images this process wrote.
@@ -289,24 +297,30 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
     mine = sum(len(batch) for batch in batches)
     total = mine if total is None else total
     share = total / max(mine, 1)  # this process's batches stand for the others' in the bar
-    pending = []
+    written = []  # the write jobs of each batch drawn, until they are done
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer, \
             progress_bar(total=total, unit="img", disable=not progress, desc="sampling", smoothing=0.1) as bar:
-        for batch in batches:
-            padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
-            noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
-            with autocast(device, precision):
-                images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
-            pixels = to_uint8(images[:len(batch)]).cpu()  # (B, C, H, W) uint8: the batch's one copy to the host
-            pending.append(writer.submit(_write_pngs, pngs, batch, pixels))
-            for grid, grid_images in grids.add(batch, pixels):
-                pending.append(writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"),
-                                             GRID_NROW))
-            bar.update(min(round(len(batch) * share), total - bar.n))
-            while len(pending) > 2 * PNG_WRITERS:  # bounded memory; a failed write stops the run here
-                pending.pop(0).result()
-        for job in pending:
-            job.result()
+        try:
+            for batch in batches:
+                # The previous batch's files are written while this one is drawn; those of every batch before
+                # it are done: a failed write (a full disk) stops the run here, not thousands of images later.
+                _raise_failed_write(written, len(written) - 1)
+                del written[:-1]
+                padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
+                noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
+                with autocast(device, precision):
+                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
+                pixels = to_uint8(images[:len(batch)], pixel_rule).cpu()  # (B, C, H, W) uint8: one copy to the host
+                jobs = [writer.submit(_write_pngs, pngs, batch[part::PNG_WRITERS], pixels[part::PNG_WRITERS])
+                        for part in range(min(PNG_WRITERS, len(batch)))]
+                jobs += [writer.submit(save_grid, grid_images, os.path.join(out_dir, f"grid_{grid}.png"), GRID_NROW,
+                                       WRITE_FIX) for grid, grid_images in grids.add(batch, pixels)]
+                written.append(jobs)
+                bar.update(min(round(len(batch) * share), total - bar.n))
+            _raise_failed_write(written, len(written))
+        except WriteFailed:
+            writer.shutdown(cancel_futures=True)  # nothing queued after the failure is written
+            raise
     return mine
 
 
@@ -363,6 +377,7 @@ def run(args, device):
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
     sampler_name = diffusion.sampler_name(sampler)  # e.g. "DDAE DDIM" or a diffusers folder's own scheduler
+    pixel_rule = getattr(diffusion, "pixel_rule", lambda: "truncate")()  # "round" for a diffusers folder
     out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
     image_shape = tuple(cfg.image_shape)
 
@@ -374,7 +389,8 @@ def run(args, device):
             checkpoint_sha256=record["weights"]["sha256"], model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
-            config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW)
+            config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW,
+            pixels=pixel_rule)
         return prepare_folder(out_dir, settings, n_samples, lambda: weights_digest(diffusion))
 
     missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
@@ -388,7 +404,7 @@ def run(args, device):
     start = time.perf_counter()
     generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
                          n_samples, total=len(missing), progress=is_main(),
-                         pad_to=min(args.batch_size, len(missing)) if args.compile else None)
+                         pad_to=min(args.batch_size, len(missing)) if args.compile else None, pixel_rule=pixel_rule)
     seconds = time.perf_counter() - start
     barrier()
     write_missing_grids(out_dir, n_samples, rank, world_size)

@@ -77,9 +77,10 @@ def head_step_ms(cfg, diffusion, train_set, timesteps, blocks, repeats=9):
     labels = torch.tensor([train_set[i][1] for i in range(cfg.linear.batch_size)])
     torch.manual_seed(cfg.seed)
     heads = ProbeHeads(feature_dims(diffusion, cfg.image_shape), timesteps, blocks, cfg.classes,
-                       head_class(cfg.linear.head), cfg.linear.head_args)
+                       head_class(cfg.linear.head), cfg.linear.head_args, name=cfg.linear.head)
     features = extract_grid_features(diffusion, images, timesteps, blocks, tokens=heads.tokens)
     inputs = [features[cell] for cell in heads.cells]
+    heads.check(inputs)  # (batch, classes) logits, or one line naming the head
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.linear.lrate)
     times = []
     for _ in range(repeats + 1):

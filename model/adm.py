@@ -52,7 +52,7 @@ def channel_multipliers(channel_mult, image_size):
 
 def attention_factors(attention_resolutions, image_size):
     """The downsampling factors (image_size // resolution) at which OpenAI's UNet has attention."""
-    return {image_size // int(part) for part in attention_resolutions.split(",") if part.strip()}
+    return {image_size // int(part) for part in str(attention_resolutions).split(",") if part.strip()}
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -191,7 +191,8 @@ class ADM(nn.Module):
         learn_sigma: the network also outputs the variance interpolation v (6 output channels).
         class_cond: a label embedding for 1000 classes (DDAE's unconditional feature pass gives no labels:
             refused in configs, see ``check_settings``).
-        attention_resolutions: comma-separated resolutions (e.g. "16,8") that have self-attention.
+        attention_resolutions: comma-separated resolutions (e.g. "16,8") that have self-attention; one
+            resolution may be an int (16), as OpenAI's flag takes it.
         num_heads: attention heads (when ``num_head_channels`` is -1).
         num_head_channels: channels per attention head; -1 uses ``num_heads``.
         num_heads_upsample: heads of the decoder's attention; -1 is ``num_heads``.
@@ -209,7 +210,7 @@ class ADM(nn.Module):
     feature_axis = 1  # the channels of a (B, C, H, W) activation
 
     def __init__(self, image_size: int = 64, num_channels: int = 128, num_res_blocks: int = 2, channel_mult: str = "",
-                 learn_sigma: bool = False, class_cond: bool = False, attention_resolutions: str = "16,8",
+                 learn_sigma: bool = False, class_cond: bool = False, attention_resolutions: str | int = "16,8",
                  num_heads: int = 4, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = True, dropout: float = 0.0, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_checkpoint: bool = False, use_fp16: bool = False,
@@ -297,13 +298,16 @@ class ADM(nn.Module):
         widths = [int(m * net.num_channels) for m in mults]
         require(all(w >= GROUPS and w % GROUPS == 0 for w in widths), "network.num_channels",
                 f"times every channel_mult must be a multiple of {GROUPS} (GroupNorm's groups); widths {widths}")
+        value = net.attention_resolutions  # a string, or one int (YAML reads --set ...=16 as one)
         try:
-            resolutions = [int(part) for part in net.attention_resolutions.split(",") if part.strip()]
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(value)
+            resolutions = [int(part) for part in str(value).split(",") if part.strip()]
         except ValueError:
             resolutions = [0]
         require(all(r >= 1 and net.image_size % r == 0 for r in resolutions), "network.attention_resolutions",
-                f"must be comma-separated divisors of image_size {net.image_size} (e.g. \"16,8\"), got "
-                f"{net.attention_resolutions!r}")
+                f"must be comma-separated divisors of image_size {net.image_size} (e.g. \"16,8\" or 16), got "
+                f"{type(value).__name__} {value!r}")
         for key, heads in (("num_heads", net.num_heads), ("num_heads_upsample", net.num_heads_upsample)):
             if net.num_head_channels == -1 and not (key == "num_heads_upsample" and heads == -1):
                 require(heads >= 1 and all(w % heads == 0 for w in widths), f"network.{key}",

@@ -186,6 +186,12 @@ class DDPM(nn.Module):
         published = getattr(self.nn_model, "published_sampler", None)
         return None if published is None else published(self.n_T, self.betas, self.schedule)
 
+    def pixel_rule(self):
+        """How sample.py turns this model's samples into PNG pixels (a ``utils.images.to_uint8`` rule): "round" as
+        diffusers' pipelines do for a diffusers folder, so that its PNGs are the pipeline's; else "truncate",
+        the original's (torchvision's save_image)."""
+        return "round" if getattr(self.nn_model, "published_sampler", None) is not None else "truncate"
+
     def sampler_name(self, sampler):
         """Which sampler ``sample(**sampler)`` runs, for sampling.json: "DDAE DDIM", "DDAE DDPM" (ancestral), "DDAE
         DDPM, learned variance" (a network with ``learn_sigma``) or a diffusers folder's "diffusers

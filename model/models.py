@@ -196,20 +196,31 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
                         f"{sorted(checkpoint)[:6]}") from None
     held = network_kind(state)
     fix = f"check --config; a {held} file takes {NETWORK_MARKS[held][1]}" if held else "check --config"
+    bare = not any(key.startswith(("nn_model.", "module.nn_model.", "ema_model.")) for key in _file_keys(checkpoint))
+
+    def named(key):  # as the file names it: a bare network state dict (OpenAI's, DiT's) has no "nn_model."
+        return key.removeprefix("nn_model.") if bare else key
+
     for key, value in expected.items():
         if key not in state:
-            raise UserError(f"{path}: key {key!r} is missing; the checkpoint was made for another "
+            raise UserError(f"{path}: key {named(key)!r} is missing; the checkpoint was made for another "
                             f"network than the config describes ({fix})")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"{path}: key {key!r} has shape {tuple(state[key].shape)} in the checkpoint "
+            raise UserError(f"{path}: key {named(key)!r} has shape {tuple(state[key].shape)} in the checkpoint "
                             f"but {tuple(value.shape)} in the config's network ({fix})")
     extra = [k for k in state if k not in expected]
     if extra:
-        raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
+        raise UserError(f"{path}: unexpected key {named(extra[0])!r}; the checkpoint was made for another "
                         f"network than the config describes ({fix})")
     check_schedule(diffusion, checkpoint, path, origin)
     diffusion.load_state_dict(state, strict=True)
     return diffusion
+
+
+def _file_keys(checkpoint):
+    """The parameter names of a checkpoint as it stores them (inside its EMA or MODEL entry, if any)."""
+    state = checkpoint.get("EMA") or checkpoint.get("MODEL") or checkpoint
+    return list(state) if isinstance(state, dict) else []
 
 
 def _plain(value):

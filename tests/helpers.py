@@ -2,7 +2,9 @@
 
 Test modules import these from here, never from one another (the fixtures live in conftest.py).
 """
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -233,3 +235,23 @@ def interrupt_on_call(monkeypatch, module, name, call=2):
 
     monkeypatch.setattr(module, name, interrupted)
     return original
+
+
+@contextlib.contextmanager
+def tmpfs(folder, size):
+    """``folder`` (created) as a tmpfs of ``size`` bytes, a small real disk that fills up (root only, as in CI;
+    the test is skipped where mounting is not permitted)."""
+    import pytest
+
+    os.makedirs(folder, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield Path(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -316,13 +316,13 @@ def refusal(config, overrides, path):
 def test_files_of_another_layout_are_refused_naming_the_key_and_the_config(tiny, tmp_path, capsys):
     # the CIFAR-10 layout under the full-size CIFAR-10 config: the first differing shape, and the configs to use
     message = refusal(CIFAR_CONFIG, [], tiny / "cifar10_tiny.pt")
-    assert "key 'nn_model.time_embed.0.weight' has shape (128, 32) in the checkpoint but (512, 128)" in message
+    assert "key 'time_embed.0.weight' has shape (128, 32) in the checkpoint but (512, 128)" in message
     assert "config/ADM_improved_cifar10.yaml for cifar10_uncond_50M_500K.pt" in message
     # the guided layout (resblock_updown, 3 levels) under the CIFAR-10 layout's config: the first missing key
     g = golden("guided")
     torch.save(seeded_weights(g["shapes"], g["seed"]), tmp_path / "guided_tiny.pt")
     message = refusal(CIFAR_CONFIG, TINY, tmp_path / "guided_tiny.pt")
-    assert "guided_tiny.pt: key 'nn_model.input_blocks.2.0.op.weight' is missing" in message
+    assert "guided_tiny.pt: key 'input_blocks.2.0.op.weight' is missing" in message
     # an ADM file under a config of our UNet, through a script: one line, exit code 2
     with pytest.raises(SystemExit) as stopped:
         knn.main(knn.build_parser().parse_args(["--config", str(REPO / "config" / "DDPM_ddpm.yaml"), "--ckpt",
@@ -331,6 +331,31 @@ def test_files_of_another_layout_are_refused_naming_the_key_and_the_config(tiny,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds ADM weights, but the config describes a UNet network" in err
     assert "config/ADM_guided_256_uncond.yaml for 256x256_diffusion_uncond.pt" in err
+
+
+def test_attention_resolutions_takes_an_int_as_openais_flag_does():
+    from model.models import build_network
+
+    as_int, as_text = (load_config(CIFAR_CONFIG, [*TINY, f"network.attention_resolutions={value}"])
+                       for value in ("16", "'16'"))
+    assert as_int.network.attention_resolutions == 16
+    assert str(build_network(as_int)) == str(build_network(as_text))  # attention at 16x16 only, in both
+    default = str(build_network(load_config(CIFAR_CONFIG, TINY)))  # "16,8"
+    assert 1 < str(build_network(as_int)).count("AttentionBlock(") < default.count("AttentionBlock(")
+    with pytest.raises(UserError, match="key 'network.attention_resolutions' must be comma-separated divisors of "
+                                        "image_size 32 .*, got int 7 .from --set network.attention_resolutions=7."):
+        load_config(CIFAR_CONFIG, ["network.attention_resolutions=7"])
+
+
+def test_a_truncated_openai_file_is_told_to_be_downloaded_again(tiny, tmp_path, capsys):
+    truncated = tmp_path / "cifar10_uncond_50M_500K.pt"
+    truncated.write_bytes((tiny / "cifar10_tiny.pt").read_bytes()[:5000])
+    with pytest.raises(SystemExit) as stopped:
+        knn.main(knn.build_parser().parse_args(script_argv(tiny, ckpt=truncated)))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {truncated} is not a readable PyTorch checkpoint (")
+    assert err.endswith("); it is truncated or damaged: download or copy it again\n")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,16 +1,15 @@
 """A diffusers folder samples as diffusers does (model/diffusers_sampling.py): DDIM equals DDIMScheduler's loop and
 the ancestral sampler DDPMScheduler.step's from the same x_T and per-step noise, over their scheduler options;
 sample.py's PNGs equal DDIMPipeline's and DDPMPipeline's; unsupported options are refused in one line."""
+import io
 import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 import sample
 from model.models import load_config, load_diffusion
@@ -18,7 +17,7 @@ from model.noise import PerImageNoise
 from tests.launch import REPO
 from utils.data import image_seed
 from utils.errors import UserError
-from utils.images import to_uint8
+from utils.images import save_png, to_uint8
 
 CONFIG = REPO / "config" / "DDPM_ddpm.yaml"
 N_T = 20  # a short schedule, so the ancestral sampler's every-step run is quick
@@ -109,25 +108,27 @@ def test_ancestral_equals_ddpm_scheduler_step(folder, steps, options):
     torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
 
 
-def pipeline_pixels(folder, pipeline_class, indices, seed, **call):
-    """The pipeline's images of ``indices`` (image i's generator seeded as sample.py seeds it), as our uint8."""
+def pipeline_images(folder, pipeline_class, indices, seed, **call):
+    """The pipeline's PIL images of ``indices`` (image i's generator seeded as sample.py seeds it): its default
+    output, through ``numpy_to_pil``."""
     root, unet = folder
     pipeline = pipeline_class(unet=unet, scheduler=DDPMScheduler.from_pretrained(root / "scheduler"))
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
-    images = pipeline(batch_size=len(indices), generator=generators, output_type="pt", **call).images
-    return to_uint8(images)  # (B, C, H, W)
+    return pipeline(batch_size=len(indices), generator=generators, **call).images
 
 
-def read_pngs(folder, count):
-    return torch.stack([torch.from_numpy(np.array(Image.open(folder / "pngs" / f"{i}.png"))).permute(2, 0, 1)
-                        for i in range(count)])
+def png_bytes(image):
+    """What ``image.save("x.png")`` writes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_sample_py_writes_the_pipelines_images(folder, tmp_path):
-    """`python sample.py --ckpt FOLDER` at --batch_size 2 writes, image for image, what DDIMPipeline (eta 0.5)
-    and DDPMPipeline make in one batch from generators seeded as sample.py seeds image i; sampling.json says
-    which scheduler ran."""
+    """`python sample.py --ckpt FOLDER` at --batch_size 2 writes, byte for byte, the PNGs of what DDIMPipeline
+    (eta 0.5) and DDPMPipeline make (their default PIL images) in one batch from generators seeded as sample.py
+    seeds image i; sampling.json says which scheduler ran."""
     root, _ = folder
     sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
     runs = {"ddim": (["--steps", "4", "--eta", "0.5"], {"steps_offset": 1}, DDIMPipeline,
@@ -140,7 +141,8 @@ def test_sample_py_writes_the_pipelines_images(folder, tmp_path):
                    "cpu", "--n_samples", "5", "--batch_size", "2", "--seed", "3", *flags, "--out_dir", str(out)]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert torch.equal(read_pngs(out, 5), pipeline_pixels(folder, pipeline_class, range(5), 3, **call)), name
+        images = pipeline_images(folder, pipeline_class, range(5), 3, **call)
+        assert [(out / "pngs" / f"{i}.png").read_bytes() for i in range(5)] == list(map(png_bytes, images)), name
         recorded = json.loads((out / "sampling.json").read_text())["sampler"]
         option, value = next(iter(options.items()))
         assert recorded.startswith(f"diffusers {pipeline_class.__name__[:4]}Scheduler(") and \
@@ -171,7 +173,8 @@ def test_unsupported_scheduler_options_are_refused_before_sampling(folder, tmp_p
 
 def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, tmp_path):
     """A folder sampled before this sampler existed (DDAE's DDIM; its sampling.json has no "sampler") is refused,
-    naming both samplers, instead of being filled up with other images."""
+    naming both samplers, instead of being filled up with other images; so is one of this sampler from before
+    its PNGs were rounded as the pipeline's (no "pixels": truncated)."""
     with_scheduler(folder)
     root, _ = folder
     sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
@@ -180,9 +183,48 @@ def test_images_of_ddae_ddim_on_a_folder_never_mix_with_its_own_sampler(folder, 
     sample.main(sample.build_parser().parse_args(argv))
     settings_file = tmp_path / "old" / "sampling.json"
     settings = json.loads(settings_file.read_text())
-    del settings["sampler"]
-    settings_file.write_text(json.dumps(settings))
+    assert settings["pixels"] == "round"
     (tmp_path / "old" / "pngs" / "1.png").unlink()
-    with pytest.raises(UserError, match="sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
-                                        "DDIMScheduler"):
-        sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))
+    for removed, message in (("sampler", "sampled with sampler=DDAE DDIM, but this run has sampler=diffusers "
+                                         "DDIMScheduler"),
+                             ("pixels", "sampled with pixels=truncate, but this run has pixels=round;")):
+        settings_file.write_text(json.dumps({key: value for key, value in settings.items() if key != removed}))
+        with pytest.raises(UserError, match=message):
+            sample.run(sample.build_parser().parse_args(argv), torch.device("cpu"))
+
+
+def boundary_values():
+    """768 float32 values in [0, 1]: every level, every half between two levels and the float just below it."""
+    levels = torch.arange(256, dtype=torch.float32)
+    halves = levels[:-1] + 0.5
+    return torch.cat([levels, halves, torch.nextafter(halves, levels[:-1]), torch.tensor([0.0, 255.0])]) / 255
+
+
+def test_round_pixels_are_numpy_to_pils(tmp_path):
+    """At the boundaries and at random values, the "round" rule's PNG is the one diffusers' numpy_to_pil makes;
+    the original's rule ("truncate", x * 255 + 0.5) differs."""
+    values = torch.cat([boundary_values(), torch.rand(2000)])
+    values = torch.cat([values, values[:(-len(values)) % 48]])  # whole 4x4 RGB images
+    images = values.clamp(0, 1).view(-1, 4, 4, 3)  # (N, H, W, C), as the pipeline hands them to numpy_to_pil
+    theirs = DDIMPipeline.numpy_to_pil(images.numpy())
+    ours = to_uint8(images.permute(0, 3, 1, 2), "round")
+    for index, (image, pixels) in enumerate(zip(theirs, ours)):
+        save_png(pixels, tmp_path / f"{index}.png")
+        assert (tmp_path / f"{index}.png").read_bytes() == png_bytes(image)
+    assert not torch.equal(to_uint8(images.permute(0, 3, 1, 2)), ours)
+
+
+def test_sample_py_writes_a_folders_pixels_by_the_pipelines_rule(folder, tmp_path, monkeypatch):
+    """Samples at the rounding boundaries (the sampler replaced): sample.py on a diffusers folder writes the PNG
+    that numpy_to_pil's image of them saves to."""
+    image = boundary_values().view(16, 16, 3)  # (H, W, C)
+    monkeypatch.setattr(sample, "draw_images", lambda diffusion, sampler, noise, n, shape:
+                        image.permute(2, 0, 1).expand(n, -1, -1, -1))
+    with_scheduler(folder)
+    root, _ = folder
+    sets = [arg for setting in CONFIG_SETS for arg in ("--set", setting)]
+    out = tmp_path / "out"
+    sample.main(sample.build_parser().parse_args(["--config", str(CONFIG), *sets, "--ckpt", str(root), "--device",
+                                                  "cpu", "--n_samples", "1", "--steps", "2", "--out_dir", str(out)]))
+    (expected,) = DDIMPipeline.numpy_to_pil(image.numpy())
+    assert (out / "pngs" / "0.png").read_bytes() == png_bytes(expected)

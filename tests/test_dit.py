@@ -122,7 +122,7 @@ def test_released_plain_state_dict_loads_through_the_one_loader(tmp_path):
     state = golden_dit()["state_dict"]
     state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:96]
     torch.save(state, other.ckpt)
-    with pytest.raises(UserError, match=r"other.pt: key 'nn_model.blocks.0.attn.qkv.weight' has shape \(96, 64\)"):
+    with pytest.raises(UserError, match=r"other.pt: key 'blocks.0.attn.qkv.weight' has shape \(96, 64\)"):
         load_diffusion(cfg, checkpoint_from_args(cfg, other))
 
 

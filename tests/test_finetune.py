@@ -210,3 +210,28 @@ def test_two_process_run(tmp_path):
     tag = f"model_3_{short_digest(checkpoint)}_t11_out_2"
     result = json.loads((tmp_path / "run" / "finetune" / f"{tag}.json").read_text())
     assert (result["settings"]["world_size"], result["test_images"], result["finished"]) == (2, 16, True)
+
+
+def test_a_finished_record_missing_a_key_is_one_line_and_kept(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    checkpoint = tmp_path / "model_3.pth"
+    save_checkpoint({"MODEL": tiny_diffusion(cfg).state_dict()}, checkpoint)
+    args = finetune.build_parser().parse_args(cli_argv(tmp_path, checkpoint))
+    finetune.main(args)
+    (path,) = (tmp_path / "run" / "finetune").glob("*.json")
+    record = json.loads(path.read_text())
+    for key in ("settings", "epochs_done", "test_accuracy", "settings.timestep", "provenance.weights.sha256"):
+        edited = json.loads(json.dumps(record))
+        *parents, leaf = key.split(".")
+        node = edited
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
+        path.write_text(json.dumps(edited))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            finetune.main(args)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err == f"error: {path}: this finished run's record has no '{key}' " \
+            f"(edited or damaged); restore it, pass --out for a new run, or delete it to train again\n"
+        assert json.loads(path.read_text()) == edited

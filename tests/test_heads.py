@@ -1,7 +1,9 @@
 """Probe heads in linear.py (model/heads.py): token features, the heads by name with their settings in the
 file tag, resume state and result, exact resume of attention and fusion, and linear.py run as a user types
 it on the demo config (its dataset named by import path)."""
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from tests.helpers import CPU, interrupt_on_call, make_checkpoint, make_config, 
 from tests.launch import REPO, run_two_processes
 from utils.checkpoint import load_checkpoint
 from utils.data import SyntheticImages
+from utils.errors import UserError
 
 SMALL_HEAD = ["linear.head_args.width=16", "linear.head_args.heads=2"]
 
@@ -155,3 +158,172 @@ def test_probe_heads_benchmark_writes_its_table(tmp_path):
     assert all(0 <= row["best_accuracy"] <= 100 and row["head_ms_per_step"] > 0 for row in rows)
     table = (out / "probe_heads.md").read_text()
     assert "| fusion | width=16, heads=4 | 0.001 | 1 |" in table and (out / "probe_heads.png").stat().st_size > 0
+
+
+class WideHead(torch.nn.Linear):
+    """A probe head of the wrong width: classes + 3 outputs (cross-entropy would train it without a word)."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes + 3)
+
+
+class TransposedHead(torch.nn.Linear):
+    """(classes, batch) logits."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+
+    def forward(self, feature):
+        return super().forward(feature).t()
+
+
+class BatchPooledHead(torch.nn.Linear):
+    """Pools over the batch instead of the tokens: (classes,) logits."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+
+    def forward(self, feature):
+        return super().forward(feature.mean(dim=0))
+
+
+class RaisingHead(torch.nn.Linear):
+    def __init__(self, dim, num_classes):
+        super().__init__(dim, num_classes)
+
+    def forward(self, feature):
+        raise ValueError("forgot to pool the tokens")
+
+
+class FrozenHead(torch.nn.Module):
+    """No parameters: a fixed projection."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.register_buffer("projection", torch.randn(dim, num_classes))
+
+    def forward(self, feature):
+        return feature @ self.projection
+
+
+class OneArgumentHead(torch.nn.Linear):
+    """The wrong constructor signature: the classes only."""
+
+    def __init__(self, num_classes):
+        super().__init__(8, num_classes)
+
+
+class FusedTransposedHead(torch.nn.Module):
+    """A fused head returning (classes, batch)."""
+
+    fused = True
+
+    def __init__(self, dims, num_classes):
+        super().__init__()
+        self.classify = torch.nn.Linear(sum(dims), num_classes)
+
+    def forward(self, features):
+        return self.classify(torch.cat(features, dim=1)).t()
+
+
+BAD_HEADS = {
+    "WideHead": "its forward returns shape (2, 13) for a batch of 2, not (batch, classes) = (2, 10)",
+    "TransposedHead": "its forward returns shape (10, 2) for a batch of 2, not (batch, classes) = (2, 10)",
+    "BatchPooledHead": "its forward returns shape (10,) for a batch of 2, not (batch, classes) = (2, 10)",
+    "RaisingHead": "its forward fails on a batch of 2 (ValueError: forgot to pool the tokens)",
+    "FrozenHead": "the head has no trainable parameters",
+    "OneArgumentHead": "OneArgumentHead(channels, 10) failed (TypeError: ",
+    "FusedTransposedHead": "its forward returns shape (10, 2) for a batch of 2, not (batch, classes) = (2, 10)",
+}
+
+
+@pytest.mark.parametrize("name", BAD_HEADS)
+def test_a_head_that_cannot_train_is_one_line_before_any_epoch(tmp_path, monkeypatch, name):
+    cfg, _ = make_config(tmp_path, overrides=[f"linear.head=tests.test_heads.{name}"])
+    checkpoint = make_checkpoint(cfg, 3)
+    train_set, test_set = small_sets(8, 4)
+    trained = []
+    monkeypatch.setattr(linear, "train_one_epoch", lambda *args: trained.append(1))
+    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
+    with pytest.raises(UserError) as refused:
+        linear.run_probe(cfg, diffusion, train_set, test_set, [1, 11], ["out_2", "out_4"], CPU, tmp_path / "out",
+                         "probe", source=checkpoint)
+    message = str(refused.value)
+    assert message.startswith(f"linear.head tests.test_heads.{name}: ") and BAD_HEADS[name] in message
+    assert "\n" not in message and not trained and not (tmp_path / "out").exists()
+
+
+def test_the_check_of_a_good_head_changes_no_number(tmp_path, monkeypatch):
+    """The check runs before the run is seeded: a probe trains as it would without it."""
+    cfg, _ = make_config(tmp_path, overrides=["linear.n_epoch=1", "linear.batch_size=8"])
+    checkpoint = make_checkpoint(cfg, 3)
+    train_set, test_set = small_sets(16, 8)
+
+    def probe(out_dir):
+        diffusion = prepare_frozen(load_diffusion(cfg, checkpoint), CPU)
+        return linear.run_probe(cfg, diffusion, train_set, test_set, [1], ["out_2"], CPU, out_dir, "probe")
+
+    checked = probe(tmp_path / "checked")
+    monkeypatch.setattr(linear, "check_heads", lambda *args: None)
+    unchecked = probe(tmp_path / "unchecked")
+    assert checked["epochs"][0]["train_loss"] == unchecked["epochs"][0]["train_loss"]
+
+
+def test_linear_py_refuses_a_bad_head_in_one_line_on_one_and_two_processes(tmp_path):
+    cfg, config_path = make_config(tmp_path)
+    make_checkpoint(cfg, 3)
+    flags = ["--config", config_path, "--epoch", "3", "--device", "cpu", "--head", "tests.test_heads.WideHead",
+             "--set", f"save_dir={tmp_path / 'run'}", "--set", "dataset=tests.test_heads.few_shapes"]
+    line = "error: linear.head tests.test_heads.WideHead: its forward returns shape (2, 13) for a batch of 2, " \
+           "not (batch, classes) = (2, 10); fix its forward"
+    done = subprocess.run([sys.executable, "linear.py", *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert (done.returncode, done.stderr.strip()) == (2, line)
+    two = run_two_processes(REPO / "linear.py", *flags, cwd=REPO, launcher="utils.launch")
+    assert (two.returncode, two.stderr.strip()) == (2, line), two.stderr[-3000:]
+    assert "epoch 0" not in done.stdout + two.stdout and not (tmp_path / "run" / "linear").exists()
+
+
+def test_a_fused_head_reads_every_cell_it_is_given():
+    """Change one cell's feature, the first, a middle or the last: the fused head's logits change."""
+    from evaluation.heads import ProbeHeads
+    from model.heads import FusionHead
+
+    torch.manual_seed(0)
+    heads = ProbeHeads({"out_2": 6, "out_4": 8}, [1, 11], ["out_2", "out_4"], 10, FusionHead,
+                       {"width": 16, "heads": 2}).eval()
+    features = [torch.randn(2, 3, 6), torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.randn(2, 5, 8)]
+    logits = heads(features)
+    assert logits.shape == (1, 2, 10)
+    for cell in range(len(features)):
+        changed = list(features)
+        changed[cell] = features[cell] + 1
+        assert not torch.allclose(heads(changed), logits), f"cell {cell} is ignored"
+
+
+def test_linear_py_one_line_messages(tmp_path, monkeypatch, capsys):
+    """head_args for the linear head (which takes none), and a full disk at the probe's state: one line each,
+    naming what it is about, exit codes 2 and 1."""
+    cfg, config_path = make_config(tmp_path)
+    make_checkpoint(cfg, 3)
+    argv = ["--config", str(config_path), "--epoch", "3", "--device", "cpu", "--set", f"save_dir={tmp_path / 'run'}",
+            "--set", "dataset=tests.test_heads.few_shapes", "--set", "linear.n_epoch=1"]
+
+    def refusal(*extra):
+        with pytest.raises(SystemExit) as stopped:
+            linear.main(linear.build_parser().parse_args(argv + list(extra)))
+        return stopped.value.code, capsys.readouterr().err
+
+    assert refusal("--set", "linear.head_args.width=8") == (2, (
+        f"error: {config_path}: unknown key 'linear.head_args.width' for linear.head linear, which takes none: "
+        f"remove 'linear.head_args' (from --set linear.head_args.width=8)\n"))
+
+    def full_disk(obj, file):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = refusal()
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write probe state {tmp_path / 'run' / 'linear'}/model_3_sha"), err
+    assert ".state.pth (No space left on device; " in err and "checkpoint" not in err
+    assert not list((tmp_path / "run" / "linear").glob("*"))  # no partial state, no result

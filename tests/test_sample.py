@@ -1,10 +1,12 @@
 """sample.py: folders and files of the original, per-image seeds (any batch size, 1 or 2 processes), resume,
 settings guard, the original's checkpoint, and fp32 vs bf16 autocast."""
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from model.amp import autocast
 from model.ema import make_ema
 from model.models import build_diffusion, load_config, load_diffusion
 from model.noise import PerImageNoise
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, tmpfs
 from tests.launch import LAUNCHER_VARS, REPO, run_two_processes
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
@@ -411,3 +413,51 @@ def test_sigterm_to_the_launcher_stops_two_sampling_processes_with_75(ddpm_confi
     assert out.strip().splitlines()[-1] == ("stopped on SIGTERM: the images written so far are kept, and the same "
                                             "command writes only the missing ones (exit code 75)")
     assert "Traceback" not in err
+
+
+def count_draws(monkeypatch):
+    draws = []
+    draw = sample.draw_images
+    monkeypatch.setattr(sample, "draw_images", lambda *args: draws.append(1) or draw(*args))
+    return draws
+
+
+def test_a_failed_png_write_stops_sampling_at_once_in_one_line(ddpm_config, tmp_path, monkeypatch, capsys):
+    """The write of image 4 (the third batch of 2) fails: the run stops before drawing a fifth batch, one line
+    naming the file, the free space and the fix, exit code 1, the images written before kept."""
+    save = Image.Image.save
+
+    def failing_save(image, fp, *args, **kwargs):
+        if ".4.png." in str(fp):
+            time.sleep(0.3)  # a slow disk: the run waits for the write rather than drawing on
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    draws = count_draws(monkeypatch)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        run_sample(ddpm_config, "--n_samples", 20, "--steps", 2, "--batch_size", 2, "--out_dir", out)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and len(draws) <= 4, (len(draws), err)
+    assert err.startswith(f"error: cannot write image {out}/pngs/4.png (No space left on device; ") and \
+        err.endswith(" free on its disk); free disk space or pass --out_dir with a writable folder; the same command "
+                     "writes only the missing images; the files written before are unchanged\n"), err
+    names = os.listdir(out / "pngs")
+    assert {"0.png", "1.png", "2.png", "3.png"} <= set(names) and "4.png" not in names
+    assert not [name for name in names if name.endswith(".tmp")]
+    assert all(read_pixels(out / "pngs" / name).shape == (3, 8, 8) for name in names)
+
+
+@pytest.mark.cpu_only  # a real full disk
+def test_sampling_onto_a_full_disk_stops_at_once(ddpm_config, tmp_path, monkeypatch, capsys):
+    draws = count_draws(monkeypatch)
+    with tmpfs(tmp_path / "disk", "64k") as disk:  # 16 pages: about a dozen PNG files
+        with pytest.raises(SystemExit) as stopped:
+            run_sample(ddpm_config, "--n_samples", 60, "--steps", 2, "--batch_size", 3, "--out_dir", disk / "out")
+        names = os.listdir(disk / "out" / "pngs")
+        assert all(read_pixels(disk / "out" / "pngs" / name).shape == (3, 8, 8) for name in names)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cannot write image {disk}/out/") and "(No space left on device; " in err, err
+    assert len(names) < 20 and len(draws) <= len(names) // 3 + 3, (len(names), len(draws))

@@ -27,16 +27,17 @@ TEMPORARY_NAME = re.compile(r"^\..+\.pth\.\d+\.tmp$")  # utils.atomic's name whi
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 
 
-def save_checkpoint(obj, path):
-    """Write ``obj`` to ``path`` with ``torch.save`` through ``utils.atomic``: a crash never leaves a partial file."""
+def save_checkpoint(obj, path, what="checkpoint"):
+    """Write ``obj`` to ``path`` with ``torch.save`` through ``utils.atomic``: a crash never leaves a partial file.
+    ``what`` names the file in messages (a probe's resume state is no checkpoint of a model)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create the checkpoint folder {folder} ({describe_error(err)}); "
+        raise UserError(f"cannot create the {what} folder {folder} ({describe_error(err)}); "
                         f"choose a writable save_dir") from None
-    with atomic_path(path, what="checkpoint ", fix="free disk space or set save_dir to a disk with room",
+    with atomic_path(path, what=f"{what} ", fix="free disk space or set save_dir to a disk with room",
                      durable=True) as temporary:
         with open(temporary, "wb") as file:
             try:
@@ -94,8 +95,10 @@ def read_checkpoint(path, map_location="cpu", hashed=True):
         if not head.startswith(TORCH_FILE_MAGIC):  # not damaged: simply some other kind of file
             raise UserError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip or pickle file); "
                             f"pass a model_{{epoch}}.pth written by train.py") from None
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it may "
-                        f"be truncated or damaged: delete it and use another epoch") from None
+        fix = "delete it and use another epoch" if CHECKPOINT_NAME.match(os.path.basename(path)) else \
+            "download or copy it again"  # a file from elsewhere (a publisher's .pt): no other epoch to use
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({describe_error(err)}); it is "
+                        f"truncated or damaged: {fix}") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
                         f"pass a model_{{epoch}}.pth file written by training")

@@ -314,7 +314,8 @@ def _build(cls, raw, path, section="", what="", skip=0, parts=None, owners=None)
     spec = settings_of(cls, skip)
     for key in raw:
         if key not in spec:
-            raise UserError(f"{path}: unknown key '{where}{key}'{what}{_suggest(key, spec, where)}")
+            hint = _suggest(key, spec, where) if spec else f", which takes none: remove '{section}'"
+            raise UserError(f"{path}: unknown key '{where}{key}'{what}{hint}")
     values = Settings()
     for name, (annotation, default) in spec.items():
         if name not in raw and default is REQUIRED:

@@ -93,14 +93,17 @@ class EpochLoop:
         prefix: of the scalars' tags, e.g. "linear/".
         log_path: log.jsonl, appended to by the main process; None: no JSON log.
         how: what continues a stopped run, e.g. "the same command with --resume continues it".
+        what: what the saved state is, for a failed write's message, e.g. "probe state".
     """
 
-    def __init__(self, n_epoch, device, board=None, prefix="", log_path=None, how="the same command continues it"):
+    def __init__(self, n_epoch, device, board=None, prefix="", log_path=None, how="the same command continues it",
+                 what="checkpoint"):
         self.n_epoch = n_epoch
         self.device = device
         self.board = board or Board()
         self.prefix = prefix
         self.how = how
+        self.what = what
         self.logger = JsonlLogger(log_path) if log_path is not None and is_main() else None
         self.started = None
 
@@ -156,7 +159,7 @@ class EpochLoop:
         """Write ``state`` to ``path`` atomically on the main process; every process waits for it. Every process
         builds ``state`` (state dicts only hold references), so an ``every_rank_rng()`` in it runs on all."""
         if is_main():
-            save_checkpoint(state, path)
+            save_checkpoint(state, path, self.what)
         barrier()
 
     def stop_if_asked(self, epoch, path):

@@ -9,7 +9,8 @@ Unpack the CIFAR-10 training images for FID (what extract_cifar10_pngs.ipynb run
     python -m utils.images export-cifar10 --data_root ./data --out data/cifar10-pngs
 
 Pixels are quantised as torchvision's ``save_image`` does (x * 255 + 0.5, clamped, truncated),
-so a PNG written here has the same bytes as one written by the original code.
+so a PNG written here has the same bytes as one written by the original code; ``to_uint8(x, "round")``
+rounds x * 255 half to even as diffusers' pipelines do (``numpy_to_pil``), for a diffusers folder's samples.
 """
 import argparse
 import os
@@ -26,11 +27,17 @@ from utils.progress import iterate
 GRID_PADDING = 2  # torchvision's save_image default, used by the original's grids
 
 
-def to_uint8(images):
-    """Quantise float images of any shape in [0, 1] (clamped) to uint8 like torchvision's ``save_image``, on their
-    device; uint8 passes through."""
+def to_uint8(images, rule="truncate"):
+    """Quantise float images of any shape in [0, 1] (clamped) to uint8 on their device; uint8 passes through.
+
+    Args:
+        rule: "truncate", torchvision's ``save_image`` (x * 255 + 0.5, truncated), the original's PNGs; or
+            "round", diffusers' ``numpy_to_pil`` (x * 255 rounded half to even), a pipeline's PNGs.
+    """
     if images.dtype == torch.uint8:
         return images
+    if rule == "round":
+        return images.clamp(0, 1).mul_(255).round_().to(torch.uint8)
     return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
@@ -49,7 +56,7 @@ def _as_pixel_array(image):
     return to_uint8(image.detach()).cpu().permute(1, 2, 0).numpy()  # (H, W, C)
 
 
-def save_png(image, path):
+def save_png(image, path, fix="choose a writable folder"):
     """Write one image as a PNG so that ``path`` is either absent or complete, never truncated.
 
     Args:
@@ -57,20 +64,22 @@ def save_png(image, path):
             PIL image; 1-channel tensors are written as RGB, as torchvision's ``save_image`` does.
         path: destination. The bytes go to a hidden temporary file in the same folder (ending in
             .tmp, so image globs skip it) that then replaces ``path`` (utils.atomic).
+        fix: what the user can do when the write fails (a ``utils.errors.WriteFailed``, one line).
     """
-    with atomic_path(path) as temporary:
+    with atomic_path(path, what="image ", fix=fix) as temporary:
         Image.fromarray(_as_pixel_array(image)).save(temporary, format="PNG")
 
 
-def save_grid(images, path, nrow):
+def save_grid(images, path, nrow, fix="choose a writable folder"):
     """Write a batch as one PNG grid, ``nrow`` images per row, as torchvision's ``save_image`` lays it out.
 
     Args:
         images: (B, C, H, W) float tensor in [0, 1] or uint8 tensor.
         path: destination PNG (written atomically, see ``save_png``).
         nrow: images per row.
+        fix: as for ``save_png``.
     """
-    save_png(make_grid(to_uint8(images).cpu(), nrow), path)
+    save_png(make_grid(to_uint8(images).cpu(), nrow), path, fix)
 
 
 def make_grid(images, nrow, padding=GRID_PADDING):
