@@ -203,3 +203,25 @@ def test_a_subclass_passing_kwargs_on_takes_the_parents_keys(tmp_path):
         tiny_config(tmp_path, ["model_type=tests.test_objectives.RestatedDDPM"])
     assert "key 'diffusion.prediction' is read by a settings check, but tests.test_objectives.RestatedDDPM takes " \
            "no parameter 'prediction'; add it to its __init__, or take **kwargs" in str(err.value)
+
+
+def test_objectives_benchmark_trains_samples_and_probes_each_row(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import objectives
+
+    out = tmp_path / "bench"
+    objectives.main(objectives.build_parser().parse_args(
+        ["--rows", "v/min_snr/logit_normal", "x0/none/uniform", "--train_images", "16", "--test_images", "8",
+         "--probe_epochs", "1", "--sample_steps", "2", "--set", "batch_size=8", "--set", "n_sample=2",
+         "--set", "linear.batch_size=8", "--set", "network.image_shape=[3,8,8]", "--out", str(out)]))
+    rows = json.loads((out / "objectives.json").read_text())["rows"]
+    assert [(row["prediction"], row["loss_weighting"], row["t_sampling"], row["steps"]) for row in rows] == \
+        [("v", "min_snr", "logit_normal", 2), ("x0", "none", "uniform", 2)]
+    assert len({row["weights_sha256"] for row in rows}) == 2 and all(0 <= row["probe_accuracy"] <= 100 for row in rows)
+    assert all((out / row["samples"]).is_file() for row in rows)
+    table = (out / "objectives.md").read_text()
+    assert f"| v | min_snr | logit_normal | 2 | {rows[0]['first_loss']:.4f} |" in table
+    assert rows[0]["weights_sha256"][:16] in table
