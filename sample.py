@@ -61,6 +61,13 @@ WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same
              "missing images")  # a failed PNG write
 
 
+def sampling_keys(cfg):
+    """The diffusion section without its training-only keys (loss weighting, timestep distribution), which
+    sampling ignores: a folder's settings do not change with them."""
+    skip = getattr(diffusion_class(cfg.model_type), "TRAINING_ONLY_KEYS", ())
+    return {key: value for key, value in cfg.diffusion_kwargs().items() if key not in skip}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Sample images from a trained DDAE model (EMA weights).")
     add_config_args(parser)
@@ -386,7 +393,7 @@ def run(args, device):
     def prepare():
         # One hash names the model: the loaded bytes' (``sha256sum FILE``, or a folder's ``check`` command).
         settings = dict(provenance=record,
-            checkpoint_sha256=record["weights"]["sha256"], model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
+            checkpoint_sha256=record["weights"]["sha256"], model_type=cfg.model_type, diffusion=sampling_keys(cfg),
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW,
