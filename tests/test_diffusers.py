@@ -312,7 +312,23 @@ def test_schedule_prediction_and_block_refusals(small, tmp_path):
     scheduler_file.write_text(json.dumps(original))
     assert "has 1000 steps but diffusion.n_T is 100" in refusal(load_config(CONFIG, ["diffusion.n_T=100"]), folder)
     scheduler_file.write_text(json.dumps({**original, "prediction_type": "v_prediction"}))
-    assert "prediction_type 'v_prediction' is not supported" in refusal(cfg, folder)
+    assert "the folder's prediction_type 'v_prediction' is diffusion.prediction 'v', but the config gives 'eps'; set " \
+        "diffusion.prediction: v (or --set diffusion.prediction=v)" in refusal(cfg, folder)
+    scheduler_file.write_text(json.dumps({**original, "prediction_type": "sample"}))
+    assert "prediction_type 'sample' is diffusion.prediction 'x0', but the config gives 'v'" in \
+        refusal(load_config(CONFIG, ["diffusion.prediction=v"]), folder)
+    scheduler_file.write_text(json.dumps({**original, "prediction_type": "flow"}))
+    assert "prediction_type 'flow' is not supported; DDAE's DDPM runs epsilon, sample, v_prediction" in \
+        refusal(cfg, folder)
+    # Zero terminal SNR is a setting of its own, not "alphabar at t = 666 differs".
+    scheduler_file.write_text(json.dumps({**original, "rescale_betas_zero_snr": True}))
+    message = refusal(cfg, folder)
+    assert message.endswith("the folder's rescale_betas_zero_snr True is diffusion.zero_terminal_snr true, but the "
+                            "config gives false; set diffusion.zero_terminal_snr: true (or --set "
+                            "diffusion.zero_terminal_snr=true)") and "\n" not in message
+    scheduler_file.write_text(json.dumps(original))
+    assert "rescale_betas_zero_snr False is diffusion.zero_terminal_snr false, but the config gives true" in \
+        refusal(load_config(CONFIG, ["diffusion.zero_terminal_snr=true"]), folder)
     scheduler_file.write_text(json.dumps(original))
 
     unet_file = folder / "unet" / "config.json"

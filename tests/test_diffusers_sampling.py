@@ -84,7 +84,7 @@ def test_ddim_equals_ddim_scheduler_loop(folder, steps, eta, options):
         for t in ddim.timesteps:
             x = ddim.step(unet(x, t).sample, t, x, eta=eta, generator=generators).prev_sample
         ours = diffusion.sample(x_T=x_T, steps=steps, eta=eta, noise=noise)
-    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=0)
     assert diffusion.sampler_name({"mode": "DDIM", "steps": steps, "eta": eta}).startswith(
         f"diffusers DDIMScheduler(steps={steps}, eta={eta}, timestep_spacing=")
 
@@ -106,7 +106,7 @@ def test_ancestral_equals_ddpm_scheduler_step(folder, steps, options):
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t).sample, t, x, generator=generators).prev_sample
         ours = diffusion.sample(x_T=x_T, mode="DDPM", steps=steps, noise=noise)
-    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=0)
 
 
 def pipeline_pixels(folder, pipeline_class, indices, seed, **call):
