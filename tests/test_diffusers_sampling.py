@@ -153,6 +153,25 @@ def test_sample_and_v_prediction_folders_sample_as_diffusers(folder, mode, steps
     assert torch.isfinite(ours).all() and torch.equal(ours, (x + 1) / 2)
 
 
+def test_a_folder_without_scheduler_config_samples_the_configs_zero_snr_v_schedule(folder, tmp_path):
+    """A bare UNet folder (no scheduler_config.json: diffusers' 1000 steps) samples the config's schedule, zero
+    terminal SNR and v prediction included, as DDIMScheduler does with those settings."""
+    _, unet = folder
+    unet.save_pretrained(tmp_path / "bare")
+    sets = [s for s in CONFIG_SETS if not s.startswith("diffusion.n_T")] + ["diffusion.prediction=v",
+                                                                             "diffusion.zero_terminal_snr=true"]
+    diffusion = load_diffusion(load_config(CONFIG, sets), str(tmp_path / "bare")).eval()
+    ddim = DDIMScheduler(beta_schedule="linear", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    ddim.set_timesteps(4)
+    x_T, noise, generators = same_start()
+    x = x_T
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, t).sample, t, x, eta=0.5, generator=generators).prev_sample
+        ours = diffusion.sample(x_T=x_T, steps=4, eta=0.5, noise=noise)
+    assert torch.equal(ours, (x + 1) / 2)
+
+
 def pipeline_pixels(folder, pipeline_class, indices, seed, **call):
     """The pipeline's images of ``indices`` (image i's generator seeded as sample.py seeds it), as our uint8."""
     root, unet = folder
