@@ -124,8 +124,8 @@ class DDPM(nn.Module):
     SEAMS = {"prediction": PREDICTIONS, "loss_weighting": DDPM_WEIGHTINGS, "t_sampling": DDPM_T_SAMPLINGS}
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear",
-                 zero_terminal_snr: bool = False, prediction: str = "eps", loss_weighting: str = "none", loss_weighting_args: dict = {},
-                 t_sampling: str = "uniform", t_sampling_args: dict = {}):
+                 zero_terminal_snr: bool = False, prediction: str = "eps", loss_weighting: str = "none",
+                 loss_weighting_args: dict = {}, t_sampling: str = "uniform", t_sampling_args: dict = {}):
         super().__init__()
         self.nn_model = nn_model
         self.n_T = int(n_T)

@@ -122,7 +122,8 @@ def objective_sets(options):
     ("DDIM", 5, 0.5, {"prediction_type": "v_prediction"}),
     ("DDIM", 4, 0.0, {"prediction_type": "sample", "clip_sample": False}),
     # trailing spacing starts at the last index, where a zero-SNR schedule has alphabar = 0
-    ("DDIM", 4, 1.0, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+    ("DDIM", 4, 1.0, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                      "timestep_spacing": "trailing"}),
     ("DDIM", 5, 0.0, {"prediction_type": "sample", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
                       "set_alpha_to_one": False}),
     ("DDIM", 4, 0.0, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),  # epsilon: x0 = inf, clipped

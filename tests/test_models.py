@@ -130,8 +130,8 @@ def test_zero_terminal_snr_is_a_training_setting_and_only_ddaes_ancestral_sample
     trained, plain = build_diffusion(cfg).eval(), build_diffusion(load_config(ROOT / "config" / "demo.yaml", zero))
     assert trained.ddpm_alphabar_t[-1] == 0 and trained.ddpm_alphabar_t[1] == plain.ddpm_alphabar_t[1]
     assert torch.isfinite(trained.sample(2, (3, 16, 16), steps=4, eta=0.5)).all()
-    with pytest.raises(UserError, match=r"^--mode DDPM: DDAE's ancestral sampler cannot run diffusion.zero_terminal_snr: "
-                                        r"true \(its step at T divides by alpha_T = 0\); use --mode DDIM$"):
+    with pytest.raises(UserError, match=r"^--mode DDPM: DDAE's ancestral sampler cannot run "
+                                        r"diffusion.zero_terminal_snr: true \(its step at T divides by alpha_T = 0\); use --mode DDIM$"):
         trained.sampler_name({"mode": "DDPM", "steps": None, "eta": None})
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         trained.sample(2, (3, 16, 16), mode="DDPM")
