@@ -150,6 +150,11 @@ class DDPM(nn.Module):
                 f"must be one of {', '.join(SCHEDULES)}, got {diffusion.schedule!r}")
         check_steps_and_betas(diffusion, require)
         check_seams(diffusion, DDPM.SEAMS, require)
+        # min-SNR's eps weight min(snr, gamma) / snr is 0 / 0 where alphabar_T = 0
+        require(not (getattr(diffusion, "zero_terminal_snr", False) and diffusion.loss_weighting == "min_snr"
+                     and diffusion.prediction == "eps"), "diffusion.zero_terminal_snr",
+                "true gives snr = 0 at t = n_T, where min_snr's weight for prediction eps is 0 / 0; use prediction "
+                "v or x0 (as zero terminal SNR asks), or loss_weighting none")
 
     @staticmethod
     def feature_timesteps(settings):

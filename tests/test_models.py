@@ -131,10 +131,18 @@ def test_zero_terminal_snr_is_a_training_setting_and_only_ddaes_ancestral_sample
     assert trained.ddpm_alphabar_t[-1] == 0 and trained.ddpm_alphabar_t[1] == plain.ddpm_alphabar_t[1]
     assert torch.isfinite(trained.sample(2, (3, 16, 16), steps=4, eta=0.5)).all()
     with pytest.raises(UserError, match=r"^--mode DDPM: DDAE's ancestral sampler cannot run "
-                                        r"diffusion.zero_terminal_snr: true \(its step at T divides by alpha_T = 0\); use --mode DDIM$"):
+                                        r"diffusion.zero_terminal_snr: true \(its step at T divides by alpha_T = "
+                                        r"0\); use --mode DDIM$"):
         trained.sampler_name({"mode": "DDPM", "steps": None, "eta": None})
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         trained.sample(2, (3, 16, 16), mode="DDPM")
+    weighted = build_diffusion(load_config(ROOT / "config" / "demo.yaml", zero + ["diffusion.zero_terminal_snr=true",
+                                                                              "diffusion.loss_weighting=min_snr"]))
+    assert torch.isfinite(weighted(torch.rand(2, 3, 16, 16), t=torch.tensor([20, 20])))
+    with pytest.raises(UserError, match=r"key 'diffusion.zero_terminal_snr' true gives snr = 0 at t = n_T, where "
+                                        r"min_snr's weight for prediction eps is 0 / 0; use prediction v or x0"):
+        load_config(ROOT / "config" / "demo.yaml", ["diffusion.zero_terminal_snr=true",
+                                                     "diffusion.loss_weighting=min_snr"])
     path = tmp_path / "model_0.pth"
     save_checkpoint({"MODEL": trained.state_dict(), "config": cfg.to_dict()}, path)
     load_diffusion(cfg, path)
