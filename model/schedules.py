@@ -47,8 +47,8 @@ def rescale_zero_terminal_snr(alphabar):
     alphabar: sqrt(alphabar) over indices 1..T shifted so that the last is 0 and scaled so that the first is
     unchanged; index 0 is kept. Float64; alphabar_T is exactly 0."""
     root = alphabar[1:].double().sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    root = (root - last) * (first / (first - last))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))  # a new tensor: first and last keep their values
     return torch.cat([alphabar[:1].double(), root ** 2])
 
 
