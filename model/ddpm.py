@@ -100,6 +100,9 @@ class DDPM(nn.Module):
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
         schedule: a name of ``model.schedules.SCHEDULES`` ("linear" is the original's).
+        zero_terminal_snr: rescale the schedule so that alphabar_T = 0 (Lin et al. 2024; diffusers'
+            ``rescale_betas_zero_snr``), for x0 or v prediction; DDAE's ancestral sampler then cannot run (its step
+            at T divides by alpha_T = 0), DDIM and a diffusers folder's samplers can.
         prediction: what the network predicts, a name of ``model.objectives.PREDICTIONS`` ("eps", the
             original's; "x0"; "v") or an import path; sampling and probing must use the trained one.
         loss_weighting, loss_weighting_args: the per-sample loss weight ("none", the original's; "min_snr"
@@ -114,27 +117,29 @@ class DDPM(nn.Module):
     probe_grid = (1, 11, 21)  # the original's --grid timesteps, on its 1000-step linear schedule
     ORIGINAL_SCHEDULE = {"betas": (1e-4, 0.02), "n_T": 1000, "schedule": "linear"}
     # What the network learnt: a checkpoint refuses other values, for sampling and probing too.
-    TRAINING_KEYS = ("betas", "n_T", "schedule", "prediction")
+    TRAINING_KEYS = ("betas", "n_T", "schedule", "zero_terminal_snr", "prediction")
     # How it was trained: a resume refuses other values; sampling and probing ignore them.
     TRAINING_ONLY_KEYS = ("loss_weighting", "loss_weighting_args", "t_sampling", "t_sampling_args")
     SAMPLER = "DDIM"  # the sampler of sample() without sampler arguments, in labels
     SEAMS = {"prediction": PREDICTIONS, "loss_weighting": DDPM_WEIGHTINGS, "t_sampling": DDPM_T_SAMPLINGS}
 
     def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear",
-                 prediction: str = "eps", loss_weighting: str = "none", loss_weighting_args: dict = {},
-                 t_sampling: str = "uniform", t_sampling_args: dict = {}):
+                 zero_terminal_snr: bool = False, prediction: str = "eps", loss_weighting: str = "none",
+                 loss_weighting_args: dict = {}, t_sampling: str = "uniform", t_sampling_args: dict = {}):
         super().__init__()
         self.nn_model = nn_model
         self.n_T = int(n_T)
         self.betas = tuple(float(b) for b in betas)
         self.schedule = schedule
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.prediction, self.loss_weighting, self.t_sampling = prediction, loss_weighting, t_sampling
         self.loss_weighting_args, self.t_sampling_args = dict(loss_weighting_args), dict(t_sampling_args)
         self.prediction_target = resolve(prediction, self.SEAMS["prediction"], "prediction", type(self))
         self._weighting = resolve(loss_weighting, self.SEAMS["loss_weighting"], "loss_weighting", type(self))
         self._t_sampling = resolve(t_sampling, self.SEAMS["t_sampling"], "t_sampling", type(self))
         for prefix, leading_zero in (("ddpm", True), ("ddim", False)):
-            for key, value in make_schedule(*self.betas, self.n_T, leading_zero, schedule).items():
+            for key, value in make_schedule(*self.betas, self.n_T, leading_zero, schedule,
+                                            self.zero_terminal_snr).items():
                 self.register_buffer(f"{prefix}_{key}", value, persistent=False)
 
     @staticmethod
@@ -145,6 +150,11 @@ class DDPM(nn.Module):
                 f"must be one of {', '.join(SCHEDULES)}, got {diffusion.schedule!r}")
         check_steps_and_betas(diffusion, require)
         check_seams(diffusion, DDPM.SEAMS, require)
+        # min-SNR's eps weight min(snr, gamma) / snr is 0 / 0 where alphabar_T = 0
+        require(not (getattr(diffusion, "zero_terminal_snr", False) and diffusion.loss_weighting == "min_snr"
+                     and diffusion.prediction == "eps"), "diffusion.zero_terminal_snr",
+                "true gives snr = 0 at t = n_T, where min_snr's weight for prediction eps is 0 / 0; use prediction "
+                "v or x0 (as zero terminal SNR asks), or loss_weighting none")
 
     @staticmethod
     def feature_timesteps(settings):
@@ -159,7 +169,8 @@ class DDPM(nn.Module):
         (a very short schedule) are dropped."""
         reference = make_schedule(*cls.ORIGINAL_SCHEDULE["betas"], cls.ORIGINAL_SCHEDULE["n_T"], True,
                                   cls.ORIGINAL_SCHEDULE["schedule"])["alphabar_t"]
-        alphabar = make_schedule(*settings["betas"], settings["n_T"], True, settings["schedule"])["alphabar_t"]
+        alphabar = make_schedule(*settings["betas"], settings["n_T"], True, settings["schedule"],
+                                 settings.get("zero_terminal_snr", False))["alphabar_t"]
         nearest = [1 + int((alphabar[1:] - reference[t]).abs().argmin()) for t in cls.probe_grid]
         return tuple(dict.fromkeys(nearest))
 
@@ -211,7 +222,7 @@ class DDPM(nn.Module):
         """The samplers the network was published with (a diffusers folder's scheduler,
         ``model.diffusers_sampling.SchedulerSampler``), or None: DDAE's own DDIM and ancestral samplers."""
         published = getattr(self.nn_model, "published_sampler", None)
-        return None if published is None else published(self.n_T, self.betas, self.schedule)
+        return None if published is None else published(self.n_T, self.betas, self.schedule, self.zero_terminal_snr)
 
     def pixel_rule(self):
         """How sample.py turns this model's samples into PNG pixels (a ``utils.images.to_uint8`` rule): "round" as
@@ -225,6 +236,9 @@ class DDPM(nn.Module):
         DDIMScheduler(...)"; a UserError for a scheduler option it cannot run."""
         published = self.published_sampler()
         if published is None:
+            if sampler["mode"] == "DDPM" and self.zero_terminal_snr:
+                raise UserError("--mode DDPM: DDAE's ancestral sampler cannot run diffusion.zero_terminal_snr: true "
+                                "(its step at T divides by alpha_T = 0); use --mode DDIM")
             learned = sampler["mode"] == "DDPM" and getattr(self.nn_model, "learn_sigma", False)
             return f"DDAE {sampler['mode']}" + (", learned variance" if learned else "")
         return published.describe(sampler["mode"], sampler["steps"], sampler["eta"])
@@ -368,10 +382,13 @@ class DDPM(nn.Module):
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
         steps = min(100, self.n_T) if mode == "DDIM" and steps is None else steps
         published = self.published_sampler()
-        if published is not None:  # a diffusers folder: its scheduler's timesteps are our t - 1
-            x = published.sample(lambda x, index: self.denoise(x, index + 1)[0], x, mode, steps, eta, noise)
+        if published is not None:  # a diffusers folder: asks denoise at its scheduler's timesteps + 1
+            x = published.sample(self.denoise, x, mode, steps, eta, noise)
         elif mode == "DDIM":
             x = self._ddim_loop(x, steps, eta, noise)
+        elif self.zero_terminal_snr:
+            raise ValueError("DDAE's ancestral sampler cannot run a zero-terminal-SNR schedule (alpha_T = 0); "
+                             "use mode 'DDIM'")
         elif getattr(self.nn_model, "learn_sigma", False):
             x = self._learned_variance_loop(x, steps, noise)
         elif steps is None:

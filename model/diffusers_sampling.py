@@ -3,14 +3,19 @@
     sampler = SchedulerSampler(config, path)       # config: the folder's scheduler_config.json as a dict
     sampler.describe("DDIM", steps=50, eta=0.0)    # 'diffusers DDIMScheduler(...)'; a UserError for an option
                                                    # we do not run
-    x = sampler.sample(eps_at, x_T, "DDIM", steps=50, eta=0.0, noise=noise)   # eps_at(x, index) -> (B, C, H, W)
+    x = sampler.sample(diffusion.denoise, x_T, "DDIM", steps=50, eta=0.0, noise=noise)
 
 Each scheduler reads the options it knows from the folder's config, with its own defaults for the missing ones,
 as ``DDIMScheduler.from_config`` and ``DDPMScheduler.from_config`` do (DDIMPipeline turns a folder's
 DDPMScheduler into a DDIMScheduler that way), and runs the steps diffusers' pipelines run with their defaults:
 DDIM keeps the network's noise prediction after clipping x0 (``use_clipped_model_output=False``) and, at eta > 0,
 draws noise at every step including the last; the ancestral sampler draws noise wherever the timestep is above 0.
-Timesteps are diffusers' 0-based indices into ``alphas_cumprod``; ``eps_at`` gets them as they are.
+Timesteps are diffusers' 0-based indices into ``alphas_cumprod``, index k being our timestep t = k + 1.
+The network's output becomes (eps, x0) in ``denoise(x, t, schedule)`` (``DDPM.denoise``: the DDPM's prediction
+target, which the folder's ``prediction_type`` set), with ``schedule``'s sqrtab and sqrtmab at t: the folder's
+``alphas_cumprod[k] ** 0.5`` and ``(1 - alphas_cumprod[k]) ** 0.5``, so every operation is the one diffusers'
+``step`` does for epsilon, sample and v_prediction alike. ``rescale_betas_zero_snr`` gives the last alphabar 0
+(diffusers' rescale): a v or sample prediction is finite there, an epsilon one gives x0 = inf as in diffusers.
 """
 import numpy as np
 import torch
@@ -25,8 +30,9 @@ DDPM_OPTIONS = {"timestep_spacing": "leading", "steps_offset": 0, "variance_type
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 # Options whose non-default value we refuse, with the default we run.
-UNSUPPORTED = {"prediction_type": "epsilon", "thresholding": False, "rescale_betas_zero_snr": False,
-               "trained_betas": None}
+UNSUPPORTED = {"thresholding": False, "trained_betas": None}
+# The DDPMScheduler keys that make alphas_cumprod.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr")
 SCHEDULER_NAMES = {"DDIM": "DDIMScheduler", "DDPM": "DDPMScheduler"}
 
 
@@ -61,8 +67,7 @@ class SchedulerSampler:
     @staticmethod
     def _known(config):
         """The keys DDPMScheduler takes (from_config warns about the others)."""
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-        return {key: config[key] for key in keys if key in config}
+        return {key: config[key] for key in SCHEDULE_KEYS if key in config}
 
     def options(self, mode):
         """The options of ``mode``'s scheduler: the folder's values over diffusers' defaults."""
@@ -98,10 +103,17 @@ class SchedulerSampler:
         settings = {"steps": steps, **({"eta": eta} if mode == "DDIM" else {}), **options}
         return f"diffusers {SCHEDULER_NAMES[mode]}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
-    def sample(self, eps_at, x, mode, steps, eta, noise):
-        """Run ``mode`` ("DDIM" or "DDPM") from ``x`` (B, C, H, W) in [-1, 1] space; ``noise`` as in
-        model/noise.py. Returns the final sample (not clipped)."""
-        alphas_cumprod = self.alphas_cumprod.to(x.device)
+    def schedule(self, device):
+        """sqrtab and sqrtmab of the folder's alphas_cumprod at our timesteps t = index + 1, as (n_T + 1,) tensors
+        on ``device`` (t = 0, the clean image, is never read), computed as diffusers' ``step`` computes them."""
+        alphas_cumprod = torch.cat([torch.ones(1), self.alphas_cumprod]).to(device)
+        return {"sqrtab": alphas_cumprod ** 0.5, "sqrtmab": (1 - alphas_cumprod) ** 0.5}
+
+    def sample(self, denoise, x, mode, steps, eta, noise):
+        """Run ``mode`` ("DDIM" or "DDPM") from ``x`` (B, C, H, W) in [-1, 1] space; ``denoise(x, t, schedule) ->
+        (eps, x0)`` as ``DDPM.denoise`` (x0 not clipped), asked at t = index + 1 with ``self.schedule``; ``noise``
+        as in model/noise.py. Returns the final sample (not clipped)."""
+        alphas_cumprod, schedule = self.alphas_cumprod.to(x.device), self.schedule(x.device)
         options = self.options(mode)
         times = self.timesteps(mode, steps)
         clip = options["clip_sample_range"] if options["clip_sample"] else None
@@ -109,35 +121,33 @@ class SchedulerSampler:
             final = torch.tensor(1.0) if options["set_alpha_to_one"] else alphas_cumprod[0]
             stride = self.n_T // len(times)  # diffusers steps back by this whatever the spacing
             for t in times:
-                x = self._ddim_step(x, eps_at(x, t), alphas_cumprod[t],
-                                    alphas_cumprod[t - stride] if t >= stride else final, eta, clip, noise)
+                eps, x0 = denoise(x, t + 1, schedule)
+                x = self._ddim_step(x0, eps, alphas_cumprod[t], alphas_cumprod[t - stride] if t >= stride else final,
+                                    eta, clip, noise)
             return x
         for t, previous in zip(times, times[1:] + [-1]):
-            x = self._ancestral_step(x, eps_at(x, t), alphas_cumprod[t],
+            _, x0 = denoise(x, t + 1, schedule)
+            x = self._ancestral_step(x, x0, alphas_cumprod[t],
                                      alphas_cumprod[previous] if previous >= 0 else torch.tensor(1.0),
                                      t > 0, options["variance_type"], clip, noise)
         return x
 
     @staticmethod
-    def _predicted_x0(x, eps, alphabar, clip):
-        x0 = (x - (1 - alphabar) ** 0.5 * eps) / alphabar ** 0.5
-        return x0 if clip is None else x0.clamp(-clip, clip)
-
-    @classmethod
-    def _ddim_step(cls, x, eps, alphabar, alphabar_prev, eta, clip, noise):
-        """One DDIM step (Song et al. 2021, eq. 12) from alphabar to alphabar_prev with the network's eps."""
-        x0 = cls._predicted_x0(x, eps, alphabar, clip)
+    def _ddim_step(x0, eps, alphabar, alphabar_prev, eta, clip, noise):
+        """One DDIM step (Song et al. 2021, eq. 12) from alphabar to alphabar_prev with the predicted x0 (clipped
+        to ``clip``) and eps."""
+        x0 = x0 if clip is None else x0.clamp(-clip, clip)
         variance = (1 - alphabar_prev) / (1 - alphabar) * (1 - alphabar / alphabar_prev)
         sigma = eta * variance ** 0.5
         x = alphabar_prev ** 0.5 * x0 + (1 - alphabar_prev - sigma ** 2) ** 0.5 * eps
         return x + sigma * noise(x.shape[1:]) if eta > 0 else x
 
-    @classmethod
-    def _ancestral_step(cls, x, eps, alphabar, alphabar_prev, add_noise, variance_type, clip, noise):
-        """One step of the posterior q(x_prev | x, x0) (Ho et al. 2020, eq. 7) with the clipped x0."""
+    @staticmethod
+    def _ancestral_step(x, x0, alphabar, alphabar_prev, add_noise, variance_type, clip, noise):
+        """One step of the posterior q(x_prev | x, x0) (Ho et al. 2020, eq. 7) with the predicted x0, clipped."""
         alpha = alphabar / alphabar_prev
         beta = 1 - alpha
-        x0 = cls._predicted_x0(x, eps, alphabar, clip)
+        x0 = x0 if clip is None else x0.clamp(-clip, clip)
         mean = (alphabar_prev ** 0.5 * beta / (1 - alphabar)) * x0 + (alpha ** 0.5 * (1 - alphabar_prev)
                                                                        / (1 - alphabar)) * x
         if not add_noise:

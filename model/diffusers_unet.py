@@ -12,8 +12,10 @@ A folder is read in either layout diffusers writes: a pipeline (``model_index.js
 weights at its root, with ``scheduler_config.json`` beside them when the Hub repository has one).
 Weights come from ``diffusion_pytorch_model.safetensors``, else ``.bin`` (diffusers reads it with
 ``torch.load(weights_only=True)``); nothing is downloaded. The folder's scheduler must be the config's
-diffusion section (its beta_schedule the same ``diffusion.schedule``, the same alphabar at every step)
-and predict epsilon.
+diffusion section: its beta_schedule the same ``diffusion.schedule``, its ``rescale_betas_zero_snr`` the same
+``diffusion.zero_terminal_snr``, the same alphabar at every step, and its ``prediction_type`` (epsilon, sample,
+v_prediction) the same ``diffusion.prediction`` (eps, x0, v), which the loss, the features' noise and the samplers
+then use.
 
 Our DDPM calls its network with t / n_T for t in 1..n_T; UNet2DModel was trained on the index t - 1
 of its ``alphas_cumprod``, which equals our alphabar at t. ``DiffusersUNet`` converts between the two,
@@ -45,7 +47,10 @@ UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2D", None)
 # diffusers' beta_schedule -> our diffusion.schedule (model/schedules.py).
 SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-SCHEDULE_SETTINGS = ("betas", "n_T", "schedule")  # the diffusion keys a scheduler's schedule is compared with
+# the diffusion keys a scheduler's schedule is compared with
+SCHEDULE_SETTINGS = ("betas", "n_T", "schedule", "zero_terminal_snr")
+# diffusers' prediction_type -> our diffusion.prediction (model/objectives.py).
+PREDICTION_NAMES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 SCHEDULE_TOLERANCE = 1e-4  # relative, on alphabar and 1 - alphabar (see check_scheduler)
 
 
@@ -53,7 +58,8 @@ class DiffusersUNet(nn.Module):
     """A ``diffusers.UNet2DModel`` behind our network contract (docs/DESIGN.md); ``net_type: UNet2DModel``.
 
     Args:
-        unet: the UNet2DModel (epsilon prediction, positional time embedding, no class labels).
+        unet: the UNet2DModel (positional time embedding, no class labels); what it predicts is the DDPM's
+            ``prediction``, which ``check_folder`` matched to its scheduler's prediction_type.
         n_T: the steps it was trained over (its scheduler's num_train_timesteps); ``forward`` gets t / n_T
             and feeds the network t - 1.
 
@@ -85,15 +91,15 @@ class DiffusersUNet(nn.Module):
         steps = 1000 if scheduler is None else scheduler.get("num_train_timesteps", 1000)
         return cls(read_unet(unet_folder, contents, folder), steps, scheduler, scheduler_path or folder)
 
-    def published_sampler(self, n_T, betas, schedule):
+    def published_sampler(self, n_T, betas, schedule, zero_terminal_snr=False):
         """The folder's own samplers (``model.diffusers_sampling.SchedulerSampler``): DDIM and ancestral sampling
         as diffusers runs them from its scheduler config; a folder without one has the DDPM's settings
-        (``n_T``, ``betas``, ``schedule``) in diffusers' names."""
+        (``n_T``, ``betas``, ``schedule``, ``zero_terminal_snr``) in diffusers' names."""
         config = self.scheduler
         if config is None:
             beta_schedule = next(name for name, ours in SCHEDULE_NAMES.items() if ours == schedule)
             config = {"num_train_timesteps": n_T, "beta_start": betas[0], "beta_end": betas[1],
-                      "beta_schedule": beta_schedule}
+                      "beta_schedule": beta_schedule, "rescale_betas_zero_snr": bool(zero_terminal_snr)}
         return SchedulerSampler(config, self.scheduler_path)
 
     @staticmethod
@@ -233,18 +239,23 @@ def check_unet_config(config, path):
         if config.get(key) is not None:
             refuse(key, config[key], "class-conditional UNets are not supported")
     if config.get("out_channels", 3) != config.get("in_channels", 3):
-        refuse("out_channels", config["out_channels"], "the network must predict only the noise (as many "
-               "channels as in_channels)")
+        refuse("out_channels", config["out_channels"], "the network must predict only the noise, x0 or v (as "
+               "many channels as in_channels)")
     if config.get("center_input_sample"):
         refuse("center_input_sample", True, "our DDPM already gives the network images in [-1, 1]")
 
 
 def check_scheduler(config, path, settings):
-    """Refuse a scheduler whose prediction or alphabar differ from the DDPM ``settings`` (a diffusion section)."""
+    """Refuse a scheduler whose schedule or prediction differ from the DDPM ``settings`` (a diffusion section)."""
     prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise UserError(f"{path}: prediction_type {prediction!r} is not supported; DDAE's DDPM predicts the "
-                        f"noise (epsilon)")
+    if prediction not in PREDICTION_NAMES:
+        raise UserError(f"{path}: prediction_type {prediction!r} is not supported; DDAE's DDPM runs "
+                        f"{', '.join(PREDICTION_NAMES)}")
+    if settings.prediction != PREDICTION_NAMES[prediction]:
+        ours = PREDICTION_NAMES[prediction]
+        raise UserError(f"{path}: the folder's prediction_type {prediction!r} is diffusion.prediction {ours!r}, but "
+                        f"the config gives {settings.prediction!r}; set diffusion.prediction: {ours} (or --set "
+                        f"diffusion.prediction={ours})")
     beta_schedule = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is not None or beta_schedule not in SCHEDULE_NAMES:
         what = "trained_betas" if config.get("trained_betas") is not None else f"beta_schedule {beta_schedule!r}"
@@ -255,10 +266,16 @@ def check_scheduler(config, path, settings):
         raise UserError(f"{path}: the folder's beta_schedule {beta_schedule!r} is diffusion.schedule {schedule!r}, "
                         f"but the config gives {settings.schedule!r}; set diffusion.schedule: {schedule} (or --set "
                         f"diffusion.schedule={schedule})")
+    zero_snr = bool(config.get("rescale_betas_zero_snr", False))
+    if bool(settings.zero_terminal_snr) != zero_snr:
+        value = str(zero_snr).lower()
+        raise UserError(f"{path}: the folder's rescale_betas_zero_snr {zero_snr} is diffusion.zero_terminal_snr "
+                        f"{value}, but the config gives {str(bool(settings.zero_terminal_snr)).lower()}; set "
+                        f"diffusion.zero_terminal_snr: {value} (or --set diffusion.zero_terminal_snr={value})")
     steps = config.get("num_train_timesteps", 1000)
     described = (f"{beta_schedule} betas {config.get('beta_start', 1e-4)} .. {config.get('beta_end', 0.02)} "
-                 f"over {steps} steps")
-    given = {key: settings[key] for key in SCHEDULE_SETTINGS}
+                 f"over {steps} steps" + (", rescaled to zero terminal SNR" if zero_snr else ""))
+    given = {key: settings[key] for key in SCHEDULE_SETTINGS if key != "zero_terminal_snr" or zero_snr}
     fix = f"use a config whose diffusion section describes the folder's schedule (the config gives {given})"
     if steps != settings.n_T:
         raise UserError(f"{path}: the folder's schedule ({described}) has {steps} steps but diffusion.n_T is "
@@ -266,7 +283,7 @@ def check_scheduler(config, path, settings):
     from diffusers import DDPMScheduler
 
     theirs = DDPMScheduler.from_config(config).alphas_cumprod.float()  # index t - 1 is our t
-    ours = make_schedule(*settings.betas, settings.n_T, True, settings.schedule)["alphabar_t"][1:]
+    ours = make_schedule(*settings.betas, settings.n_T, True, settings.schedule, zero_snr)["alphabar_t"][1:]
     # Relative to alphabar and 1 - alphabar, but no finer than float32 resolves alphabar near 1 (~1e-7).
     error = (ours - theirs).abs() / torch.minimum(theirs, 1 - theirs).clamp(min=1e-2)
     worst = int(error.argmax())
@@ -292,8 +309,9 @@ def check_folder(cfg, folder):
         raise UserError(f"{folder} holds no scheduler_config.json, so its UNet is taken to have diffusers' "
                         f"default 1000 steps, but diffusion.n_T is {cfg.diffusion.n_T}; use n_T: 1000")
     else:
-        print0(f"note: {folder} holds no scheduler_config.json; assuming the config's diffusion section "
-               f"{ {key: cfg.diffusion[key] for key in SCHEDULE_SETTINGS} }")
+        described = {key: cfg.diffusion[key] for key in (*SCHEDULE_SETTINGS, "prediction")}
+        print0(f"note: {folder} holds no scheduler_config.json; assuming the config's schedule and prediction "
+               f"{described}")
     return config_path
 
 

@@ -251,7 +251,7 @@ def check_schedule(diffusion, checkpoint, path, origin=None, resume=False):
         if keys is not None and key not in keys and key not in training_only:
             continue
         trained, current = saved.get(key, default), getattr(diffusion, key, None)
-        if current is None or isinstance(trained, bool) or trained is config.REQUIRED:
+        if current is None or (isinstance(trained, bool) and keys is None) or trained is config.REQUIRED:
             continue
         if isinstance(trained, dict) != isinstance(current, dict) or _plain(current) != _plain(trained):
             typed = (origin or {}).get("typed", {}).get(f"diffusion.{key}")

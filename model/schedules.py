@@ -1,6 +1,7 @@
 """The named noise schedules of DDPM, in one place: add an entry to SCHEDULES for a new one.
 
     schedule = make_schedule(1e-4, 0.02, 1000, leading_zero=True, kind="cosine")   # {"alphabar_t": (1001,), ...}
+    schedule = make_schedule(1e-4, 0.02, 1000, True, "linear", zero_terminal_snr=True)   # alphabar_T = 0
 
 Timestep t runs over 1..T and index 0 is the clean image (alphabar_0 = 1, the leading zero beta).
 """
@@ -41,8 +42,20 @@ def scaled_linear_betas(beta1, beta2, T, leading_zero):
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
 
 
-def make_schedule(beta1, beta2, T, leading_zero, kind="linear"):
-    """The noise schedule ``kind`` of SCHEDULES over T steps, as (T + 1,) float32 tensors.
+def rescale_zero_terminal_snr(alphabar):
+    """Lin et al. 2024's zero terminal SNR (their Algorithm 1; diffusers' ``rescale_betas_zero_snr``) of a (T + 1,)
+    alphabar: sqrt(alphabar) over indices 1..T shifted so that the last is 0 and scaled so that the first is
+    unchanged; index 0 is kept. Float64; alphabar_T is exactly 0."""
+    root = alphabar[1:].double().sqrt()
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))  # a new tensor: first and last keep their values
+    return torch.cat([alphabar[:1].double(), root ** 2])
+
+
+def make_schedule(beta1, beta2, T, leading_zero, kind="linear", zero_terminal_snr=False):
+    """The noise schedule ``kind`` of SCHEDULES over T steps, as (T + 1,) float32 tensors; with
+    ``zero_terminal_snr`` rescaled so that alphabar_T = 0 (``rescale_zero_terminal_snr``), each beta_t then
+    1 - alphabar_t / alphabar_{t-1} (beta_T = 1, so ``oneover_sqrta`` is inf at T).
 
     Returns:
         dict of the entries in SCHEDULE_KEYS. ``ma_over_sqrtmab`` is (1 - alpha) / sqrt(1 - alphabar),
@@ -54,6 +67,10 @@ def make_schedule(beta1, beta2, T, leading_zero, kind="linear"):
     alpha = 1 - beta
     alphabar = torch.exp(torch.cumsum(torch.log(alpha), dim=0)) if beta.dtype == torch.float32 \
         else torch.cumprod(alpha, dim=0)
+    if zero_terminal_snr:
+        alphabar = rescale_zero_terminal_snr(alphabar)
+        alpha = torch.cat([alpha[:1].double(), alphabar[1:] / alphabar[:-1]])
+        beta = 1 - alpha
     sqrtmab = torch.sqrt(1 - alphabar)
     schedule = {
         "alpha_t": alpha,

@@ -312,7 +312,23 @@ def test_schedule_prediction_and_block_refusals(small, tmp_path):
     scheduler_file.write_text(json.dumps(original))
     assert "has 1000 steps but diffusion.n_T is 100" in refusal(load_config(CONFIG, ["diffusion.n_T=100"]), folder)
     scheduler_file.write_text(json.dumps({**original, "prediction_type": "v_prediction"}))
-    assert "prediction_type 'v_prediction' is not supported" in refusal(cfg, folder)
+    assert "the folder's prediction_type 'v_prediction' is diffusion.prediction 'v', but the config gives 'eps'; set " \
+        "diffusion.prediction: v (or --set diffusion.prediction=v)" in refusal(cfg, folder)
+    scheduler_file.write_text(json.dumps({**original, "prediction_type": "sample"}))
+    assert "prediction_type 'sample' is diffusion.prediction 'x0', but the config gives 'v'" in \
+        refusal(load_config(CONFIG, ["diffusion.prediction=v"]), folder)
+    scheduler_file.write_text(json.dumps({**original, "prediction_type": "flow"}))
+    assert "prediction_type 'flow' is not supported; DDAE's DDPM runs epsilon, sample, v_prediction" in \
+        refusal(cfg, folder)
+    # Zero terminal SNR is a setting of its own, not "alphabar at t = 666 differs".
+    scheduler_file.write_text(json.dumps({**original, "rescale_betas_zero_snr": True}))
+    message = refusal(cfg, folder)
+    assert message.endswith("the folder's rescale_betas_zero_snr True is diffusion.zero_terminal_snr true, but the "
+                            "config gives false; set diffusion.zero_terminal_snr: true (or --set "
+                            "diffusion.zero_terminal_snr=true)") and "\n" not in message
+    scheduler_file.write_text(json.dumps(original))
+    assert "rescale_betas_zero_snr False is diffusion.zero_terminal_snr false, but the config gives true" in \
+        refusal(load_config(CONFIG, ["diffusion.zero_terminal_snr=true"]), folder)
     scheduler_file.write_text(json.dumps(original))
 
     unet_file = folder / "unet" / "config.json"
@@ -345,6 +361,88 @@ def test_other_schedules_load_and_give_diffusers_loss(small, tmp_path, beta_sche
         theirs = F.mse_loss(unet(scheduler.add_noise(2 * x0 - 1, noise, t), t).sample, noise)
         ours = diffusion(x0, t=t + 1, noise=noise)
     assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+
+
+PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # diffusers' prediction_type -> ours
+
+
+def objective_sets(prediction_type, zero_snr):
+    return [f"diffusion.prediction={PREDICTIONS[prediction_type]}"] + (["diffusion.zero_terminal_snr=true"] * zero_snr)
+
+
+@pytest.mark.parametrize("prediction_type, zero_snr", [("v_prediction", False), ("sample", False),
+                                                       ("v_prediction", True), ("epsilon", True)])
+def test_v_sample_and_zero_snr_folders_give_diffusers_loss(small, tmp_path, prediction_type, zero_snr):
+    """The loss of a folder whose scheduler predicts v or x0 (sample), with or without zero terminal SNR, at fixed
+    (t, noise) is diffusers' own: add_noise, and the target get_velocity (v), the image (sample) or the noise."""
+    root, unet = small
+    scheduler = ddpm_scheduler(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    unet.save_pretrained(tmp_path / "bare")
+    scheduler.save_pretrained(tmp_path / "bare")
+    diffusion = load_diffusion(load_config(CONFIG, objective_sets(prediction_type, zero_snr)), str(tmp_path / "bare"))
+    generator = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(3, 3, 32, 32, generator=generator), torch.randn(3, 3, 32, 32, generator=generator)
+    t = torch.tensor([0, 600, 999])  # 999: alphabar 0 under zero terminal SNR, x_t is the noise
+    x = 2 * x0 - 1
+    target = {"epsilon": noise, "sample": x, "v_prediction": scheduler.get_velocity(x, noise, t)}[prediction_type]
+    with torch.no_grad():
+        theirs = F.mse_loss(unet(scheduler.add_noise(x, noise, t), t).sample, target)
+        ours = diffusion(x0, t=t + 1, noise=noise)
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+
+
+def test_every_script_runs_a_zero_snr_v_prediction_folder(small, tmp_path, capsys):
+    """A v_prediction folder with rescale_betas_zero_snr loads through linear, knn, export_features, finetune,
+    noisy_classifier_DDAE, sample (both samplers) and train.py (a config naming it as its network) once the config
+    says diffusion.prediction: v and zero_terminal_snr: true; without them every script stops with the one line."""
+    root, unet = small
+    folder = tmp_path / "ddpm-v"
+    shutil.copytree(root / "ddpm-small", folder)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "prediction_type": "v_prediction",
+                                          "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    sets = [a for o in overrides(tmp_path) + objective_sets("v_prediction", True) for a in ("--set", o)]
+    argv = ["--config", str(CONFIG), *sets, "--ckpt", str(folder), "--device", "cpu", "--data_root",
+            str(root / "images")]
+    run = tmp_path / "run"
+    linear.main(linear.build_parser().parse_args(argv))
+    assert json.loads(one_file(run / "linear", "ddpm-v_sha*_t11_out_6_ep1_lr0.001_bs8.json"))["test_images"] == 8
+    knn.main(knn.build_parser().parse_args(argv + ["--k", "3"]))
+    assert json.loads(one_file(run / "knn", "ddpm-v_sha*_t11_out_6_k3_T0.07.json"))["test_images"] == 8
+    export_features.main(export_features.build_parser().parse_args(argv + ["--blocks", "out_6", "--out",
+                                                                           str(tmp_path / "features")]))
+    assert np.load(tmp_path / "features" / "out_6.npy").shape == (8, 32)
+    finetune.main(finetune.build_parser().parse_args(argv + ["--epochs", "1", "--batch_size", "8"]))
+    assert json.loads(one_file(run / "finetune", "ddpm-v_sha*_t11_out_6.json"))["test_images"] == 8
+    noisy_classifier_DDAE.main(noisy_classifier_DDAE.parse_args(argv))
+    assert json.loads(one_file(run, "noisy_DDAE_ddpm-v_sha*/*.json"))["n_test_images"] == 8
+    for flags in (["--steps", "2", "--eta", "0.5"], ["--mode", "DDPM", "--steps", "2"]):
+        sampled = sample.main(sample.build_parser().parse_args(argv + ["--n_samples", "2", *flags]))
+        assert len(list(Path(sampled["out_dir"], "pngs").glob("*.png"))) == 2
+        recorded = json.loads(Path(sampled["out_dir"], "sampling.json").read_text())
+        assert "timestep_spacing='trailing'" in recorded["sampler"] and recorded["diffusion"]["prediction"] == "v"
+
+    config = tmp_path / "DDPM_v.yaml"
+    settings = yaml.safe_load(CONFIG.read_text())
+    config.write_text(yaml.safe_dump({**settings, "net_type": "UNet2DModel", "network": {"folder": str(folder)},
+                                      "diffusion": {**settings["diffusion"], "prediction": "v",
+                                                    "zero_terminal_snr": True}}))
+    train.train(load_config(config, overrides(tmp_path) + ["n_epoch=1", "batch_size=8", "n_sample=1"]),
+                train.parse_args(["--config", str(config), "--device", "cpu", "--data_root", str(root / "images")]))
+    trained = load_diffusion(load_config(config, overrides(tmp_path)), str(run / "ckpts" / "model_0.pth"))
+    assert trained.prediction == "v" and trained.ddpm_alphabar_t[-1] == 0
+
+    default = ["--config", str(CONFIG), *[a for o in overrides(tmp_path) for a in ("--set", o)], "--ckpt",
+               str(folder), "--device", "cpu", "--data_root", str(root / "images")]
+    for extra, message in (([], "the folder's prediction_type 'v_prediction' is diffusion.prediction 'v', but the "
+                                "config gives 'eps'; set diffusion.prediction: v"),
+                           (["--set", "diffusion.prediction=v"], "the folder's rescale_betas_zero_snr True is "
+                            "diffusion.zero_terminal_snr true, but the config gives false")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            knn.main(knn.build_parser().parse_args(default + extra))
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_a_config_names_the_folder_as_its_network(small, tmp_path):

@@ -83,7 +83,7 @@ def test_ddim_equals_ddim_scheduler_loop(folder, steps, eta, options):
         for t in ddim.timesteps:
             x = ddim.step(unet(x, t).sample, t, x, eta=eta, generator=generators).prev_sample
         ours = diffusion.sample(x_T=x_T, steps=steps, eta=eta, noise=noise)
-    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=0)
     assert diffusion.sampler_name({"mode": "DDIM", "steps": steps, "eta": eta}).startswith(
         f"diffusers DDIMScheduler(steps={steps}, eta={eta}, timestep_spacing=")
 
@@ -105,7 +105,71 @@ def test_ancestral_equals_ddpm_scheduler_step(folder, steps, options):
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t).sample, t, x, generator=generators).prev_sample
         ours = diffusion.sample(x_T=x_T, mode="DDPM", steps=steps, noise=noise)
-    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, (x + 1) / 2, rtol=0, atol=0)
+
+
+PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}  # diffusers' prediction_type -> ours
+
+
+def objective_sets(options):
+    """The --set that make the config describe a scheduler's prediction_type and rescale_betas_zero_snr."""
+    sets = [f"diffusion.prediction={PREDICTIONS[options.get('prediction_type', 'epsilon')]}"]
+    return sets + (["diffusion.zero_terminal_snr=true"] if options.get("rescale_betas_zero_snr") else [])
+
+
+@pytest.mark.parametrize("mode, steps, eta, options", [
+    ("DDIM", 5, 0.5, {"prediction_type": "v_prediction"}),
+    ("DDIM", 4, 0.0, {"prediction_type": "sample", "clip_sample": False}),
+    # trailing spacing starts at the last index, where a zero-SNR schedule has alphabar = 0
+    ("DDIM", 4, 1.0, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                      "timestep_spacing": "trailing"}),
+    ("DDIM", 5, 0.0, {"prediction_type": "sample", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                      "set_alpha_to_one": False}),
+    ("DDIM", 4, 0.0, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),  # epsilon: x0 = inf, clipped
+    ("DDPM", None, None, {"prediction_type": "v_prediction"}),
+    ("DDPM", 6, None, {"prediction_type": "sample", "variance_type": "fixed_large"}),
+    ("DDPM", None, None, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}),
+    ("DDPM", 5, None, {"prediction_type": "sample", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                       "variance_type": "fixed_small_log", "clip_sample_range": 0.7}),
+])
+def test_sample_and_v_prediction_folders_sample_as_diffusers(folder, mode, steps, eta, options):
+    """A folder whose UNet predicts x0 (sample) or v, zero terminal SNR or not, samples as DDIMScheduler /
+    DDPMScheduler step it from the same x_T and noise, to the last bit (the output turned into eps and x0 by
+    DDPM.denoise with the folder's own alphabar)."""
+    diffusion, scheduler = with_scheduler(folder, objective_sets(options), **options)
+    _, unet = folder
+    assert diffusion.prediction == PREDICTIONS[options.get("prediction_type", "epsilon")]
+    if options.get("rescale_betas_zero_snr"):
+        assert scheduler.alphas_cumprod[-1] == 0 and diffusion.ddpm_alphabar_t[-1] == 0
+    theirs = DDIMScheduler.from_config(scheduler.config) if mode == "DDIM" else scheduler
+    theirs.set_timesteps(steps or N_T)
+    x_T, noise, generators = same_start()
+    x = x_T
+    step = {"eta": eta} if mode == "DDIM" else {}
+    with torch.no_grad():
+        for t in theirs.timesteps:
+            x = theirs.step(unet(x, t).sample, t, x, generator=generators, **step).prev_sample
+        ours = diffusion.sample(x_T=x_T, mode=mode, steps=steps, eta=eta, noise=noise)
+    assert torch.isfinite(ours).all() and torch.equal(ours, (x + 1) / 2)
+
+
+def test_a_folder_without_scheduler_config_samples_the_configs_zero_snr_v_schedule(folder, tmp_path):
+    """A bare UNet folder (no scheduler_config.json: diffusers' 1000 steps) samples the config's schedule, zero
+    terminal SNR and v prediction included, as DDIMScheduler does with those settings."""
+    _, unet = folder
+    unet.save_pretrained(tmp_path / "bare")
+    sets = [s for s in CONFIG_SETS if not s.startswith("diffusion.n_T")] + ["diffusion.prediction=v",
+                                                                             "diffusion.zero_terminal_snr=true"]
+    diffusion = load_diffusion(load_config(CONFIG, sets), str(tmp_path / "bare")).eval()
+    ddim = DDIMScheduler(beta_schedule="linear", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    ddim.set_timesteps(4)
+    x_T, noise, generators = same_start()
+    x = x_T
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, t).sample, t, x, eta=0.5, generator=generators).prev_sample
+        ours = diffusion.sample(x_T=x_T, steps=4, eta=0.5, noise=noise)
+    assert torch.equal(ours, (x + 1) / 2)
 
 
 def pipeline_images(folder, pipeline_class, indices, seed, **call):

@@ -122,6 +122,34 @@ def test_a_schedule_other_than_the_trained_one_is_refused(tmp_path):
     load_diffusion(shorter, path)
 
 
+def test_zero_terminal_snr_is_a_training_setting_and_only_ddaes_ancestral_sampler_refuses_it(tmp_path):
+    """diffusion.zero_terminal_snr: alphabar_T is 0 and alphabar_1 unchanged; DDIM samples, the ancestral sampler
+    (a step dividing by alpha_T = 0) is refused in one line; a checkpoint trained with it refuses a config without."""
+    zero = ["diffusion.n_T=20", "diffusion.prediction=v"]
+    cfg = load_config(ROOT / "config" / "demo.yaml", zero + ["diffusion.zero_terminal_snr=true"])
+    trained, plain = build_diffusion(cfg).eval(), build_diffusion(load_config(ROOT / "config" / "demo.yaml", zero))
+    assert trained.ddpm_alphabar_t[-1] == 0 and trained.ddpm_alphabar_t[1] == plain.ddpm_alphabar_t[1]
+    assert torch.isfinite(trained.sample(2, (3, 16, 16), steps=4, eta=0.5)).all()
+    with pytest.raises(UserError, match=r"^--mode DDPM: DDAE's ancestral sampler cannot run "
+                                        r"diffusion.zero_terminal_snr: true \(its step at T divides by alpha_T = "
+                                        r"0\); use --mode DDIM$"):
+        trained.sampler_name({"mode": "DDPM", "steps": None, "eta": None})
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        trained.sample(2, (3, 16, 16), mode="DDPM")
+    weighted = build_diffusion(load_config(ROOT / "config" / "demo.yaml", zero + ["diffusion.zero_terminal_snr=true",
+                                                                              "diffusion.loss_weighting=min_snr"]))
+    assert torch.isfinite(weighted(torch.rand(2, 3, 16, 16), t=torch.tensor([20, 20])))
+    with pytest.raises(UserError, match=r"key 'diffusion.zero_terminal_snr' true gives snr = 0 at t = n_T, where "
+                                        r"min_snr's weight for prediction eps is 0 / 0; use prediction v or x0"):
+        load_config(ROOT / "config" / "demo.yaml", ["diffusion.zero_terminal_snr=true",
+                                                     "diffusion.loss_weighting=min_snr"])
+    path = tmp_path / "model_0.pth"
+    save_checkpoint({"MODEL": trained.state_dict(), "config": cfg.to_dict()}, path)
+    load_diffusion(cfg, path)
+    with pytest.raises(UserError, match=r"trained with diffusion.zero_terminal_snr = True, but the config gives False"):
+        load_diffusion(load_config(ROOT / "config" / "demo.yaml", zero), path)
+
+
 def test_only_training_settings_are_refused_and_the_fix_names_where_the_value_came_from(tmp_path):
     small = ["network.image_shape=[3,16,16]", "network.ch_mults=[1,2]", "network.is_attn=[False,False]",
              "network.n_channels=32", "linear.blockname=out_2"]
