@@ -3,7 +3,7 @@ Diffusion"): tiny random-weight UNet_guide networks in its DDPM and EDM (DDPM++)
 per-block pooled activations at mixed labels and drop masks, the training loss of DDPM_guide / EDM_guide at
 fixed (t or ln sigma, noise, labels, drop mask) and the draws its forward makes from a seed, one guided
 prediction (DDPM_guide.pred_eps_ / EDM_guide.pred_eps_cfg) and short guided samplers from a fixed start
-(DDIM, ancestral DDPM, EDM Heun). Never run in CI: it needs a checkout.
+(DDIM, ancestral DDPM, EDM Heun), and its cosine schedule. Never run in CI: it needs a checkout.
 
     git clone https://github.com/FutureXiang/Diffusion /tmp/fx                     # recorded at 4eefaf6
     python bench/guide_golden.py --sister /tmp/fx
@@ -136,8 +136,11 @@ def main():
     parser.add_argument("--sister", required=True, help="a checkout of github.com/FutureXiang/Diffusion")
     args = parser.parse_args()
     sister = load_sister(args.sister)
+    schedules = sister["DDPM_guide"].schedules
+    cosine = {kind: schedules("cosine", 1000, "cpu", kind)["alphabar_t"] for kind in ("DDPM", "DDIM")}
     for layout in LAYOUTS:
         golden = record(sister, layout)
+        golden["cosine_alphabar"] = cosine  # its betas: 'cosine' (config/cifar_unconditional_cosine.yaml)
         torch.save(golden, GUIDE_GOLDEN[layout])
         print(f"{GUIDE_GOLDEN[layout].relative_to(ROOT)}: loss {golden['loss'].item():.6f}")
 
