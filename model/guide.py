@@ -15,7 +15,8 @@ evaluations per image), all as the sister code does.
 """
 import torch
 
-from model.ddpm import DDPM, _per_sample
+from model.amp import network_only
+from model.ddpm import DDPM, _per_sample, weighted_mse
 from model.edm import EDM
 from model.noise import noise_like
 
@@ -100,16 +101,17 @@ class DDPM_guide(Guided, DDPM):
         return 2 * steps
 
     def forward(self, x0, labels, t=None, noise=None, drop_mask=None):
-        """Training loss of ``DDPM.forward``, the network seeing ``labels`` with the null label where ``drop_mask``
-        (drawn by ``drop_mask`` after t and noise when None) is 1."""
+        """Training loss of ``DDPM.forward`` (its prediction target and weighting), the network seeing ``labels``
+        with the null label where ``drop_mask`` ((B,), 1: dropped; drawn after t and noise when None) is 1."""
         x = 2 * x0 - 1
         if t is None:
-            t = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
+            t = self.training_timesteps(x.shape[0], x.device)
         t = self._timesteps(t, x.shape[0], x.device)
         noise = noise_like(noise, x)
         drop_mask = self.drop_mask(labels) if drop_mask is None else drop_mask
-        eps = self.nn_model(self.perturb(x, t, noise), t / self.n_T, labels, drop_mask)
-        return torch.nn.functional.mse_loss(eps.float(), noise.float())
+        output = self.nn_model(self.perturb(x, t, noise), t / self.n_T, labels, drop_mask)
+        sqrtab, sqrtmab = _per_sample(self.ddpm_sqrtab, t), _per_sample(self.ddpm_sqrtmab, t)
+        return weighted_mse(output, self.prediction_target.target(x, noise, sqrtab, sqrtmab), self.loss_weight(t))
 
     def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None, labels=None,
                w=DEFAULT_W):
@@ -117,14 +119,17 @@ class DDPM_guide(Guided, DDPM):
         return self.guided_sample(lambda: DDPM.sample(self, n_sample, size, x_T, steps, eta, mode, noise),
                                   n_sample, x_T, labels, w)
 
-    def _eps(self, x, t):
-        """The guided noise prediction at integer timestep ``t`` (the null label's outside ``sample``)."""
-        t_input = torch.full((x.shape[0],), t / self.n_T, device=x.device, dtype=x.dtype)
+    def denoise(self, x_t, t, schedule=None):
+        """``DDPM.denoise`` guided: the network output is (1 + w) * conditional - w * unconditional (the null
+        label's alone outside ``sample``), then read as (eps, x0)."""
         if self._guidance is None:
-            return self.nn_model(x, t_input).to(x.dtype)
+            return DDPM.denoise(self, x_t, t, schedule)
+        schedule = self.ddpm_schedule if schedule is None else schedule
         labels, w = self._guidance
-        doubled, doubled_labels, mask = self.doubled(x, labels)
-        return combine(self.nn_model(doubled, t_input.repeat(2), doubled_labels, mask).to(x.dtype), w)
+        doubled, doubled_labels, mask = self.doubled(x_t, labels)
+        t_input = torch.full((doubled.shape[0],), t / self.n_T, device=x_t.device, dtype=x_t.dtype)
+        output = combine(self.nn_model(doubled, t_input, doubled_labels, mask).to(x_t.dtype), w)
+        return self.eps_and_x0(x_t, output, schedule["sqrtab"][t], schedule["sqrtmab"][t])
 
     def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False, labels=None):
         """``DDPM.get_feature`` with the null label, or with ``labels`` ((B,) ints) when given."""
@@ -157,17 +162,18 @@ class EDM_guide(Guided, EDM):
         return 3 * steps - 1
 
     def forward(self, x0, labels, rnd_normal=None, noise=None, drop_mask=None):
-        """Training loss of ``EDM.forward`` (sigma-weighted, no augmentation), the network seeing ``labels`` with
-        the null label where ``drop_mask`` (drawn after ln sigma and the noise when None) is 1."""
+        """Training loss of ``EDM.forward`` (its noise levels and weighting; no augmentation), the network seeing
+        ``labels`` with the null label where ``drop_mask`` (drawn after sigma and the noise when None) is 1."""
         x = 2 * x0 - 1
         if rnd_normal is None:
-            rnd_normal = torch.randn((x.shape[0], 1, 1, 1), device=x.device)
-        sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+            sigma = self.training_timesteps(x.shape[0], x.device).reshape(-1, 1, 1, 1)
+        else:
+            sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+        weight = self.loss_weight(sigma)
         noise = noise_like(noise, x)
         drop_mask = self.drop_mask(labels) if drop_mask is None else drop_mask
         denoised = self.denoise(x + sigma * noise, sigma, c=labels, drop_mask=drop_mask)
-        return (weight * (denoised - x) ** 2).mean()
+        return weighted_mse(denoised, x, None if weight is None else weight.flatten())
 
     def _denoise(self, x, sigma, aug, network, **conditioning):
         """``EDM._denoise`` for a conditional network: ``conditioning`` is its (c, drop_mask); none: the null label."""
@@ -183,7 +189,6 @@ class EDM_guide(Guided, EDM):
 
     def denoise(self, x, sigma, aug=None, **conditioning):
         """``EDM.denoise`` with the network's (c, drop_mask) keywords; none: the null label."""
-        from model.amp import network_only
         with network_only(x.device) as network:
             return self._denoise(x, sigma, aug, network, **conditioning)
 
