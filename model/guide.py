@@ -36,7 +36,8 @@ def drop_mask(labels, drop_prob):
 
 class Guided:
     """What DDPM_guide and EDM_guide share: label dropout, the labels and scale of a guided sampling run, and
-    label-conditioned features. A conditional network takes ``(x, t, c, drop_mask)`` and ``num_classes``."""
+    label-conditioned features. A conditional network takes ``(x, t, c, drop_mask)`` and ``num_classes``.
+    It comes after the diffusion kind in the bases, so that the kind's keys are the YAML keys (**kwargs)."""
 
     conditional = True  # train.py feeds labels, sample.py guides: docs/DESIGN.md, Conditional models
     _guidance = None    # (labels (B,), w) while ``sample`` runs
@@ -76,7 +77,7 @@ def combine(both, w):
     return (1 + w) * both[:n] - w * both[n:]
 
 
-class DDPM_guide(Guided, DDPM):
+class DDPM_guide(DDPM, Guided):
     """Class-conditional DDPM (the sister codebase's ``DDPM_guide``) around a conditional network.
 
     Args:
@@ -84,6 +85,8 @@ class DDPM_guide(Guided, DDPM):
         drop_prob: probability that training replaces a label by the null label (0.1, the sister code's).
         the other keys: ``DDPM``'s.
     """
+
+    TRAINING_ONLY_KEYS = DDPM.TRAINING_ONLY_KEYS + ("drop_prob",)
 
     def __init__(self, nn_model, drop_prob: float = 0.1, **kwargs):
         super().__init__(nn_model, **kwargs)
@@ -137,7 +140,7 @@ class DDPM_guide(Guided, DDPM):
                                 **self.conditioning(labels, x0.shape[0], x0.device))
 
 
-class EDM_guide(Guided, EDM):
+class EDM_guide(EDM, Guided):
     """Class-conditional EDM (the sister codebase's ``EDM_guide``) around a conditional network.
 
     Args:
@@ -145,6 +148,8 @@ class EDM_guide(Guided, EDM):
         drop_prob: probability that training replaces a label by the null label (0.1, the sister code's).
         the other keys: ``EDM``'s.
     """
+
+    TRAINING_ONLY_KEYS = EDM.TRAINING_ONLY_KEYS + ("drop_prob",)
 
     def __init__(self, nn_model, drop_prob: float = 0.1, **kwargs):
         super().__init__(nn_model, **kwargs)

@@ -8,12 +8,15 @@ with a class embedding beside the time embedding, both scaling and shifting each
 State-dict names are the sister code's, so its checkpoints load unchanged; tests/test_guide.py compares outputs
 and blocks with tensors its own code recorded (bench/guide_golden.py).
 """
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.blocks import BlockRecorder, TimeEmbedding
 from model.unet import UNet
+from utils.config import Settings
 
 __all__ = ["UNet_guide", "ClassEmbedding"]
 
@@ -194,7 +197,7 @@ class UNet_guide(nn.Module):
     def check_settings(cfg, require):
         """``model.unet.UNet``'s checks, plus the classes and attention heads."""
         net = cfg.network
-        UNet.check_settings(_WithoutAugment(net), require)
+        UNet.check_settings(SimpleNamespace(network=Settings(net, augment_dim=0)), require)  # it has no augment_dim
         require(net.n_classes >= 1, "network.n_classes", f"must be at least 1, got {net.n_classes}")
         require(net.n_classes == cfg.classes, "network.n_classes",
                 f"must equal the dataset's classes ({cfg.classes} for dataset {cfg.dataset}), got {net.n_classes}")
@@ -257,12 +260,3 @@ class UNet_guide(nn.Module):
     def forward_features(self, x, t, names, c=None, drop_mask=None):
         """``{name: (B, C, H, W)}`` for the requested blocks, with labels ``c`` (None: the null label)."""
         return self._run(x, t, c, drop_mask, names)[1]
-
-
-class _WithoutAugment(dict):
-    """A network section read by ``UNet.check_settings``, which also checks augment_dim (none here)."""
-
-    def __init__(self, net):
-        super().__init__(net, augment_dim=0)
-
-    __getattr__ = dict.__getitem__
