@@ -33,12 +33,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from evaluation.cells import probe_cells
-from evaluation.features import extract_dataset_features
+from evaluation.features import extract_dataset_features, label_tag, read_features_with
 from evaluation.frozen import prepare_frozen
 from model.models import block_names, load_config, load_diffusion, on_latents
 from utils.atomic import atomic_path, check_writable
-from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
-                       resolve_precision)
+from utils.cli import (add_amp_args, add_checkpoint_args, add_feature_label_arg, add_speed_args, checkpoint_from_args,
+                       configure_backends, resolve_precision)
 from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         resolve_num_workers, test_transform)
@@ -58,6 +58,7 @@ def build_parser():
     add_config_args(parser)
     add_amp_args(parser)
     add_checkpoint_args(parser)
+    add_feature_label_arg(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--split", choices=("train", "test"), default="test",
                         help="which split of the config's dataset to export (default test)")
@@ -191,7 +192,8 @@ def default_out_dir(cfg, checkpoint, timestep, args):
     name gets its own folder."""
     stem = f"{os.path.splitext(os.path.basename(checkpoint))[0]}_{short_digest(checkpoint)}"
     source = os.path.basename(os.path.normpath(args.images)) if args.images else args.split
-    return os.path.join(cfg.save_dir, "features", f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}")
+    return os.path.join(cfg.save_dir, "features", f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}"
+                                                  f"{label_tag(args.feature_label)}")
 
 
 def check_args(args):
@@ -229,7 +231,8 @@ def main(args):
     device = resolve_device(args.device)
     precision = resolve_precision(args, device)
     configure_backends(args, device)
-    diffusion = prepare_frozen(load_diffusion(cfg, checkpoint, weights="ema"), device, compile=args.compile)
+    diffusion = read_features_with(load_diffusion(cfg, checkpoint, weights="ema"), args.feature_label)
+    diffusion = prepare_frozen(diffusion, device, compile=args.compile)
     print(f"features of {len(dataset)} images at t={timestep}, blocks {', '.join(blocks)}, from {checkpoint}")
     record = export_features(
         diffusion, dataset, timestep, blocks, device, out_dir, precision=precision, norm=args.norm,

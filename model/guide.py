@@ -23,9 +23,10 @@ from model.noise import noise_like
 DEFAULT_W = 0.3  # the sister code's guidance scale (its configs' ``w`` key)
 
 
-def class_layout(n, n_classes, device=None):
-    """The labels of ``n`` images in the sister code's layout: image i is of class i % n_classes."""
-    return torch.arange(n, device=device) % n_classes
+def image_classes(indices, n_classes):
+    """The class of each image index in the sister code's layout: image i is of class i % n_classes (so any
+    n_classes consecutive images hold every class once)."""
+    return torch.as_tensor(indices) % n_classes
 
 
 def drop_mask(labels, drop_prob):
@@ -46,10 +47,12 @@ class Guided:
         return drop_mask(labels, self.drop_prob)
 
     def guided_sample(self, sample, n_sample, x_T, labels, w):
-        """Run the parent's ``sample`` (a no-argument call) with ``labels`` (None: ``class_layout``) and scale ``w``."""
+        """Run the parent's ``sample`` (a no-argument call) with ``labels`` (None: ``image_classes`` of 0..B-1)
+        and scale ``w``."""
         batch = x_T.shape[0] if x_T is not None else n_sample
         device = next(self.nn_model.parameters()).device
-        labels = class_layout(batch, self.nn_model.num_classes) if labels is None else torch.as_tensor(labels)
+        labels = torch.as_tensor(labels) if labels is not None else image_classes(torch.arange(batch),
+                                                                                  self.nn_model.num_classes)
         if labels.shape != (batch,):
             raise ValueError(f"labels must be ({batch},), one per image, got {tuple(labels.shape)}")
         self._guidance = (labels.to(device=device, dtype=torch.long), float(w))
