@@ -37,7 +37,8 @@ def drop_mask(labels, drop_prob):
 
 class Guided:
     """What DDPM_guide and EDM_guide share: label dropout, the labels and scale of a guided sampling run, and
-    label-conditioned features. A conditional network takes ``(x, t, c, drop_mask)`` and ``num_classes``.
+    label-conditioned features. A conditional network takes keywords ``c`` (labels) and ``drop_mask`` (1: the
+    null label) in ``forward`` and ``forward_features``, none meaning the null label, and has ``num_classes``.
     It comes after the diffusion kind in the bases, so that the kind's keys are the YAML keys (**kwargs)."""
 
     conditional = True  # train.py feeds labels, sample.py guides: docs/DESIGN.md, Conditional models
@@ -115,7 +116,7 @@ class DDPM_guide(DDPM, Guided):
         t = self._timesteps(t, x.shape[0], x.device)
         noise = noise_like(noise, x)
         drop_mask = self.drop_mask(labels) if drop_mask is None else drop_mask
-        output = self.nn_model(self.perturb(x, t, noise), t / self.n_T, labels, drop_mask)
+        output = self.nn_model(self.perturb(x, t, noise), t / self.n_T, c=labels, drop_mask=drop_mask)
         sqrtab, sqrtmab = _per_sample(self.ddpm_sqrtab, t), _per_sample(self.ddpm_sqrtmab, t)
         return weighted_mse(output, self.prediction_target.target(x, noise, sqrtab, sqrtmab), self.loss_weight(t))
 
@@ -134,7 +135,7 @@ class DDPM_guide(DDPM, Guided):
         labels, w = self._guidance
         doubled, doubled_labels, mask = self.doubled(x_t, labels)
         t_input = torch.full((doubled.shape[0],), t / self.n_T, device=x_t.device, dtype=x_t.dtype)
-        output = combine(self.nn_model(doubled, t_input, doubled_labels, mask).to(x_t.dtype), w)
+        output = combine(self.nn_model(doubled, t_input, c=doubled_labels, drop_mask=mask).to(x_t.dtype), w)
         return self.eps_and_x0(x_t, output, schedule["sqrtab"][t], schedule["sqrtmab"][t])
 
     def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False, labels=None):

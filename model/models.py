@@ -24,6 +24,7 @@ from model.guide import DDPM_guide, EDM_guide
 from model.heads import head_class
 from model.unet import UNet
 from model.unet_guide import UNet_guide
+from model.uvit import UViT
 from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
 from utils.config import settings_of
@@ -31,12 +32,12 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion, "DDPM_guide": DDPM_guide, "EDM_guide": EDM_guide}
-NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UNet_guide": UNet_guide}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UViT": UViT, "UNet_guide": UNet_guide}
 # The sister codebase (FutureXiang/Diffusion) names a conditional model by its unconditional kinds plus a
 # network.n_classes key (its scripts pick the _guide classes): the kinds and networks that become.
 CONDITIONAL_KINDS = {"DDPM": "DDPM_guide", "EDM": "EDM_guide"}
 CONDITIONAL_NETWORKS = {"UNet": "UNet_guide"}
-# Its files have no linear section: the DDAE paper's probe of each kind stands in (--timestep/--blockname change it).
+# Its files have no linear section: a UNet's stands in by kind (the DDAE paper's probe; a UViT has probe_defaults).
 SISTER_PROBES = {"DDPM": {"timestep": 11, "blockname": "out_6"}, "EDM": {"timestep": 4, "blockname": "out_7"}}
 
 
@@ -76,8 +77,8 @@ def _check_probe(cfg, require):
 def sister_spelling(raw):
     """Read the sister codebase's configs unchanged: a ``network.n_classes`` key makes model_type DDPM / EDM
     and net_type UNet their conditional classes (its scripts' choice), and ``diffusion.betas: cosine`` is its
-    cosine schedule (``schedule: minimal_cosine``, default betas). A file without a ``linear`` section (its
-    files have none) probes as the DDAE paper does for its kind (``SISTER_PROBES``)."""
+    cosine schedule (``schedule: minimal_cosine``, default betas). A file still without a ``linear`` section after
+    ``_fill_probe`` (its UNet files) probes as the DDAE paper does for its kind (``SISTER_PROBES``)."""
     network, diffusion = raw.get("network"), raw.get("diffusion")
     if "linear" not in raw and raw.get("model_type") in SISTER_PROBES:
         raw["linear"] = dict(SISTER_PROBES[raw["model_type"]])
@@ -95,7 +96,18 @@ def load_config(path, overrides=(), flags=None, allow_dit=False):
     checked against the classes that ``net_type`` and ``model_type`` name; the sister codebase's spelling of
     its models is read too (``sister_spelling``)."""
     return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
-                              kinds={"DiT": DiTConfig}, spelling=sister_spelling)
+                              kinds={"DiT": DiTConfig}, fill=_fill_probe, spelling=sister_spelling)
+
+
+def _fill_probe(raw):
+    """The probe cell of a file that names none (FutureXiang/Diffusion's configs have no ``linear`` section):
+    ``linear.timestep`` / ``linear.blockname`` from the network class's ``probe_defaults(network)``, if it has
+    one (a registered class; the config's checks then see the values as if the file gave them)."""
+    cls = NETWORKS.get(raw.get("net_type")) if isinstance(raw.get("net_type"), str) else None
+    network, linear = raw.get("network"), raw.get("linear", {})
+    if hasattr(cls, "probe_defaults") and isinstance(network, dict) and isinstance(linear, dict):
+        for key, value in cls.probe_defaults(network).items():
+            raw.setdefault("linear", linear).setdefault(key, value)
 
 
 def on_latents(cfg):
@@ -171,6 +183,7 @@ NETWORK_MARKS = {
     "ADM": ("input_blocks.0.0.weight", "an ADM config with the file's flags, e.g. config/ADM_improved_cifar10.yaml "
                                        "for cifar10_uncond_50M_500K.pt, config/ADM_guided_256_uncond.yaml for "
                                        "256x256_diffusion_uncond.pt"),
+    "UViT": ("mid_block.norm1.weight", "a UViT config, e.g. config/cifar_unconditional_vit.yaml"),
 }
 
 

@@ -211,6 +211,8 @@ ADM_GOLDEN = {layout: REPO / "tests" / "golden" / f"adm_{layout}.pt" for layout 
 # The golden conditional networks and diffusions (test_guide; recorded by bench/guide_golden.py with the sister
 # codebase's code).
 GUIDE_GOLDEN = {layout: REPO / "tests" / "golden" / f"guide_{layout}.pt" for layout in ("ddpm", "edm")}
+# The golden U-ViT networks (test_uvit; recorded by bench/uvit_golden.py with FutureXiang/Diffusion's code).
+UVIT_GOLDEN = REPO / "tests" / "golden" / "uvit_tiny.pt"
 
 
 def seeded_weights(shapes, seed):

@@ -217,7 +217,8 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None, spelling=None):
+def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None, fill=None,
+                spelling=None):
     """Read a YAML config, apply ``KEY=VALUE`` overrides and check it; a ``Config`` (or one of ``kinds``),
     or a UserError naming the file and the key. Scripts call ``model.models.load_config``.
 
@@ -231,6 +232,7 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
             net_type ``name``, ...) and how many of its leading parameters are not keys.
         check: ``check(cfg, require)``: the model's own checks, after the generic ones.
         kinds: ``{model_type: top-level config class}`` for files that are not a training ``Config``.
+        fill: ``fill(raw)``: sets keys the file and overrides left out whose defaults the named classes give.
         spelling: ``spelling(raw)``: rewrites another codebase's spelling of the model (the mapping after the
             overrides) into ours, in place, before any check.
     """
@@ -252,6 +254,8 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
     for override, _ in overrides:
         _apply_override(raw, override, path)
     raw.setdefault("save_dir", default_save_dir(path))
+    if fill is not None:
+        fill(raw)
     if spelling is not None:
         spelling(raw)
     cls = (kinds or {}).get(raw.get("model_type"), Config)
