@@ -379,14 +379,24 @@ def test_training_feeds_each_image_its_label(tmp_path, monkeypatch):
             assert labels.tolist() == [by_image[image.numpy().tobytes()] for image in images]
     path, _, _ = tiny_conditional(tmp_path / "cond")
     monkeypatch.setattr(train, "build_dataset", small_synthetic)
+    images = small_synthetic("synthetic", None, True, image_size=8)
+    by_image = {}
+    for i in range(len(images)):  # an image and its flip, as TrainData may flip it
+        image, label = images[i]
+        by_image[image.numpy().tobytes()] = by_image[image.flip(-1).numpy().tobytes()] = label
     seen = []
     forward = DDPM_guide.forward
-    monkeypatch.setattr(DDPM_guide, "forward", lambda self, x0, labels, **kw: seen.append(labels) or
-                        forward(self, x0, labels, **kw))
+
+    def recording_forward(self, x0, labels, **kwargs):
+        seen.append((labels.tolist(), [by_image[image.numpy().tobytes()] for image in x0]))
+        return forward(self, x0, labels, **kwargs)
+
+    monkeypatch.setattr(DDPM_guide, "forward", recording_forward)
     args = train.parse_args(["--config", str(path), "--device", "cpu", "--max_steps", "2", "--set",
                              f"save_dir={tmp_path / 'train'}"])
     state = train.train(load_config(args.config, args.set), args)
-    assert state.step == 2 and len(seen) == 2 and all(labels.shape == (8,) for labels in seen)
+    assert state.step == 2 and len(seen) == 2
+    assert all(len(given) == 8 and given == expected for given, expected in seen)  # each image's own label
 
 
 def run_sample(config, *flags):
