@@ -19,7 +19,7 @@ from model.models import build_diffusion, count_parameters, load_config, load_di
 from model.schedules import make_schedule
 from model.unet_guide import UNet_guide
 from tests.helpers import GUIDE_GOLDEN, seeded_weights, small_synthetic
-from tests.launch import LAUNCHER_VARS
+from tests.launch import LAUNCHER_VARS, REPO
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages, TrainData
 from utils.errors import UserError
@@ -97,6 +97,40 @@ w: 0.3
 save_dir: './1200_conditional_EDMlarge'
 save_model: True
 """,
+    "cifar_conditional_vit.yaml": """\
+# model params
+model_type: 'DDPM'
+net_type: 'UViT'
+diffusion:
+  n_T: 1000
+  betas: [1.0e-4, 0.02]
+network:
+  image_shape: [3, 32, 32]
+  embed_dim: 512
+  patch_size: 2
+  depth: 12
+  num_heads: 8
+  n_classes : 10
+
+# training params
+n_epoch: 1300
+batch_size: 64
+lrate: 1.0e-4
+optim: 'AdamW'
+optim_args:
+  weight_decay: 0.03
+  betas: [0.99, 0.999]
+warm_epoch: 13
+load_epoch: -1
+flip: True
+ema: 0.9999
+
+# testing params
+n_sample: 30
+w: 0.3
+save_dir: './1300_conditional_vit'
+save_model: True
+""",
     "cifar_unconditional_EDM.yaml": """\
 # model params
 model_type: 'EDM'
@@ -168,6 +202,7 @@ save_model: True
 # file -> (model_type, net_type, millions of parameters its README gives, schedule or None)
 SISTER_MODELS = {"cifar_conditional.yaml": ("DDPM_guide", "UNet_guide", 38.6, "linear"),
                  "cifar_conditional_EDM.yaml": ("EDM_guide", "UNet_guide", 61.1, None),
+                 "cifar_conditional_vit.yaml": ("DDPM_guide", "UViT", 44.3, "linear"),
                  "cifar_unconditional_EDM.yaml": ("EDM", "UNet", 56.5, None),
                  "cifar_unconditional_cosine.yaml": ("DDPM", "UNet", 35.7, "minimal_cosine")}
 
@@ -314,6 +349,20 @@ def test_the_sister_configs_load_unchanged(tmp_path, name):
         assert diffusion.schedule == schedule
     if "_guide" in model_type:
         assert (cfg.w, diffusion.drop_prob, diffusion.nn_model.num_classes) == (0.3, 0.1, 10)
+
+
+# Our configs of the sister's models: the same model and training, in our layout (with dataset and linear).
+SHIPPED = {"DDPM_guide_ddpm.yaml": "cifar_conditional.yaml", "EDM_guide_ddpmpp.yaml": "cifar_conditional_EDM.yaml",
+           "DDPM_guide_uvit.yaml": "cifar_conditional_vit.yaml", "DDPM_cosine.yaml": "cifar_unconditional_cosine.yaml"}
+
+
+@pytest.mark.parametrize("ours", sorted(SHIPPED))
+def test_shipped_configs_are_the_sister_models(tmp_path, ours):
+    theirs = load_config(write_sister_config(tmp_path, SHIPPED[ours])).to_dict()
+    mine = load_config(REPO / "config" / ours).to_dict()
+    for key in ("save_dir", "linear"):
+        del theirs[key], mine[key]
+    assert mine == theirs
 
 
 def test_minimal_cosine_is_the_sister_cosine_schedule():
