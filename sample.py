@@ -3,6 +3,7 @@
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999               # DDIM, 100 steps
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --mode DDPM   # ancestral, n_T steps
     python sample.py --config config/DDPM_ddpm.yaml --epoch 1999 --mode DDPM --steps 100 # ancestral, respaced
+    python sample.py --config config/DDPM_guide_ddpm.yaml --epoch 1999 --w 0.3          # guided; image i of class i % 10
     torchrun --standalone --nproc_per_node=8 sample.py --config config/EDM_ddpm.yaml --precision bf16 \\
         --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
 
