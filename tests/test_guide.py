@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import export_features
+import knn
+import linear
 import sample
 import train
 from evaluation.features import read_features_with
@@ -18,8 +20,9 @@ from model.noise import PerImageNoise
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
 from model.schedules import make_schedule
 from model.unet_guide import UNet_guide
-from tests.helpers import GUIDE_GOLDEN, seeded_weights, small_synthetic
+from tests.helpers import GUIDE_GOLDEN, seeded_weights, small_sets, small_synthetic
 from tests.launch import LAUNCHER_VARS, REPO
+from utils import data
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages, TrainData
 from utils.errors import UserError
@@ -516,3 +519,22 @@ def _unconditional(path):
     unconditional = path.with_name("uncond.yaml")
     unconditional.write_text(path.read_text().replace(", n_classes: 10", ""))
     return unconditional
+
+
+def test_linear_and_knn_probe_a_conditional_model_with_either_label(tmp_path, monkeypatch):
+    path, _, _ = tiny_conditional(tmp_path)
+    train_set, test_set = small_sets(32, 16)
+    monkeypatch.setattr(data, "build_dataset", lambda name, root, train, transform, image_size:
+                        train_set if train else test_set)
+    given, get_feature = [], DDPM_guide.get_feature
+    monkeypatch.setattr(DDPM_guide, "get_feature", lambda self, x0, t, *a, labels=None, **kw: given.append(labels)
+                        or get_feature(self, x0, t, *a, labels=labels, **kw))
+    common = ["--config", str(path), "--device", "cpu", "--epoch", "1", "--blocks", "out_2"]
+    for choice in ("null", "true"):
+        given.clear()
+        linear.main(linear.build_parser().parse_args(common + ["--feature_label", choice]))
+        knn.main(knn.build_parser().parse_args(common + ["--feature_label", choice, "--batch_size", "8"]))
+        assert given and all((labels is not None) == (choice == "true") for labels in given)
+    assert len(list((tmp_path / "run" / "linear").glob("*_truelabel.json"))) == 1
+    assert len(list((tmp_path / "run" / "knn").glob("*_truelabel.json"))) == 1
+    assert len(list((tmp_path / "run" / "knn").glob("*.json"))) == 2
