@@ -176,7 +176,8 @@ def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
 
 # A key only each kind of network has, and how to evaluate a checkpoint of that kind.
 NETWORK_MARKS = {
-    "UNet_guide": ("class_emb.lin1.weight", "a conditional config, e.g. config/cifar_conditional.yaml"),
+    "UNet_guide": ("class_emb.lin1.weight", "a conditional config (network.n_classes), e.g. "
+                                            "config/DDPM_guide_ddpm.yaml"),
     "DiT": ("x_embedder.proj.weight", "a config with model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in "
                                       "linear.py, knn.py or export_features.py"),
     "UNet": ("image_proj.weight", "the DDPM or EDM config it was trained with (e.g. config/DDPM_ddpm.yaml)"),

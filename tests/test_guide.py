@@ -538,3 +538,15 @@ def test_linear_and_knn_probe_a_conditional_model_with_either_label(tmp_path, mo
     assert len(list((tmp_path / "run" / "linear").glob("*_truelabel.json"))) == 1
     assert len(list((tmp_path / "run" / "knn").glob("*_truelabel.json"))) == 1
     assert len(list((tmp_path / "run" / "knn").glob("*.json"))) == 2
+
+
+def test_bad_conditional_settings_are_one_line_errors(tmp_path):
+    path, cfg, _ = tiny_conditional(tmp_path)
+    with pytest.raises(UserError, match=r"key 'diffusion.drop_prob' must be in \[0, 1\), got 1.5"):
+        load_config(path, ["diffusion.drop_prob=1.5"])
+    with pytest.raises(UserError, match="key 'network.n_classes' must equal the dataset's classes"):
+        load_config(path, ["network.n_classes=7"])
+    checkpoint = str(tmp_path / "run" / "ckpts" / "model_1.pth")
+    with pytest.raises(UserError, match=r"holds UNet_guide weights, but the config describes a UNet network; .*"
+                                        r"config/DDPM_guide_ddpm.yaml"):
+        load_diffusion(load_config(_unconditional(path)), checkpoint)
