@@ -132,21 +132,22 @@ def check_seams(settings, registries, require):
     ``*_args`` keys, a prediction target has its three methods, and the built-ins' values are in range."""
     for key, registry in registries.items():
         what, fixed = SEAMS[key]
-        entry, problem = find_entry(settings[key], registry, what)
+        name = getattr(settings, key)  # a class that lacks the key: one line naming it (utils.config.MissingKey)
+        entry, problem = find_entry(name, registry, what)
         require(problem is None, f"diffusion.{key}", problem)
         if fixed is None:
             missing = [m for m in ("target", "eps_and_x0", "x0_loss_scale") if not hasattr(entry, m)]
-            require(not missing, f"diffusion.{key}", f"{settings[key]!r} lacks {', '.join(missing)}; a prediction "
+            require(not missing, f"diffusion.{key}", f"{name!r} lacks {', '.join(missing)}; a prediction "
                                                      f"target has target, eps_and_x0 and x0_loss_scale "
                                                      f"(model/objectives.py)")
             continue
-        args = settings[f"{key}_args"]
+        args = getattr(settings, f"{key}_args")
         parameters = list(inspect.signature(entry).parameters.values())[fixed:]
         try:
             inspect.signature(entry).bind(*[None] * fixed, **args)
         except TypeError:
             takes = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            require(False, f"diffusion.{key}_args", f"{args} does not fit {settings[key]!r}, which takes "
+            require(False, f"diffusion.{key}_args", f"{args} does not fit {name!r}, which takes "
                                                     f"{', '.join(takes) or 'no arguments'}")
         if entry is min_snr:
             require(args.get("gamma", 5.0) > 0, f"diffusion.{key}_args", f"gamma must be positive, got {args}")
