@@ -161,6 +161,9 @@ class EDM_guide(EDM, Guided):
 
     @staticmethod
     def check_settings(cfg, require):
+        require(cfg.diffusion.augment_prob == 0, "diffusion.augment_prob",
+                f"must be 0 for {cfg.model_type} (the sister code trains it without augmentation), got "
+                f"{cfg.diffusion.augment_prob}")
         EDM.check_settings(cfg, require)
         require(0.0 <= cfg.diffusion.drop_prob < 1.0, "diffusion.drop_prob",
                 f"must be in [0, 1), got {cfg.diffusion.drop_prob}")

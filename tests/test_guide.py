@@ -546,6 +546,9 @@ def test_bad_conditional_settings_are_one_line_errors(tmp_path):
         load_config(path, ["diffusion.drop_prob=1.5"])
     with pytest.raises(UserError, match="key 'network.n_classes' must equal the dataset's classes"):
         load_config(path, ["network.n_classes=7"])
+    edm, _, _ = tiny_conditional(tmp_path / "edm", "EDM")
+    with pytest.raises(UserError, match="key 'diffusion.augment_prob' must be 0 for EDM_guide"):
+        load_config(edm, ["diffusion.augment_prob=0.12"])
     checkpoint = str(tmp_path / "run" / "ckpts" / "model_1.pth")
     with pytest.raises(UserError, match=r"holds UNet_guide weights, but the config describes a UNet network; .*"
                                         r"config/DDPM_guide_ddpm.yaml"):
