@@ -33,13 +33,13 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from evaluation.cells import probe_cells
-from evaluation.features import extract_dataset_features
+from evaluation.features import extract_dataset_features, label_tag, read_features_with
 from evaluation.frozen import prepare_frozen
 from evaluation.report import settings_tag
 from model.models import block_names, load_config, load_diffusion, on_latents
 from utils.atomic import atomic_path, check_writable
-from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
-                       resolve_precision)
+from utils.cli import (add_amp_args, add_checkpoint_args, add_feature_label_arg, add_speed_args, checkpoint_from_args,
+                       configure_backends, resolve_precision)
 from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_dataset, build_loader, limit_images,
                         resolve_num_workers, test_transform)
@@ -59,6 +59,7 @@ def build_parser():
     add_config_args(parser)
     add_amp_args(parser)
     add_checkpoint_args(parser)
+    add_feature_label_arg(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--split", choices=("train", "test"), default="test",
                         help="which split of the config's dataset to export (default test)")
@@ -195,7 +196,8 @@ def default_out_dir(cfg, checkpoint, timestep, args, precision="fp32"):
     source = os.path.basename(os.path.normpath(args.images)) if args.images else args.split
     settings = settings_tag(args.max_images, precision, args.seed, cfg.seed)
     return os.path.join(cfg.save_dir, "features",
-                        f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}{settings}")
+                        f"{stem}_t{timestep}_{source}{'_norm' if args.norm else ''}{settings}"
+                        f"{label_tag(args.feature_label)}")
 
 
 def check_args(args):
@@ -228,7 +230,8 @@ def main(args):
     checkpoint = checkpoint_from_args(cfg, args)
     device = resolve_device(args.device)
     precision = resolve_precision(args, device)
-    diffusion = load_diffusion(cfg, checkpoint, weights="ema")  # before the name: its hash is the loaded bytes'
+    # loaded before the name: its hash is the loaded bytes'
+    diffusion = read_features_with(load_diffusion(cfg, checkpoint, weights="ema"), args.feature_label)
     out_dir = args.out or default_out_dir(cfg, checkpoint, timestep, args, precision)
     check_writable(out_dir, "--out" if args.out else "save_dir",
                    "pass --out with a writable folder" + ("" if args.out else ", or --set save_dir=DIR"))

@@ -27,15 +27,15 @@ import torch.distributed as dist
 
 from evaluation.accuracy import AccuracyCounter
 from evaluation.cells import format_timesteps, probe_cells
-from evaluation.features import extract_dataset_features
+from evaluation.features import extract_dataset_features, label_tag, read_features_with
 from evaluation.frozen import prepare_frozen
 from evaluation.report import (accuracy_table, best_line, format_accuracy_table, plot_accuracy_heatmap, probe_tag,
                                settings_tag)
 from evaluation.throughput import synchronize
 from model.models import load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
-from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
-                       resolve_precision)
+from utils.cli import (add_amp_args, add_checkpoint_args, add_feature_label_arg, add_speed_args, checkpoint_from_args,
+                       configure_backends, resolve_precision)
 from utils.config import add_config_args
 from utils.data import (add_data_args, add_max_images_arg, build_loader, config_splits, limit_images,
                         resolve_num_workers, test_transform)
@@ -56,6 +56,7 @@ def build_parser():
     add_config_args(parser)
     add_amp_args(parser)
     add_checkpoint_args(parser)
+    add_feature_label_arg(parser)
     parser.add_argument("--grid", action="store_true",
                         help="every block at three timesteps (DDPM 1/11/21 or their noise levels, EDM 3/4/5 of 18), as linear.py --grid")
     parser.add_argument("--blocks", nargs="+", default=None, metavar="BLOCK",
@@ -221,7 +222,7 @@ def main(args):
     if on_latents(cfg):  # checked before the weights load
         train_set, test_set = (limit_images(split, args.max_images) for split in latent_datasets(cfg, train_copy=0))
     checkpoint = checkpoint_from_args(cfg, args)
-    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    diffusion = read_features_with(load_diffusion(cfg, checkpoint, weights="ema"), args.feature_label)
     out_dir = os.path.join(cfg.save_dir, "knn")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
     if not on_latents(cfg):
@@ -243,7 +244,7 @@ def main(args):
                f"{precision}")
         seed = cfg.seed if args.seed is None else args.seed
         tag = knn_tag(checkpoint, timesteps, blocks, args.grid and not args.blocks, args.k, args.temperature,
-                      settings_tag(args.max_images, precision, seed, cfg.seed))
+                      settings_tag(args.max_images, precision, seed, cfg.seed)) + label_tag(args.feature_label)
         run_knn(cfg, diffusion, train_set, test_set, timesteps, blocks, device, out_dir=out_dir, tag=tag,
                 precision=precision, batch_size=args.batch_size or cfg.linear.batch_size,
                 num_workers=resolve_num_workers(args, cfg), k=args.k, temperature=args.temperature, seed=seed,

@@ -25,15 +25,15 @@ import os
 import torch
 
 from evaluation.cells import cell_label, format_timesteps, probe_cells
-from evaluation.features import extract_grid_features
+from evaluation.features import extract_grid_features, label_tag, read_features_with
 from evaluation.frozen import prepare_frozen, to_device
 from evaluation.heads import FUSED_LABEL, ProbeHeads, check_heads, evaluate_heads
 from evaluation.report import accuracy_table, best_line, format_accuracy_table, linear_tag, plot_accuracy_heatmap
 from model.heads import HEADS, head_class
 from model.models import feature_dims, load_config, load_diffusion, on_latents
 from utils.atomic import check_writable
-from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
-                       resolve_precision)
+from utils.cli import (add_amp_args, add_checkpoint_args, add_feature_label_arg, add_speed_args, checkpoint_from_args,
+                       configure_backends, resolve_precision)
 from utils.config import add_config_args
 from utils.data import add_data_args, build_loader, config_splits, probe_train_transform, resolve_num_workers
 from utils.distributed import (add_launcher_args, all_reduce_sum, barrier, cleanup, get_rank, get_world_size,
@@ -53,6 +53,7 @@ def build_parser():
     add_config_args(parser)
     add_amp_args(parser)
     add_checkpoint_args(parser)
+    add_feature_label_arg(parser)
     parser.add_argument("--grid", action="store_true",
                         help="probe the grid's blocks (a UNet's out_k) at its timesteps (DDPM 1/11/21 or "
                              "their noise levels on another schedule, EDM 3/4/5 of 18, DiT 41/81/.../201)")
@@ -89,7 +90,7 @@ def train_one_epoch(diffusion, heads, model, optimizer, loader, device, precisio
     for images, labels in batches(loader, "probe training"):
         images, labels = to_device(images, labels, device)
         features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision,
-                                         tokens=heads.tokens)
+                                         tokens=heads.tokens, labels=labels)
         losses = heads.losses(model([features[cell] for cell in heads.cells]), labels)  # (n_heads,)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # the heads are independent: each gets the gradient of its own loss
@@ -242,7 +243,7 @@ def main(args):
     timesteps, blocks = probe_cells(cfg, args.grid, blocks=args.blocks)
     latents = latent_datasets(cfg) if on_latents(cfg) else None  # checked before the weights load
     checkpoint = checkpoint_from_args(cfg, args)
-    diffusion = load_diffusion(cfg, checkpoint, weights="ema")
+    diffusion = read_features_with(load_diffusion(cfg, checkpoint, weights="ema"), args.feature_label)
     num_workers = resolve_num_workers(args, cfg)
     out_dir = os.path.join(cfg.save_dir, "linear")
     check_writable(out_dir, "save_dir", "choose a writable save_dir with --set save_dir=DIR")
@@ -254,7 +255,8 @@ def main(args):
     board = Board()
     try:
         precision = resolve_precision(args, device)  # in the tag: it changes the numbers
-        tag = args.tag or linear_tag(cfg, checkpoint, timesteps, blocks, grid, precision=precision)
+        tag = args.tag or (linear_tag(cfg, checkpoint, timesteps, blocks, grid, precision=precision)
+                           + label_tag(args.feature_label))
         if not args.tag:
             old = linear_tag(cfg, checkpoint, timesteps, blocks, grid, False, precision)
             refuse_unkeyed_state(os.path.join(out_dir, f"{old}.state.pth"), os.path.join(out_dir, f"{tag}.state.pth"),

@@ -3,6 +3,7 @@
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999               # DDIM, 100 steps
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --mode DDPM   # ancestral, n_T steps
     python sample.py --config config/DDPM_ddpm.yaml --epoch 1999 --mode DDPM --steps 100 # ancestral, respaced
+    python sample.py --config config/DDPM_guide_ddpm.yaml --epoch 1999 --w 0.3          # guided; image i of class i % 10
     torchrun --standalone --nproc_per_node=8 sample.py --config config/EDM_ddpm.yaml --precision bf16 \\
         --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
 
@@ -33,6 +34,7 @@ import torch
 from PIL import Image
 
 from model.amp import autocast
+from model.guide import image_classes
 from model.models import diffusion_class, load_config, load_diffusion
 from model.noise import PerImageNoise
 from model.speed import compile_module
@@ -55,7 +57,7 @@ GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
 IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta",
-                 "seed", "precision", "noise_device", "pixels")
+                 "seed", "precision", "noise_device", "pixels", "w")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
              "missing images")  # a failed PNG write
@@ -81,6 +83,9 @@ def build_parser():
                              "respaced as in improved-diffusion)")
     parser.add_argument("--eta", type=float, default=None,
                         help="stochasticity: DDIM eta or EDM churn, 0 to 1 (default 0; not for --mode DDPM)")
+    parser.add_argument("--w", type=float, default=None,
+                        help="conditional models: classifier-free guidance scale, (1 + w) * conditional - w * "
+                             "unconditional (default: the config's w, 0.3); image i is of class i %% classes")
     parser.add_argument("--batches", type=int, default=None,
                         help=f"number of {IMAGES_PER_GRID}-image batches (default: the dataset's FID count, "
                              f"{FID_SAMPLES:,} for {', '.join(n for n, s in DATASETS.items() if s.fid_samples > 400)}; "
@@ -107,6 +112,21 @@ def sampler_settings(cfg, mode, steps, eta):
     return diffusion_class(cfg.model_type).sampler_settings(cfg.diffusion, mode, steps, eta)
 
 
+def guidance(args, cfg, n_samples):
+    """The guidance scale of a conditional model ({"w": --w or the config's w}, to add to the sampler), {} for
+    an unconditional one; a UserError for --w on an unconditional model or a count that is not class-balanced."""
+    if not getattr(diffusion_class(cfg.model_type), "conditional", False):
+        if args.w is not None:
+            raise UserError(f"--w {args.w}: {cfg.model_type} is not a conditional model; drop --w (guidance needs a "
+                            f"config with network.n_classes, e.g. config/cifar_conditional.yaml)")
+        return {}
+    classes = cfg.network.n_classes
+    if n_samples % classes:
+        raise UserError(f"--n_samples {n_samples}: a conditional model samples every class equally (image i is of "
+                        f"class i % {classes}); pass a multiple of {classes}")
+    return {"w": float(cfg.w if args.w is None else args.w)}
+
+
 def sample_count(args, cfg):
     """The number of images to make: --n_samples, else --batches x 400, else the FID protocol's 50,000
     for the real datasets and one batch of 400 for the others (the synthetic demo, image folders)."""
@@ -122,10 +142,12 @@ def sample_count(args, cfg):
 
 
 def describe_sampler(sampler, n_T=None):
-    """The sampler in words for the log, e.g. "DDIM, 100 steps, eta 0.0" or "DDPM ancestral, 1000 steps"."""
+    """The sampler in words for the log, e.g. "DDIM, 100 steps, eta 0.0" or "DDPM ancestral, 1000 steps"
+    (", guidance w 0.3" for a conditional model)."""
+    guided = f", guidance w {sampler['w']}" if "w" in sampler else ""
     if sampler["mode"] == "DDPM":
-        return f"DDPM ancestral, {sampler['steps'] or n_T} steps" + (" respaced" if sampler["steps"] else "")
-    return f"{sampler['mode']}, {sampler['steps']} steps, eta {sampler['eta']}"
+        return f"DDPM ancestral, {sampler['steps'] or n_T} steps" + (" respaced" if sampler["steps"] else "") + guided
+    return f"{sampler['mode']}, {sampler['steps']} steps, eta {sampler['eta']}{guided}"
 
 
 def epoch_label(checkpoint_path):
@@ -136,7 +158,10 @@ def epoch_label(checkpoint_path):
 
 
 def folder_name(label, sampler):
-    """The original's folder name, e.g. EMAgenerated_ep400_ddim_steps100_eta0.0 (eta as Python prints it)."""
+    """The original's folder name, e.g. EMAgenerated_ep400_ddim_steps100_eta0.0 (eta as Python prints it); a
+    guided sampler's names its scale as the sister codebase does: EMAgenerated_ep400_w0.3_ddim_steps100_eta0.0."""
+    if "w" in sampler:
+        label = f"{label}_w{sampler['w']}"
     if sampler["mode"] == "DDPM":
         return f"EMAgenerated_{label}_ddpm" + (f"_steps{sampler['steps']}" if sampler["steps"] else "")
     return f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
@@ -151,7 +176,7 @@ def grid_count(n_samples):
 
 
 def _identity(settings):
-    return {key: settings[key] for key in IDENTITY_KEYS}
+    return {key: settings.get(key) for key in IDENTITY_KEYS}  # w: None for an unconditional model
 
 
 def _describe(values):
@@ -272,8 +297,13 @@ def _raise_failed_write(written, wait_for):
                 job.result()
 
 
-def draw_images(diffusion, sampler, noise, n, image_shape):
-    """One batch from the sampler of ``sampler`` with the noise source ``noise``; (B, C, H, W) in [0, 1]."""
+def draw_images(diffusion, sampler, noise, n, image_shape, indices=None):
+    """One batch from the sampler of ``sampler`` with the noise source ``noise``; (B, C, H, W) in [0, 1]. A
+    conditional model makes image ``indices[k]`` (default k) of class indices[k] % classes (the sister codebase's
+    layout)."""
+    if getattr(diffusion, "conditional", False):
+        indices = range(n) if indices is None else indices
+        sampler = dict(sampler, labels=image_classes(indices, diffusion.nn_model.num_classes))
     return diffusion.sample(n, image_shape, noise=noise, **sampler)
 
 
@@ -316,7 +346,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
                 padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
                 noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
                 with autocast(device, precision):
-                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape)
+                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape, padded)
                 pixels = to_uint8(images[:len(batch)], pixel_rule).cpu()  # (B, C, H, W) uint8: one copy to the host
                 jobs = [writer.submit(_write_pngs, pngs, batch[part::PNG_WRITERS], pixels[part::PNG_WRITERS])
                         for part in range(min(PNG_WRITERS, len(batch)))]
@@ -372,6 +402,7 @@ def run(args, device):
     cfg = load_config(args.config, args.set)
     sampler = sampler_settings(cfg, args.mode, args.steps, args.eta)
     n_samples = sample_count(args, cfg)
+    sampler.update(guidance(args, cfg, n_samples))
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: pass a positive number of images per forward pass")
     if args.seed < 0:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.amp import autocast
-from model.models import load_config
+from model.models import diffusion_class, load_config
 from model.speed import mark_step_begin
 from model.training import (done_line, end_of_interval, new_training_state, restore_training, run_is_complete,
                             save_latest_checkpoint, start_epoch)
@@ -105,8 +105,9 @@ def check_args(args):
         raise UserError(f"--ckpt_every_min {args.ckpt_every_min:g}: must be 0 (off) or a positive number of minutes")
 
 
-def train_step(state, images):
-    """One optimizer step on ``images`` (accum * batch_size, C, H, W) in [0, 1]; no host sync.
+def train_step(state, images, labels=None):
+    """One optimizer step on ``images`` (accum * batch_size, C, H, W) in [0, 1] (and their (B,) ``labels``,
+    which a conditional model trains on, None otherwise); no host sync.
 
     The batch is cut into accum micro-batches (fewer when the epoch's last batch has fewer than accum
     images) whose gradients are averaged, as DDP averages its ranks'; they are unscaled under fp16,
@@ -118,14 +119,15 @@ def train_step(state, images):
     state.optimizer.zero_grad(set_to_none=True)
     mark_step_begin(state.compile_mode, state.device)
     micro_batches = images.chunk(state.accum)
+    micro_labels = labels.chunk(state.accum) if labels is not None else [None] * len(micro_batches)
     total = torch.zeros((), device=state.device)
-    for index, micro_batch in enumerate(micro_batches):
+    for index, (micro_batch, micro_label) in enumerate(zip(micro_batches, micro_labels)):
         last = index == len(micro_batches) - 1
         # DDP all-reduces the gradients only with the last micro-batch.
         ddp = isinstance(state.model, DistributedDataParallel)
         with state.model.no_sync() if ddp and not last else nullcontext():
             with autocast(state.device, state.precision):
-                loss = state.model(micro_batch)
+                loss = state.model(micro_batch) if micro_label is None else state.model(micro_batch, micro_label)
             state.scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     state.scaler.unscale_(state.optimizer)
@@ -150,7 +152,8 @@ def build_training(cfg, args, device):
                             image_size=cfg.image_shape[1])
     data = TrainData(dataset, cfg.batch_size * args.accum, device, seed=cfg.seed, flip=cfg.flip,
                      num_workers=resolve_num_workers(args, cfg), on_device=args.gpu_data,
-                     channels_last=args.channels_last, drop_last=args.drop_last)
+                     channels_last=args.channels_last, drop_last=args.drop_last,
+                     labels=getattr(diffusion_class(cfg.model_type), "conditional", False))
     return new_training_state(cfg, data, device, precision, args.accum, args.compile, args.channels_last)
 
 
@@ -200,10 +203,11 @@ def train(cfg, args):
                 if args.max_steps is not None and state.step >= args.max_steps:
                     break
                 meter = start_epoch(state, epoch)
-                for images in state.data.batches(epoch, start=state.batch):
+                for images, labels in state.data.labelled_batches(epoch, start=state.batch):
                     if args.max_steps is not None and state.step >= args.max_steps:
                         break
-                    loss = train_step(state, images)
+                    # (an unconditional step is called as before: tests and benchmarks wrap train_step(state, images))
+                    loss = train_step(state, images) if labels is None else train_step(state, images, labels)
                     meter.update(loss, images.shape[0])
                     state.batch += 1
                     clock.after_step()

@@ -12,11 +12,29 @@ from model.blocks import memory_format
 from model.models import feature_dims
 from model.noise import PerImageNoise
 from utils.distributed import is_main
+from utils.errors import UserError
 from utils.progress import iterate
 
 
+def label_tag(feature_label):
+    """The part of an output name that says the features were read with the true label: "_truelabel", or ""."""
+    return "_truelabel" if feature_label == "true" else ""
+
+
+def read_features_with(diffusion, feature_label):
+    """Make a conditional ``diffusion`` read its features with the null label (``feature_label`` "null", its
+    default) or each image's true label ("true"): ``extract_features`` then passes the labels it is given."""
+    conditional = getattr(diffusion, "conditional", False)
+    if feature_label == "true" and not conditional:
+        raise UserError("--feature_label true: the model is not conditional (no network.n_classes), so there is "
+                        "no label to read the features with; drop the flag")
+    if conditional:
+        diffusion.feature_label = feature_label == "true"
+    return diffusion
+
+
 @torch.no_grad()
-def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None, tokens=False):
+def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", noise=None, tokens=False, labels=None):
     """Average-pooled features of the requested blocks from one forward pass at timestep ``t`` (the network
     stops after the deepest requested block).
 
@@ -29,19 +47,24 @@ def extract_features(diffusion, x0, t, names, norm=False, precision="fp32", nois
         precision: "fp32", "bf16" or "fp16" autocast for the network.
         noise: (B, C, H, W) noise to use, or None for a fresh draw.
         tokens: each block's (B, T, C) tokens instead of their average (``model.ddpm.as_tokens``).
+        labels: (B,) labels of the images; a conditional model reads its features with them only when made to
+            (``read_features_with``), else with the null label.
 
     Returns:
         ``{name: (B, C)}`` (``tokens``: ``{name: (B, T, C)}``) float32 tensors.
     """
     names = [names] if isinstance(names, str) else list(names)
     extra = {"tokens": True} if tokens else {}  # a diffusion kind without token features still serves pooled heads
+    if labels is not None and getattr(diffusion, "feature_label", False):
+        extra["labels"] = labels
     with autocast(x0.device, precision):
         features = diffusion.get_feature(x0, t, name=names, norm=norm, noise=noise, **extra)
     return {name: feature.float() for name, feature in features.items()}
 
 
 @torch.no_grad()
-def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision="fp32", noise=None, tokens=False):
+def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision="fp32", noise=None, tokens=False,
+                          labels=None):
     """Features of every (timestep, block) cell, all timesteps in one batched forward pass.
 
     The images are repeated once per timestep and each copy is noised to its own timestep, so a
@@ -49,7 +72,7 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     better than several small ones); the network stops after the deepest requested block.
 
     Args:
-        diffusion, x0, names, norm, precision, tokens: as for ``extract_features``.
+        diffusion, x0, names, norm, precision, tokens, labels: as for ``extract_features``.
         timesteps: ints.
         noise: (B, C, H, W) noise used at every timestep, or None for fresh draws everywhere.
 
@@ -60,7 +83,7 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     names = [names] if isinstance(names, str) else list(names)
     batch = x0.shape[0]
     if len(timesteps) == 1:
-        features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise, tokens)
+        features = extract_features(diffusion, x0, timesteps[0], names, norm, precision, noise, tokens, labels)
         return {(timesteps[0], name): feature for name, feature in features.items()}
     repeated = x0.repeat(len(timesteps), 1, 1, 1).contiguous(memory_format=memory_format(x0))  # (T*B, C, H, W)
     # Filled on the device: building it from a Python list would be a host-to-device copy, which
@@ -68,7 +91,9 @@ def extract_grid_features(diffusion, x0, timesteps, names, norm=False, precision
     per_image_t = torch.cat([torch.full((batch,), t, device=x0.device) for t in timesteps])  # (T*B,)
     if noise is not None:
         noise = noise.repeat(len(timesteps), 1, 1, 1)
-    features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise, tokens)
+    if labels is not None:
+        labels = labels.repeat(len(timesteps))
+    features = extract_features(diffusion, repeated, per_image_t, names, norm, precision, noise, tokens, labels)
     return {(t, name): features[name][i * batch:(i + 1) * batch]
             for i, t in enumerate(timesteps) for name in names}
 
@@ -102,7 +127,8 @@ def extract_dataset_features(diffusion, loader, timesteps, names, device, norm=F
         if seed is not None:
             seeds = [seed + index for index in indices[done:done + len(batch_labels)]]
             noise = PerImageNoise(seeds, device)(tuple(images.shape[1:]))  # (B, C, H, W)
-        features = extract_grid_features(diffusion, images, timesteps, names, norm, precision, noise)
+        features = extract_grid_features(diffusion, images, timesteps, names, norm, precision, noise,
+                                         labels=batch_labels)
         for cell, feature in features.items():
             chunks.setdefault(cell, []).append(feature)
         labels.append(batch_labels)

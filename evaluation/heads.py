@@ -126,7 +126,7 @@ def evaluate_heads(diffusion, heads, loader, device, precision="fp32"):
     for images, labels in loader:
         images, labels = to_device(images, labels, device)
         features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision,
-                                         tokens=heads.tokens)
+                                         tokens=heads.tokens, labels=labels)
         counter.update(heads([features[cell] for cell in heads.cells]), labels)
     heads.train(was_training)
     return counter.reduce()

@@ -314,7 +314,7 @@ class DDPM(nn.Module):
                                                _per_sample(self.ddpm_sqrtmab, t))
         return weighted_mse(output, target, self.loss_weight(t))
 
-    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
+    def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False, **conditioning):
         """Average-pooled activations of the network's decoder blocks on noised images.
 
         Args:
@@ -325,6 +325,7 @@ class DDPM(nn.Module):
             norm: L2-normalise each feature vector.
             noise: (B, C, H, W) tensor, a noise source, or None for fresh noise.
             tokens: return each block's (B, T, C) tokens instead of their average (``pool_features``).
+            conditioning: keywords of the network's ``forward_features`` (a conditional network's labels).
 
         Returns:
             (B, C) float32 tensor when ``name`` is a string, else ``{name: (B, C)}``.
@@ -332,7 +333,7 @@ class DDPM(nn.Module):
         x = 2 * x0 - 1
         t = self._timesteps(t, x.shape[0], x.device)
         names = requested_blocks(self.nn_model, name)
-        activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
+        activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names, **conditioning)
         return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def eps_and_x0(self, x_t, output, sqrtab, sqrtmab):

@@ -232,7 +232,7 @@ class EDM(nn.Module):
         """The sampler's noise levels: ``karras_schedule`` with this model's settings."""
         return karras_schedule(steps, self.sigma_min, self.sigma_max, self.rho)
 
-    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None, tokens=False):
+    def get_feature(self, x0, t, steps=18, name=None, norm=False, noise=None, tokens=False, **conditioning):
         """``DDPM.get_feature`` (the other arguments and the result are its), at a noise level of EDM's schedule.
 
         Args:
@@ -252,7 +252,7 @@ class EDM(nn.Module):
         x_noisy = x + sigma * noise_like(noise, x)
         _, _, c_in, c_noise = self._preconditioning(sigma, x.shape[0])
         names = requested_blocks(self.nn_model, name)
-        activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names)
+        activations = self.nn_model.forward_features(c_in * x_noisy, c_noise, names, **conditioning)
         return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
     def _feature_sigmas(self, steps, device):
@@ -294,12 +294,13 @@ class EDM(nn.Module):
             slope = self._slope(x, sigma_hat)
             x_next = x + (sigma_next - sigma_hat) * slope
             if i < steps - 1:
-                slope_next = self._slope(x_next, sigma_next)
+                slope_next = self._slope(x_next, sigma_next, correction=True)
                 x_next = x + (sigma_next - sigma_hat) * (0.5 * slope + 0.5 * slope_next)
             x = x_next
         return (x + 1) / 2
 
-    def _slope(self, x, sigma):
-        """dx/dsigma of the probability-flow ODE, with the denoised image clipped to [-1, 1]."""
+    def _slope(self, x, sigma, correction=False):
+        """dx/dsigma of the probability-flow ODE, with the denoised image clipped to [-1, 1]; ``correction``:
+        Heun's second evaluation (the same here; a guided subclass evaluates it otherwise)."""
         denoised = self.denoise(x, sigma).to(torch.float64).clamp(-1, 1)
         return (x - denoised) / sigma

@@ -20,8 +20,10 @@ from model.ddpm import DDPM
 from model.diffusers_unet import DiffusersUNet, folder_network
 from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
+from model.guide import DDPM_guide, EDM_guide
 from model.heads import head_class
 from model.unet import UNet
+from model.unet_guide import UNet_guide
 from model.uvit import UViT
 from utils import config
 from utils.checkpoint import read_checkpoint, strip_module_prefix
@@ -30,8 +32,14 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 from utils.provenance import file_identity, remember
 
-DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UViT": UViT}
+DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion, "DDPM_guide": DDPM_guide, "EDM_guide": EDM_guide}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UViT": UViT, "UNet_guide": UNet_guide}
+# The sister codebase (FutureXiang/Diffusion) names a conditional model by its unconditional kinds plus a
+# network.n_classes key (its scripts pick the _guide classes): the kinds and networks that become.
+CONDITIONAL_KINDS = {"DDPM": "DDPM_guide", "EDM": "EDM_guide"}
+CONDITIONAL_NETWORKS = {"UNet": "UNet_guide"}
+# Its files have no linear section: a UNet's stands in by kind (the DDAE paper's probe; a UViT has probe_defaults).
+SISTER_PROBES = {"DDPM": {"timestep": 11, "blockname": "out_6"}, "EDM": {"timestep": 4, "blockname": "out_7"}}
 
 
 def network_class(net_type, path="net_type"):
@@ -67,11 +75,29 @@ def _check_probe(cfg, require):
             f"must name a block of this network ({', '.join(blocks)}), got {cfg.linear.blockname!r}")
 
 
+def sister_spelling(raw):
+    """Read the sister codebase's configs unchanged: a ``network.n_classes`` key makes model_type DDPM / EDM
+    and net_type UNet their conditional classes (its scripts' choice), and ``diffusion.betas: cosine`` is its
+    cosine schedule (``schedule: minimal_cosine``, default betas). A file still without a ``linear`` section after
+    ``_fill_probe`` (its UNet files) probes as the DDAE paper does for its kind (``SISTER_PROBES``)."""
+    network, diffusion = raw.get("network"), raw.get("diffusion")
+    if "linear" not in raw and raw.get("model_type") in SISTER_PROBES:
+        raw["linear"] = dict(SISTER_PROBES[raw["model_type"]])
+    if isinstance(network, dict) and "n_classes" in network:
+        raw["model_type"] = CONDITIONAL_KINDS.get(raw.get("model_type"), raw.get("model_type"))
+        net_type = raw.get("net_type", "UNet")
+        raw["net_type"] = CONDITIONAL_NETWORKS.get(net_type, net_type)
+    if isinstance(diffusion, dict) and diffusion.get("betas") == "cosine" and "schedule" not in diffusion:
+        del diffusion["betas"]
+        diffusion["schedule"] = "minimal_cosine"
+
+
 def load_config(path, overrides=(), flags=None, allow_dit=False):
     """``utils.config.load_config`` (same arguments) with the ``network`` and ``diffusion`` sections
-    checked against the classes that ``net_type`` and ``model_type`` name."""
+    checked against the classes that ``net_type`` and ``model_type`` name; the sister codebase's spelling of
+    its models is read too (``sister_spelling``)."""
     return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
-                              kinds={"DiT": DiTConfig}, fill=_fill_probe)
+                              kinds={"DiT": DiTConfig}, fill=_fill_probe, spelling=sister_spelling)
 
 
 def _fill_probe(raw):
@@ -151,6 +177,8 @@ def diffusion_state_dict(checkpoint, weights="ema", network_keys=()):
 
 # A key only each kind of network has, and how to evaluate a checkpoint of that kind.
 NETWORK_MARKS = {
+    "UNet_guide": ("class_emb.lin1.weight", "a conditional config (network.n_classes), e.g. "
+                                            "config/DDPM_guide_ddpm.yaml"),
     "DiT": ("x_embedder.proj.weight", "a config with model_type: DiT (e.g. config/DiT_XL_2_cifar.yaml), in "
                                       "linear.py, knn.py or export_features.py"),
     "UNet": ("image_proj.weight", "the DDPM or EDM config it was trained with (e.g. config/DDPM_ddpm.yaml)"),
@@ -162,7 +190,7 @@ NETWORK_MARKS = {
 
 
 def network_kind(keys):
-    """"DiT" or "UNet" when ``keys`` (a state dict's, with or without "nn_model."/"module." prefixes) hold
+    """"DiT", "UNet_guide" or "UNet" when ``keys`` (a state dict's, with or without "nn_model."/"module." prefixes) hold
     that network's mark, else None."""
     names = {key.removeprefix("module.").removeprefix("ema_model.").removeprefix("nn_model.") for key in keys}
     return next((kind for kind, (mark, _) in NETWORK_MARKS.items() if mark in names), None)

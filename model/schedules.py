@@ -39,7 +39,20 @@ def scaled_linear_betas(beta1, beta2, T, leading_zero):
     return torch.cat([torch.zeros(1, dtype=torch.float64), roots ** 2])
 
 
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
+def minimal_cosine_betas(beta1, beta2, T, leading_zero):
+    """The cosine schedule of the author's sister codebase (FutureXiang/Diffusion, "Minimal Diffusion"; its
+    ``betas: 'cosine'``): ``cosine_betas``' formula in float32, T betas after a zero for the "DDPM" schedule but
+    T + 1 of them for the "DDIM" one (as the original's linear schedule), so its DDIM samples as its own does.
+    ``beta1`` and ``beta2`` are not used."""
+    steps = T + (0 if leading_zero else 1)
+    s = torch.linspace(0, steps, steps + 1) / steps
+    alphabar = torch.cos((s + 0.008) / 1.008 * math.pi * 0.5) ** 2
+    betas = torch.clip(1 - alphabar[1:] / alphabar[:-1], 0, 0.999)
+    return torch.cat([torch.zeros(1), betas]) if leading_zero else betas
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas,
+             "minimal_cosine": minimal_cosine_betas}
 
 
 def rescale_zero_terminal_snr(alphabar):

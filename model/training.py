@@ -163,7 +163,8 @@ def save_sample_grid(state, epoch):
     cfg = state.cfg
     noise = PerImageNoise(range(cfg.n_sample), state.device)
     with autocast(state.device, state.precision):
-        samples = state.ema.ema_model.sample(cfg.n_sample, cfg.image_shape, noise=noise)  # default sampler
+        guidance = {"w": cfg.w} if getattr(state.diffusion, "conditional", False) else {}  # image i: class i % classes
+        samples = state.ema.ema_model.sample(cfg.n_sample, cfg.image_shape, noise=noise, **guidance)  # default sampler
     grid = torch.cat([samples.float().clamp(0, 1).cpu(), state.data.first_images(cfg.n_sample)])
     path = os.path.join(cfg.save_dir, "visual", f"image_ep{epoch}_ema.png")
     try:

@@ -83,3 +83,14 @@ def checkpoint_from_args(cfg, args):
                             f"save_dir/ckpts/model_{{epoch}}.pth by --epoch")
         return args.ckpt
     return resolve_checkpoint(cfg.save_dir, args.epoch, cfg.n_epoch)
+
+
+FEATURE_LABELS = ("null", "true")
+
+
+def add_feature_label_arg(parser):
+    """``--feature_label null|true``: which label a conditional model's features are read with."""
+    parser.add_argument("--feature_label", choices=FEATURE_LABELS, default="null",
+                        help="conditional models (network.n_classes): read the features with the null label "
+                             "('null', default: the model as an unconditional one, the DDAE protocol) or with each "
+                             "image's true label ('true': the label is an input, so the probe sees it; for comparison)")

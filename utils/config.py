@@ -182,6 +182,7 @@ class Config(_TopLevel):
     num_workers: int = -1           # data-loader workers per loader; -1: from the CPUs (utils.data)
     # testing
     n_sample: int = 30              # images in each sample grid
+    w: float = 0.3                  # classifier-free guidance scale of a conditional model (sample.py --w)
     save_dir: str                   # default ./output_<config name>, set by load_config
     save_model: bool = True
     # evaluation
@@ -216,7 +217,8 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None, fill=None):
+def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None, fill=None,
+                spelling=None):
     """Read a YAML config, apply ``KEY=VALUE`` overrides and check it; a ``Config`` (or one of ``kinds``),
     or a UserError naming the file and the key. Scripts call ``model.models.load_config``.
 
@@ -231,6 +233,8 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
         check: ``check(cfg, require)``: the model's own checks, after the generic ones.
         kinds: ``{model_type: top-level config class}`` for files that are not a training ``Config``.
         fill: ``fill(raw)``: sets keys the file and overrides left out whose defaults the named classes give.
+        spelling: ``spelling(raw)``: rewrites another codebase's spelling of the model (the mapping after the
+            overrides) into ours, in place, before any check.
     """
     path = Path(path)
     if not path.is_file():
@@ -252,6 +256,8 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
     raw.setdefault("save_dir", default_save_dir(path))
     if fill is not None:
         fill(raw)
+    if spelling is not None:
+        spelling(raw)
     cls = (kinds or {}).get(raw.get("model_type"), Config)
     if cls is not Config and not allow_dit:
         raise UserError(f"{path}: model_type {raw['model_type']} is {cls.WHAT}; use it with {cls.SCRIPTS}")

@@ -158,6 +158,14 @@ def uint8_images(dataset):
     return torch.stack([(dataset[i][0] * 255).round().to(torch.uint8) for i in range(len(dataset))])
 
 
+def dataset_labels(dataset):
+    """The whole dataset's labels as one (N,) int64 tensor: its ``.targets`` when it has them, else each item's."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return torch.as_tensor(targets, dtype=torch.long)
+
+
 def _load_cifar(dataset_class, label, root, train, transform):
     """Load CIFAR from ``root``, unpacking or downloading the archive first when needed."""
     try:
@@ -555,10 +563,11 @@ class TrainData:
         on_device: keep the whole set on the device as uint8 and gather batches there.
         channels_last: deliver batches in channels-last memory format.
         drop_last: drop the epoch's last, smaller batch (by default it is kept, as in the original).
+        labels: ``labelled_batches`` gives each batch's labels too (a conditional model's training).
     """
 
     def __init__(self, dataset, batch_size, device, seed, flip=True, num_workers=0, on_device=False,
-                 channels_last=False, drop_last=False):
+                 channels_last=False, drop_last=False, labels=False):
         self.dataset = dataset
         self.batch_size = batch_size
         self.device = device
@@ -571,6 +580,8 @@ class TrainData:
         self.loader = build_loader(dataset, batch_size, train=True, num_workers=0 if on_device else num_workers,
                                    seed=seed, device=device, drop_last=drop_last)
         self.images = uint8_images(dataset).to(device) if on_device else None  # (N, C, H, W)
+        self.labels = dataset_labels(dataset).to(device) if on_device and labels else None  # (N,)
+        self.with_labels = labels
 
     def __len__(self):
         return len(self.loader)
@@ -578,6 +589,12 @@ class TrainData:
     def batches(self, epoch, start=0):
         """Yield the epoch's (batch_size, C, H, W) float batches in [0, 1] on the device, from batch
         ``start`` on (a mid-epoch resume: docs/DESIGN.md, Checkpoint layout, says what is replayed)."""
+        for images, _ in self.labelled_batches(epoch, start):
+            yield images
+
+    def labelled_batches(self, epoch, start=0):
+        """``batches`` as (images, (B,) int64 labels on the device) pairs; the labels are None unless the
+        TrainData was made with ``labels``."""
         set_loader_epoch(self.loader, epoch)
         flips = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
         if self.flip:
@@ -585,13 +602,16 @@ class TrainData:
                 torch.rand(self.batch_size, generator=flips, device=self.device)
         if self.images is None:
             self.loader.sampler.skip(start * self.batch_size)
-            source = (images.to(self.device, non_blocking=True) for images, _ in self.loader)
+            source = ((images.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True) if self.with_labels else None)
+                      for images, labels in self.loader)
         else:
             order = torch.tensor(list(self.loader.sampler), device=self.device)
-            source = (v2.functional.to_dtype(self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],
-                                             torch.float32, scale=True) for i in range(start, len(self)))
-        for images in source:
-            yield self._finish(images, flips)
+            picks = (order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(start, len(self)))
+            source = ((v2.functional.to_dtype(self.images[pick], torch.float32, scale=True),
+                       None if self.labels is None else self.labels[pick]) for pick in picks)
+        for images, labels in source:
+            yield self._finish(images, flips), labels
 
     def _finish(self, images, flips):
         if self.flip:
