@@ -98,12 +98,12 @@ def check_heads(heads, diffusion, dataset, device, precision="fp32"):
     that a (classes, batch) output is told apart), before any training. Its feature pass draws noise from
     torch's generator: the caller seeds the run after it."""
     size = min(3 if heads.num_classes == 2 else 2, len(dataset))
-    images, _ = to_device(torch.stack([torch.as_tensor(dataset[i][0]) for i in range(size)]), torch.zeros(size),
-                          device)
+    images, labels = to_device(torch.stack([torch.as_tensor(dataset[i][0]) for i in range(size)]),
+                               torch.as_tensor([int(dataset[i][1]) for i in range(size)]), device)
     was_training = heads.training
     heads.eval()
     features = extract_grid_features(diffusion, images, heads.timesteps, heads.blocks, precision=precision,
-                                     tokens=heads.tokens)
+                                     tokens=heads.tokens, labels=labels)  # as training reads them (--feature_label)
     heads.check([features[cell] for cell in heads.cells])
     heads.train(was_training)
 
