@@ -62,6 +62,13 @@ IDENTITY_KEYS = ("weights_sha256", "model_type", "diffusion", "image_shape", "sa
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 
 
+def sampling_keys(cfg):
+    """The diffusion section without its training-only keys (loss weighting, timestep distribution), which
+    sampling ignores: a folder's settings do not change with them."""
+    skip = getattr(diffusion_class(cfg.model_type), "TRAINING_ONLY_KEYS", ())
+    return {key: value for key, value in cfg.diffusion_kwargs().items() if key not in skip}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Sample images from a trained DDAE model (EMA weights).")
     add_config_args(parser)
@@ -380,7 +387,7 @@ def run(args, device):
 
     def prepare():
         settings = dict(provenance=record,
-            weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=cfg.diffusion_kwargs(),
+            weights_sha256=weights_digest(diffusion), model_type=cfg.model_type, diffusion=sampling_keys(cfg),
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             checkpoint_bytes=os.path.getsize(checkpoint), checkpoint_mtime=os.path.getmtime(checkpoint),

@@ -1,4 +1,4 @@
-"""DDPM (variance preserving, epsilon prediction): training loss, features, DDIM and ancestral sampling.
+"""DDPM (variance preserving; epsilon, x0 or v prediction): training loss, features, DDIM and ancestral sampling.
 
     diffusion = DDPM(UNet(**cfg.network), **cfg.diffusion)
     loss = diffusion(x0)                          # x0 in [0, 1]
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.noise import noise_like, starting_noise
+from model.objectives import DDPM_T_SAMPLINGS, DDPM_WEIGHTINGS, PREDICTIONS, check_seams, resolve
 from model.schedules import SCHEDULE_KEYS, SCHEDULES, make_schedule
 from utils.errors import UserError
 from utils.noisy import DDPM_LEVEL_COUNT, eval_levels
@@ -78,20 +79,34 @@ def _per_sample(values, t):
     return picked.view(-1, 1, 1, 1) if picked.dim() else picked
 
 
-def _clipped_prediction(x, eps, sqrtab, sqrtmab):
-    """Predict x0 from (x, eps), clip it to [-1, 1], and return (x0, the eps consistent with it)."""
-    x0 = ((x - sqrtmab * eps) / sqrtab).clamp(-1, 1)
+def _clipped(x, x0, sqrtab, sqrtmab):
+    """Clip the x0 prediction to [-1, 1], and return (x0, the eps consistent with it)."""
+    x0 = x0.clamp(-1, 1)
     return x0, (x - sqrtab * x0) / sqrtmab
 
 
+def weighted_mse(output, target, weight):
+    """The float32 mean squared error of ``output``, per sample times ``weight`` ((B,), or None: unweighted)."""
+    if weight is None:
+        return F.mse_loss(output.float(), target.float())
+    weight = weight.float().reshape(-1, *[1] * (output.dim() - 1))
+    return (weight * (output.float() - target.float()) ** 2).mean()
+
+
 class DDPM(nn.Module):
-    """Denoising diffusion (Ho et al. 2020) around an epsilon-predicting network.
+    """Denoising diffusion (Ho et al. 2020) around a network predicting the noise (or x0, or v).
 
     Args:
         nn_model: a network of docs/DESIGN.md's Network contract, called with t = timestep / n_T.
         betas: (first, last) beta of the linear schedule.
         n_T: number of diffusion steps.
         schedule: a name of ``model.schedules.SCHEDULES`` ("linear" is the original's).
+        prediction: what the network predicts, a name of ``model.objectives.PREDICTIONS`` ("eps", the
+            original's; "x0"; "v") or an import path; sampling and probing must use the trained one.
+        loss_weighting, loss_weighting_args: the per-sample loss weight ("none", the original's; "min_snr"
+            with {gamma}) or an import path, and its keywords. Training only.
+        t_sampling, t_sampling_args: the training timestep distribution ("uniform" on 1..n_T, the original's;
+            "logit_normal" with {loc, scale}) or an import path, and its keywords. Training only.
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. Two schedules: "DDPM" for training,
     features and ancestral sampling, "DDIM" for the DDIM sampler (``model.schedules``).
@@ -99,15 +114,26 @@ class DDPM(nn.Module):
 
     probe_grid = (1, 11, 21)  # the original's --grid timesteps, on its 1000-step linear schedule
     ORIGINAL_SCHEDULE = {"betas": (1e-4, 0.02), "n_T": 1000, "schedule": "linear"}
-    TRAINING_KEYS = ("betas", "n_T", "schedule")  # what the network learnt; a checkpoint refuses other values
+    # What the network learnt: a checkpoint refuses other values, for sampling and probing too.
+    TRAINING_KEYS = ("betas", "n_T", "schedule", "prediction")
+    # How it was trained: a resume refuses other values; sampling and probing ignore them.
+    TRAINING_ONLY_KEYS = ("loss_weighting", "loss_weighting_args", "t_sampling", "t_sampling_args")
     SAMPLER = "DDIM"  # the sampler of sample() without sampler arguments, in labels
+    SEAMS = {"prediction": PREDICTIONS, "loss_weighting": DDPM_WEIGHTINGS, "t_sampling": DDPM_T_SAMPLINGS}
 
-    def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear"):
+    def __init__(self, nn_model, betas: list[float] = (1e-4, 0.02), n_T: int = 1000, schedule: str = "linear",
+                 prediction: str = "eps", loss_weighting: str = "none", loss_weighting_args: dict = {},
+                 t_sampling: str = "uniform", t_sampling_args: dict = {}):
         super().__init__()
         self.nn_model = nn_model
         self.n_T = int(n_T)
         self.betas = tuple(float(b) for b in betas)
         self.schedule = schedule
+        self.prediction, self.loss_weighting, self.t_sampling = prediction, loss_weighting, t_sampling
+        self.loss_weighting_args, self.t_sampling_args = dict(loss_weighting_args), dict(t_sampling_args)
+        self.prediction_target = resolve(prediction, self.SEAMS["prediction"], "prediction", type(self))
+        self._weighting = resolve(loss_weighting, self.SEAMS["loss_weighting"], "loss_weighting", type(self))
+        self._t_sampling = resolve(t_sampling, self.SEAMS["t_sampling"], "t_sampling", type(self))
         for prefix, leading_zero in (("ddpm", True), ("ddim", False)):
             for key, value in make_schedule(*self.betas, self.n_T, leading_zero, schedule).items():
                 self.register_buffer(f"{prefix}_{key}", value, persistent=False)
@@ -119,6 +145,7 @@ class DDPM(nn.Module):
         require(diffusion.schedule in SCHEDULES, "diffusion.schedule",
                 f"must be one of {', '.join(SCHEDULES)}, got {diffusion.schedule!r}")
         check_steps_and_betas(diffusion, require)
+        check_seams(diffusion, DDPM.SEAMS, require)
 
     @staticmethod
     def feature_timesteps(settings):
@@ -243,12 +270,26 @@ class DDPM(nn.Module):
         noise = noise_like(noise, x)
         return _per_sample(self.ddpm_sqrtab, t) * x + _per_sample(self.ddpm_sqrtmab, t) * noise
 
+    def snr(self, t):
+        """The signal-to-noise ratio alphabar_t / (1 - alphabar_t) at integer timesteps ``t``, float32."""
+        alphabar = self.ddpm_alphabar_t[t]
+        return alphabar / (1 - alphabar)
+
+    def training_timesteps(self, batch_size, device):
+        """(B,) integer timesteps in 1..n_T drawn by ``t_sampling`` (uniform: the original's draw)."""
+        return self._t_sampling(self, batch_size, device, **self.t_sampling_args)
+
+    def loss_weight(self, t):
+        """The (B,) per-sample loss weight of ``loss_weighting`` at timesteps ``t``, or None (unweighted)."""
+        return self._weighting(self, t, **self.loss_weighting_args)
+
     def forward(self, x0, t=None, noise=None):
-        """Training loss: mean squared error between the noise and the network's prediction of it.
+        """Training loss: the (weighted) mean squared error between the prediction target (the noise, for
+        ``prediction: eps``) and the network's output.
 
         Args:
             x0: (B, C, H, W) clean images in [0, 1].
-            t: (B,) integer timesteps in 1..n_T; uniform when None.
+            t: (B,) integer timesteps in 1..n_T; drawn by ``training_timesteps`` when None.
             noise: (B, C, H, W) standard-normal noise; fresh when None.
 
         Returns:
@@ -256,11 +297,13 @@ class DDPM(nn.Module):
         """
         x = 2 * x0 - 1
         if t is None:
-            t = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
+            t = self.training_timesteps(x.shape[0], x.device)
         t = self._timesteps(t, x.shape[0], x.device)
         noise = noise_like(noise, x)
-        eps = self.nn_model(self.perturb(x, t, noise), t / self.n_T)
-        return F.mse_loss(eps.float(), noise.float())
+        output = self.nn_model(self.perturb(x, t, noise), t / self.n_T)
+        target = self.prediction_target.target(x, noise, _per_sample(self.ddpm_sqrtab, t),
+                                               _per_sample(self.ddpm_sqrtmab, t))
+        return weighted_mse(output, target, self.loss_weight(t))
 
     def get_feature(self, x0, t, name=None, norm=False, noise=None, tokens=False):
         """Average-pooled activations of the network's decoder blocks on noised images.
@@ -283,10 +326,25 @@ class DDPM(nn.Module):
         activations = self.nn_model.forward_features(self.perturb(x, t, noise), t / self.n_T, names)
         return pool_features(activations, name, norm, self.nn_model.feature_axis, tokens)
 
-    def _eps(self, x, t):
-        """The network's noise prediction at integer timestep ``t`` for the whole batch, in x's dtype."""
-        t_input = torch.full((x.shape[0],), t / self.n_T, device=x.device, dtype=x.dtype)
-        return self.nn_model(x, t_input).to(x.dtype)
+    def eps_and_x0(self, x_t, output, sqrtab, sqrtmab):
+        """What a network output means: (eps, x0) at ``x_t`` = sqrtab x0 + sqrtmab eps, for the prediction
+        target (eps: the output is eps). The loss's target, every sampler and the diffusers path go through it."""
+        return self.prediction_target.eps_and_x0(x_t, output, sqrtab, sqrtmab)
+
+    def denoise(self, x_t, t, schedule=None):
+        """The model's (eps, x0) for the whole batch at integer timestep ``t``, in x_t's dtype, unclipped: the
+        one place every sampler asks the network (override it for guidance).
+
+        Args:
+            x_t: (B, C, H, W) noisy images in [-1, 1]'s scale.
+            t: int timestep in 1..n_T, which the network gets as t / n_T.
+            schedule: the schedule dict whose sqrtab / sqrtmab at t convert the output (``ddim_schedule`` for
+                DDIM, as the original); None: ``ddpm_schedule``, the training one.
+        """
+        schedule = self.ddpm_schedule if schedule is None else schedule
+        t_input = torch.full((x_t.shape[0],), t / self.n_T, device=x_t.device, dtype=x_t.dtype)
+        output = self.nn_model(x_t, t_input).to(x_t.dtype)
+        return self.eps_and_x0(x_t, output, schedule["sqrtab"][t], schedule["sqrtmab"][t])
 
     @torch.no_grad()
     def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None, guidance=None):
@@ -307,7 +365,8 @@ class DDPM(nn.Module):
             guidance: None, or classifier guidance ``guidance(x_t, t) -> scale * grad log p(class | x_t)``
                 (``model.guidance.HeadGuidance``): DDIM shifts eps by -sqrt(1 - alphabar_t) times it, the
                 ancestral samplers shift the step's mean by its variance times it (guided-diffusion's
-                condition_score and condition_mean). Not for a published sampler or a learned variance.
+                condition_score and condition_mean), after the x0 prediction is clipped, as there: so in the
+                samplers, not in ``denoise``. Not for a published sampler or a learned variance.
 
         Returns:
             (B, C, H, W) float32 images, nominally in [0, 1] (not clipped).
@@ -322,7 +381,7 @@ class DDPM(nn.Module):
         steps = min(100, self.n_T) if mode == "DDIM" and steps is None else steps
         published = self.published_sampler()
         if published is not None:  # a diffusers folder: its scheduler's timesteps are our t - 1
-            x = published.sample(lambda x, index: self._eps(x, index + 1), x, mode, steps, eta, noise)
+            x = published.sample(lambda x, index: self.denoise(x, index + 1)[0], x, mode, steps, eta, noise)
         elif mode == "DDIM":
             x = self._ddim_loop(x, steps, eta, noise, guidance)
         elif getattr(self.nn_model, "learn_sigma", False):
@@ -344,7 +403,7 @@ class DDPM(nn.Module):
         alphabar = schedule["alphabar_t"]
         for index, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
             last = index == len(times) - 2
-            x0, eps = _clipped_prediction(x, self._eps(x, t), schedule["sqrtab"][t], schedule["sqrtmab"][t])
+            x0, eps = _clipped(x, self.denoise(x, t, schedule)[1], schedule["sqrtab"][t], schedule["sqrtmab"][t])
             if guidance is not None:  # condition_score: the score of p(x_t) p(class | x_t)^scale
                 eps = eps - schedule["sqrtmab"][t] * guidance(x, t)
                 x0 = (x - schedule["sqrtmab"][t] * eps) / schedule["sqrtab"][t]
@@ -360,7 +419,7 @@ class DDPM(nn.Module):
         """Ancestral sampling over i = n_T .. 1 with the "DDPM" schedule; no noise at i = 1."""
         schedule = self.ddpm_schedule
         for i in range(self.n_T, 0, -1):
-            _, eps = _clipped_prediction(x, self._eps(x, i), schedule["sqrtab"][i], schedule["sqrtmab"][i])
+            _, eps = _clipped(x, self.denoise(x, i, schedule)[1], schedule["sqrtab"][i], schedule["sqrtmab"][i])
             mean = schedule["oneover_sqrta"][i] * (x - schedule["ma_over_sqrtmab"][i] * eps)
             if guidance is not None:  # condition_mean: the step's variance beta_i times the gradient
                 mean = mean + (1 - schedule["alpha_t"][i]) * guidance(x, i)
@@ -377,7 +436,7 @@ class DDPM(nn.Module):
         alphabar, sqrtab, sqrtmab = self.ddpm_alphabar_t, self.ddpm_sqrtab, self.ddpm_sqrtmab
         times = respaced_timesteps(self.n_T, steps)
         for t, s in zip(times[::-1], ([0] + times[:-1])[::-1]):
-            _, eps = _clipped_prediction(x, self._eps(x, t), sqrtab[t], sqrtmab[t])
+            _, eps = _clipped(x, self.denoise(x, t)[1], sqrtab[t], sqrtmab[t])
             alpha = alphabar[t] / alphabar[s]
             mean = (x - (1 - alpha) / sqrtmab[t] * eps) / torch.sqrt(alpha)
             if guidance is not None:  # condition_mean with this step's variance 1 - alpha
@@ -411,8 +470,9 @@ class DDPM(nn.Module):
         ``step`` is an entry of ``learned_variance_steps``."""
         t, _, coef_x0, coef_xt, log_beta, log_tilde = step
         t_input = torch.full((x.shape[0],), t / self.n_T, device=x.device, dtype=x.dtype)
-        eps, v = self.nn_model(x, t_input, with_variance=True)
-        x0, _ = _clipped_prediction(x, eps.to(x.dtype), self.ddpm_sqrtab[t], self.ddpm_sqrtmab[t])
+        output, v = self.nn_model(x, t_input, with_variance=True)
+        _, x0 = self.eps_and_x0(x, output.to(x.dtype), self.ddpm_sqrtab[t], self.ddpm_sqrtmab[t])
+        x0, _ = _clipped(x, x0, self.ddpm_sqrtab[t], self.ddpm_sqrtmab[t])
         frac = (v.to(x.dtype) + 1) / 2
         return coef_x0 * x0 + coef_xt * x, frac * log_beta + (1 - frac) * log_tilde
 

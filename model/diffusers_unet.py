@@ -43,6 +43,7 @@ UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2D", None)
 # diffusers' beta_schedule -> our diffusion.schedule (model/schedules.py).
 SCHEDULE_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+SCHEDULE_SETTINGS = ("betas", "n_T", "schedule")  # the diffusion keys a scheduler's schedule is compared with
 SCHEDULE_TOLERANCE = 1e-4  # relative, on alphabar and 1 - alphabar (see check_scheduler)
 
 
@@ -251,7 +252,8 @@ def check_scheduler(config, path, settings):
     steps = config.get("num_train_timesteps", 1000)
     described = (f"{beta_schedule} betas {config.get('beta_start', 1e-4)} .. {config.get('beta_end', 0.02)} "
                  f"over {steps} steps")
-    fix = f"use a config whose diffusion section describes the folder's schedule (the config gives {dict(settings)})"
+    given = {key: settings[key] for key in SCHEDULE_SETTINGS}
+    fix = f"use a config whose diffusion section describes the folder's schedule (the config gives {given})"
     if steps != settings.n_T:
         raise UserError(f"{path}: the folder's schedule ({described}) has {steps} steps but diffusion.n_T is "
                         f"{settings.n_T}; {fix}")
@@ -285,7 +287,7 @@ def check_folder(cfg, folder):
                         f"default 1000 steps, but diffusion.n_T is {cfg.diffusion.n_T}; use n_T: 1000")
     else:
         print0(f"note: {folder} holds no scheduler_config.json; assuming the config's diffusion section "
-               f"{dict(cfg.diffusion)}")
+               f"{ {key: cfg.diffusion[key] for key in SCHEDULE_SETTINGS} }")
     return config_path
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from model.amp import network_only
 from model.ddpm import pool_features, requested_blocks
 from model.noise import noise_like, starting_noise
+from model.objectives import EDM_T_SAMPLINGS, EDM_WEIGHTINGS, X0Prediction, check_seams, resolve
 from utils.errors import UserError
 from utils.noisy import EDM_STEPS, eval_levels
 
@@ -45,6 +46,11 @@ class EDM(nn.Module):
         S_min, S_max, S_noise: noise levels where the sampler adds churn, and its noise inflation.
         augment_prob: probability of each geometric augmentation in training (0 turns it off); the
             augmentation labels condition the network, which then needs ``augment_dim = 9``.
+        loss_weighting, loss_weighting_args: the per-sample weight of the denoiser's squared error: "edm"
+            (lambda(sigma), the original's), "min_snr" ({gamma}, snr = 1 / sigma^2, the denoiser being an x0
+            prediction), "none", or an import path; and its keywords. Training only.
+        t_sampling, t_sampling_args: the training noise levels: "log_normal" (ln sigma ~ N(p_mean, p_std^2),
+            the original's) or an import path returning (B,) sigmas; and its keywords. Training only.
 
     Images are in [0, 1] outside this class and in [-1, 1] inside. Precision and the zero labels when
     augmentation is off: docs/DESIGN.md, Augmentation contract.
@@ -54,12 +60,21 @@ class EDM(nn.Module):
     FEATURE_STEPS = EDM_STEPS  # a feature timestep (linear.timestep) indexes this many steps of the schedule
     # What the network learnt (a checkpoint refuses other values); the sampler's keys are free.
     TRAINING_KEYS = ("sigma_data", "p_mean", "p_std", "augment_prob")
+    # How it was trained: a resume refuses other values; sampling and probing ignore them.
+    TRAINING_ONLY_KEYS = ("loss_weighting", "loss_weighting_args", "t_sampling", "t_sampling_args")
     SAMPLER = "EDM"  # Heun's sampler, in labels
+    SEAMS = {"loss_weighting": EDM_WEIGHTINGS, "t_sampling": EDM_T_SAMPLINGS}
+    prediction_target = X0Prediction  # the denoiser D(x; sigma) predicts the clean image
 
     def __init__(self, nn_model, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_min: float = 0.01,
-                 S_max: float = 1.0, S_noise: float = 1.007, augment_prob: float = 0.0):
+                 S_max: float = 1.0, S_noise: float = 1.007, augment_prob: float = 0.0, loss_weighting: str = "edm",
+                 loss_weighting_args: dict = {}, t_sampling: str = "log_normal", t_sampling_args: dict = {}):
         super().__init__()
+        self.loss_weighting, self.t_sampling = loss_weighting, t_sampling
+        self.loss_weighting_args, self.t_sampling_args = dict(loss_weighting_args), dict(t_sampling_args)
+        self._weighting = resolve(loss_weighting, self.SEAMS["loss_weighting"], "loss_weighting", type(self))
+        self._t_sampling = resolve(t_sampling, self.SEAMS["t_sampling"], "t_sampling", type(self))
         self.nn_model = nn_model
         self.sigma_data = float(sigma_data)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
@@ -88,6 +103,7 @@ class EDM(nn.Module):
         require(diffusion.augment_prob == 0 or labels == AUGMENT_LABELS, "network.augment_dim",
                 f"must be {AUGMENT_LABELS} when diffusion.augment_prob > 0 (the network gets "
                 f"{AUGMENT_LABELS} augmentation labels), got {labels}")
+        check_seams(diffusion, EDM.SEAMS, require)
 
     @classmethod
     def feature_timesteps(cls, settings):
@@ -167,12 +183,26 @@ class EDM(nn.Module):
         c_noise = (sigma.log() / 4).flatten().expand(batch_size)
         return c_skip, c_out, c_in, c_noise
 
+    def snr(self, sigma):
+        """The signal-to-noise ratio 1 / sigma^2 of x + sigma n."""
+        return sigma ** -2
+
+    def training_timesteps(self, batch_size, device):
+        """(B,) training noise levels drawn by ``t_sampling`` (log_normal: the original's draw)."""
+        return self._t_sampling(self, batch_size, device, **self.t_sampling_args)
+
+    def loss_weight(self, sigma):
+        """The per-sample loss weight of ``loss_weighting`` at noise levels ``sigma``, or None (unweighted)."""
+        return self._weighting(self, sigma, **self.loss_weighting_args)
+
     def forward(self, x0, rnd_normal=None, noise=None):
-        """Training loss: the sigma-weighted squared error of the denoiser at ln(sigma) ~ N(p_mean, p_std^2).
+        """Training loss: the weighted squared error of the denoiser (``loss_weight``) at noise levels drawn by
+        ``training_timesteps`` (the original's: lambda(sigma) at ln(sigma) ~ N(p_mean, p_std^2)).
 
         Args:
             x0: (B, C, H, W) clean images in [0, 1].
-            rnd_normal: (B, 1, 1, 1) standard-normal draw behind ln(sigma); fresh when None.
+            rnd_normal: (B, 1, 1, 1) standard-normal draw behind ln(sigma) = p_mean + p_std rnd_normal;
+                None: the noise levels come from ``training_timesteps``.
             noise: (B, C, H, W) standard-normal noise; fresh when None.
 
         Returns:
@@ -181,9 +211,10 @@ class EDM(nn.Module):
         with network_only(x0.device) as network:
             x = 2 * x0 - 1
             if rnd_normal is None:
-                rnd_normal = torch.randn((x.shape[0], 1, 1, 1), device=x.device)
-            sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
-            weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+                sigma = self.training_timesteps(x.shape[0], x.device).reshape(-1, 1, 1, 1)
+            else:
+                sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+            weight = self.loss_weight(sigma)
             if self.augment_pipe is not None:
                 x, aug = self.augment_pipe(x)
             elif self.augment_dim:
@@ -193,7 +224,9 @@ class EDM(nn.Module):
                 aug = None
             noise = noise_like(noise, x)
             denoised = self._denoise(x + sigma * noise, sigma, aug, network)
-            return (weight * (denoised - x) ** 2).mean()
+            if weight is None:
+                return ((denoised - x) ** 2).mean()
+            return (weight.reshape(-1, 1, 1, 1) * (denoised - x) ** 2).mean()
 
     def schedule(self, steps):
         """The sampler's noise levels: ``karras_schedule`` with this model's settings."""

@@ -163,9 +163,9 @@ def refuse_other_network(checkpoint, expected, path):
                         f"with {NETWORK_MARKS[held][1]}")
 
 
-def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
+def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None, resume=False):
     """Load ``weights`` from the checkpoint at ``path`` into ``diffusion``, or raise a UserError
-    naming the file and the first key that does not fit (``origin``: see ``check_schedule``)."""
+    naming the file and the first key that does not fit (``origin``, ``resume``: see ``check_schedule``)."""
     checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     expected = diffusion.state_dict()
     network_keys = {key.removeprefix("nn_model.") for key in expected}
@@ -189,40 +189,52 @@ def load_weights(diffusion, path, weights="ema", checkpoint=None, origin=None):
     if extra:
         raise UserError(f"{path}: unexpected key {extra[0]!r}; the checkpoint was made for another "
                         f"network than the config describes ({fix})")
-    check_schedule(diffusion, checkpoint, path, origin)
+    check_schedule(diffusion, checkpoint, path, origin, resume)
     diffusion.load_state_dict(state, strict=True)
     return diffusion
 
 
 def _plain(value):
-    if isinstance(value, str):
+    if isinstance(value, (str, dict)):
         return value
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
 
 
-def check_schedule(diffusion, checkpoint, path, origin=None):
+# What a refused training key is, in check_schedule's message (default: the schedule).
+KEY_MEANINGS = {"prediction": "the network outputs its training prediction target"}
+
+
+def check_schedule(diffusion, checkpoint, path, origin=None, resume=False):
     """Refuse a training setting of the ``diffusion`` section (those its class lists in ``TRAINING_KEYS``,
-    e.g. DDPM's schedule, n_T and betas; every key when it lists none) other than the one the checkpoint was
-    trained with: the weights fit, but what they learnt would silently change (e.g. --set diffusion.n_T=100 on
-    a 1000-step model). Sampler-only keys are free. A key the saved config lacks had its default (the schedule
-    of files older than that key: linear). Checkpoints without a config (the original code's) are not checked.
+    e.g. DDPM's schedule, n_T, betas and prediction target; every key when it lists none) other than the one the
+    checkpoint was trained with: the weights fit, but what they learnt would silently change (e.g. --set
+    diffusion.n_T=100 on a 1000-step model). Sampler-only keys are free. With ``resume`` (train.py continuing
+    the run) the ``TRAINING_ONLY_KEYS`` (loss weighting, timestep distribution) are refused too; sampling and
+    probing ignore them. A key the saved config lacks had its default (the schedule of files older than that
+    key: linear). Checkpoints without a config (the original code's) are not checked.
     ``origin`` is the config's (``cfg.origin``): the fix names the --set that gave the value, else the file."""
     saved = (checkpoint.get("config") or {}).get("diffusion")
     if not saved:
         return
     keys = getattr(type(diffusion), "TRAINING_KEYS", None)
+    training_only = getattr(type(diffusion), "TRAINING_ONLY_KEYS", ()) if resume else ()
     for key, (_, default) in settings_of(type(diffusion), skip=1).items():
-        if keys is not None and key not in keys:
+        if keys is not None and key not in keys and key not in training_only:
             continue
         trained, current = saved.get(key, default), getattr(diffusion, key, None)
-        if current is None or isinstance(trained, (bool, dict)) or trained is config.REQUIRED:
+        if current is None or isinstance(trained, bool) or trained is config.REQUIRED:
             continue
-        if _plain(current) != _plain(trained):
+        if isinstance(trained, dict) != isinstance(current, dict) or _plain(current) != _plain(trained):
             typed = (origin or {}).get("typed", {}).get(f"diffusion.{key}")
             fix = f"drop the {typed.partition(' ')[0]} diffusion.{key} override" if typed else \
                 f"set diffusion.{key}: {trained} in {origin['path']}" if origin else f"give diffusion.{key} = {trained}"
+            if key in training_only:
+                raise UserError(f"{path} was trained with diffusion.{key} = {trained}, but the config gives "
+                                f"{current}; a resumed run keeps its training objective: {fix}, or start a new run "
+                                f"in another save_dir")
+            meaning = KEY_MEANINGS.get(key, "the model only knows its training schedule")
             raise UserError(f"{path} was trained with diffusion.{key} = {trained}, but the config gives "
-                            f"{current}; the model only knows its training schedule: {fix}, or use that run's config")
+                            f"{current}; {meaning}: {fix}, or use that run's config")
 
 
 def load_diffusion(cfg, path, weights="ema", device="cpu"):

@@ -193,7 +193,8 @@ def restore_training(state, checkpoint, path):
     Restores the weights, EMA, optimizer, scaler, counters and this rank's RNG state, as far as the
     checkpoint holds them.
     """
-    load_weights(state.diffusion, path, weights="online", checkpoint=checkpoint)
+    load_weights(state.diffusion, path, weights="online", checkpoint=checkpoint,
+                 origin=getattr(state.cfg, "origin", None), resume=True)
     if "EMA" in checkpoint:
         try:
             state.ema.load_state_dict(checkpoint["EMA"])

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model.ddpm import DDPM
+from model.edm import EDM
 from model.models import block_names, load_config
-from utils.config import add_config_args, config_name, save_config
+from utils.config import LinearConfig, add_config_args, config_name, save_config, settings_of
 from utils.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -50,13 +52,23 @@ def test_shipped_config_matches_spec(name):
     assert (cfg.dataset, cfg.classes, cfg.lrate, cfg.load_epoch, cfg.flip) == ("cifar", 10, 1e-4, -1, True)
     assert (cfg.n_sample, cfg.save_dir, cfg.save_model) == (30, f"./output_{name}", True)
     assert (cfg.optim, cfg.optim_args, cfg.ckpt_interval, cfg.seed) == ("Adam", {}, 100, 1337)
-    assert cfg.linear.to_kwargs() == dict(n_epoch=15, batch_size=128, lrate=1e-3, timestep=row["timestep"],
-                                          blockname=row["blockname"], head="linear", head_args={})
+    # The spec's values, and every key it does not name at its class's default: a new optional key needs no edit
+    # here, a shipped file that changes a value (or sets a new key away from its default) still fails.
+    assert cfg.linear.to_kwargs() == with_defaults(LinearConfig, dict(
+        n_epoch=15, batch_size=128, lrate=1e-3, timestep=row["timestep"], blockname=row["blockname"], head="linear"))
     if row["model_type"] == "DDPM":
-        assert cfg.diffusion_kwargs() == {"n_T": 1000, "betas": [1e-4, 0.02], "schedule": "linear"}
+        assert cfg.diffusion_kwargs() == with_defaults(DDPM, {"n_T": 1000, "betas": [1e-4, 0.02], "schedule": "linear"})
     else:
         augment_prob = 0.12 if name.endswith("_aug") else 0.0
-        assert cfg.diffusion_kwargs() == dict(EDM_VALUES, augment_prob=augment_prob)
+        assert cfg.diffusion_kwargs() == with_defaults(EDM, dict(EDM_VALUES, augment_prob=augment_prob))
+
+
+def with_defaults(cls, values):
+    """``values`` over the defaults of ``cls``'s other YAML keys, as a loaded config holds them."""
+    skip = 0 if cls is LinearConfig else 1
+    defaults = {key: list(default) if isinstance(default, tuple) else default
+                for key, (_, default) in settings_of(cls, skip).items()}
+    return {**defaults, **values}
 
 
 def test_demo_config_is_tiny_and_valid():
@@ -101,7 +113,7 @@ def test_missing_sections_take_defaults(tmp_path):
         "batch_size": 8, "n_epoch": 1, "lrate": 1e-4, "warm_epoch": 1, "ema": 0.99,
         "linear": {"timestep": 4, "blockname": "out_1"}}))
     cfg = load_config(path)
-    assert cfg.diffusion == dict(EDM_VALUES, augment_prob=0.0)
+    assert cfg.diffusion == with_defaults(EDM, dict(EDM_VALUES, augment_prob=0.0))
     assert cfg.save_dir == "./output_small" and config_name(path) == "small"
     assert (cfg.num_workers, cfg.ckpt_interval, cfg.seed) == (-1, 100, 1337)  # -1: workers from the CPUs
 

@@ -384,3 +384,38 @@ def test_own_diffusion_kind_by_import_path(tmp_path):
         load_diffusion(load_config(config, ["diffusion.time_scale=1000"]), checkpoint)
     with pytest.raises(UserError, match=r"key 'model_type' 'tests.test_extending.Nowhere' cannot be imported"):
         load_config(config, ["model_type=tests.test_extending.Nowhere"])
+
+
+# (g) the training objective: v-prediction, min-SNR and a timestep distribution by name; one's own by import path
+
+def noisy_half(diffusion, batch_size, device, low: float = 0.5):
+    """Recipe (g)'s own timestep distribution: uniform over the noisier part of 1..n_T, from ``low`` n_T."""
+    return torch.randint(max(1, int(low * diffusion.n_T)), diffusion.n_T + 1, (batch_size,), device=device)
+
+
+def snr_ratio(diffusion, t, cap: float = 1.0):
+    """Recipe (g)'s own loss weighting: snr / (snr + cap), per sample."""
+    snr = diffusion.snr(t)
+    return snr / (snr + cap)
+
+
+@pytest.mark.parametrize("objective", [
+    {"prediction": "v", "loss_weighting": "min_snr", "loss_weighting_args": {"gamma": 5.0},
+     "t_sampling": "logit_normal", "t_sampling_args": {"loc": 0.0, "scale": 1.0}},
+    {"prediction": "x0", "loss_weighting": "tests.test_extending.snr_ratio", "loss_weighting_args": {"cap": 2.0},
+     "t_sampling": "tests.test_extending.noisy_half", "t_sampling_args": {"low": 0.6}}])
+def test_training_objective_by_name_or_import_path(tmp_path, objective):
+    config = write_config(tmp_path, diffusion={"n_T": 25, **objective})
+    state = train_once(config)
+    assert state.diffusion.prediction == objective["prediction"]
+    checkpoint = tmp_path / "run" / "ckpts" / "model_0.pth"
+    other_draw = "diffusion.t_sampling_args={loc: 1.0}" if objective["t_sampling"] == "logit_normal" else \
+        "diffusion.t_sampling_args={low: 0.1}"
+    run(sample, "--config", config, "--device", "cpu", "--n_samples", 2, "--steps", 2, "--out_dir", tmp_path / "s",
+        "--set", other_draw)  # training-only: sampling ignores it
+    assert len(list((tmp_path / "s" / "pngs").glob("*.png"))) == 2
+    run(linear, "--config", config, "--device", "cpu", "--num_workers", 0, "--set", other_draw)  # probing too
+    assert result(tmp_path / "run" / "linear", "*t11_out_2*.json")["best"]["accuracy"] >= 0
+    with pytest.raises(UserError, match=rf"trained with diffusion.prediction = {objective['prediction']}, but the "
+                                        r"config gives eps; the network outputs its training prediction target"):
+        load_diffusion(load_config(config, ["diffusion.prediction=eps"]), checkpoint)

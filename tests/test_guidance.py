@@ -170,9 +170,10 @@ def trained_head(tmp_path_factory):
 
 
 def run_sample(config, checkpoint, *flags):
+    save_dir = os.path.join(os.path.dirname(str(config)), "run")  # make_config's
     args = sample.build_parser().parse_args(["--config", str(config), "--device", "cpu", "--ckpt", str(checkpoint),
-                                             "--set", "diffusion.n_T=100", "--n_samples", "2", "--steps", "4",
-                                             *map(str, flags)])
+                                             "--set", "diffusion.n_T=100", "--set", f"save_dir={save_dir}",
+                                             "--n_samples", "2", "--steps", "4", *map(str, flags)])
     return sample.main(args)
 
 

@@ -29,14 +29,25 @@ REQUIRED = inspect.Parameter.empty    # a constructor parameter without a defaul
 SCALARS = {int: "an int", float: "a number", bool: "True or False", str: "a string", dict: "a mapping"}
 
 
+class MissingKey(UserError, AttributeError):
+    """A key a check reads that the section's class does not take: one line (a UserError), and still an
+    AttributeError, so that ``getattr(settings, key, default)`` gives the default."""
+
+
 class Settings(dict):
-    """A model part's checked section (``network``, ``diffusion``): a dict whose keys read as attributes."""
+    """A model part's checked section (``network``, ``diffusion``): a dict whose keys read as attributes.
+    ``_owner`` is (file, section, class) when ``_build`` made it, for the message about a missing key."""
 
     def __getattr__(self, key):
         try:
             return self[key]
         except KeyError:
-            raise AttributeError(key) from None
+            if key.startswith("__") or "_owner" not in self.__dict__:
+                raise AttributeError(key) from None
+            path, section, cls = self.__dict__["_owner"]
+            raise MissingKey(f"{path}: key '{section + '.' if section else ''}{key}' is read by a settings check, but "
+                             f"{cls.__module__}.{cls.__qualname__} takes no parameter {key!r}; add it to its "
+                             f"__init__, or take **kwargs and pass them on to the class it extends") from None
 
     def to_kwargs(self):  # a plain dict, lists copied
         return copy.deepcopy(dict(self))
@@ -55,10 +66,15 @@ def settings_of(cls, skip=0):
         return {f.name: (hints.get(f.name), f.default_factory() if f.default_factory is not dataclasses.MISSING
                          else REQUIRED if f.default is dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(cls)}
-    spec = {}
-    for param in list(inspect.signature(build or cls).parameters.values())[skip:]:
+    spec, parameters = {}, list(inspect.signature(build or cls).parameters.values())
+    for param in parameters[skip:]:
         if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             spec[param.name] = (hints.get(param.name) or _type_of(param.default), param.default)
+    parent = cls.__mro__[1] if isinstance(cls, type) and len(cls.__mro__) > 2 else None
+    if build is None and parent is not None and any(p.kind == p.VAR_KEYWORD for p in parameters):
+        # a subclass passing **kwargs on takes its parent's keys too, the ones the parent gains later included
+        for name, entry in settings_of(parent, skip).items():
+            spec.setdefault(name, entry)
     return spec
 
 
@@ -78,18 +94,26 @@ def import_class(name, registry, key, path, what="class", base=None):
 
 def import_entry(name, registry, key, path, what):
     """``registry[name]``, or the object ``package.module.name`` imported from PYTHONPATH (``import_class``)."""
+    entry, problem = find_entry(name, registry, what)
+    if problem is not None:
+        raise UserError(f"{path}: key '{key}' {problem}")
+    return entry
+
+
+def find_entry(name, registry, what):
+    """``(entry, None)`` for ``import_entry``'s ``name``, or ``(None, what is wrong)``: the end of a message
+    after the key ("must be one of ...", "'x.y' cannot be imported ..."), for a ``require`` to finish."""
     if name in registry:
-        return registry[name]
+        return registry[name], None
     module_name, _, attribute = str(name).rpartition(".")
     if not module_name:
         close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.6)
-        raise UserError(f"{path}: key '{key}' must be one of {', '.join(registry)} or the import path of a {what} "
-                        f"(package.module.Name), got {name!r}{f'; did you mean {close[0]!r}?' if close else ''}")
+        return None, (f"must be one of {', '.join(registry)} or the import path of a {what} "
+                      f"(package.module.Name), got {name!r}{f'; did you mean {close[0]!r}?' if close else ''}")
     try:
-        return getattr(importlib.import_module(module_name), attribute)
+        return getattr(importlib.import_module(module_name), attribute), None
     except (ImportError, AttributeError) as err:
-        raise UserError(f"{path}: key '{key}' {name!r} cannot be imported ({err}); put its package on "
-                        f"PYTHONPATH or fix the path") from None
+        return None, f"{name!r} cannot be imported ({err}); put its package on PYTHONPATH or fix the path"
 
 
 def _type_of(default):
@@ -313,6 +337,7 @@ def _build(cls, raw, path, section="", what="", skip=0, parts=None, owners=None)
         if key not in spec:
             raise UserError(f"{path}: unknown key '{where}{key}'{what}{_suggest(key, spec, where)}")
     values = Settings()
+    values._owner = (path, section, cls)
     for name, (annotation, default) in spec.items():
         if name not in raw and default is REQUIRED:
             raise UserError(f"{path}: missing required key '{where}{name}'{what}; add it to the file "
