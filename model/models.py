@@ -22,6 +22,7 @@ from model.dit import DiT, DiTDiffusion
 from model.edm import EDM
 from model.heads import head_class
 from model.unet import UNet
+from model.uvit import UViT
 from utils import config
 from utils.checkpoint import load_checkpoint, strip_module_prefix
 from utils.config import settings_of
@@ -29,7 +30,7 @@ from utils.errors import UserError
 from utils.latents import DiTConfig
 
 DIFFUSIONS = {"DDPM": DDPM, "EDM": EDM, "DiT": DiTDiffusion}
-NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM}
+NETWORKS = {"UNet": UNet, "DiT": DiT, "UNet2DModel": DiffusersUNet, "ADM": ADM, "UViT": UViT}
 
 
 def network_class(net_type, path="net_type"):
@@ -69,7 +70,18 @@ def load_config(path, overrides=(), flags=None, allow_dit=False):
     """``utils.config.load_config`` (same arguments) with the ``network`` and ``diffusion`` sections
     checked against the classes that ``net_type`` and ``model_type`` name."""
     return config.load_config(path, overrides, flags, allow_dit, parts=_parts, check=_check_probe,
-                              kinds={"DiT": DiTConfig})
+                              kinds={"DiT": DiTConfig}, fill=_fill_probe)
+
+
+def _fill_probe(raw):
+    """The probe cell of a file that names none (FutureXiang/Diffusion's configs have no ``linear`` section):
+    ``linear.timestep`` / ``linear.blockname`` from the network class's ``probe_defaults(network)``, if it has
+    one (a registered class; the config's checks then see the values as if the file gave them)."""
+    cls = NETWORKS.get(raw.get("net_type")) if isinstance(raw.get("net_type"), str) else None
+    network, linear = raw.get("network"), raw.get("linear", {})
+    if hasattr(cls, "probe_defaults") and isinstance(network, dict) and isinstance(linear, dict):
+        for key, value in cls.probe_defaults(network).items():
+            raw.setdefault("linear", linear).setdefault(key, value)
 
 
 def on_latents(cfg):
@@ -144,6 +156,7 @@ NETWORK_MARKS = {
     "ADM": ("input_blocks.0.0.weight", "an ADM config with the file's flags, e.g. config/ADM_improved_cifar10.yaml "
                                        "for cifar10_uncond_50M_500K.pt, config/ADM_guided_256_uncond.yaml for "
                                        "256x256_diffusion_uncond.pt"),
+    "UViT": ("mid_block.norm1.weight", "a UViT config, e.g. config/cifar_unconditional_vit.yaml"),
 }
 
 

@@ -208,6 +208,8 @@ class RandomFeatures(nn.Module):
 
 # The golden ADM networks (test_adm; recorded by bench/adm_golden.py with OpenAI's code).
 ADM_GOLDEN = {layout: REPO / "tests" / "golden" / f"adm_{layout}.pt" for layout in ("improved", "guided", "new_order")}
+# The golden U-ViT networks (test_uvit; recorded by bench/uvit_golden.py with FutureXiang/Diffusion's code).
+UVIT_GOLDEN = REPO / "tests" / "golden" / "uvit_tiny.pt"
 
 
 def seeded_weights(shapes, seed):

@@ -216,7 +216,7 @@ def add_config_args(parser):
     return parser
 
 
-def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None):
+def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, check=None, kinds=None, fill=None):
     """Read a YAML config, apply ``KEY=VALUE`` overrides and check it; a ``Config`` (or one of ``kinds``),
     or a UserError naming the file and the key. Scripts call ``model.models.load_config``.
 
@@ -230,6 +230,7 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
             net_type ``name``, ...) and how many of its leading parameters are not keys.
         check: ``check(cfg, require)``: the model's own checks, after the generic ones.
         kinds: ``{model_type: top-level config class}`` for files that are not a training ``Config``.
+        fill: ``fill(raw)``: sets keys the file and overrides left out whose defaults the named classes give.
     """
     path = Path(path)
     if not path.is_file():
@@ -249,6 +250,8 @@ def load_config(path, overrides=(), flags=None, allow_dit=False, parts=None, che
     for override, _ in overrides:
         _apply_override(raw, override, path)
     raw.setdefault("save_dir", default_save_dir(path))
+    if fill is not None:
+        fill(raw)
     cls = (kinds or {}).get(raw.get("model_type"), Config)
     if cls is not Config and not allow_dit:
         raise UserError(f"{path}: model_type {raw['model_type']} is {cls.WHAT}; use it with {cls.SCRIPTS}")
