@@ -275,6 +275,8 @@ def _split_names(text, known, flag):
 def paper_network(cfg):
     """Index into PAPER_GFLOP of the paper network that ``cfg`` describes, or None."""
     net = cfg.network
+    if not all(name in net for name in ("n_channels", "ch_mults", "is_attn", "n_blocks", "use_res_for_updown")):
+        return None  # not a UNet of the paper's kind (a U-ViT, a DiT): counted by FlopCounterMode
     key = (net.n_channels, tuple(net.ch_mults), tuple(net.is_attn), net.n_blocks, net.use_res_for_updown)
     keys = list(PAPER_GFLOP)
     return keys.index(key) if key in PAPER_GFLOP and tuple(net.image_shape) == (3, 32, 32) else None
