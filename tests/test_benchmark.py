@@ -199,6 +199,10 @@ def test_flops_come_from_the_spec_for_the_paper_networks_and_are_counted_otherwi
     flops, source = benchmark.forward_flops(demo)
     assert source == "FlopCounterMode" and 0.4e9 < flops < 0.6e9
     assert benchmark.training_flops(demo) == 3 * flops
+    # A U-ViT has none of the UNet's keys: counted, not looked up (it once failed on network.n_channels).
+    uvit = load_config(ROOT / "config" / "DDPM_uvit.yaml", ["network.embed_dim=64", "network.depth=2",
+                                                                   "linear.blockname=out_1"])
+    assert benchmark.forward_flops(uvit)[1] == "FlopCounterMode"
     assert benchmark._mfu(1000.0, 37.3e9, 989e12) == pytest.approx(100 * 37.3e12 / 989e12)
 
 
