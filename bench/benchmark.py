@@ -123,12 +123,12 @@ SAMPLE_VARIANTS = {
                             large_batch=False, channels_last=False),
     "fp16": EvalVariant("fp16, channels_last, large batch", "fp16"),
     "bf16": EvalVariant("bf16, channels_last, large batch", "bf16"),
-    "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compile_mode="default"),
-    "bf16_graphs": EvalVariant("bf16_compile + CUDA graphs (--compile reduce-overhead) + --cudnn_benchmark", "bf16",
-                               compile_mode="reduce-overhead", cudnn_benchmark=True),
     "bf16_guided": EvalVariant("bf16 + classifier guidance by a DDAE head on linear.blockname (sample.py "
                                "--classifier_head: a forward and backward to that block per step), eager", "bf16",
                                guided=True),
+    "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compile_mode="default"),
+    "bf16_graphs": EvalVariant("bf16_compile + CUDA graphs (--compile reduce-overhead) + --cudnn_benchmark", "bf16",
+                               compile_mode="reduce-overhead", cudnn_benchmark=True),
 }
 PROBE_VARIANTS = {
     "use_amp": EvalVariant("linear.py --grid --use_amp: fp16 at the probe's batch", "fp16", large_batch=False),

@@ -76,7 +76,8 @@ def test_quick_run_numbers_fit_together(quick_run):
     assert train["fast"]["precision"] == "bf16"
     assert train["fast"]["note"].startswith("compile off")
     for row in results["sample"]:
-        assert row["sampler"] == "DDIM 10" and row["batch"] == 4
+        guided = " + classifier guidance" if row["variant"] == "bf16_guided" else ""
+        assert row["sampler"] == "DDIM 10" + guided and row["batch"] == 4
         assert row["s_50k"] == pytest.approx(50_000 / row["img_s"], rel=1e-12)
     probe = {row["variant"]: row for row in results["probe"]}
     assert [probe[name]["batch"] for name in benchmark.PROBE_VARIANTS] == [8, 8, 16, 16, 16]
