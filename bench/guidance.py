@@ -1,6 +1,6 @@
 """Does a model's own DDAE head guide its sampling? sample.py with and without --classifier_head on one seed, then
 the same head assigns each image a class: the rate of class K among images guided toward K against the rate of K
-among the unguided ones (the same seeds). A measurement, minutes on a CPU on the demo model; not a test.
+among the unguided ones (the same seeds), and the mean log p(K | image) by the head. A measurement, minutes on a CPU on the demo model; not a test.
 
     python bench/guidance.py --config config/demo.yaml --ckpt output_demo/ckpts/model_14.pth \\
         --head output_demo/noisy_DDAE_ep14_sha.../head.pth --scales 2 8 --n_samples 100 --out bench/results/guidance
@@ -65,12 +65,12 @@ def read_images(folder, n):
 
 
 @torch.no_grad()
-def assigned_classes(guidance, diffusion, images, level, seed):
-    """The head's class for each image, at timestep ``level`` with noise of image i's own seed."""
+def head_log_probs(guidance, diffusion, images, level, seed):
+    """The head's (N, classes) log-probabilities of each image, at timestep ``level`` with noise of image i's own seed."""
     noise = PerImageNoise([seed + i for i in range(len(images))], CPU)(tuple(images.shape[1:]))
     features = extract_features(diffusion, images, level, guidance.blockname, noise=noise)[guidance.blockname]
     levels = torch.full((len(images),), level, dtype=torch.long)
-    return guidance.head(features, levels).argmax(dim=1)
+    return torch.log_softmax(guidance.head(features, levels), dim=1)
 
 
 @cli_entry
@@ -80,18 +80,22 @@ def main(args):
     guidance, record = load_head_guidance(args.head, args.ckpt, diffusion, 0, 1.0)
     classes = args.classes if args.classes is not None else list(range(cfg.classes))
 
-    unguided = assigned_classes(guidance, diffusion, read_images(sample_folder(args), args.n_samples), args.level,
-                                args.seed)
+    unguided_log_p = head_log_probs(guidance, diffusion, read_images(sample_folder(args), args.n_samples), args.level,
+                                    args.seed)
+    unguided = unguided_log_p.argmax(dim=1)
     base = {k: float((unguided == k).float().mean()) for k in classes}
+    base_log_p = {k: float(unguided_log_p[:, k].mean()) for k in classes}
     rows = []
     for scale in args.scales:
         for k in classes:
             folder = sample_folder(args, "--classifier_head", args.head, "--class", k, "--classifier_scale", scale)
-            guided = assigned_classes(guidance, diffusion, read_images(folder, args.n_samples), args.level, args.seed)
-            rows.append({"class": k, "scale": scale, "guided_rate": float((guided == k).float().mean()),
-                         "unguided_rate": base[k], "folder": folder})
+            log_p = head_log_probs(guidance, diffusion, read_images(folder, args.n_samples), args.level, args.seed)
+            rows.append({"class": k, "scale": scale, "guided_rate": float((log_p.argmax(dim=1) == k).float().mean()),
+                         "unguided_rate": base[k], "guided_log_p": float(log_p[:, k].mean()),
+                         "unguided_log_p": base_log_p[k], "folder": folder})
             print(f"class {k}, scale {scale}: {100 * rows[-1]['guided_rate']:.1f}% assigned {k} "
-                  f"(unguided {100 * base[k]:.1f}%)", flush=True)
+                  f"(unguided {100 * base[k]:.1f}%), mean log p {rows[-1]['guided_log_p']:.3f} "
+                  f"(unguided {base_log_p[k]:.3f})", flush=True)
 
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
@@ -106,13 +110,16 @@ def main(args):
              f"`{header['command']}`", "",
              f"{args.n_samples} DDIM-{args.steps} samples per row, seed {args.seed} (the same starting noise in every "
              f"row); each image classified by the same head at timestep {args.level}; commit {commit}.", "",
-             "| scale S | class K | assigned K, guided (%) | assigned K, unguided (%) |", "|---|---|---|---|"]
-    lines += [f"| {row['scale']:g} | {row['class']} | {100 * row['guided_rate']:.1f} | {100 * row['unguided_rate']:.1f} |"
-              for row in rows]
+             "| scale S | class K | assigned K, guided (%) | assigned K, unguided (%) | mean log p(K), guided | "
+             "mean log p(K), unguided |", "|---|---|---|---|---|---|"]
+    lines += [f"| {row['scale']:g} | {row['class']} | {100 * row['guided_rate']:.1f} | {100 * row['unguided_rate']:.1f} | "
+              f"{row['guided_log_p']:.3f} | {row['unguided_log_p']:.3f} |" for row in rows]
     for scale in args.scales:
         mine = [row for row in rows if row["scale"] == scale]
-        lines.append(f"| {scale:g} | mean | {100 * sum(r['guided_rate'] for r in mine) / len(mine):.1f} | "
-                     f"{100 * sum(r['unguided_rate'] for r in mine) / len(mine):.1f} |")
+        mean = {key: sum(r[key] for r in mine) / len(mine)
+                for key in ("guided_rate", "unguided_rate", "guided_log_p", "unguided_log_p")}
+        lines.append(f"| {scale:g} | mean | {100 * mean['guided_rate']:.1f} | {100 * mean['unguided_rate']:.1f} | "
+                     f"{mean['guided_log_p']:.3f} | {mean['unguided_log_p']:.3f} |")
     with open(os.path.join(args.out, "guidance.md"), "w") as file:
         file.write("\n".join(lines) + "\n")
     print("\n".join(lines))
