@@ -73,8 +73,10 @@ def parse_row(row):
 def run_row(args, row, out):
     """Train, sample and probe one row in-process with the scripts' own functions; its record."""
     save_dir = os.path.join(out, "runs", row.replace("/", "-"))
-    flags = [f"dataset={SUBSET}", *args.set, *row_overrides(row), f"save_dir={save_dir}", f"n_epoch={args.epochs}",
-             f"linear.n_epoch={args.probe_epochs}", "ckpt_interval=1000"]
+    # train.py's own grids (first and last epoch): 4 images; --set may change these, not the row's keys
+    flags = [f"dataset={SUBSET}", f"linear.batch_size={min(128, args.train_images)}", "ckpt_interval=1000",
+             "n_sample=4", *args.set, *row_overrides(row), f"save_dir={save_dir}", f"n_epoch={args.epochs}",
+             f"linear.n_epoch={args.probe_epochs}"]
     sets = [a for flag in flags for a in ("--set", flag)]
     cfg = load_config(args.config, flags)  # a bad row stops here, before any training
     losses, step = [], train.train_step
@@ -103,8 +105,12 @@ def run_row(args, row, out):
                   first_loss=losses[0], last_loss=sum(losses[-8:]) / len(losses[-8:]),
                   probe_accuracy=probe_accuracy(cfg, str(checkpoint)), train_seconds=round(train_seconds, 1),
                   samples=os.path.relpath(os.path.join(save_dir, "samples", "grid_0.png"), out))
-    if not args.keep:
+    if not args.keep:  # the weights, the probe's resume states and the single PNGs (grid_0.png stays)
         shutil.rmtree(os.path.join(save_dir, "ckpts"), ignore_errors=True)
+        shutil.rmtree(os.path.join(save_dir, "samples", "pngs"), ignore_errors=True)
+        for name in os.listdir(os.path.join(save_dir, "linear")):
+            if name.endswith(".state.pth"):
+                os.remove(os.path.join(save_dir, "linear", name))
     return record
 
 

@@ -411,9 +411,10 @@ def test_training_objective_by_name_or_import_path(tmp_path, objective):
     checkpoint = tmp_path / "run" / "ckpts" / "model_0.pth"
     other_draw = "diffusion.t_sampling_args={loc: 1.0}" if objective["t_sampling"] == "logit_normal" else \
         "diffusion.t_sampling_args={low: 0.1}"
-    run(sample, "--config", config, "--device", "cpu", "--n_samples", 2, "--steps", 2, "--out_dir", tmp_path / "s",
-        "--set", other_draw)  # training-only: sampling ignores it
-    assert len(list((tmp_path / "s" / "pngs").glob("*.png"))) == 2
+    run(sample, "--config", config, "--device", "cpu", "--n_samples", 2, "--steps", 2, "--out_dir", tmp_path / "s")
+    run(sample, "--config", config, "--device", "cpu", "--n_samples", 3, "--steps", 2, "--out_dir", tmp_path / "s",
+        "--set", other_draw)  # training-only: sampling ignores it, and the folder continues
+    assert len(list((tmp_path / "s" / "pngs").glob("*.png"))) == 3
     run(linear, "--config", config, "--device", "cpu", "--num_workers", 0, "--set", other_draw)  # probing too
     assert result(tmp_path / "run" / "linear", "*t11_out_2*.json")["best"]["accuracy"] >= 0
     with pytest.raises(UserError, match=rf"trained with diffusion.prediction = {objective['prediction']}, but the "
