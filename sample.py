@@ -4,11 +4,14 @@
     python sample.py --config config/DDPM_ddpm.yaml --use_amp --epoch 1999 --mode DDPM   # ancestral, n_T steps
     python sample.py --config config/DDPM_ddpm.yaml --epoch 1999 --mode DDPM --steps 100 # ancestral, respaced
     python sample.py --config config/DDPM_guide_ddpm.yaml --epoch 1999 --w 0.3          # guided; image i of class i % 10
+    python sample.py --config config/DDPM_ddpm.yaml --epoch 1999 --class 3 --classifier_scale 2 \
+        --classifier_head output_DDPM_ddpm/noisy_DDAE_ep1999_sha1a2b3c4d/head.pth        # guided by its DDAE head
     torchrun --standalone --nproc_per_node=8 sample.py --config config/EDM_ddpm.yaml --precision bf16 \\
         --batch_size 1000 --fid data/cifar10-pngs/                                       # Heun 18, then FID
 
 The images go to save_dir/EMAgenerated_ep{E}_ddim_steps{S}_eta{H} (DDIM), ..._ep{E}_ddpm (ancestral;
-..._ddpm_steps{S} respaced to S steps) or ..._ep{E}_edm_steps{S}_eta{H} (EDM): ``pngs/{i}.png`` for every
+..._ddpm_steps{S} respaced to S steps) or ..._ep{E}_edm_steps{S}_eta{H} (EDM), with ``_guided{sha}_class{K}_scale{S}`` after it when guided by a DDAE head
+(``model/guidance.py``; sha: the start of the head file's hash): ``pngs/{i}.png`` for every
 image and ``grid_{b}.png`` for every 400 of them (20 per row), so
 ``python -m pytorch_fid data/cifar10-pngs/ <folder>/pngs/`` works.
 
@@ -35,6 +38,7 @@ from PIL import Image
 
 from model.amp import autocast
 from model.guide import image_classes
+from model.guidance import load_head_guidance
 from model.models import diffusion_class, load_config, load_diffusion
 from model.noise import PerImageNoise
 from model.speed import compile_module
@@ -57,7 +61,8 @@ GRID_NROW = 20
 SETTINGS_FILE = "sampling.json"
 # Keys of sampling.json that decide the pixels; a folder holds images of one value of each.
 IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", "sampler", "mode", "steps", "eta",
-                 "seed", "precision", "noise_device", "pixels", "w")
+                 "seed", "precision", "noise_device", "pixels", "w",
+                 "classifier_guidance")
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
              "missing images")  # a failed PNG write
@@ -97,6 +102,13 @@ def build_parser():
     add_speed_args(parser, "torch.compile the network (the first batch compiles it, about a minute on a GPU)")
     parser.add_argument("--channels_last", action="store_true",
                         help="run the network in channels-last memory format (faster with AMP on recent GPUs)")
+    parser.add_argument("--classifier_head", default=None, metavar="PATH",
+                        help="guide a DDPM model's DDIM or ancestral sampler toward --class with the head.pth that "
+                             "noisy_classifier_DDAE.py trained on this checkpoint (classifier guidance)")
+    parser.add_argument("--classifier_scale", type=float, default=None, metavar="S",
+                        help="guidance scale: S * grad log p(class | x_t) is added (default 1.0; needs --classifier_head)")
+    parser.add_argument("--class", dest="class_index", type=int, default=None, metavar="K",
+                        help="the class that --classifier_head steers toward (0 to classes - 1)")
     parser.add_argument("--out_dir", default=None,
                         help="output folder (default: save_dir/EMAgenerated_ep{E}_..., the original's name)")
     parser.add_argument("--fid", default=None, metavar="REF",
@@ -112,7 +124,7 @@ def sampler_settings(cfg, mode, steps, eta):
     return diffusion_class(cfg.model_type).sampler_settings(cfg.diffusion, mode, steps, eta)
 
 
-def guidance(args, cfg, n_samples):
+def classifier_free_guidance(args, cfg, n_samples):
     """The guidance scale of a conditional model ({"w": --w or the config's w}, to add to the sampler), {} for
     an unconditional one; a UserError for --w on an unconditional model or a count that is not class-balanced."""
     if not getattr(diffusion_class(cfg.model_type), "conditional", False):
@@ -157,14 +169,36 @@ def epoch_label(checkpoint_path):
     return f"ep{match.group(1)}" if match else os.path.splitext(name)[0]
 
 
-def folder_name(label, sampler):
+def folder_name(label, sampler, guidance=None):
     """The original's folder name, e.g. EMAgenerated_ep400_ddim_steps100_eta0.0 (eta as Python prints it); a
-    guided sampler's names its scale as the sister codebase does: EMAgenerated_ep400_w0.3_ddim_steps100_eta0.0."""
+    guided sampler's names its scale as the sister codebase does: EMAgenerated_ep400_w0.3_ddim_steps100_eta0.0;
+    then ``_guided{head sha}_class{K}_scale{S}`` for classifier guidance (``guidance``: its sampling.json record)."""
     if "w" in sampler:
         label = f"{label}_w{sampler['w']}"
     if sampler["mode"] == "DDPM":
-        return f"EMAgenerated_{label}_ddpm" + (f"_steps{sampler['steps']}" if sampler["steps"] else "")
-    return f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
+        name = f"EMAgenerated_{label}_ddpm" + (f"_steps{sampler['steps']}" if sampler["steps"] else "")
+    else:
+        name = f"EMAgenerated_{label}_{sampler['mode'].lower()}_steps{sampler['steps']}_eta{sampler['eta']}"
+    if guidance:
+        name += f"_guided{guidance['head_sha256'][:8]}_class{guidance['class']}_scale{guidance['scale']}"
+    return name
+
+
+def check_guidance_flags(args, cfg):
+    """The classifier-guidance flags, before the model loads: --classifier_head with --class, for a kind that
+    guides (DDPM); returns whether guidance is asked for."""
+    if args.classifier_head is None:
+        if args.classifier_scale is not None or args.class_index is not None:
+            flag = "--classifier_scale" if args.classifier_scale is not None else "--class"
+            raise UserError(f"{flag} needs --classifier_head PATH (a head.pth of noisy_classifier_DDAE.py); add it, "
+                            f"or drop {flag}")
+        return False
+    if args.class_index is None:
+        raise UserError(f"--classifier_head needs --class K, the class to steer toward (0 to {cfg.classes - 1})")
+    if not hasattr(diffusion_class(cfg.model_type), "guidance_refusal"):
+        raise UserError(f"--classifier_head: model_type {cfg.model_type} has no classifier-guided sampler (DDPM's "
+                        f"DDIM and ancestral samplers have one); pass a DDPM model, or drop --classifier_head")
+    return True
 
 
 def grid_range(grid, n_samples):
@@ -297,18 +331,19 @@ def _raise_failed_write(written, wait_for):
                 job.result()
 
 
-def draw_images(diffusion, sampler, noise, n, image_shape, indices=None):
+def draw_images(diffusion, sampler, noise, n, image_shape, indices=None, guidance=None):
     """One batch from the sampler of ``sampler`` with the noise source ``noise``; (B, C, H, W) in [0, 1]. A
     conditional model makes image ``indices[k]`` (default k) of class indices[k] % classes (the sister codebase's
-    layout)."""
+    layout). ``guidance``: classifier guidance (``model.guidance.load_head_guidance``)."""
     if getattr(diffusion, "conditional", False):
         indices = range(n) if indices is None else indices
         sampler = dict(sampler, labels=image_classes(indices, diffusion.nn_model.num_classes))
-    return diffusion.sample(n, image_shape, noise=noise, **sampler)
+    guided = {} if guidance is None else {"guidance": guidance}
+    return diffusion.sample(n, image_shape, noise=noise, **sampler, **guided)
 
 
 def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, precision, n_samples,
-             total=None, progress=True, pad_to=None, pixel_rule="truncate"):
+             total=None, progress=True, pad_to=None, pixel_rule="truncate", guidance=None):
     """Sample ``batches`` (lists of image indices) into ``out_dir/pngs`` and the grids they complete.
 
     Args:
@@ -325,6 +360,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
             compiled network sees one shape only: no second compilation or CUDA graph at the end.
             The extra images have seeds of their own, so the kept ones are unchanged.
         pixel_rule: how samples become pixels, a ``utils.images.to_uint8`` rule (the diffusion's ``pixel_rule()``).
+        guidance: classifier guidance for DDPM's samplers (``model.guidance.load_head_guidance``), or None.
 
     Returns:
         the number of images this process wrote.
@@ -346,7 +382,7 @@ def generate(diffusion, batches, out_dir, sampler, seed, image_shape, device, pr
                 padded = list(batch) + list(range(n_samples, n_samples + max(0, (pad_to or 0) - len(batch))))
                 noise = PerImageNoise([image_seed(seed, i) for i in padded], device)
                 with autocast(device, precision):
-                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape, padded)
+                    images = draw_images(diffusion, sampler, noise, len(padded), image_shape, padded, guidance)
                 pixels = to_uint8(images[:len(batch)], pixel_rule).cpu()  # (B, C, H, W) uint8: one copy to the host
                 jobs = [writer.submit(_write_pngs, pngs, batch[part::PNG_WRITERS], pixels[part::PNG_WRITERS])
                         for part in range(min(PNG_WRITERS, len(batch)))]
@@ -402,7 +438,7 @@ def run(args, device):
     cfg = load_config(args.config, args.set)
     sampler = sampler_settings(cfg, args.mode, args.steps, args.eta)
     n_samples = sample_count(args, cfg)
-    sampler.update(guidance(args, cfg, n_samples))
+    sampler.update(classifier_free_guidance(args, cfg, n_samples))
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: pass a positive number of images per forward pass")
     if args.seed < 0:
@@ -410,13 +446,23 @@ def run(args, device):
     if args.fid and not (args.fid.startswith("dataset:") or os.path.exists(args.fid)):
         raise UserError(f"--fid {args.fid}: no such folder or .npz; pass the reference PNG folder (see "
                         f"extract_cifar10_pngs.ipynb), its statistics .npz, or dataset:cifar10")
+    guided = check_guidance_flags(args, cfg)
     precision = resolve_precision(args, device)
     configure_backends(args, device)
     checkpoint = checkpoint_from_args(cfg, args)
     diffusion = load_diffusion(cfg, checkpoint, weights="ema", device=device)
     sampler_name = diffusion.sampler_name(sampler)  # e.g. "DDAE DDIM" or a diffusers folder's own scheduler
     pixel_rule = getattr(diffusion, "pixel_rule", lambda: "truncate")()  # "round" for a diffusers folder
-    out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler))
+    guidance, guidance_record = None, None
+    if guided:
+        refusal = diffusion.guidance_refusal(sampler["mode"])
+        if refusal:
+            raise UserError(f"--classifier_head: {refusal}")
+        scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+        guidance, guidance_record = load_head_guidance(args.classifier_head, checkpoint, diffusion, args.class_index,
+                                                       scale)
+    out_dir = args.out_dir or os.path.join(cfg.save_dir, folder_name(epoch_label(checkpoint), sampler,
+                                                                      guidance_record))
     image_shape = tuple(cfg.image_shape)
 
     record = provenance(checkpoint, cfg, device, args.seed)
@@ -428,13 +474,15 @@ def run(args, device):
             image_shape=list(image_shape), sampler=sampler_name, **sampler, seed=args.seed, precision=precision,
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW,
-            pixels=pixel_rule)
+            pixels=pixel_rule, classifier_guidance=guidance_record)
         return prepare_folder(out_dir, settings, n_samples, lambda: weights_digest(diffusion))
 
     missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
     rank, world_size = get_rank(), get_world_size()
     batches = split_batches(missing, args.batch_size, rank, world_size)
     described = describe_sampler(sampler, getattr(cfg.diffusion, "n_T", None))
+    if guidance is not None:
+        described += f", {guidance.describe()}"
     print0(f"sampling {len(missing)} of {n_samples} images ({described}, {precision}; {sampler_name}) on "
            f"{world_size} x {device.type} into {out_dir}")
 
@@ -442,7 +490,8 @@ def run(args, device):
     start = time.perf_counter()
     generated = generate(diffusion, batches, out_dir, sampler, args.seed, image_shape, device, precision,
                          n_samples, total=len(missing), progress=is_main(),
-                         pad_to=min(args.batch_size, len(missing)) if args.compile else None, pixel_rule=pixel_rule)
+                         pad_to=min(args.batch_size, len(missing)) if args.compile else None, pixel_rule=pixel_rule,
+                         guidance=guidance)
     seconds = time.perf_counter() - start
     barrier()
     write_missing_grids(out_dir, n_samples, rank, world_size)

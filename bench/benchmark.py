@@ -37,7 +37,10 @@ from evaluation.cells import probe_cells  # noqa: E402
 from evaluation.frozen import prepare_frozen  # noqa: E402
 from evaluation.throughput import feature_pass_throughput, synchronize  # noqa: E402
 from model.amp import autocast  # noqa: E402
-from model.models import build_diffusion, build_network, count_parameters, diffusion_class, load_config  # noqa: E402
+from model.guidance import HeadGuidance  # noqa: E402
+from model.heads import NoiseConditionalHead  # noqa: E402
+from model.models import (build_diffusion, build_network, count_parameters, diffusion_class,  # noqa: E402
+                          feature_dims, load_config)
 from model.noise import PerImageNoise  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.cli import configure_backends, resolve_precision  # noqa: E402
@@ -91,6 +94,7 @@ class EvalVariant:
     channels_last: bool = True      # sampling only: probe passes take prepare_frozen's layout
     compile_mode: str = None        # a utils.cli.COMPILE_MODES mode, None for eager
     cudnn_benchmark: bool = False
+    guided: bool = False            # sampling only: classifier guidance by a DDAE head (sample.py --classifier_head)
 
     @property
     def compiles(self):
@@ -119,6 +123,9 @@ SAMPLE_VARIANTS = {
                             large_batch=False, channels_last=False),
     "fp16": EvalVariant("fp16, channels_last, large batch", "fp16"),
     "bf16": EvalVariant("bf16, channels_last, large batch", "bf16"),
+    "bf16_guided": EvalVariant("bf16 + classifier guidance by a DDAE head on linear.blockname (sample.py "
+                               "--classifier_head: a forward and backward to that block per step), eager", "bf16",
+                               guided=True),
     "bf16_compile": EvalVariant("bf16, channels_last, large batch, torch.compile", "bf16", compile_mode="default"),
     "bf16_graphs": EvalVariant("bf16_compile + CUDA graphs (--compile reduce-overhead) + --cudnn_benchmark", "bf16",
                                compile_mode="reduce-overhead", cudnn_benchmark=True),
@@ -268,6 +275,8 @@ def _split_names(text, known, flag):
 def paper_network(cfg):
     """Index into PAPER_GFLOP of the paper network that ``cfg`` describes, or None."""
     net = cfg.network
+    if not all(name in net for name in ("n_channels", "ch_mults", "is_attn", "n_blocks", "use_res_for_updown")):
+        return None  # not a UNet of the paper's kind (a U-ViT, a DiT): counted by FlopCounterMode
     key = (net.n_channels, tuple(net.ch_mults), tuple(net.is_attn), net.n_blocks, net.use_res_for_updown)
     keys = list(PAPER_GFLOP)
     return keys.index(key) if key in PAPER_GFLOP and tuple(net.image_shape) == (3, 32, 32) else None
@@ -406,6 +415,16 @@ def _compile_note(wanted, compiled, device):
     return ""
 
 
+def random_head_guidance(diffusion, cfg, device):
+    """Guidance toward class 0 by a randomly initialised head on linear.blockname: the cost of a trained one."""
+    if not hasattr(diffusion, "guidance_refusal"):
+        raise UserError(f"--sample_variants bf16_guided: model_type {cfg.model_type} has no classifier-guided "
+                        f"sampler; pass a DDPM config")
+    blockname = cfg.linear.blockname
+    head = NoiseConditionalHead(feature_dims(diffusion, cfg.image_shape)[blockname], cfg.classes).to(device)
+    return HeadGuidance(diffusion.nn_model, head.eval().requires_grad_(False), blockname, 0, 1.0, diffusion.n_T)
+
+
 def bench_sampling(context, name):
     settings, device, cfg = context.settings, context.device, context.settings.cfg
     variant = SAMPLE_VARIANTS[name]
@@ -417,12 +436,13 @@ def bench_sampling(context, name):
     configure_backends(argparse.Namespace(cudnn_benchmark=variant.cudnn_benchmark), device)
     sample.prepare_network(diffusion, variant.compile_mode if compiled else None, variant.channels_last)
     image_shape = tuple(cfg.image_shape)
+    guidance = random_head_guidance(diffusion, cfg, device) if variant.guided else None
 
     def one_batch(index, steps):
         seeds = [sample.image_seed(0, i) for i in range(index * batch, (index + 1) * batch)]
         with autocast(device, precision):
             images = sample.draw_images(diffusion, dict(sampler, steps=steps), PerImageNoise(seeds, device),
-                                        batch, image_shape)
+                                        batch, image_shape, guidance)
         return to_uint8(images).cpu()  # sample.py's one copy of a batch to the host
 
     warmup_steps = 2  # the shapes of a full run: enough for compilation and autotuning
@@ -438,13 +458,15 @@ def bench_sampling(context, name):
     img_s = settings.sample_batches * batch / seconds
     evaluations = context.network_evaluations(sampler["steps"])
     return {
-        "precision": precision, "batch": batch, "sampler": sampler_label(cfg, sampler["steps"]),
+        "precision": precision, "batch": batch,
+        "sampler": sampler_label(cfg, sampler["steps"]) + (" + classifier guidance" if variant.guided else ""),
         "img_s": img_s, "s_50k": N_SAMPLES_FID / img_s,
         "peak_gib": peak_memory_gib(device),
         "mfu_pct": _mfu(img_s, context.forward_flops * evaluations, context.peak),
         "compile_s": _steady_excess(warmup_seconds, warmup_steps / sampler["steps"],
                                     seconds / settings.sample_batches),
-        "note": _compile_note(variant.compiles, compiled, device),
+        "note": _compile_note(variant.compiles, compiled, device) or
+                ("MFU counts the sampler's forward passes only" if variant.guided else ""),
     }
 
 

@@ -10,6 +10,10 @@
 #   parity  the 2,000-step loss-parity check; size PARITY_STEPS from the fp32 row of a training run
 #   dit     DiT-XL/2's feature pass at batch 128 and 1024 in bf16 (eager, then compiled) and the SD VAE's
 #           encode at 256x256 (bf16, fp32), bench/dit_speed.py, in DIT_S (240) s
+#   uvit_guided  issue 34: the 44.3M U-ViT's training speed (UVIT_CONFIG, config/DDPM_uvit.yaml: use_amp and bf16,
+#           eager; cap 150), then DDIM-100 on DDPM_ddpm at GUIDED_BATCH (250) images, unguided against guided
+#           by a DDAE head on linear.blockname (sample.py --classifier_head's sampler; the head's weights are
+#           random, its cost is a trained one's; cap 90)
 #
 # .whl/ must hold the wheels of ema_pytorch and pytorch_fid (the GPU machine lacks both), and of pytest
 # and its dependencies where the machine has no pytest; the DiT steps also need diffusers' wheel
@@ -52,6 +56,8 @@ TOTAL_S=${TOTAL_S:-480}          # wall seconds for the steps together
 STAGES=${STAGES:-all}            # all, ddpmpp, parity or dit (see above)
 PARITY_STEPS=${PARITY_STEPS:-2000}
 DIT_S=${DIT_S:-240}             # the dit stage's cap
+UVIT_CONFIG=${UVIT_CONFIG:-config/DDPM_uvit.yaml}  # the uvit_guided stage's U-ViT
+GUIDED_BATCH=${GUIDED_BATCH:-250}  # guided sampling keeps the activations up to the head's block for the backward
 PARITY_VARIANT=${PARITY_VARIANT:-graphs}  # the fast variant held against fp32 (graphs = fast + CUDA graphs)
 STEPS=${STEPS:-60}               # timed training steps per variant
 SAMPLE_BATCH=${SAMPLE_BATCH:-1000}
@@ -64,6 +70,7 @@ if [ "$REHEARSAL" = 1 ]; then
     # slower than an H200, so every cap, reserve and minimum is REHEARSAL_SCALE (8) times the GPU's.
     SCALE=${REHEARSAL_SCALE:-8}
     SAMPLE_BATCH=4
+    GUIDED_BATCH=4
     STEPS=1
     SUITE=${SUITE_REHEARSAL:-tests/test_amp_ema.py}
     TINY="--device cpu --batch_size 4 --warmup_steps 1 --sample_steps 3 --sample_batches 1 --probe_batch 4"
@@ -180,8 +187,13 @@ case "$STAGES" in
             huggingface_hub.__version__)" 2>&1 | tee -a "$LOG"
         EXTRA=$DIT_EXTRA BENCH_SCRIPT=bench/dit_speed.py step dit "$DIT_S" 0 60 100 config/DiT_XL_2_cifar.yaml \
             --only dit,vae ;;
+    uvit_guided)
+        step uvit_train 150 90 60 0 "$UVIT_CONFIG" --only train --train_variants use_amp,bf16 \
+            --warmup_steps 10 --steps "$STEPS"
+        step guided_sample 90 0 40 0 config/DDPM_ddpm.yaml --only sample --sample_variants bf16,bf16_guided \
+            --sample_batch "$GUIDED_BATCH" --sample_batches 1 ;;
     *)
-        say "STAGES=$STAGES: use all, ddpmpp, parity or dit"; exit 2 ;;
+        say "STAGES=$STAGES: use all, ddpmpp, parity, dit or uvit_guided"; exit 2 ;;
 esac
 
 say "== done in $(( SECONDS - start )) s"

@@ -43,7 +43,7 @@ def requested_blocks(nn_model, name):
 def pool_features(activations, name, norm, feature_axis=1, tokens=False):
     """Average activations over every axis but the batch and ``feature_axis`` (H and W of (B, C, H, W),
     T of (B, T, D)) into float32 (B, C) features, optionally L2-normalised; return the one feature when
-    ``name`` is a string, else the dict. With ``tokens`` nothing is averaged: each activation becomes
+    ``name`` is a string, else the dict (float64 activations stay float64). With ``tokens`` nothing is averaged: each activation becomes
     float32 (B, T, C) tokens, its positions in order (``as_tokens``; ``norm`` normalises each token)."""
     features = {}
     for key, activation in activations.items():
@@ -52,7 +52,8 @@ def pool_features(activations, name, norm, feature_axis=1, tokens=False):
             features[key] = F.normalize(feature, dim=-1) if norm else feature
             continue
         axis = feature_axis % activation.dim()
-        feature = activation.float().mean(dim=[d for d in range(1, activation.dim()) if d != axis])  # (B, C)
+        wide = activation.to(torch.promote_types(activation.dtype, torch.float32))  # float64 stays float64
+        feature = wide.mean(dim=[d for d in range(1, activation.dim()) if d != axis])  # (B, C)
         features[key] = F.normalize(feature, dim=1) if norm else feature
     return features[name] if isinstance(name, str) else features
 
@@ -218,6 +219,16 @@ class DDPM(nn.Module):
             raise ValueError(f"key 'diffusion.n_T' is {settings['n_T']}; the noisy classifier reports "
                              f"{DDPM_LEVEL_COUNT} timesteps and needs n_T >= {DDPM_LEVEL_COUNT}") from None
 
+    def guidance_refusal(self, mode):
+        """Why classifier guidance (``sample(guidance=...)``) cannot run with sampler ``mode``, or None."""
+        if self.published_sampler() is not None:
+            return ("classifier guidance runs DDAE's own samplers, not a diffusers folder's scheduler; pass a "
+                    "checkpoint of ours")
+        if mode == "DDPM" and getattr(self.nn_model, "learn_sigma", False):
+            return ("classifier guidance of the ancestral sampler needs a fixed variance, and this network learns "
+                    "its own; pass --mode DDIM")
+        return None
+
     def published_sampler(self):
         """The samplers the network was published with (a diffusers folder's scheduler,
         ``model.diffusers_sampling.SchedulerSampler``), or None: DDAE's own DDIM and ancestral samplers."""
@@ -357,7 +368,7 @@ class DDPM(nn.Module):
         return self.eps_and_x0(x_t, output, schedule["sqrtab"][t], schedule["sqrtmab"][t])
 
     @torch.no_grad()
-    def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None):
+    def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None, guidance=None):
         """Generate images with the DDIM sampler or the ancestral DDPM sampler.
 
         Args:
@@ -372,12 +383,19 @@ class DDPM(nn.Module):
                 its own scheduler's DDIM or ancestral sampler with these settings instead of ours.
             noise: callable ``noise(shape) -> (B, *shape)`` giving x_T (when not given) and then the
                 per-step noise in order, e.g. ``PerImageNoise``; ``torch.randn`` when None.
+            guidance: None, or classifier guidance ``guidance(x_t, t) -> scale * grad log p(class | x_t)``
+                (``model.guidance.HeadGuidance``): DDIM shifts eps by -sqrt(1 - alphabar_t) times it, the
+                ancestral samplers shift the step's mean by its variance times it (guided-diffusion's
+                condition_score and condition_mean), after the x0 prediction is clipped, as there: so in the
+                samplers, not in ``denoise``. Not for a published sampler or a learned variance.
 
         Returns:
             (B, C, H, W) float32 images, nominally in [0, 1] (not clipped).
         """
         if mode not in ("DDIM", "DDPM"):
             raise ValueError(f"mode must be 'DDIM' or 'DDPM', got {mode!r}")
+        if guidance is not None and self.guidance_refusal(mode):
+            raise ValueError(self.guidance_refusal(mode))
         device = self.ddpm_sqrtab.device
         x_T, noise = starting_noise(x_T, n_sample, size, noise, device)
         x = x_T.to(device=device, dtype=self.ddpm_sqrtab.dtype)  # float32 unless the module was cast
@@ -386,19 +404,19 @@ class DDPM(nn.Module):
         if published is not None:  # a diffusers folder: asks denoise at its scheduler's timesteps + 1
             x = published.sample(self.denoise, x, mode, steps, eta, noise)
         elif mode == "DDIM":
-            x = self._ddim_loop(x, steps, eta, noise)
+            x = self._ddim_loop(x, steps, eta, noise, guidance)
         elif self.zero_terminal_snr:
             raise ValueError("DDAE's ancestral sampler cannot run a zero-terminal-SNR schedule (alpha_T = 0); "
                              "use mode 'DDIM'")
         elif getattr(self.nn_model, "learn_sigma", False):
             x = self._learned_variance_loop(x, steps, noise)
         elif steps is None:
-            x = self._ancestral_loop(x, noise)
+            x = self._ancestral_loop(x, noise, guidance)
         else:
-            x = self._respaced_loop(x, steps, noise)
+            x = self._respaced_loop(x, steps, noise, guidance)
         return (x + 1) / 2
 
-    def _ddim_loop(self, x, steps, eta, noise):
+    def _ddim_loop(self, x, steps, eta, noise, guidance=None):
         """DDIM (Song et al. 2021) over timesteps 1, 1 + k, ... <= n_T (k = n_T // steps), reversed,
         then 0: exactly ``steps`` network calls when steps divides n_T, as in the original."""
         if not 1 <= steps <= self.n_T:
@@ -410,6 +428,9 @@ class DDPM(nn.Module):
         for index, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
             last = index == len(times) - 2
             x0, eps = _clipped(x, self.denoise(x, t, schedule)[1], schedule["sqrtab"][t], schedule["sqrtmab"][t])
+            if guidance is not None:  # condition_score: the score of p(x_t) p(class | x_t)^scale
+                eps = eps - schedule["sqrtmab"][t] * guidance(x, t)
+                x0 = (x - schedule["sqrtmab"][t] * eps) / schedule["sqrtab"][t]
             a, a_next = alphabar[t], alphabar[t_next]
             c1 = eta * torch.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
             c2 = torch.sqrt(1 - a_next - c1 ** 2)
@@ -418,17 +439,20 @@ class DDPM(nn.Module):
                 x = x + c1 * noise(x.shape[1:])
         return x
 
-    def _ancestral_loop(self, x, noise):
+    def _ancestral_loop(self, x, noise, guidance=None):
         """Ancestral sampling over i = n_T .. 1 with the "DDPM" schedule; no noise at i = 1."""
         schedule = self.ddpm_schedule
         for i in range(self.n_T, 0, -1):
             _, eps = _clipped(x, self.denoise(x, i, schedule)[1], schedule["sqrtab"][i], schedule["sqrtmab"][i])
-            x = schedule["oneover_sqrta"][i] * (x - schedule["ma_over_sqrtmab"][i] * eps)
+            mean = schedule["oneover_sqrta"][i] * (x - schedule["ma_over_sqrtmab"][i] * eps)
+            if guidance is not None:  # condition_mean: the step's variance beta_i times the gradient
+                mean = mean + (1 - schedule["alpha_t"][i]) * guidance(x, i)
+            x = mean
             if i > 1:
                 x = x + schedule["sqrt_beta_t"][i] * noise(x.shape[1:])
         return x
 
-    def _respaced_loop(self, x, steps, noise):
+    def _respaced_loop(self, x, steps, noise, guidance=None):
         """Ancestral sampling over ``respaced_timesteps(n_T, steps)``, as improved-diffusion's respacing
         does: between consecutive kept timesteps s < t the step uses alpha = alphabar_t / alphabar_s and
         beta = 1 - alpha in the original's update (clipped x0, variance beta); no noise at the last step.
@@ -438,7 +462,10 @@ class DDPM(nn.Module):
         for t, s in zip(times[::-1], ([0] + times[:-1])[::-1]):
             _, eps = _clipped(x, self.denoise(x, t)[1], sqrtab[t], sqrtmab[t])
             alpha = alphabar[t] / alphabar[s]
-            x = (x - (1 - alpha) / sqrtmab[t] * eps) / torch.sqrt(alpha)
+            mean = (x - (1 - alpha) / sqrtmab[t] * eps) / torch.sqrt(alpha)
+            if guidance is not None:  # condition_mean with this step's variance 1 - alpha
+                mean = mean + (1 - alpha) * guidance(x, t)
+            x = mean
             if s > 0:
                 x = x + torch.sqrt(1 - alpha) * noise(x.shape[1:])
         return x

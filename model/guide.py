@@ -120,6 +120,11 @@ class DDPM_guide(DDPM, Guided):
         sqrtab, sqrtmab = _per_sample(self.ddpm_sqrtab, t), _per_sample(self.ddpm_sqrtmab, t)
         return weighted_mse(output, self.prediction_target.target(x, noise, sqrtab, sqrtmab), self.loss_weight(t))
 
+    def guidance_refusal(self, mode):
+        """A DDAE head guides an unconditional model; this one is guided by its own labels (``--w``)."""
+        return ("classifier guidance by a DDAE head is for unconditional models; a class-conditional model is "
+                "guided toward its classes by --w (classifier-free guidance); drop --classifier_head")
+
     def sample(self, n_sample=None, size=None, x_T=None, steps=None, eta=0.0, mode="DDIM", noise=None, labels=None,
                w=DEFAULT_W):
         """``DDPM.sample`` guided to ``labels`` ((B,) ints; None: image i of class i % n_classes) with scale ``w``."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.blocks import TimeEmbedding
 from utils.config import import_class
 
 
@@ -136,3 +137,28 @@ def takes_tokens(cls):
 def is_fused(cls):
     """Whether one head of ``cls`` covers every probed cell (else one head per cell)."""
     return getattr(cls, "fused", False)
+
+
+class NoiseConditionalHead(nn.Module):
+    """Classify a frozen feature (B, d) given the integer noise level of its input image.
+
+    The level (DDPM timestep or EDM index) is embedded like the UNet embeds its time: d/4
+    sinusoidal features, Linear(d/4 -> d), SiLU, Linear(d -> d). The embedding is added to the
+    feature, then Linear(d -> 2d), SiLU, Linear(2d -> num_classes).
+
+    Args:
+        feature_dim: d, the channels of the probed block (a multiple of 8).
+        num_classes: number of output logits.
+    """
+
+    def __init__(self, feature_dim, num_classes):
+        super().__init__()
+        if feature_dim % 8 or feature_dim < 16:
+            raise ValueError(f"feature_dim must be a multiple of 8 and at least 16, got {feature_dim}")
+        self.time_emb = TimeEmbedding(feature_dim // 4)
+        self.classifier = nn.Sequential(nn.Linear(feature_dim, 2 * feature_dim), nn.SiLU(),
+                                        nn.Linear(2 * feature_dim, num_classes))
+
+    def forward(self, features, levels):
+        """Logits (B, num_classes) for features (B, d) at integer levels (B,)."""
+        return self.classifier(features + self.time_emb(levels))

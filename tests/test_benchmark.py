@@ -76,7 +76,8 @@ def test_quick_run_numbers_fit_together(quick_run):
     assert train["fast"]["precision"] == "bf16"
     assert train["fast"]["note"].startswith("compile off")
     for row in results["sample"]:
-        assert row["sampler"] == "DDIM 10" and row["batch"] == 4
+        guided = " + classifier guidance" if row["variant"] == "bf16_guided" else ""
+        assert row["sampler"] == "DDIM 10" + guided and row["batch"] == 4
         assert row["s_50k"] == pytest.approx(50_000 / row["img_s"], rel=1e-12)
     probe = {row["variant"]: row for row in results["probe"]}
     assert [probe[name]["batch"] for name in benchmark.PROBE_VARIANTS] == [8, 8, 16, 16, 16]
@@ -199,6 +200,10 @@ def test_flops_come_from_the_spec_for_the_paper_networks_and_are_counted_otherwi
     flops, source = benchmark.forward_flops(demo)
     assert source == "FlopCounterMode" and 0.4e9 < flops < 0.6e9
     assert benchmark.training_flops(demo) == 3 * flops
+    # A U-ViT has none of the UNet's keys: counted, not looked up (it once failed on network.n_channels).
+    uvit = load_config(ROOT / "config" / "DDPM_uvit.yaml", ["network.embed_dim=64", "network.depth=2",
+                                                                   "linear.blockname=out_1"])
+    assert benchmark.forward_flops(uvit)[1] == "FlopCounterMode"
     assert benchmark._mfu(1000.0, 37.3e9, 989e12) == pytest.approx(100 * 37.3e12 / 989e12)
 
 

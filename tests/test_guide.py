@@ -480,10 +480,10 @@ def test_sample_py_refuses_unbalanced_counts_and_w_without_classes(tmp_path):
         run_sample(path, "--n_samples", 25, "--steps", 2)
     assert raised.value.code == 2
     with pytest.raises(UserError, match="--w 0.3: DDPM is not a conditional model"):
-        sample.guidance(sample.build_parser().parse_args(["--config", "x", "--w", "0.3"]),
+        sample.classifier_free_guidance(sample.build_parser().parse_args(["--config", "x", "--w", "0.3"]),
                         load_config(_unconditional(path)), 10)
     with pytest.raises(UserError, match="pass a multiple of 10"):
-        sample.guidance(sample.build_parser().parse_args(["--config", "x"]), load_config(path), 25)
+        sample.classifier_free_guidance(sample.build_parser().parse_args(["--config", "x"]), load_config(path), 25)
 
 
 def test_features_read_the_null_label_unless_asked(tmp_path):
