@@ -165,7 +165,7 @@ def trained_head(tmp_path_factory):
     ddae_script.main(ddae_script.parse_args(["--config", str(config), "--set", f"save_dir={cfg.save_dir}",
                                              "--set", "diffusion.n_T=100", "--ckpt", str(checkpoint),
                                              "--max_images", "32", "--device", "cpu"]))
-    head = os.path.join(cfg.save_dir, f"noisy_DDAE_{ddae_script.run_tag(str(checkpoint))}", "head.pth")
+    head = os.path.join(cfg.save_dir, f"noisy_DDAE_{ddae_script.run_tag(str(checkpoint), max_images=32)}", "head.pth")
     return cfg, config, checkpoint, head
 
 
