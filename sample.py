@@ -46,7 +46,7 @@ from utils.atomic import atomic_path
 from utils.checkpoint import CHECKPOINT_NAME, weights_digest
 from utils.cli import (add_amp_args, add_checkpoint_args, add_speed_args, checkpoint_from_args, configure_backends,
                        resolve_precision)
-from utils.config import add_config_args
+from utils.config import REQUIRED, add_config_args, settings_of
 from utils.data import DATASETS, FID_SAMPLES, dataset_spec, image_seed, split_batches
 from utils.distributed import (add_launcher_args, barrier, cleanup, decide_on_main, get_rank, get_world_size,
                                init_distributed, is_main, print0, torchrun_cpu_threads)
@@ -66,6 +66,15 @@ IDENTITY_KEYS = ("checkpoint_sha256", "model_type", "diffusion", "image_shape", 
 PNG_WRITERS = 4         # threads encoding PNGs while the device samples the next batch
 WRITE_FIX = ("free disk space or pass --out_dir with a writable folder; the same command writes only the "
              "missing images")  # a failed PNG write
+
+
+def sampling_defaults(cfg):
+    """The defaults of the diffusion kind's sampling keys: a folder recorded before a key existed (such as
+    ``prediction``) was made at its default, so it continues under a config that leaves the key at it."""
+    kind = diffusion_class(cfg.model_type)
+    skip = getattr(kind, "TRAINING_ONLY_KEYS", ())
+    return json.loads(json.dumps({name: default for name, (_, default) in settings_of(kind, skip=1).items()
+                                  if default is not REQUIRED and name not in skip}))
 
 
 def sampling_keys(cfg):
@@ -234,7 +243,7 @@ def _legacy(recorded, settings, settings_path, tensor_digest):
         recorded["checkpoint_sha256"] = f"unknown (other weights: weights_sha256 {recorded['weights_sha256'][:12]}...)"
 
 
-def prepare_folder(out_dir, settings, n_samples, tensor_digest=None):
+def prepare_folder(out_dir, settings, n_samples, tensor_digest=None, diffusion_defaults=None):
     """Check ``out_dir`` against ``settings``, record them, and list the images still to make. A folder's
     record stays the first run's; a later run that adds images is listed under ``"continued"`` (images and
     provenance), and one that adds none leaves the file as it was.
@@ -242,6 +251,8 @@ def prepare_folder(out_dir, settings, n_samples, tensor_digest=None):
     Args:
         tensor_digest: gives ``utils.checkpoint.weights_digest`` of the loaded model, for folders recorded
             before ``checkpoint_sha256`` (``_legacy``).
+        diffusion_defaults: the diffusion section's defaults (``sampling_defaults``), for folders recorded
+            before a key of it existed.
 
     Returns:
         the sorted indices below ``n_samples`` whose ``pngs/{i}.png`` is missing.
@@ -265,6 +276,9 @@ def prepare_folder(out_dir, settings, n_samples, tensor_digest=None):
         recorded.setdefault("sampler", f"DDAE {recorded.get('mode')}")  # folders from before the key: DDAE's
         _legacy(recorded, settings, settings_path, tensor_digest)
         recorded.setdefault("pixels", "truncate")  # folders from before the key: torchvision's rule
+        if isinstance(recorded.get("diffusion"), dict) and isinstance(wanted.get("diffusion"), dict):
+            recorded["diffusion"] = {**{key: value for key, value in (diffusion_defaults or {}).items()
+                                        if key in wanted["diffusion"]}, **recorded["diffusion"]}
         differing = [key for key in IDENTITY_KEYS if recorded.get(key) != wanted[key]]
         if differing:
             before = _describe({key: recorded.get(key) for key in differing})
@@ -475,7 +489,7 @@ def run(args, device):
             noise_device=device.type, checkpoint=os.path.abspath(checkpoint),
             config=os.path.abspath(args.config), images_per_grid=IMAGES_PER_GRID, grid_nrow=GRID_NROW,
             pixels=pixel_rule, classifier_guidance=guidance_record)
-        return prepare_folder(out_dir, settings, n_samples, lambda: weights_digest(diffusion))
+        return prepare_folder(out_dir, settings, n_samples, lambda: weights_digest(diffusion), sampling_defaults(cfg))
 
     missing = decide_on_main(prepare)  # rank 0 prepares the folder; every rank learns what is missing
     rank, world_size = get_rank(), get_world_size()

@@ -281,6 +281,24 @@ def test_a_folder_from_before_the_sampler_record_resumes(ddpm_config, tmp_path):
     assert run_sample(ddpm_config, *flags)["generated"] == 1
 
 
+def test_a_folder_from_before_a_diffusion_key_resumes_at_its_default(ddpm_config, tmp_path, capsys):
+    """A sampling.json whose diffusion section predates a key (``prediction``, ``zero_terminal_snr``) was made at
+    the key's default: a rerun at the default continues it, one at another value is refused."""
+    out = tmp_path / "old"
+    flags = ["--n_samples", 3, "--steps", 2, "--out_dir", out]
+    run_sample(ddpm_config, *flags)
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["diffusion"].pop("prediction") == "eps"
+    assert settings["diffusion"].pop("zero_terminal_snr") is False
+    (out / "sampling.json").write_text(json.dumps(settings))
+    (out / "pngs" / "1.png").unlink()
+    assert run_sample(ddpm_config, *flags)["generated"] == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # DDIM runs a zero-terminal-SNR schedule: other pixels, refused
+        run_sample(ddpm_config, *flags, "--set", "diffusion.zero_terminal_snr=true")
+    assert stop.value.code == 2 and "zero_terminal_snr" in capsys.readouterr().err
+
+
 def test_other_settings_never_mix_into_a_folder(ddpm_config, tmp_path, capsys):
     out = tmp_path / "run"
     run_sample(ddpm_config, "--n_samples", 2, "--steps", 2, "--out_dir", out)
