@@ -191,6 +191,13 @@ class EDM(nn.Module):
         """(B,) training noise levels drawn by ``t_sampling`` (log_normal: the original's draw)."""
         return self._t_sampling(self, batch_size, device, **self.t_sampling_args)
 
+    def training_sigma(self, batch_size, device, rnd_normal=None):
+        """(B, 1, 1, 1) training noise levels: ``training_timesteps``, or the log-normal level of a given
+        standard-normal draw ``rnd_normal`` (B, 1, 1, 1) (the golden tests fix it)."""
+        if rnd_normal is None:
+            return self.training_timesteps(batch_size, device).reshape(-1, 1, 1, 1)
+        return (rnd_normal * self.p_std + self.p_mean).exp()
+
     def loss_weight(self, sigma):
         """The per-sample loss weight of ``loss_weighting`` at noise levels ``sigma``, or None (unweighted)."""
         return self._weighting(self, sigma, **self.loss_weighting_args)
@@ -210,10 +217,7 @@ class EDM(nn.Module):
         """
         with network_only(x0.device) as network:
             x = 2 * x0 - 1
-            if rnd_normal is None:
-                sigma = self.training_timesteps(x.shape[0], x.device).reshape(-1, 1, 1, 1)
-            else:
-                sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+            sigma = self.training_sigma(x.shape[0], x.device, rnd_normal)  # (B, 1, 1, 1)
             weight = self.loss_weight(sigma)
             if self.augment_pipe is not None:
                 x, aug = self.augment_pipe(x)

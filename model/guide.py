@@ -182,10 +182,7 @@ class EDM_guide(EDM, Guided):
         """Training loss of ``EDM.forward`` (its noise levels and weighting; no augmentation), the network seeing
         ``labels`` with the null label where ``drop_mask`` (drawn after sigma and the noise when None) is 1."""
         x = 2 * x0 - 1
-        if rnd_normal is None:
-            sigma = self.training_timesteps(x.shape[0], x.device).reshape(-1, 1, 1, 1)
-        else:
-            sigma = (rnd_normal * self.p_std + self.p_mean).exp()  # (B, 1, 1, 1)
+        sigma = self.training_sigma(x.shape[0], x.device, rnd_normal)  # (B, 1, 1, 1)
         weight = self.loss_weight(sigma)
         noise = noise_like(noise, x)
         drop_mask = self.drop_mask(labels) if drop_mask is None else drop_mask
