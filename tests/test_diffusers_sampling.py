@@ -282,7 +282,7 @@ def test_sample_py_writes_a_folders_pixels_by_the_pipelines_rule(folder, tmp_pat
     """Samples at the rounding boundaries (the sampler replaced): sample.py on a diffusers folder writes the PNG
     that numpy_to_pil's image of them saves to."""
     image = boundary_values().view(16, 16, 3)  # (H, W, C)
-    monkeypatch.setattr(sample, "draw_images", lambda diffusion, sampler, noise, n, shape:
+    monkeypatch.setattr(sample, "draw_images", lambda diffusion, sampler, noise, n, *shape_and_more:
                         image.permute(2, 0, 1).expand(n, -1, -1, -1))
     with_scheduler(folder)
     root, _ = folder
