@@ -37,7 +37,8 @@ class TimeEmbedding(nn.Module):
         return self.lin2(self.act(self.lin1(emb)))  # (B, 4 * n_channels)
 
 
-def _resample(x, up, down):
+def resample(x, up, down):
+    """Nearest 2x upsampling (``up``), 2x average pooling (``down``), or ``x`` as it is."""
     if up:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     if down:
@@ -68,11 +69,11 @@ class ResidualBlock(nn.Module):
         self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels))
 
     def forward(self, x, temb):
-        h = _resample(self.act1(self.norm1(x)), self.up, self.down)
+        h = resample(self.act1(self.norm1(x)), self.up, self.down)
         h = self.conv1(h)
         h = h + self.time_emb(temb)[:, :, None, None]
         h = self.conv2(self.act2(self.norm2(h)))
-        return h + self.shortcut(_resample(x, self.up, self.down))
+        return h + self.shortcut(resample(x, self.up, self.down))
 
 
 class AttentionBlock(nn.Module):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import blocks
 from model.blocks import BlockRecorder, TimeEmbedding
 from model.unet import UNet
 from utils.config import Settings
@@ -41,33 +42,18 @@ class ClassEmbedding(nn.Module):
         return self.lin2(self.act(self.lin1(one_hot * keep)))
 
 
-class ResidualBlock(nn.Module):
-    """GroupNorm-SiLU-conv, GroupNorm, then time scale and class shift (t * h + c), SiLU-dropout-conv, plus the
-    shortcut; with ``up`` / ``down`` the BigGAN-style resampling block (nearest / average pooling)."""
+class ResidualBlock(blocks.ResidualBlock):
+    """``model.blocks.ResidualBlock`` with the time embedding as a scale and a class embedding as a shift:
+    GroupNorm-SiLU-conv, GroupNorm, t * h + c, SiLU-dropout-conv, plus the shortcut (the sister code's block)."""
 
     def __init__(self, in_channels, out_channels, time_channels, dropout=0.1, up=False, down=False):
-        super().__init__()
-        self.up, self.down = up, down
-        self.norm1 = nn.GroupNorm(32, in_channels)
-        self.act1 = nn.SiLU()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(32, out_channels)
-        self.act2 = nn.SiLU()
-        self.conv2 = nn.Sequential(nn.Dropout(dropout), nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1))
-        self.shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels \
-            else nn.Identity()
-        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels))
+        super().__init__(in_channels, out_channels, time_channels, dropout, up, down)
         self.class_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels))
 
-    def _resample(self, x):
-        if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return F.avg_pool2d(x, kernel_size=2, stride=2) if self.down else x
-
     def forward(self, x, temb, cemb):
-        h = self.norm2(self.conv1(self._resample(self.act1(self.norm1(x)))))
+        h = self.norm2(self.conv1(blocks.resample(self.act1(self.norm1(x)), self.up, self.down)))
         h = self.time_emb(temb)[:, :, None, None] * h + self.class_emb(cemb)[:, :, None, None]
-        return self.conv2(self.act2(h)) + self.shortcut(self._resample(x))
+        return self.conv2(self.act2(h)) + self.shortcut(blocks.resample(x, self.up, self.down))
 
 
 class AttentionBlock(nn.Module):
