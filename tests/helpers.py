@@ -4,6 +4,7 @@ Test modules import these from here, never from one another (the fixtures live i
 """
 import contextlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -215,6 +216,15 @@ ADM_GOLDEN = {layout: REPO / "tests" / "golden" / f"adm_{layout}.pt" for layout 
 GUIDE_GOLDEN = {layout: REPO / "tests" / "golden" / f"guide_{layout}.pt" for layout in ("ddpm", "edm")}
 # The golden U-ViT networks (test_uvit; recorded by bench/uvit_golden.py with FutureXiang/Diffusion's code).
 UVIT_GOLDEN = REPO / "tests" / "golden" / "uvit_tiny.pt"
+# FutureXiang/Diffusion's config/*.yaml at 4eefaf6, byte for byte: its files must load here unchanged.
+SISTER_CONFIGS = REPO / "tests" / "golden" / "sister_configs"
+
+
+def sister_config(folder, name):
+    """A copy of the sister codebase's config file ``name`` in ``folder`` (its save_dir is relative); its path."""
+    path = Path(folder) / name
+    shutil.copyfile(SISTER_CONFIGS / name, path)
+    return path
 
 
 def seeded_weights(shapes, seed):

@@ -20,188 +20,13 @@ from model.noise import PerImageNoise
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
 from model.schedules import make_schedule
 from model.unet_guide import UNet_guide
-from tests.helpers import GUIDE_GOLDEN, seeded_weights, small_sets, small_synthetic
+from tests.helpers import GUIDE_GOLDEN, seeded_weights, sister_config, small_sets, small_synthetic
 from tests.launch import LAUNCHER_VARS, REPO
 from utils import data
 from utils.checkpoint import save_checkpoint
 from utils.data import SyntheticImages, TrainData
 from utils.errors import UserError
 
-# The sister codebase's config files, verbatim (config/*.yaml at 4eefaf6), read without a change.
-SISTER_CONFIGS = {
-    "cifar_conditional.yaml": """\
-# model params
-model_type: 'DDPM'
-net_type: 'UNet'
-diffusion:
-  n_T: 1000
-  betas: [1.0e-4, 0.02]
-network:
-  image_shape: [3, 32, 32]
-  n_channels: 128
-  ch_mults: [1, 2, 2, 2]
-  is_attn: [False, True, False, False]
-  dropout: 0.1
-  n_blocks: 2
-  use_res_for_updown: False
-  n_classes : 10
-
-# training params
-n_epoch: 2000
-batch_size: 128
-lrate: 1.0e-4
-warm_epoch: 13
-load_epoch: -1
-flip: True
-ema: 0.9999
-
-# testing params
-n_sample: 30
-w: 0.3
-save_dir: './2000_conditional'
-save_model: True
-""",
-    "cifar_conditional_EDM.yaml": """\
-# model params
-model_type: 'EDM'
-net_type: 'UNet'
-diffusion:
-  sigma_data: 0.5
-  p_mean: -1.2
-  p_std: 1.2
-  sigma_min: 0.002
-  sigma_max: 80
-  rho: 7
-  S_min: 0.01
-  S_max: 1
-  S_noise: 1.007
-network:
-  image_shape: [3, 32, 32]
-  n_channels: 128
-  ch_mults: [2, 2, 2]
-  is_attn: [False, True, False]
-  dropout: 0.13
-  n_blocks: 4
-  use_res_for_updown: True
-  n_classes : 10
-
-# training params
-n_epoch: 1200
-batch_size: 64
-lrate: 1.0e-4
-warm_epoch: 200
-load_epoch: -1
-flip: True
-ema: 0.9993
-
-# testing params
-n_sample: 30
-w: 0.3
-save_dir: './1200_conditional_EDMlarge'
-save_model: True
-""",
-    "cifar_conditional_vit.yaml": """\
-# model params
-model_type: 'DDPM'
-net_type: 'UViT'
-diffusion:
-  n_T: 1000
-  betas: [1.0e-4, 0.02]
-network:
-  image_shape: [3, 32, 32]
-  embed_dim: 512
-  patch_size: 2
-  depth: 12
-  num_heads: 8
-  n_classes : 10
-
-# training params
-n_epoch: 1300
-batch_size: 64
-lrate: 1.0e-4
-optim: 'AdamW'
-optim_args:
-  weight_decay: 0.03
-  betas: [0.99, 0.999]
-warm_epoch: 13
-load_epoch: -1
-flip: True
-ema: 0.9999
-
-# testing params
-n_sample: 30
-w: 0.3
-save_dir: './1300_conditional_vit'
-save_model: True
-""",
-    "cifar_unconditional_EDM.yaml": """\
-# model params
-model_type: 'EDM'
-net_type: 'UNet'
-diffusion:
-  sigma_data: 0.5
-  p_mean: -1.2
-  p_std: 1.2
-  sigma_min: 0.002
-  sigma_max: 80
-  rho: 7
-  S_min: 0.01
-  S_max: 1
-  S_noise: 1.007
-network:
-  image_shape: [3, 32, 32]
-  n_channels: 128
-  ch_mults: [2, 2, 2]
-  is_attn: [False, True, False]
-  dropout: 0.13
-  n_blocks: 4
-  use_res_for_updown: True
-
-# training params
-n_epoch: 1200
-batch_size: 64
-lrate: 1.0e-4
-warm_epoch: 200
-load_epoch: -1
-flip: True
-ema: 0.9993
-
-# testing params
-n_sample: 30
-save_dir: './1200_unconditional_EDMlarge'
-save_model: True
-""",
-    "cifar_unconditional_cosine.yaml": """\
-# model params
-model_type: 'DDPM'
-net_type: 'UNet'
-diffusion:
-  n_T: 1000
-  betas: 'cosine'
-network:
-  image_shape: [3, 32, 32]
-  n_channels: 128
-  ch_mults: [1, 2, 2, 2]
-  is_attn: [False, True, False, False]
-  dropout: 0.1
-  n_blocks: 2
-  use_res_for_updown: False
-
-# training params
-n_epoch: 700
-batch_size: 128
-lrate: 1.0e-4
-warm_epoch: 13
-load_epoch: -1
-flip: True
-ema: 0.9999
-
-# testing params
-n_sample: 30
-save_dir: './700_unconditional_cosine'
-save_model: True
-""",
-}
 # file -> (model_type, net_type, millions of parameters its README gives, schedule or None)
 SISTER_MODELS = {"cifar_conditional.yaml": ("DDPM_guide", "UNet_guide", 38.6, "linear"),
                  "cifar_conditional_EDM.yaml": ("EDM_guide", "UNet_guide", 61.1, None),
@@ -334,15 +159,9 @@ def test_labels_are_dropped_at_the_configured_rate():
     assert abs(seen[0].mean().item() - 0.25) < 0.012  # the training loss draws at diffusion.drop_prob
 
 
-def write_sister_config(folder, name):
-    path = Path(folder) / name
-    path.write_text(SISTER_CONFIGS[name])
-    return path
-
-
-@pytest.mark.parametrize("name", sorted(SISTER_CONFIGS))
+@pytest.mark.parametrize("name", sorted(SISTER_MODELS))
 def test_the_sister_configs_load_unchanged(tmp_path, name):
-    cfg = load_config(write_sister_config(tmp_path, name))
+    cfg = load_config(sister_config(tmp_path, name))
     model_type, net_type, millions, schedule = SISTER_MODELS[name]
     assert (cfg.model_type, cfg.net_type) == (model_type, net_type)
     with torch.device("meta"):
@@ -361,7 +180,7 @@ SHIPPED = {"DDPM_guide_ddpm.yaml": "cifar_conditional.yaml", "EDM_guide_ddpmpp.y
 
 @pytest.mark.parametrize("ours", sorted(SHIPPED))
 def test_shipped_configs_are_the_sister_models(tmp_path, ours):
-    theirs = load_config(write_sister_config(tmp_path, SHIPPED[ours])).to_dict()
+    theirs = load_config(sister_config(tmp_path, SHIPPED[ours])).to_dict()
     mine = load_config(REPO / "config" / ours).to_dict()
     for key in ("save_dir", "linear"):
         del theirs[key], mine[key]

@@ -21,45 +21,12 @@ import train
 from model.ddpm import DDPM
 from model.models import build_diffusion, count_parameters, load_config, load_diffusion
 from model.uvit import UViT
-from tests.helpers import UVIT_GOLDEN, seeded_weights, small_synthetic
+from tests.helpers import UVIT_GOLDEN, seeded_weights, sister_config, small_synthetic
 from tests.launch import REPO
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
 CONFIG = REPO / "config" / "DDPM_uvit.yaml"
-# FutureXiang/Diffusion's config/cifar_unconditional_vit.yaml (at 4eefaf6), byte for byte.
-SISTER_CONFIG = """\
-# model params
-model_type: 'DDPM'
-net_type: 'UViT'
-diffusion:
-  n_T: 1000
-  betas: [1.0e-4, 0.02]
-network:
-  image_shape: [3, 32, 32]
-  embed_dim: 512
-  patch_size: 2
-  depth: 12
-  num_heads: 8
-
-# training params
-n_epoch: 1300
-batch_size: 64
-lrate: 1.0e-4
-optim: 'AdamW'
-optim_args:
-  weight_decay: 0.03
-  betas: [0.99, 0.999]
-warm_epoch: 13
-load_epoch: -1
-flip: True
-ema: 0.9999
-
-# testing params
-n_sample: 30
-save_dir: './1300_unconditional_vit'
-save_model: True
-"""
 # The golden "uncond" layout as --set overrides of the shipped config.
 TINY = ["network.image_shape=[3,8,8]", "network.embed_dim=32", "network.depth=6", "network.num_heads=4"]
 
@@ -103,9 +70,8 @@ def test_output_and_every_block_equal_the_sister_code(layout):
 def test_shipped_and_sister_configs_build_the_published_network_and_train_with_its_adamw(tmp_path, monkeypatch):
     """config/DDPM_uvit.yaml and the sister's own file (no linear section) build its 44.3M network, names and
     shapes recorded from its code; train.py steps with AdamW(weight_decay 0.03, betas (0.99, 0.999))."""
-    (tmp_path / "cifar_unconditional_vit.yaml").write_text(SISTER_CONFIG)
     published = golden()["published"]["uncond"]["shapes"]
-    for path in (CONFIG, tmp_path / "cifar_unconditional_vit.yaml"):
+    for path in (CONFIG, sister_config(tmp_path, "cifar_unconditional_vit.yaml")):
         cfg = load_config(path)
         with torch.device("meta"):
             net = build_diffusion(cfg).nn_model
